@@ -1,0 +1,5 @@
+import sys
+
+from nanogpt4.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""The ``nanogpt4`` command: one subcommand per stage.
+
+User mistakes raise :class:`UserError` and end as one ``error: ...`` line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from nanogpt4.errors import UserError
+
+
+def _common(p: argparse.ArgumentParser, config_default: str | None = "tiny") -> None:
+    p.add_argument("--config", default=config_default,
+                   help="YAML config file or preset name (tiny, base); default: %(default)s")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.max_steps=10")
+    p.add_argument("--out", type=Path, default=None, help="run directory")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
+
+
+def _load(args) -> object:
+    from nanogpt4.config import load_config
+
+    return load_config(args.config, _overrides_with_flags(args))
+
+
+def _finish(args, summary: dict) -> int:
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def cmd_prepare(args) -> int:
+    from nanogpt4.data.prepare import prepare_data
+
+    cfg = _load(args)
+    meta = prepare_data(cfg, args.out, progress=_progress())
+    return _finish(args, meta)
+
+
+def cmd_pretrain(args) -> int:
+    from nanogpt4.train.pretrain import pretrain, resume_config
+
+    if args.resume:
+        if args.out is None:
+            raise UserError("--resume needs --out RUN_DIR, the run to continue")
+        cfg = resume_config(args.out, _overrides_with_flags(args))
+    else:
+        cfg = _load(args)
+    out = args.out or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
+    summary = pretrain(cfg, out, resume=args.resume, progress=_progress())
+    print(f"pretrain: val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}, "
+          f"{summary['tok_per_s']:,.0f} tok/s, run in {out}")
+    return _finish(args, summary)
+
+
+def _overrides_with_flags(args) -> list[str]:
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    return overrides
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from nanogpt4.train.checkpoint import load_model
+    from nanogpt4.utils import resolve_device
+
+    if args.num_samples < 1 or args.max_new_tokens < 0 or args.temperature < 0:
+        raise UserError("--num-samples must be >= 1, --max-new-tokens and --temperature >= 0")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    device = resolve_device(args.device or "auto")
+    model, cfg, tok = load_model(args.run, device)
+    if tok is None:
+        raise UserError(f"'{args.run}' has no tokenizer.json; sample from a run made by `nanogpt4 pretrain`")
+    ids = tok.encode(args.prompt) if args.prompt else []
+    ids = ids or [tok.eot_id]
+    L = cfg.model.max_seq_len
+    if len(ids) > L:
+        print(f"warning: prompt is {len(ids)} tokens, longer than the context ({L}); keeping the last {L}",
+              file=sys.stderr)
+        ids = ids[-L:]
+    g = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 0)
+    x = torch.tensor([ids] * args.num_samples, device=device)
+    out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, stop_tokens=[tok.eot_id], generator=g, pad_token_id=tok.pad_id)
+    samples = []
+    for row in out.tolist():
+        new = row[len(ids):]
+        if tok.eot_id in new:
+            new = new[:new.index(tok.eot_id)]
+        samples.append(tok.decode(ids + new) if args.prompt else tok.decode(new))
+    for i, s in enumerate(samples):
+        if len(samples) > 1:
+            print(f"--- sample {i}")
+        print(s)
+    return _finish(args, {"samples": samples})
+
+
+def cmd_export_hf(args) -> int:
+    from nanogpt4.model.hf_export import export_hf
+    from nanogpt4.train.checkpoint import load_model
+
+    model, _, tok = load_model(args.run)
+    out = export_hf(model, tok, args.out)
+    print(f"exported to {out} (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+    return _finish(args, {"out": str(out)})
+
+
+def cmd_pipeline(args) -> int:
+    from nanogpt4.pipeline import run_pipeline
+
+    summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
+                           progress=_progress())
+    return _finish(args, summary)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanogpt4", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="read a data source, train the tokenizer, write token shards")
+    _common(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="next-token pretraining (torchrun-aware)")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="generate text from a run or checkpoint")
+    p.add_argument("--run", required=True, type=Path, help="run directory or checkpoints/step_N directory")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model directory")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("pipeline", help="the main job: every stage on the offline default, one report")
+    _common(p)
+    p.set_defaults(func=cmd_pipeline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Typed configuration: YAML files + dotted overrides, validated with clear errors.
+
+``load_config("configs/tiny.yaml", ["training.max_steps=10"])`` returns an OmegaConf object backed by
+the dataclasses below, so ``cfg.model.dim`` and ``cfg["rlhf"]["clip_epsilon"]`` both work, and a typo or
+a wrong type is caught at load time instead of hours into a run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from nanogpt4.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None = n_heads (multi-head); fewer = grouped-query attention
+    vocab_size: int = 50257
+    max_seq_len: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    pos_embedding: str = "learned"  # learned | rope
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | swiglu
+    mlp_hidden: int | None = None  # None = 4*dim for gelu, the 2/3*4*dim rounded to 64 for swiglu
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | text:PATH_OR_GLOB | jsonl:PATH | shakespeare | hf:NAME[:CONFIG]
+    tokenizer: str = "bpe"  # bpe (trained on the train split, size = model.vocab_size) | gpt2 (tiktoken)
+    dir: str | None = None  # where prepared shards live; None = runs/data/<source>-<tokenizer>-<vocab>
+    val_fraction: float = 0.05
+    max_bytes: int | None = None  # cap on the raw text read (quick experiments)
+    text_field: str = "text"  # field read by jsonl: and hf: sources
+    cache_dir: str | None = None  # downloads (shakespeare); None = ~/.cache/nanogpt4
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 32  # sequences per optimizer step, summed over accumulation and ranks
+    learning_rate: float = 6e-5
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    max_tokens: int | None = None  # stop once this many training tokens were seen
+    max_time_s: float | None = None  # stop after this much wall time
+    lr_decay_steps: int | None = None  # cosine length; None = max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    eval_interval: int = 100
+    eval_iters: int = 10
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    keep_last: int = 2
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    compile: bool = False
+    fsdp: bool = False
+    tensorboard: bool = False
+    sample_tokens: int = 64  # a sample is generated at each eval; 0 disables
+    sample_prompt: str = ""
+
+
+@dataclass
+class RLHFConfig:
+    sft_steps: int = 200
+    sft_learning_rate: float = 1e-4
+    reward_model_lr: float = 1e-5
+    reward_steps: int = 200
+    freeze_base: bool = False
+    judge: str = "python-syntax"
+    ppo_epochs: int = 4
+    ppo_steps: int = 100
+    clip_epsilon: float = 0.2
+    value_clip: float = 0.2
+    kl_coef: float = 0.05
+    target_kl: float | None = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    rollout_batch_size: int = 32
+    mini_batch_size: int = 8
+    max_new_tokens: int = 32
+    dpo_beta: float = 0.1
+
+
+@dataclass
+class MultimodalConfig:
+    encoder: str = "vit"  # vit | cnn
+    image_size: int = 32
+    patch_size: int = 4
+    channels: int = 3
+    encoder_dim: int = 128
+    encoder_layers: int = 2
+    encoder_heads: int = 4
+    projector_lr_scale: float = 1.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
+    seed: int = 1337
+    device: str = "auto"
+
+
+CHOICES = {
+    "model.pos_embedding": ("learned", "rope"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "swiglu"),
+    "data.tokenizer": ("bpe", "gpt2"),
+    "training.dtype": ("auto", "float32", "bfloat16"),
+    "multimodal.encoder": ("vit", "cnn"),
+}
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A file path, or the name of a bundled preset (``tiny``, ``base``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    bundled = CONFIG_DIR / f"{p.stem}.yaml"
+    if not p.suffix and bundled.is_file():
+        return bundled
+    presets = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
+    raise UserError(f"config file '{path}' not found; pass a YAML path or a preset name ({presets})")
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node[k], full + "."))
+    return keys
+
+
+def _unknown_key_error(key: str, schema: DictConfig, where: str) -> UserError:
+    known = _all_keys(schema)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:  # a typo in the last component only: compare leaf names
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in known}
+        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        close = [leaves[m[0]]] if m else []
+    hint = f"; did you mean '{close[0]}'?" if close else "; see configs/base.yaml for the known keys"
+    return UserError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _merge(base: DictConfig, other: Any, where: str, schema: DictConfig) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = e.full_key if getattr(e, "full_key", None) else str(e)
+        raise _unknown_key_error(key, schema, where) from None
+    except ValidationError as e:
+        raise UserError(f"bad value for '{e.full_key}' in {where}: {e.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise UserError(f"invalid config in {where}: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load a YAML config (or a preset name) over the typed defaults, apply ``key=value`` overrides."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # yaml errors carry multi-line context; keep the first line
+            raise UserError(f"cannot parse config '{p}': {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise UserError(f"config '{p}' must be a YAML mapping of sections (model:, training:, ...)")
+        cfg = _merge(cfg, loaded, f"'{p}'", schema)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like section.key=value, e.g. training.max_steps=10")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        try:
+            dotlist = OmegaConf.from_dotlist([f"{key}={value}"])
+        except Exception as e:
+            raise UserError(f"cannot parse override '{item}': {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, dotlist, f"override '{item}'", schema)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks that a type system cannot express."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    m, t = cfg.model, cfg.training
+    for key in ("model.dim", "model.n_layers", "model.n_heads", "model.vocab_size", "model.max_seq_len",
+                "training.batch_size", "training.max_steps", "training.grad_accum_steps",
+                "training.eval_interval", "training.eval_iters", "training.log_interval",
+                "training.checkpoint_interval", "training.keep_last"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise UserError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if m.dim % m.n_heads:
+        raise UserError(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
+    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    if kv <= 0 or m.n_heads % kv:
+        raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")
+    if m.pos_embedding == "rope" and (m.dim // m.n_heads) % 2:
+        raise UserError(f"rope needs an even head dim, got {m.dim // m.n_heads}; change model.dim or n_heads")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.learning_rate <= 0:
+        raise UserError(f"training.learning_rate must be positive, got {t.learning_rate}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise UserError(f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0:
+        raise UserError("training.warmup_steps, weight_decay and grad_clip must be >= 0")
+    if t.batch_size % t.grad_accum_steps:
+        raise UserError(f"training.batch_size={t.batch_size} must be divisible by "
+                        f"training.grad_accum_steps={t.grad_accum_steps}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def config_from_yaml_text(text: str) -> DictConfig:
+    """Rebuild a validated config from a run's ``config.yaml`` text."""
+    schema = OmegaConf.structured(Config)
+    cfg = _merge(schema, OmegaConf.create(text), "checkpoint config.yaml", schema)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,117 @@
+"""``nanogpt4 prepare``: source -> tokenizer -> ``train.bin`` / ``val.bin`` token memmaps + ``meta.json``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from nanogpt4.data.sources import load_corpus
+from nanogpt4.data.tokenizer import BPETokenizer, TiktokenTokenizer, Tokenizer
+from nanogpt4.errors import UserError
+from nanogpt4.utils import atomic_path, atomic_write_json
+
+ENCODE_BATCH_DOCS = 64
+
+
+def default_data_dir(cfg: DictConfig) -> Path:
+    d = cfg.data
+    if d.dir:
+        return Path(d.dir)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", d.source).strip("_")[:60]
+    vocab = cfg.model.vocab_size if d.tokenizer == "bpe" else d.tokenizer
+    cap = f"-{d.max_bytes}B" if d.max_bytes else ""
+    return Path("runs") / "data" / f"{slug}-{d.tokenizer}{vocab}{cap}"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def _encode_split(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dtype, desc: str, progress: bool) -> int:
+    """Encode documents in batches (``tokenizers`` parallelises each batch), EOT after each document."""
+    n_tokens = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, \
+            tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress, leave=False) as bar:
+        for i in range(0, len(docs), ENCODE_BATCH_DOCS):
+            batch = docs[i:i + ENCODE_BATCH_DOCS]
+            flat: list[int] = []
+            for ids in tok.encode_batch(batch):
+                flat.extend(ids)
+                flat.append(tok.eot_id)
+            np.asarray(flat, dtype=dtype).tofile(f)
+            n_tokens += len(flat)
+            bar.update(len(batch))
+        f.flush()
+    return n_tokens
+
+
+def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: bool = True,
+                 log=print) -> dict:
+    """Build (or reuse) the token shards for ``cfg.data``; returns the meta dict."""
+    out = Path(out_dir) if out_dir else default_data_dir(cfg)
+    d = cfg.data
+    t0 = time.time()
+    corpus = load_corpus(d.source, d.val_fraction, d.max_bytes, d.text_field, d.cache_dir)
+    for note in corpus.notes:
+        log(note)
+    fingerprint = corpus.fingerprint()
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("source_fingerprint") == fingerprint and meta.get("tokenizer") == d.tokenizer
+                and meta.get("requested_vocab_size") == cfg.model.vocab_size):
+            log(f"data: {out} is up to date ({meta['train_tokens']:,} train tokens)")
+            return meta
+    out.mkdir(parents=True, exist_ok=True)
+    if d.tokenizer == "gpt2":
+        tok: Tokenizer = TiktokenTokenizer.load("gpt2")
+    else:
+        log(f"tokenizer: training byte-level BPE, vocab {cfg.model.vocab_size}, "
+            f"on {sum(len(t) for t in corpus.train) / 1e6:.1f}M characters")
+        tok = BPETokenizer.train(corpus.train, cfg.model.vocab_size)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                        f"set model.vocab_size >= {tok.vocab_size}")
+    dtype = token_dtype(tok.vocab_size)
+    counts = {}
+    for split, docs in (("train", corpus.train), ("val", corpus.val)):
+        counts[split] = _encode_split(tok, docs, out / f"{split}.bin", dtype, f"encode {split}", progress)
+    tok.save(out / "tokenizer.json")
+    meta = {
+        "source": d.source,
+        "source_fingerprint": fingerprint,
+        "tokenizer": d.tokenizer,
+        "vocab_size": tok.vocab_size,
+        "requested_vocab_size": cfg.model.vocab_size,
+        "eot_id": tok.eot_id,
+        "dtype": dtype.name,
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "train_bytes": sum(len(t.encode("utf-8")) for t in corpus.train),
+        "val_bytes": sum(len(t.encode("utf-8")) for t in corpus.val),
+        "train_docs": len(corpus.train),
+        "val_docs": len(corpus.val),
+        "prepare_s": round(time.time() - t0, 2),
+    }
+    atomic_write_json(meta_path, meta)  # written last: its presence means the shards are complete
+    log(f"data: {counts['train']:,} train / {counts['val']:,} val tokens "
+        f"({meta['train_bytes'] / counts['train']:.2f} bytes/token) in {out}")
+    return meta
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise UserError(f"no prepared data in '{data_dir}' (meta.json missing); run `nanogpt4 prepare` first")
+    return json.loads(path.read_text())
+
+
+def copy_tokenizer(data_dir: str | Path, dest: str | Path) -> None:
+    shutil.copyfile(Path(data_dir) / "tokenizer.json", dest)

@@ -1,0 +1,147 @@
+"""Tokenizers: a byte-level BPE trained with Hugging Face ``tokenizers``, or GPT-2's via ``tiktoken``.
+
+Both sit behind one small :class:`Tokenizer` interface and save to ``tokenizer.json``. Special tokens are
+reserved up front (chat roles, ``<|image|>``, padding) so later stages (SFT, multimodal) need no retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from nanogpt4.errors import UserError
+from nanogpt4.utils import atomic_path
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+IMAGE = "<|image|>"
+SPECIAL_TOKENS = [EOT, PAD, IMAGE, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+class Tokenizer:
+    """Common interface: ``encode``, ``encode_batch``, ``decode``, ``save``, special token ids."""
+
+    kind: str = ""
+    vocab_size: int
+    eot_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_file(path: str | os.PathLike) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"tokenizer file '{path}' not found; run `nanogpt4 prepare` first")
+        text = path.read_text(encoding="utf-8")
+        head = json.loads(text)
+        if head.get("nanogpt4_tokenizer") == "tiktoken":
+            return TiktokenTokenizer.load(head["encoding"])
+        return BPETokenizer.from_str(text)
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eot_id = tok.token_to_id(EOT)
+        self.pad_id = tok.token_to_id(PAD)
+
+    @classmethod
+    def train(cls, texts: Iterator[str] | list[str], vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        n_base = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+        if vocab_size < n_base + 1:
+            raise UserError(f"model.vocab_size={vocab_size} is too small for a byte-level BPE "
+                            f"(needs > {n_base}: 256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_str(cls, text: str) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(text))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.tok.to_str(), encoding="utf-8")
+
+
+class TiktokenTokenizer(Tokenizer):
+    """GPT-2's tokenizer via tiktoken. Only ``<|endoftext|>`` exists; it doubles as padding."""
+
+    kind = "gpt2"
+
+    def __init__(self, enc, name: str = "gpt2"):
+        self.enc = enc
+        self.name = name
+        self.vocab_size = enc.n_vocab
+        self.eot_id = enc.eot_token
+        self.pad_id = enc.eot_token
+
+    @classmethod
+    def load(cls, name: str = "gpt2", timeout: float = 15.0) -> TiktokenTokenizer:
+        try:
+            import tiktoken
+        except ImportError:
+            raise UserError("data.tokenizer=gpt2 needs tiktoken: pip install tiktoken") from None
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout)  # tiktoken's first use downloads its BPE files without a timeout
+        try:
+            enc = tiktoken.get_encoding(name)
+        except Exception as e:
+            raise UserError(f"cannot load tiktoken '{name}' ({type(e).__name__}); its files are downloaded on "
+                            f"first use and this machine seems offline: use data.tokenizer=bpe, or set "
+                            f"TIKTOKEN_CACHE_DIR to a directory holding the cached files") from None
+        finally:
+            socket.setdefaulttimeout(old)
+        return cls(enc, name)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def token_id(self, token: str) -> int | None:
+        return self.eot_id if token in (EOT, PAD) else None
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"nanogpt4_tokenizer": "tiktoken", "encoding": self.name}), encoding="utf-8")

@@ -1,0 +1,8 @@
+"""User-facing errors: the CLI prints them as one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing data, incompatible checkpoint).
+
+    The message names the problem and the fix; the CLI prints ``error: <message>`` and exits 2.
+    """

@@ -1,0 +1,128 @@
+"""Export a nanogpt4 checkpoint as a Hugging Face ``transformers`` model directory.
+
+GPT-2-shaped models (learned positions, LayerNorm, GELU) become ``GPT2LMHeadModel``; Llama-shaped ones
+(RoPE, RMSNorm, SwiGLU) become ``LlamaForCausalLM``. Other mixtures have no ``transformers`` twin and are refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from nanogpt4.data.tokenizer import EOT, PAD, BPETokenizer, Tokenizer
+from nanogpt4.errors import UserError
+from nanogpt4.model.transformer import Transformer
+from nanogpt4.utils import replace_dir
+
+
+def hf_architecture(model: Transformer) -> str:
+    c = model.cfg
+    if c.pos_embedding == "learned" and c.norm == "layernorm" and c.mlp == "gelu" and \
+            (c.n_kv_heads or c.n_heads) == c.n_heads and c.mlp_hidden in (None, 4 * c.dim):
+        return "gpt2"
+    if c.pos_embedding == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu":
+        return "llama"
+    raise UserError(f"export-hf supports GPT-2 (learned/layernorm/gelu, no GQA) and Llama (rope/rmsnorm/swiglu) "
+                    f"layouts; this model is {c.pos_embedding}/{c.norm}/{c.mlp}")
+
+
+def _gpt2(model: Transformer, special: dict):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.cfg
+    hf_cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.dim, n_layer=c.n_layers,
+                        n_head=c.n_heads, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+                        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                        tie_word_embeddings=c.tie_embeddings, **special)
+    sd = model.state_dict()
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return sd.get(name, torch.zeros(size))
+
+    out = {"transformer.wte.weight": sd["token_embed.weight"], "transformer.wpe.weight": sd["pos_embed.weight"],
+           "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": bias("ln_f.bias", c.dim),
+           "lm_head.weight": sd["head.weight"]}
+    for i in range(c.n_layers):
+        p, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            out[h + theirs + ".weight"] = sd[p + ours + ".weight"]
+            out[h + theirs + ".bias"] = bias(p + ours + ".bias", c.dim)
+        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                             ("ff.fc", "mlp.c_fc"), ("ff.proj", "mlp.c_proj")):
+            w = sd[p + ours + ".weight"]
+            out[h + theirs + ".weight"] = w.t().contiguous()  # GPT-2's Conv1D stores (in, out)
+            out[h + theirs + ".bias"] = bias(p + ours + ".bias", w.size(0))
+    return GPT2LMHeadModel(hf_cfg), out
+
+
+def _llama(model: Transformer, special: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.cfg
+    n_kv = c.n_kv_heads or c.n_heads
+    hd = c.dim // c.n_heads
+    hidden = model.blocks[0].ff.proj.in_features
+    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=hidden,
+                         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=n_kv,
+                         head_dim=hd, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+                         rope_theta=c.rope_theta, attention_bias=c.bias, mlp_bias=c.bias, hidden_act="silu",
+                         tie_word_embeddings=c.tie_embeddings, attention_dropout=c.dropout, **special)
+    sd = model.state_dict()
+    out = {"model.embed_tokens.weight": sd["token_embed.weight"], "model.norm.weight": sd["ln_f.weight"],
+           "lm_head.weight": sd["head.weight"]}
+    sizes = [c.n_heads * hd, n_kv * hd, n_kv * hd]
+    for i in range(c.n_layers):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        out[h + "input_layernorm.weight"] = sd[p + "ln1.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[p + "ln2.weight"]
+        for suffix in ("weight", "bias") if c.bias else ("weight",):
+            for name, t in zip(("q_proj", "k_proj", "v_proj"), sd[p + "attn.qkv." + suffix].split(sizes),
+                               strict=True):
+                out[h + f"self_attn.{name}.{suffix}"] = t.contiguous()
+            out[h + f"self_attn.o_proj.{suffix}"] = sd[p + "attn.proj." + suffix]
+            gate, up = sd[p + "ff.fc." + suffix].chunk(2, dim=0)
+            out[h + f"mlp.gate_proj.{suffix}"] = gate.contiguous()
+            out[h + f"mlp.up_proj.{suffix}"] = up.contiguous()
+            out[h + f"mlp.down_proj.{suffix}"] = sd[p + "ff.proj." + suffix]
+    return LlamaForCausalLM(hf_cfg), out
+
+
+def to_hf(model: Transformer, tokenizer: Tokenizer | None = None):
+    """An equivalent ``transformers`` model (in memory)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("export-hf needs transformers: pip install 'nanogpt4[hf]'") from None
+    arch = hf_architecture(model)
+    special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tokenizer is not None:
+        special = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id}
+    hf_model, tensors = (_gpt2 if arch == "gpt2" else _llama)(model, special)
+    missing, unexpected = hf_model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.endswith("attn.bias") and not k.endswith("masked_bias")]
+    if missing or unexpected:
+        raise RuntimeError(f"HF export mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if model.cfg.tie_embeddings:
+        hf_model.tie_weights()
+    return hf_model.eval()
+
+
+def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer files to ``out_dir`` atomically."""
+    out = Path(out_dir)
+    hf_model = to_hf(model, tokenizer)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    hf_model.save_pretrained(tmp, safe_serialization=True)
+    if isinstance(tokenizer, BPETokenizer):
+        from transformers import PreTrainedTokenizerFast
+
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, bos_token=EOT, eos_token=EOT, pad_token=PAD,
+                                       model_max_length=model.cfg.max_seq_len)
+        fast.save_pretrained(tmp)
+    replace_dir(tmp, out)
+    return out

@@ -1,0 +1,345 @@
+"""The GPT: a decoder-only transformer with causal SDPA attention and a KV cache.
+
+Defaults reproduce the seed / GPT-2 architecture (learned positions, pre-LN blocks, 4x GELU MLP, LayerNorm,
+tied LM head). Config flags switch on the Llama-style variants (RoPE, RMSNorm, SwiGLU, grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanogpt4.config import ModelConfig
+
+
+def model_section(config) -> ModelConfig:
+    """Accept the full config (seed style: ``config.model.dim``) or just its model section."""
+    return config.model if hasattr(config, "model") else config
+
+
+def swiglu_hidden(dim: int) -> int:
+    """Llama's rule: 2/3 of 4*dim (same parameter count as a 4x GELU MLP), rounded up to 64."""
+    return 64 * math.ceil(int(8 * dim / 3) / 64)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.dim, cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by per-position angles (B, 1, T, D/2); halves layout, as in Llama/HF."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys/values for every layer; ``length`` tokens are filled."""
+
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, capacity: int, device, dtype) -> KVCache:
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        shape = (batch, n_kv, capacity, cfg.dim // cfg.n_heads)
+        return cls([torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+                   [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)])
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].size(2)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} > capacity {self.capacity}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
+        self.proj.residual_scale = True
+
+    def forward(self, x, rope=None, mask=None, is_causal=True, cache: KVCache | None = None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = cfg.mlp_hidden or (swiglu_hidden(cfg.dim) if self.swiglu else 4 * cfg.dim)
+        # SwiGLU's gate and up projections share one matmul
+        self.fc = nn.Linear(cfg.dim, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.dim, bias=cfg.bias)
+        self.proj.residual_scale = True
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1 = make_norm(cfg)
+        self.attn = MultiHeadAttention(cfg, layer)
+        self.ln2 = make_norm(cfg)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, mask=None, is_causal=True, cache=None):
+        x = x + self.drop(self.attn(self.ln1(x), rope, mask, is_causal, cache))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, q_len: int, past: int) -> torch.Tensor:
+    """Boolean (B, 1, q_len, past+q_len) mask: causal AND key is not padding.
+
+    A query always sees itself, so a padding query (left padding) has a finite, ignored output
+    instead of a NaN from an all-masked softmax row.
+    """
+    total = past + q_len
+    keys = attention_mask[:, None, None, :total].bool()
+    q_pos = torch.arange(past, total, device=attention_mask.device)[:, None]
+    k_pos = torch.arange(total, device=attention_mask.device)[None, :]
+    causal = k_pos <= q_pos
+    return (keys & causal) | (k_pos == q_pos)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left-padded rows start counting at their first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        cfg = self.cfg = model_section(config)
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos_embedding == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = make_norm(cfg)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.token_embed.weight
+        if cfg.pos_embedding == "rope":
+            cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02); projections into the residual stream scaled by 1/sqrt(2 * n_layers)
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "residual_scale", False) else 1.0
+            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor, return_hidden: bool = False, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab), or final hidden states (B, T, dim) with ``return_hidden``.
+
+        ``attention_mask`` (B, past+T) marks real tokens (1) vs padding (0); ``inputs_embeds`` replaces the
+        token embedding lookup (used to splice image tokens in).
+        """
+        x = self.token_embed(idx) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = position_ids_from_mask(attention_mask)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        rope = None
+        if self.cfg.pos_embedding == "rope":
+            rope = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])
+        x = self.drop(x)
+
+        mask, is_causal = None, True
+        if attention_mask is not None and not bool(attention_mask[:, : past + T].all()):
+            mask = attention_mask_4d(attention_mask, T, past)
+        elif past > 0:
+            # keys = cache + new: a causal mask aligned to the end; one query sees everything
+            if T > 1:
+                mask = attention_mask_4d(torch.ones(B, past + T, dtype=torch.bool, device=x.device), T, past)
+            else:
+                is_causal = False
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.ln_f(x)
+        if return_hidden:
+            return x
+        return self.head(x)
+
+    # ---------------------------------------------------------------- accounting
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Unique parameters (the tied head counts once); ``non_embedding`` drops token+position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.token_embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 2 per weight (forward) plus causal attention; x3 for training.
+
+        Counts the LM head (a real matmul even when tied) and not embeddings/norms (no matmul).
+        Attention: QK^T and AV each cost 2*T*d per token for full attention; causal halves the average.
+        """
+        cfg = self.cfg
+        T = seq_len or cfg.max_seq_len
+        matmul_params = self.num_parameters(non_embedding=True) + cfg.vocab_size * cfg.dim
+        matmul_params -= sum(p.numel() for n, p in self.named_parameters() if p.dim() < 2)
+        attn = 2 * 2 * cfg.n_layers * cfg.dim * T / 2  # causal: each query attends to (T+1)/2 keys on average
+        forward = 2 * matmul_params + attn
+        return 3 * forward if training else forward
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                             device_type: str = "cpu") -> torch.optim.AdamW:
+        """AdamW; weight decay only on tensors with >= 2 dims (matmul weights, embeddings), not biases or norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
+                 attention_mask: torch.Tensor | None = None, use_cache: bool = True,
+                 pad_token_id: int = 0, generator: torch.Generator | None = None,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Append up to ``max_new_tokens`` tokens to each (left-padded) row; returns (B, T + new).
+
+        ``temperature=0`` is greedy. Rows that emitted a stop token are padded with ``pad_token_id``.
+        Once the sequence outgrows ``max_seq_len`` the context slides: each step recomputes the last
+        ``max_seq_len`` tokens, exactly as the uncached path crops its input, so both give the same tokens.
+        """
+        was_training = self.training
+        self.eval()
+        L = self.cfg.max_seq_len
+        out = input_ids
+        B = out.size(0)
+        out_mask = (attention_mask if attention_mask is not None else torch.ones_like(out)).to(torch.long)
+        stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=out.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=out.device)
+        embeds = inputs_embeds
+        dtype = next(self.parameters()).dtype
+        cache: KVCache | None = None
+        win_start = 0  # index in ``out`` of the first token held by the cache
+        for step in range(max_new_tokens):
+            if use_cache and cache is not None and cache.length < cache.capacity:
+                logits = self(out[:, -1:], attention_mask=out_mask[:, win_start:], kv_cache=cache)[:, -1]
+            else:
+                win_start = max(0, out.size(1) - L)
+                if use_cache:
+                    capacity = min(L, out.size(1) - win_start + max_new_tokens - step)
+                    cache = KVCache.allocate(self.cfg, B, capacity, out.device, dtype)
+                logits = self(out[:, win_start:], attention_mask=out_mask[:, win_start:], kv_cache=cache,
+                              inputs_embeds=embeds[:, win_start:] if embeds is not None else None)[:, -1]
+            next_tok = sample_next(logits, temperature, top_k, top_p, generator)
+            next_tok = torch.where(finished, torch.full_like(next_tok, pad_token_id), next_tok)
+            out = torch.cat([out, next_tok[:, None]], dim=1)
+            out_mask = torch.cat([out_mask, (~finished).long()[:, None]], dim=1)
+            if embeds is not None:
+                embeds = torch.cat([embeds, self.token_embed(next_tok[:, None]).to(embeds.dtype)], dim=1)
+            if stop.numel():
+                finished |= torch.isin(next_tok, stop)
+                if bool(finished.all()):
+                    break
+        self.train(was_training)
+        return out
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from (B, V) logits; ``temperature == 0`` is argmax."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,87 @@
+"""``nanogpt4 pipeline``: every stage on the offline default, one report.
+
+Stages so far: prepare (stdlib) -> pretrain (tiny) -> sample. Each stage writes its own run directory
+under ``OUT/``; a stage that already finished is reused, an interrupted one is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from nanogpt4.config import load_config
+from nanogpt4.report import summary_table, write_pipeline_report
+from nanogpt4.train.checkpoint import latest_checkpoint, load_model
+
+SAMPLE_PROMPTS = ["def ", "class ", "import os\n", "    for i in range("]
+
+
+def _pretrain_stage(cfg, run_dir: Path, progress: bool, log) -> dict:
+    from nanogpt4.train.pretrain import pretrain, resume_config
+
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        log(f"pretrain: reusing finished run {run_dir}")
+        return json.loads(summary_path.read_text())
+    if latest_checkpoint(run_dir) is not None:
+        log(f"pretrain: resuming interrupted run {run_dir}")
+        return pretrain(resume_config(run_dir, []), run_dir, resume=True, progress=progress, log=log)
+    return pretrain(cfg, run_dir, progress=progress, log=log)
+
+
+def _samples(run_dir: Path, n_tokens: int = 120) -> list[tuple[str, str]]:
+    model, _, tok = load_model(run_dir)
+    out = []
+    for i, prompt in enumerate(SAMPLE_PROMPTS):
+        ids = tok.encode(prompt)
+        g = torch.Generator().manual_seed(i)
+        gen = model.generate(torch.tensor([ids]), n_tokens, temperature=0.8, top_k=50, generator=g,
+                             stop_tokens=[tok.eot_id])[0, len(ids):].tolist()
+        if tok.eot_id in gen:
+            gen = gen[:gen.index(tok.eot_id)]
+        out.append((prompt, tok.decode(ids + gen)))
+    return out
+
+
+def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print) -> dict:
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(config, overrides)
+    log(f"pipeline: config {config}, data {cfg.data.source}, output {out_dir}")
+
+    pre = _pretrain_stage(cfg, out_dir / "pretrain", progress, log)
+    samples = _samples(out_dir / "pretrain")
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    if (out_dir / "pretrain" / "plots" / "loss.png").exists():
+        shutil.copyfile(out_dir / "pretrain" / "plots" / "loss.png", plots / "pretrain_loss.png")
+
+    sample_md = "\n\n".join(f"Prompt `{p!r}`:\n\n```python\n{s}\n```" for p, s in samples)
+    sections = [
+        ("Pretraining", summary_table(pre, ["params", "non_embedding_params", "steps", "tokens", "final_train_loss",
+                                            "val_loss", "val_bpb", "tok_per_s", "mfu", "dtype", "wall_s"])
+         + "\n\n![pretraining loss](plots/pretrain_loss.png)"),
+        ("Samples (temperature 0.8, top-k 50)", sample_md),
+    ]
+    summary = {
+        "pretrain_val_loss": pre.get("val_loss"),
+        "pretrain_val_bpb": pre.get("val_bpb"),
+        "pretrain_tok_per_s": pre.get("tok_per_s"),
+        "pretrain_params": pre.get("params"),
+        "wall_s": time.time() - t0,
+        "device": pre.get("device"),
+    }
+    header = {"config": config, "data": cfg.data.source, "python": platform.python_version(),
+              "torch": torch.__version__, "machine": platform.machine(), **summary}
+    report = write_pipeline_report(out_dir, sections, header)
+    from nanogpt4.utils import atomic_write_json
+
+    atomic_write_json(out_dir / "summary.json", summary)
+    log(f"pipeline: done in {summary['wall_s']:.0f}s; report at {report}")
+    return summary

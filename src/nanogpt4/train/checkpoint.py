@@ -1,0 +1,154 @@
+"""Checkpoints: ``model.safetensors`` + ``config.yaml`` + ``tokenizer.json`` + ``trainer_state.pt``.
+
+Each checkpoint is written into a temp directory and renamed into place, so a run killed at any instant
+leaves complete checkpoints only. ``trainer_state.pt`` holds plain tensors/numbers and loads with
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from nanogpt4.config import config_from_yaml_text, to_yaml
+from nanogpt4.errors import UserError
+from nanogpt4.utils import replace_dir
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (safetensors refuses shared storage)."""
+    return _dedup(model.state_dict())
+
+
+def _dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: dict[int, str] = {}
+    out = {}
+    for name, t in state.items():
+        key = t.data_ptr() if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    save_file(model_tensors(model), str(path), metadata=metadata or {})
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights, naming the first missing/unexpected/mis-shaped tensor on mismatch."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise UserError(f"cannot read weights '{path}': {str(e).splitlines()[0]}") from None
+    expected = model_tensors(model)
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"checkpoint '{path}' does not match the model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}; was it saved with another architecture/config?")
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise UserError(f"checkpoint '{path}' tensor '{k}' has shape {tuple(t.shape)} but the config builds "
+                            f"{tuple(expected[k].shape)}; use the checkpoint's own config.yaml")
+    model.load_state_dict(tensors, strict=False)  # tied weights arrive through their first name
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ck.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, cfg, tokenizer_path: Path | None,
+                    trainer_state: dict, keep_last: int, best: bool = False,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``checkpoints/step_N`` atomically; ``weights`` overrides the model's own (gathered FSDP shards)."""
+    ck_root = Path(run_dir) / "checkpoints"
+    ck_root.mkdir(parents=True, exist_ok=True)
+    final = ck_root / f"step_{step}"
+    tmp = ck_root / f".step_{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors = model_tensors(model) if weights is None else _dedup(weights)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    if tokenizer_path is not None and Path(tokenizer_path).exists():
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    replace_dir(tmp, final)
+    if best:
+        _link_best(ck_root, final)
+    _prune(ck_root, keep_last)
+    return final
+
+
+def _link_best(ck_root: Path, src: Path) -> None:
+    """``checkpoints/best`` = hard links to the best step's files (no copy, survives pruning)."""
+    tmp = ck_root / ".best.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for f in src.iterdir():
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copyfile(f, tmp / f.name)
+    (tmp / "STEP").write_text(src.name.split("_")[1])
+    replace_dir(tmp, ck_root / "best")
+
+
+def _prune(ck_root: Path, keep_last: int) -> None:
+    found = list_checkpoints(ck_root.parent)
+    for _, path in found[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_trainer_state(ckpt_dir: Path) -> dict:
+    return torch.load(Path(ckpt_dir) / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its latest checkpoint, or the run's final weights) or a checkpoint directory."""
+    p = Path(path)
+    if (p / "model.safetensors").exists() and (p / "config.yaml").exists():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is not None:
+        return latest
+    raise UserError(f"'{path}' is neither a checkpoint nor a run with checkpoints; "
+                    f"pass --run runs/NAME (after `nanogpt4 pretrain`) or a checkpoints/step_N directory")
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu"):
+    """(model, config, tokenizer) from a run or checkpoint directory."""
+    from nanogpt4.data.tokenizer import Tokenizer
+    from nanogpt4.model.transformer import Transformer
+
+    ckpt = resolve_checkpoint(path)
+    cfg = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    model = Transformer(cfg)
+    load_weights(model, ckpt / "model.safetensors")
+    tok_path = ckpt / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tok_path) if tok_path.exists() else None
+    return model.to(device).eval(), cfg, tokenizer

@@ -1,0 +1,168 @@
+"""``nanogpt4 pretrain``: next-token prediction on prepared token shards, through the shared Trainer."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from nanogpt4.config import to_yaml
+from nanogpt4.data.loader import TokenWindows
+from nanogpt4.data.prepare import default_data_dir, load_meta, prepare_data
+from nanogpt4.data.tokenizer import Tokenizer
+from nanogpt4.errors import UserError
+from nanogpt4.model.transformer import Transformer
+from nanogpt4.train.checkpoint import list_checkpoints
+from nanogpt4.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from nanogpt4.train.trainer import Trainer, rank_rows
+from nanogpt4.utils import atomic_write_json, atomic_write_text, autocast_ctx, resolve_device, resolve_dtype
+
+
+class LMBatches:
+    """Global batch of ``batch_size`` random windows per step; each (micro, rank) takes its rows."""
+
+    def __init__(self, windows: TokenWindows, batch_size: int):
+        self.windows = windows
+        self.batch_size = batch_size
+        self.tokens_per_step = batch_size * windows.seq_len
+
+    def get(self, step: int, micro: int, accum: int, info: DistInfo, device: torch.device) -> dict:
+        x, y = self.windows.batch(step, self.batch_size, rank_rows(self.batch_size, micro, accum, info), device)
+        return {"input_ids": x, "labels": y}
+
+
+def make_lm_evaluator(val: TokenWindows, iters: int, batch_size: int, bytes_per_token: float,
+                      device: torch.device, dtype: torch.dtype):
+    """Mean val loss over a fixed set of windows (the same at every eval) and bits per byte."""
+
+    @torch.no_grad()
+    def evaluate(model) -> dict:
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        for i in range(iters):
+            x, y = val.batch(i, batch_size, device=device)
+            with autocast_ctx(device, dtype):
+                logits = model(x)
+            total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+        model.train(was_training)
+        loss = total / iters
+        return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
+
+    return evaluate
+
+
+def make_sampler(tokenizer: Tokenizer, prompt: str, n_tokens: int, device: torch.device, seed: int):
+    def sample(model) -> str:
+        ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+        ids = ids[-(model.cfg.max_seq_len - 1):]
+        g = torch.Generator(device=device).manual_seed(seed)  # own stream: training RNG is untouched
+        out = model.generate(torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50,
+                             generator=g, stop_tokens=[tokenizer.eot_id])
+        return tokenizer.decode(out[0].tolist())
+
+    return sample
+
+
+def init_run_dir(run_dir: Path, cfg: DictConfig, resume: bool) -> None:
+    """Refuse to overwrite a finished or running run; write the resolved config."""
+    if not resume and (list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists()):
+        raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
+                        f"or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """A run's own config plus overrides that keep the architecture (e.g. more steps)."""
+    from nanogpt4.config import load_config
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise UserError(f"cannot resume: '{run_dir}' has no config.yaml; is it a nanogpt4 run directory?")
+    base = load_config(path)
+    cfg = load_config(path, overrides)
+    if cfg.model != base.model:
+        raise UserError("cannot change model.* when resuming; the checkpoint has the old architecture")
+    return cfg
+
+
+def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+             log=print) -> dict:
+    t_wall = time.time()
+    run_dir = Path(run_dir)
+    info, device = init_distributed(resolve_device(cfg.device))
+    log = log if info.is_main else (lambda _m: None)
+    try:
+        if info.is_main:
+            init_run_dir(run_dir, cfg, resume)
+        data_dir = default_data_dir(cfg)
+        if info.is_main:
+            prepare_data(cfg, data_dir, progress=progress, log=log)
+        barrier(info)
+        meta = load_meta(data_dir)
+        if meta["vocab_size"] > cfg.model.vocab_size:
+            raise UserError(f"data in '{data_dir}' uses {meta['vocab_size']} tokens but model.vocab_size="
+                            f"{cfg.model.vocab_size}; raise model.vocab_size or re-run prepare")
+        tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
+        tc = cfg.training
+        T = cfg.model.max_seq_len
+        train = TokenWindows(data_dir / "train.bin", T, meta["dtype"], cfg.seed, min_sequences=tc.batch_size)
+        val = TokenWindows(data_dir / "val.bin", T, meta["dtype"], cfg.seed + 1)
+        torch.manual_seed(cfg.seed)
+        model = Transformer(cfg).to(device)
+        dtype = resolve_dtype(tc.dtype, device)
+        fpt = model.flops_per_token(T)
+        n_params = model.num_parameters()
+        log(f"model: {n_params / 1e6:.2f}M parameters ({model.num_parameters(True) / 1e6:.2f}M non-embedding), "
+            f"{fpt / 1e6:.1f} MFLOP/token, device {device}, {str(dtype).replace('torch.', '')}"
+            + (f", {info.world_size} ranks" if info.enabled else ""))
+        if info.is_main:
+            shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
+        trainer = Trainer(
+            cfg, model, LMBatches(train, tc.batch_size), run_dir, info, device,
+            evaluate=make_lm_evaluator(val, tc.eval_iters, min(tc.batch_size, 32),
+                                       meta["val_bytes"] / meta["val_tokens"], device, dtype),
+            sample=make_sampler(tokenizer, tc.sample_prompt, tc.sample_tokens, device, cfg.seed)
+            if tc.sample_tokens > 0 else None,
+            tokenizer_path=run_dir / "tokenizer.json", flops_per_token=fpt, progress=progress, log=log)
+        if resume:
+            trainer.resume()
+        t_train = time.time()
+        result = trainer.fit()
+        train_s = time.time() - t_train
+        tokens_run = result["steps_this_run"] * trainer.batches.tokens_per_step
+        tok_per_s = tokens_run / max(train_s, 1e-9)
+        summary = {
+            "final_train_loss": result["final_train_loss"],
+            "val_loss": result.get("val_loss"),
+            "val_bpb": result.get("val_bpb"),
+            "tokens": result["tokens"],
+            "steps": result["steps"],
+            "params": n_params,
+            "non_embedding_params": model.num_parameters(True),
+            "flops_per_token": fpt,
+            "flops": fpt * result["tokens"],
+            "tok_per_s": tok_per_s,
+            "mfu": fpt * tok_per_s / trainer.peak if trainer.peak else None,
+            "peak_flops": trainer.peak,
+            "dtype": str(dtype).replace("torch.", ""),
+            "world_size": info.world_size,
+            "data_dir": str(data_dir),
+            "wall_s": time.time() - t_wall,
+            "device": str(device),
+        }
+        if trainer.last_eval.get("sample"):
+            summary["sample"] = trainer.last_eval["sample"]
+        if info.is_main:
+            atomic_write_json(run_dir / "summary.json", summary)
+            from nanogpt4.report import plot_training_curves
+
+            plot_training_curves(run_dir)
+        return summary
+    finally:
+        shutdown_distributed()

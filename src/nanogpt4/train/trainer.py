@@ -1,0 +1,295 @@
+"""The one training loop: pretraining, SFT, reward and multimodal training all run through :class:`Trainer`.
+
+A stage supplies a :class:`BatchSource` (what a step trains on), a ``loss_fn`` (model, batch) -> scalar,
+and optionally ``evaluate`` / ``sample`` hooks. The loop owns everything else: AdamW with decay groups,
+warmup + cosine schedule, gradient accumulation (``no_sync`` under DDP), clipping, autocast, stop rules
+(steps, tokens, wall time, SIGTERM), metrics, checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nanogpt4.errors import UserError
+from nanogpt4.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
+from nanogpt4.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    apply_ddp,
+    apply_fsdp,
+    broadcast_flag,
+    unwrap,
+)
+from nanogpt4.train.metrics import MetricsLogger, peak_flops
+from nanogpt4.utils import autocast_ctx, resolve_dtype
+
+
+class BatchSource(Protocol):
+    tokens_per_step: int
+
+    def get(self, step: int, micro: int, accum: int, info: DistInfo, device: torch.device) -> dict:
+        """The micro-batch ``micro`` of step ``step`` for this rank (a pure function of its arguments)."""
+        ...
+
+
+def rank_rows(batch_size: int, micro: int, accum: int, info: DistInfo) -> slice:
+    """This rank's rows of a global batch: micro-batches interleave ranks so any (accum, world) split
+    of the same global batch covers the same rows."""
+    per = batch_size // (accum * info.world_size)
+    if per * accum * info.world_size != batch_size:
+        raise UserError(f"training.batch_size={batch_size} must be divisible by grad_accum_steps*world_size="
+                        f"{accum * info.world_size}")
+    idx = micro * info.world_size + info.rank
+    return slice(idx * per, (idx + 1) * per)
+
+
+def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy; label -100 is ignored (prompt tokens in SFT, image tokens, padding)."""
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].reshape(-1), ignore_index=-100)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, decay_steps: int, min_ratio: float) -> float:
+    """Linear warmup to ``base_lr``, then cosine to ``base_lr * min_ratio`` at ``decay_steps``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if step >= decay_steps:
+        return base_lr * min_ratio
+    progress = (step - warmup) / max(1, decay_steps - warmup)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg, model: nn.Module, batches: BatchSource, run_dir: Path, info: DistInfo,
+                 device: torch.device, *, loss_fn: Callable[[nn.Module, dict], torch.Tensor] = lm_loss,
+                 evaluate: Callable[[nn.Module], dict] | None = None,
+                 sample: Callable[[nn.Module], str] | None = None, tokenizer_path: Path | None = None,
+                 flops_per_token: float | None = None, train_cfg=None, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.tc = train_cfg if train_cfg is not None else cfg.training
+        self.model = model  # the plain model; self.step_model is what runs forward/backward
+        self.batches = batches
+        self.run_dir = Path(run_dir)
+        self.info = info
+        self.device = device
+        self.loss_fn = loss_fn
+        self.evaluate = evaluate
+        self.sample = sample
+        self.tokenizer_path = tokenizer_path
+        self.progress = progress and info.is_main
+        self.log = log if info.is_main else (lambda _msg: None)
+        self.dtype = resolve_dtype(self.tc.dtype, device)
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops(device, self.dtype) if flops_per_token else None
+
+        if self.tc.fsdp and info.enabled:
+            self.step_model = apply_fsdp(model, info, self.dtype if self.dtype != torch.float32 else None)
+        elif info.enabled:
+            self.step_model = apply_ddp(model, info, device)
+        else:
+            self.step_model = model
+        if self.tc.compile:
+            self.step_model = torch.compile(self.step_model)
+        self.optimizer = unwrap(model).configure_optimizers(
+            self.tc.weight_decay, self.tc.learning_rate, (self.tc.beta1, self.tc.beta2), self.tc.eps, device.type) \
+            if hasattr(unwrap(model), "configure_optimizers") else self._default_optimizer()
+        self.metrics = MetricsLogger(self.run_dir, info.is_main, self.tc.tensorboard)
+        self.step = 0
+        self.tokens = 0
+        self.train_time = 0.0
+        self.best_val = math.inf
+        self.last_eval: dict = {}
+        self._stop_signal = False
+
+    def _default_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.tc.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.tc.learning_rate, betas=(self.tc.beta1, self.tc.beta2),
+                                 eps=self.tc.eps)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, optimizer_state: dict | None = None) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time,
+                "best_val": self.best_val, "data_step": self.step,
+                "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
+                "rng": rng_state()}
+
+    def resume(self) -> int:
+        """Restore the latest checkpoint of ``run_dir``; returns its step."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise UserError(f"nothing to resume: '{self.run_dir}' has no checkpoints; drop --resume to start fresh")
+        load_weights(unwrap(self.model), ckpt / "model.safetensors")
+        state = load_trainer_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.train_time, self.best_val = float(state["train_time_s"]), float(state["best_val"])
+        set_rng_state(state["rng"])
+        self.metrics.truncate_after(self.step)
+        self.log(f"resumed from {ckpt} (step {self.step}, {self.tokens:,} tokens)")
+        return self.step
+
+    def save(self, best: bool = False) -> None:
+        if self.tc.fsdp and self.info.enabled:  # every rank takes part in gathering the shards
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(self.model, options=opts)
+            state = self.state_dict(get_optimizer_state_dict(self.model, self.optimizer, options=opts))
+        else:
+            weights, state = None, self.state_dict()
+        if self.info.is_main:
+            save_checkpoint(self.run_dir, self.step, unwrap(self.model), self.cfg, self.tokenizer_path,
+                            state, self.tc.keep_last, best, weights=weights)
+
+    # ------------------------------------------------------------------ loop
+    def _should_stop(self, t_start: float) -> bool:
+        tc = self.tc
+        stop = self.step >= tc.max_steps or self._stop_signal
+        stop |= tc.max_tokens is not None and self.tokens >= tc.max_tokens
+        stop |= tc.max_time_s is not None and self.train_time + (time.time() - t_start) >= tc.max_time_s
+        return broadcast_flag(stop, self.info, self.device)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_signal = True  # finish the step, checkpoint, exit cleanly (preemptible clusters)
+
+    def _run_eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        result = self.evaluate(unwrap(self.model))
+        if self.sample is not None and self.info.is_main:
+            text = self.sample(unwrap(self.model))
+            result["sample"] = text
+        return result
+
+    def fit(self) -> dict:
+        tc, info = self.tc, self.info
+        accum = tc.grad_accum_steps
+        decay_steps = tc.lr_decay_steps or tc.max_steps
+        old_handler = None
+        with contextlib.suppress(ValueError):  # not in the main thread
+            old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.step_model.train()
+        t_start = time.time()
+        start_step = self.step
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True, mininterval=1.0)
+        window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+        last_loss = math.nan
+        try:
+            done = self._should_stop(t_start)
+            while not done:
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, tc.learning_rate, tc.warmup_steps, decay_steps, tc.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                loss_sum = torch.zeros((), device=self.device)
+                for micro in range(accum):
+                    batch = self.batches.get(self.step, micro, accum, info, self.device)
+                    sync = micro == accum - 1 or not hasattr(self.step_model, "no_sync")
+                    ctx = contextlib.nullcontext() if sync else self.step_model.no_sync()
+                    with ctx:
+                        with autocast_ctx(self.device, self.dtype):
+                            loss = self.loss_fn(self.step_model, batch) / accum
+                        loss.backward()
+                    loss_sum += loss.detach()
+                if not torch.isfinite(loss_sum):
+                    raise RuntimeError(f"loss became {loss_sum.item()} at step {self.step}; lower "
+                                       f"training.learning_rate or use training.dtype=float32")
+                if tc.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.step_model.parameters(), tc.grad_clip)
+                else:
+                    grad_norm = torch.zeros(())
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.tokens += self.batches.tokens_per_step
+                loss_val = all_reduce_mean(loss_sum, info).item()
+                last_loss = loss_val
+                window_loss += loss_val
+                window_steps += 1
+                window_tokens += self.batches.tokens_per_step
+                window_time += dt
+                bar.update(1)
+                if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                    tok_s = window_tokens / max(window_time, 1e-9)
+                    row = {"step": self.step, "tokens": self.tokens, "loss": window_loss / window_steps,
+                           "step_loss": loss_val, "lr": lr, "grad_norm": float(grad_norm), "tok_per_s": tok_s}
+                    if self.peak:
+                        row["mfu"] = self.flops_per_token * tok_s / self.peak
+                    self.metrics.log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                                    mfu=f"{row.get('mfu', 0):.1%}")
+                    if not self.progress:
+                        self.log(f"step {self.step}/{tc.max_steps} loss {row['loss']:.4f} lr {lr:.2e} "
+                                 f"{tok_s:,.0f} tok/s mfu {row.get('mfu', 0):.1%}")
+                    window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+                done = self._should_stop(t_start)
+                if self.step % tc.eval_interval == 0 or done:
+                    self._evaluate_and_log(bar)
+                if self.step % tc.checkpoint_interval == 0 or done:
+                    val = self.last_eval.get("val_loss")
+                    is_best = val is not None and val <= self.best_val
+                    if is_best:
+                        self.best_val = val
+                    self.train_time += time.time() - t_start
+                    t_start = time.time()
+                    self.save(best=is_best)
+        finally:
+            bar.close()
+            self.metrics.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        self.train_time += time.time() - t_start
+        steps_run = max(1, self.step - start_step)
+        return {"final_train_loss": last_loss, "steps": self.step, "tokens": self.tokens,
+                "steps_this_run": steps_run, **{k: v for k, v in self.last_eval.items() if k != "sample"}}
+
+    def _evaluate_and_log(self, bar) -> None:
+        t0 = time.time()
+        result = self._run_eval()
+        if not result:
+            return
+        self.last_eval = result
+        row = {"step": self.step, "tokens": self.tokens, **{k: v for k, v in result.items() if k != "sample"}}
+        self.metrics.log(row)
+        msg = " ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float))
+        bar.write(f"eval step {self.step}: {msg} ({time.time() - t0:.1f}s)") if self.progress else self.log(
+            f"eval step {self.step}: {msg}")
+        if "sample" in result and self.progress:
+            bar.write("sample: " + result["sample"][:400].replace("\n", "\n        "))
