@@ -1,0 +1,53 @@
+import pytest
+
+from nanogpt4.config import load_config
+from nanogpt4.errors import UserError
+
+
+def test_presets_load_with_seed_values():
+    base = load_config("configs/base.yaml")
+    assert (base.model.dim, base.model.n_layers, base.model.n_heads) == (768, 12, 12)
+    assert (base.model.vocab_size, base.model.max_seq_len) == (50257, 128)
+    assert base.training.batch_size == 32 and base.training.learning_rate == pytest.approx(6e-5)
+    assert base["rlhf"]["clip_epsilon"] == 0.2 and base.rlhf.ppo_epochs == 4
+    assert base.multimodal.encoder == "vit"
+    tiny = load_config("tiny")
+    assert tiny.model.dim == 192 and tiny.data.source == "stdlib"
+
+
+def test_overrides_and_access():
+    cfg = load_config("tiny", ["training.max_steps=7", "model.pos_embedding=rope", "data.source=text:x.txt"])
+    assert cfg.training.max_steps == 7 and cfg["training"]["max_steps"] == 7
+    assert cfg.model.pos_embedding == "rope" and cfg.data.source == "text:x.txt"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("training.max_stpes=3", "did you mean 'training.max_steps'"),
+    ("model.dimm=3", "did you mean 'model.dim'"),
+    ("model.dim=100", "divisible by model.n_heads"),
+    ("training.learning_rate=-1", "learning_rate must be positive"),
+    ("model.dim=abc", "bad value for 'model.dim'"),
+    ("model.mlp=relu", "not one of gelu, swiglu"),
+    ("model.n_kv_heads=4", "multiple of model.n_kv_heads"),
+    ("training.dtype=fp8", "not one of auto"),
+    ("max_steps", "must look like section.key=value"),
+    ("training.batch_size=0", "must be positive"),
+])
+def test_bad_values_raise_clear_errors(override, needle):
+    with pytest.raises(UserError, match=None) as e:
+        load_config("tiny", [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(UserError, match="cannot parse"):
+        load_config(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  n_layer: 3\n")
+    with pytest.raises(UserError, match="did you mean 'model.n_layers'"):
+        load_config(typo)

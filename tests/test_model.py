@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanogpt4.config import load_config
+from nanogpt4.model.transformer import Transformer, sample_next
+
+VARIANTS = {
+    "gpt2": [],
+    "llama": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"],
+    "gqa": ["model.pos_embedding=rope", "model.n_kv_heads=2"],
+    "untied": ["model.tie_embeddings=false", "model.mlp=swiglu"],
+}
+
+
+def make(variant="gpt2", seed=0, **kw):
+    ov = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.vocab_size=101", "model.max_seq_len=24"]
+    ov += VARIANTS[variant] + [f"model.{k}={v}" for k, v in kw.items()]
+    torch.manual_seed(seed)
+    return Transformer(load_config("tiny", ov)).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_future_tokens_do_not_change_past_logits(variant):
+    m = make(variant)
+    x = torch.randint(0, 101, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 101, (2, 8))
+    lx, ly = m(x), m(y)
+    assert torch.allclose(lx[:, :12], ly[:, :12], atol=1e-6)
+    assert (lx[:, 12:] - ly[:, 12:]).abs().max() > 1e-3  # and the future really is used
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_greedy_equals_uncached_including_sliding_window(variant):
+    m = make(variant)
+    x = torch.randint(0, 101, (3, 7))
+    a = m.generate(x, 30, temperature=0, use_cache=True)  # 7 + 30 > max_seq_len 24: the window slides
+    b = m.generate(x, 30, temperature=0, use_cache=False)
+    assert a.shape == (3, 37) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_incremental_logits_match_full_forward(variant):
+    from nanogpt4.model.transformer import KVCache
+
+    m = make(variant)
+    x = torch.randint(0, 101, (2, 16))
+    full = m(x)
+    cache = KVCache.allocate(m.cfg, 2, 16, "cpu", torch.float32)
+    parts = [m(x[:, :9], kv_cache=cache)] + [m(x[:, i:i + 1], kv_cache=cache) for i in range(9, 16)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_left_padded_batch_equals_unpadded_rows(variant):
+    m = make(variant)
+    rows = [torch.randint(0, 101, (n,)) for n in (9, 5, 2)]
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    batched = m.generate(ids, 10, temperature=0, attention_mask=mask)
+    for i, r in enumerate(rows):
+        single = m.generate(r[None], 10, temperature=0)
+        assert torch.equal(batched[i, T:], single[0, len(r):])
+    # padded-position logits of the real tokens are unchanged too
+    logits = m(ids, attention_mask=mask)
+    assert torch.allclose(logits[1, T - 5:], m(rows[1][None])[0], atol=1e-5)
+
+
+def test_stop_tokens_pad_finished_rows():
+    m = make()
+    x = torch.randint(0, 101, (2, 4))
+    free = m.generate(x, 12, temperature=0)
+    stop = int(free[0, 6])  # the third generated token of row 0
+    out = m.generate(x, 12, temperature=0, stop_tokens=[stop], pad_token_id=100)
+    row = out[0, 4:].tolist()
+    first = row.index(stop)
+    assert all(t == 100 for t in row[first + 1:])
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {3, 4}
+    p = torch.softmax(logits[0], -1)  # top two carry 0.64 + 0.24 = 0.87 of the mass
+    picks = sample_next(logits, 1.0, top_p=0.8, generator=g)
+    assert set(picks.tolist()) == {3, 4} and p[3:].sum() > 0.8
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {4}
+    assert sample_next(logits[:1], 0).item() == 4
+    # temperature sharpens: at T=0.25 the top token dominates
+    hot = sample_next(logits, 0.25, generator=g)
+    assert (hot == 4).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parameter_counts(variant):
+    m = make(variant)
+    unique = {id(p): p for p in m.parameters()}
+    assert m.num_parameters() == sum(p.numel() for p in unique.values())
+    emb = m.token_embed.weight.numel() + (m.pos_embed.weight.numel() if m.pos_embed is not None else 0)
+    head = 0 if m.cfg.tie_embeddings else m.head.weight.numel()
+    assert m.num_parameters(non_embedding=True) == m.num_parameters() - emb - head
+
+
+def test_gpt2_small_counts_and_flops_by_hand():
+    cfg = load_config("configs/base.yaml")
+    m = Transformer(cfg)
+    d, L, V, T = 768, 12, 50257, 128
+    per_layer = 4 * d * d + 4 * d + 8 * d * d + 5 * d + 4 * d  # attn w+b, mlp w+b, two LayerNorms
+    assert m.num_parameters() == V * d + T * d + L * per_layer + 2 * d
+    assert m.num_parameters() == 124_439_808 - (1024 - 128) * d  # GPT-2 small has 1024 positions
+    matmul = L * 12 * d * d + V * d  # weights that multiply activations, incl. the LM head
+    attn = 2 * L * d * T  # QK^T + AV, causal average
+    assert m.flops_per_token(T, training=False) == 2 * matmul + attn
+    assert m.flops_per_token(T) == 3 * (2 * matmul + attn)
+
+
+def test_gpt2_init_and_weight_tying():
+    m = make(n_layers=4, dim=128)
+    assert m.head.weight is m.token_embed.weight
+    std = 0.02 / math.sqrt(2 * 4)
+    assert m.blocks[0].attn.proj.weight.std().item() == pytest.approx(std, rel=0.1)
+    assert m.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.all(m.blocks[0].attn.qkv.bias == 0)
+
+
+def test_configure_optimizers_decays_matrices_only():
+    m = make()
+    opt = m.configure_optimizers(0.1, 1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_return_hidden_and_seed_call_shape():
+    m = make()
+    x = torch.randint(0, 101, (2, 5))
+    h = m(x, return_hidden=True)
+    assert h.shape == (2, 5, 64)
+    assert torch.allclose(m.head(h), m(x))
+
+
+def test_too_long_input_is_refused():
+    m = make()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_dropout_is_active_only_in_training():
+    m = make(dropout=0.5)
+    x = torch.randint(0, 101, (2, 10))
+    assert torch.equal(m(x), m(x))
+    m.train()
+    assert not torch.equal(m(x), m(x))
+
+
+def test_training_reduces_loss_on_a_repeating_sequence():
+    m = make()
+    m.train()
+    opt = m.configure_optimizers(0.0, 3e-3)
+    x = torch.arange(24).remainder(7)[None].repeat(4, 1)
+    for _ in range(60):
+        loss = F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
