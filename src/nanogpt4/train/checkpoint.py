@@ -23,21 +23,17 @@ from nanogpt4.utils import replace_dir
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names under which an already-listed parameter appears again (the tied LM head)."""
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {n for n, _ in model.named_parameters()}
+
+
+def model_tensors(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """State dict without tied duplicates (safetensors refuses shared storage)."""
-    return _dedup(model.state_dict())
-
-
-def _dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    seen: dict[int, str] = {}
-    out = {}
-    for name, t in state.items():
-        key = t.data_ptr() if t.numel() else id(t)
-        if key in seen:
-            continue
-        seen[key] = name
-        out[name] = t.detach().to("cpu").contiguous()
-    return out
+    state = model.state_dict() if state is None else state
+    skip = tied_aliases(model)
+    return {k: t.detach().to("cpu").contiguous() for k, t in state.items() if k not in skip}
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -87,7 +83,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, cfg, tokenizer_p
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tensors = model_tensors(model) if weights is None else _dedup(weights)
+    tensors = model_tensors(model, weights)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
     (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     if tokenizer_path is not None and Path(tokenizer_path).exists():

@@ -127,6 +127,7 @@ class Trainer:
         self.best_val = math.inf
         self.last_eval: dict = {}
         self._stop_signal = False
+        self._start_step = 0
 
     def _default_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -179,7 +180,8 @@ class Trainer:
         tc = self.tc
         stop = self.step >= tc.max_steps or self._stop_signal
         stop |= tc.max_tokens is not None and self.tokens >= tc.max_tokens
-        stop |= tc.max_time_s is not None and self.train_time + (time.time() - t_start) >= tc.max_time_s
+        stop |= (tc.max_time_s is not None and self.step > self._start_step  # always run at least one step
+                 and self.train_time + (time.time() - t_start) >= tc.max_time_s)
         return broadcast_flag(stop, self.info, self.device)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -189,9 +191,8 @@ class Trainer:
         if self.evaluate is None:
             return {}
         result = self.evaluate(unwrap(self.model))
-        if self.sample is not None and self.info.is_main:
-            text = self.sample(unwrap(self.model))
-            result["sample"] = text
+        if self.sample is not None:  # on every rank: under FSDP a forward is a collective
+            result["sample"] = self.sample(unwrap(self.model))
         return result
 
     def fit(self) -> dict:
@@ -203,7 +204,7 @@ class Trainer:
             old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.step_model.train()
         t_start = time.time()
-        start_step = self.step
+        start_step = self._start_step = self.step
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True, mininterval=1.0)
         window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0

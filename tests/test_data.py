@@ -1,0 +1,204 @@
+import hashlib
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt4.config import load_config
+from nanogpt4.data import sources
+from nanogpt4.data.loader import TokenWindows
+from nanogpt4.data.prepare import prepare_data, token_dtype
+from nanogpt4.data.sources import load_corpus
+from nanogpt4.data.tokenizer import SPECIAL_TOKENS, BPETokenizer, TiktokenTokenizer, Tokenizer
+from nanogpt4.errors import UserError
+
+from .conftest import small_overrides
+
+
+def test_stdlib_source_excludes_tests_and_site_packages():
+    files = sources.stdlib_files()
+    assert len(files) > 300
+    parts = {p for f in files for p in f.parts}
+    assert "site-packages" not in parts and "test" not in parts and "tests" not in parts
+    corpus = load_corpus("stdlib", max_bytes=200_000)
+    assert corpus.train and corpus.val
+    assert sum(len(d) for d in corpus.train + corpus.val) <= 200_000
+
+
+def test_split_is_deterministic_and_disjoint(corpus_dir):
+    a = load_corpus(f"text:{corpus_dir}/*.py", val_fraction=0.3)
+    b = load_corpus(f"text:{corpus_dir}/*.py", val_fraction=0.3)
+    assert a.train == b.train and a.val == b.val and a.fingerprint() == b.fingerprint()
+    assert not set(a.train) & set(a.val)
+
+
+def test_single_file_is_split_at_a_line(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_text("".join(f"line {i}\n" for i in range(100)))
+    c = load_corpus(f"text:{f}", val_fraction=0.1)
+    assert c.train[0].endswith("\n") and c.train[0] + c.val[0] == f.read_text()
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda p: None, "no file matches"),
+    (lambda p: p.write_text(""), "contains no text"),
+    (lambda p: p.write_bytes(b"\x00\x01\x02binary" * 10), "looks binary"),
+    (lambda p: p.write_bytes("café".encode("latin-1") * 10), "is not UTF-8"),
+])
+def test_bad_text_sources(tmp_path, setup, needle):
+    p = tmp_path / "data.txt"
+    setup(p)
+    with pytest.raises(UserError, match=needle):
+        load_corpus(f"text:{p}")
+
+
+def test_jsonl_source_reports_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "hello world"}\n{"text": "second doc"}\n{"text": broken}\n')
+    with pytest.raises(UserError, match=r"d.jsonl:3: malformed JSON"):
+        load_corpus(f"jsonl:{p}")
+    p.write_text('{"text": "hello world"}\n{"body": "x"}\n')
+    with pytest.raises(UserError, match=r"d.jsonl:2: expected an object with a string field 'text'"):
+        load_corpus(f"jsonl:{p}")
+    p.write_text("".join(json.dumps({"body": f"doc {i}"}) + "\n" for i in range(40)))
+    c = load_corpus(f"jsonl:{p}", text_field="body")
+    assert len(c.train) + len(c.val) == 40
+
+
+def test_unknown_source():
+    with pytest.raises(UserError, match="unknown data.source"):
+        load_corpus("ftp://x")
+
+
+def test_shakespeare_download_checked_and_cached(tmp_path, monkeypatch):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
+    src = tmp_path / "input.txt"
+    src.write_text(text)
+    monkeypatch.setenv("NANOGPT4_SHAKESPEARE_URL", src.as_uri())
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
+    c = load_corpus("shakespeare", cache_dir=tmp_path / "cache")
+    assert "".join(c.train + c.val) == text
+    src.unlink()  # second call uses the verified cache, no network
+    assert load_corpus("shakespeare", cache_dir=tmp_path / "cache").fingerprint() == c.fingerprint()
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", "0" * 64)
+    (tmp_path / "cache2").mkdir()
+    src.write_text(text)
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_corpus("shakespeare", cache_dir=tmp_path / "cache2")
+    assert not (tmp_path / "cache2" / "tinyshakespeare.txt").exists()
+
+
+def test_downloads_fail_fast_and_clearly_offline(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: refuse())
+    t0 = time.time()
+    with pytest.raises(UserError, match="offline"):
+        load_corpus("shakespeare", cache_dir=tmp_path)
+    with pytest.raises(UserError, match="offline|datasets package"):
+        load_corpus("hf:some/dataset")
+    assert time.time() - t0 < 5
+
+
+def test_shared_tinyshakespeare_matches_published_checksum():
+    from .conftest import SHARED_DATA
+
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.exists():
+        pytest.skip("../shared/data not present")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sources.SHAKESPEARE_SHA256
+    c = load_corpus(f"text:{path}")
+    assert sum(map(len, c.train)) > 900_000
+
+
+def test_hf_source_reads_a_local_dataset(tmp_path):
+    pytest.importorskip("datasets")
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": f"story number {i}."}) + "\n" for i in range(30)))
+    c = load_corpus(f"hf:{d}")
+    assert len(c.train) + len(c.val) == 30
+
+
+def test_bpe_roundtrip_and_specials(corpus_dir):
+    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.py"))]
+    tok = BPETokenizer.train(texts, 400)
+    assert tok.vocab_size == 400
+    assert [tok.token_id(s) for s in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    sample = "def f(x):\n    return x ** 2  # ünïcode ✓\n"
+    assert tok.decode(tok.encode(sample)) == sample
+    assert len(tok.encode(texts[0])) < len(texts[0].encode()) / 1.5  # it actually merges
+    with pytest.raises(UserError, match="too small"):
+        BPETokenizer.train(texts, 200)
+
+
+def test_tiktoken_wrapper_on_a_local_encoding():
+    tiktoken = pytest.importorskip("tiktoken")
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b"ab"] = 256
+    enc = tiktoken.Encoding("local", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": 257})
+    tok = TiktokenTokenizer(enc, "local")
+    assert tok.encode("abab") == [256, 256] and tok.decode([256, 97]) == "aba"
+    assert tok.eot_id == tok.pad_id == 257 and tok.vocab_size == 258
+
+
+def test_tiktoken_offline_error(monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(UserError, match="offline"):
+        TiktokenTokenizer.load("gpt2")
+
+
+def test_prepare_writes_shards_and_reuses_them(corpus_dir, tmp_path):
+    cfg = load_config("tiny", small_overrides(corpus_dir, tmp_path))
+    logs = []
+    meta = prepare_data(cfg, tmp_path, progress=False, log=logs.append)
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    train = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "val.bin", dtype=np.uint16)
+    assert len(train) == meta["train_tokens"] and len(val) == meta["val_tokens"]
+    assert (train == tok.eot_id).sum() == meta["train_docs"]  # one EOT per document
+    corpus = load_corpus(cfg.data.source)
+    first = tok.encode(corpus.train[0])
+    assert train[: len(first)].tolist() == first
+    assert meta["source_fingerprint"] == corpus.fingerprint() and meta["vocab_size"] <= 384
+    mtime = (tmp_path / "train.bin").stat().st_mtime_ns
+    prepare_data(cfg, tmp_path, progress=False, log=logs.append)
+    assert (tmp_path / "train.bin").stat().st_mtime_ns == mtime and "up to date" in logs[-1]
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_token_dtype_widens_for_large_vocab():
+    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(100_000) == np.uint32
+
+
+def test_windows_are_deterministic_and_sharded(prepared):
+    _, data_dir = prepared
+    w = TokenWindows(data_dir / "train.bin", 32, "uint16", seed=3)
+    x1, y1 = w.batch(5, 8)
+    x2, _ = w.batch(5, 8)
+    x3, _ = w.batch(6, 8)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])
+    halves = [w.batch(5, 8, slice(0, 4))[0], w.batch(5, 8, slice(4, 8))[0]]
+    assert torch.equal(torch.cat(halves), x1)
+    assert x1.dtype == torch.long
+
+
+def test_too_few_tokens_for_a_batch(tmp_path):
+    np.arange(40, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    with pytest.raises(UserError, match="fewer than one batch"):
+        TokenWindows(tmp_path / "t.bin", 32, "uint16", 0, min_sequences=16)
+    with pytest.raises(UserError, match="missing"):
+        TokenWindows(tmp_path / "nope.bin", 32, "uint16", 0)

@@ -1,0 +1,162 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanogpt4.config import load_config
+from nanogpt4.errors import UserError
+from nanogpt4.train.checkpoint import list_checkpoints, load_model, load_trainer_state, load_weights
+from nanogpt4.train.distributed import DistInfo
+from nanogpt4.train.pretrain import pretrain
+from nanogpt4.train.trainer import lr_at, rank_rows
+from nanogpt4.utils import read_jsonl
+
+
+def quiet(_msg):
+    pass
+
+
+def run(prepared, out, *extra, resume=False):
+    ov, _ = prepared
+    cfg = load_config("tiny", ov + list(extra))
+    return pretrain(cfg, out, resume=resume, progress=False, log=quiet)
+
+
+def step_losses(run_dir):
+    return {r["step"]: r["step_loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "step_loss" in r}
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    lrs = [lr_at(s, 1.0, 10, 110, 0.1) for s in range(130)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert lrs[110] == pytest.approx(0.1) and lrs[129] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111], strict=True))
+
+
+def test_rank_rows_cover_the_global_batch_once():
+    for accum, world in [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)]:
+        rows = sorted(i for m in range(accum) for r in range(world)
+                      for i in range(16)[rank_rows(16, m, accum, DistInfo(r, world))])
+        assert rows == list(range(16))
+    with pytest.raises(UserError, match="divisible"):
+        rank_rows(6, 0, 4, DistInfo())
+
+
+def test_pretrain_writes_the_run_directory(prepared, tmp_path):
+    s = run(prepared, tmp_path / "r")
+    r = tmp_path / "r"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "tokenizer.json", "plots/loss.png"):
+        assert (r / name).exists(), name
+    summary = json.loads((r / "summary.json").read_text())
+    for key in ("final_train_loss", "val_loss", "val_bpb", "tokens", "steps", "params", "flops", "tok_per_s",
+                "mfu", "wall_s", "device"):
+        assert summary[key] is not None, key
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 8 * 32
+    assert s["val_loss"] < 6.0  # ln(384) = 5.95 is the untrained loss
+    steps = [s for s, _ in list_checkpoints(r)]
+    assert steps == [6, 12]  # keep_last=2
+    assert (r / "checkpoints" / "best" / "model.safetensors").exists()
+    state = load_trainer_state(r / "checkpoints" / "step_12")  # weights_only=True inside
+    assert state["step"] == 12 and "optimizer" in state
+    rows = read_jsonl(r / "metrics.jsonl")
+    assert [x["step"] for x in rows if "val_loss" in x] == [6, 12]
+    assert all({"step", "tokens", "loss", "lr", "tok_per_s", "mfu"} <= x.keys() for x in rows if "step_loss" in x)
+
+
+def test_resume_reproduces_losses_bitwise(prepared, tmp_path):
+    run(prepared, tmp_path / "full", "training.max_steps=12")
+    # stopped by a token budget after 6 of 12 steps, as an interrupted run would be (same schedule)
+    run(prepared, tmp_path / "part", "training.max_steps=12", f"training.max_tokens={6 * 8 * 32}")
+    assert list_checkpoints(tmp_path / "part")[-1][0] == 6
+    run(prepared, tmp_path / "part", "training.max_steps=12", "training.max_tokens=null", resume=True)
+    full, part = step_losses(tmp_path / "full"), step_losses(tmp_path / "part")
+    assert list(full) == list(range(1, 13)) and list(part) == list(range(1, 13))
+    assert full == part  # exact float equality, every step
+    a, _, _ = load_model(tmp_path / "full")
+    b, _, _ = load_model(tmp_path / "part")
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_resume_with_dropout_restores_rng(prepared, tmp_path):
+    common = ("model.dropout=0.2", "training.max_steps=8", "training.checkpoint_interval=4")
+    run(prepared, tmp_path / "full", *common)
+    run(prepared, tmp_path / "part", *common, f"training.max_tokens={4 * 8 * 32}")
+    run(prepared, tmp_path / "part", *common, "training.max_tokens=null", resume=True)
+    assert step_losses(tmp_path / "full") == step_losses(tmp_path / "part")
+
+
+def test_grad_accumulation_matches_one_big_batch(prepared, tmp_path):
+    run(prepared, tmp_path / "a1", "training.max_steps=5")
+    run(prepared, tmp_path / "a4", "training.max_steps=5", "training.grad_accum_steps=4")
+    a1, a4 = step_losses(tmp_path / "a1"), step_losses(tmp_path / "a4")
+    assert all(abs(a1[s] - a4[s]) < 1e-5 for s in a1)
+
+
+def test_refuses_to_overwrite_and_to_resume_nothing(prepared, tmp_path):
+    run(prepared, tmp_path / "r", "training.max_steps=2")
+    with pytest.raises(UserError, match="already holds a run"):
+        run(prepared, tmp_path / "r", "training.max_steps=2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="nothing to resume"):
+        run(prepared, tmp_path / "empty", resume=True)
+
+
+def test_wrong_checkpoint_shape_is_named(prepared, tmp_path):
+    run(prepared, tmp_path / "r", "training.max_steps=2")
+    from nanogpt4.model.transformer import Transformer
+
+    other = Transformer(load_config("tiny", prepared[0] + ["model.dim=64"]))
+    with pytest.raises(UserError, match=r"tensor '.*' has shape .* but the config builds"):
+        load_weights(other, tmp_path / "r" / "checkpoints" / "step_2" / "model.safetensors")
+    rope = Transformer(load_config("tiny", prepared[0] + ["model.pos_embedding=rope"]))
+    with pytest.raises(UserError, match="does not match the model"):
+        load_weights(rope, tmp_path / "r" / "checkpoints" / "step_2" / "model.safetensors")
+
+
+def test_budget_stops(prepared, tmp_path):
+    s = run(prepared, tmp_path / "tok", "training.max_tokens=1024", "training.max_steps=100")
+    assert s["steps"] == 4  # 1024 tokens / (8 x 32) per step
+    s = run(prepared, tmp_path / "time", "training.max_time_s=0.0001", "training.max_steps=100")
+    assert s["steps"] == 1
+
+
+def _wait_for(pred, timeout):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(prepared, tmp_path):
+    ov, _ = prepared
+    # a long schedule, so the run is still going when it is killed; both runs stop at step 60 by tokens
+    common = ov + ["training.max_steps=5000", "training.checkpoint_interval=5", "training.eval_interval=25",
+                   "training.keep_last=3"]
+    stop_at = f"training.max_tokens={60 * 8 * 32}"
+    pretrain(load_config("tiny", common + [stop_at]), tmp_path / "full", progress=False, log=quiet)
+    cmd = [sys.executable, "-m", "nanogpt4", "pretrain", "--out", str(tmp_path / "killed"), *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        saw_two = _wait_for(lambda: len(list_checkpoints(tmp_path / "killed")) >= 2, 120)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert saw_two, "the run never wrote two checkpoints"
+    last = list_checkpoints(tmp_path / "killed")[-1][0]
+    assert 10 <= last < 60, f"killed at an unexpected point (checkpoint {last})"
+    subprocess.run([sys.executable, "-m", "nanogpt4", "pretrain", "--out", str(tmp_path / "killed"), "--resume",
+                    stop_at], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    full, resumed = step_losses(tmp_path / "full"), step_losses(tmp_path / "killed")
+    assert list(resumed) == list(range(1, 61))
+    assert full == resumed
