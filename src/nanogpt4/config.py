@@ -152,7 +152,7 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, DictConfig):
-        for k in node.keys():
+        for k in node:
             full = f"{prefix}{k}"
             keys.append(full)
             keys.extend(_all_keys(node[k], full + "."))

@@ -157,7 +157,7 @@ def download(url: str, dest: Path, sha256: str | None, timeout: float = DOWNLOAD
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             data = resp.read()
-    except (urllib.error.URLError, socket.timeout, TimeoutError, OSError) as e:
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise UserError(f"cannot download {url} ({reason}); you seem to be offline: download it elsewhere "
                         f"and use data.source=text:PATH, or put it at {dest}") from None

@@ -1,0 +1,127 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanogpt4.cli import main
+
+from .conftest import small_overrides
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trained_run(prepared, tmp_path_factory):
+    ov, _ = prepared
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["pretrain", "--out", str(out), *ov, "training.max_steps=6", "--json"])
+    assert code == 0
+    return out
+
+
+def test_pretrain_json_summary_is_last_line(prepared, tmp_path, capsys):
+    ov, _ = prepared
+    code, out, _ = cli(capsys, "pretrain", "--out", tmp_path / "r", *ov, "training.max_steps=3", "--json")
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["device"] == "cpu"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["pretrain", "training.max_stpes=3"], "did you mean 'training.max_steps'"),
+    (["pretrain", "model.dim=abc"], "bad value for 'model.dim'"),
+    (["pretrain", "--config", "nope.yaml"], "not found"),
+    (["prepare", "data.source=text:/does/not/exist/*.txt"], "no file matches"),
+    (["sample", "--run", "/does/not/exist"], "neither a checkpoint nor a run"),
+    (["pretrain", "--resume"], "--resume needs --out"),
+])
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
+    code, _, err = cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("content,needle", [(b"", "contains no text"), (b"\x00\xff\x00\x01" * 100, "looks binary")])
+def test_bad_data_files_write_nothing(content, needle, tmp_path, capsys):
+    f = tmp_path / "in.txt"
+    f.write_bytes(content)
+    data = tmp_path / "data"
+    code, _, err = cli(capsys, "prepare", "--out", data, f"data.source=text:{f}")
+    assert_one_line_error(code, err, needle)
+    assert not data.exists() or not any(data.iterdir())
+
+
+def test_wrong_checkpoint_for_resume(trained_run, capsys):
+    code, _, err = cli(capsys, "pretrain", "--out", trained_run, "--resume", "model.dim=64")
+    assert_one_line_error(code, err, "cannot change model")
+
+
+def test_sample_and_long_prompt_warning(trained_run, capsys):
+    code, out, err = cli(capsys, "sample", "--run", trained_run, "--prompt", "def f(x):", "--max-new-tokens", 5,
+                         "--json", "--seed", 1)
+    assert code == 0
+    samples = json.loads(out.strip().splitlines()[-1])["samples"]
+    assert samples[0].startswith("def f(x):")
+    code, out, err = cli(capsys, "sample", "--run", trained_run, "--prompt", "x = 1\n" * 200,
+                         "--max-new-tokens", 3, "--json")
+    assert code == 0 and "longer than the context" in err and "keeping the last 32" in err
+    code, _, err = cli(capsys, "sample", "--run", trained_run, "--top-p", "1.5")
+    assert_one_line_error(code, err, "--top-p")
+    # greedy sampling is deterministic across calls
+    a = cli(capsys, "sample", "--run", trained_run, "--prompt", "import", "--temperature", 0, "--json")[1]
+    b = cli(capsys, "sample", "--run", trained_run, "--prompt", "import", "--temperature", 0, "--json")[1]
+    assert a.splitlines()[-1] == b.splitlines()[-1]
+
+
+def test_export_hf_cli_with_tokenizer(trained_run, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nanogpt4.train.checkpoint import load_model
+
+    code, _, _ = cli(capsys, "export-hf", "--run", trained_run, "--out", tmp_path / "hf")
+    assert code == 0
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    model, _, tok = load_model(trained_run)
+    text = "def add(a, b):\n    return a + b\n"
+    ids = hf_tok(text)["input_ids"]
+    assert ids == tok.encode(text) and hf_tok.eos_token == "<|endoftext|>"
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model(x), atol=1e-4)
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "nanogpt4", "pretrain", "model.n_heads=5"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
+    ov = small_overrides(corpus_dir, tmp_path / "data", **{"training.max_steps": 20, "training.eval_interval": 10})
+    code, out, _ = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov, "--json")
+    assert code == 0
+    p = Path(tmp_path / "p")
+    report = (p / "report.md").read_text()
+    assert "## Pretraining" in report and "plots/pretrain_loss.png" in report and "## Samples" in report
+    assert (p / "plots" / "pretrain_loss.png").stat().st_size > 1000
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["pretrain_val_loss"] < 6.0
+    # re-running reuses the finished stage instead of training again
+    code, out, _ = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov)
+    assert code == 0 and "reusing finished run" in out

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from nanogpt4.config import load_config
+from nanogpt4.errors import UserError
+from nanogpt4.model.hf_export import export_hf, to_hf
+from nanogpt4.model.transformer import Transformer
+
+pytest.importorskip("transformers")
+
+ARCHS = {
+    "gpt2": [],
+    "gpt2-nobias": ["model.bias=false"],
+    "llama": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"],
+    "llama-gqa-bias": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.n_kv_heads=2"],
+    "llama-untied": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu",
+                     "model.tie_embeddings=false"],
+}
+
+
+def trained_like(overrides):
+    torch.manual_seed(0)
+    cfg = load_config("tiny", ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.vocab_size=300",
+                               "model.max_seq_len=40", *overrides])
+    m = Transformer(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases, as after training
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exported_logits_equal_ours(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = trained_like(ARCHS[arch])
+    export_hf(m, None, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    expected = "GPT2LMHeadModel" if arch.startswith("gpt2") else "LlamaForCausalLM"
+    assert type(hf).__name__ == expected
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, m(x), atol=1e-4)
+        greedy = hf.generate(x[:, :5], max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy, m.generate(x[:, :5], 10, temperature=0))
+
+
+def test_mixed_layouts_are_refused():
+    m = trained_like(["model.pos_embedding=rope"])
+    with pytest.raises(UserError, match="export-hf supports"):
+        to_hf(m)
