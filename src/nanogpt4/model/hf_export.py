@@ -33,7 +33,7 @@ def _gpt2(model: Transformer, special: dict):
 
     c = model.cfg
     hf_cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.dim, n_layer=c.n_layers,
-                        n_head=c.n_heads, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+                        n_head=c.n_heads, activation_function="gelu", layer_norm_epsilon=c.norm_eps,
                         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
                         tie_word_embeddings=c.tie_embeddings, **special)
     sd = model.state_dict()

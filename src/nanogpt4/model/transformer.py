@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanogpt4.config import ModelConfig
+from nanogpt4.model.losses import linear_cross_entropy
 
 
 def model_section(config) -> ModelConfig:
@@ -82,6 +83,32 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+# On CPU in bf16, PyTorch's flash-attention kernel runs at ~1/3 of the bf16 matmul rate for short contexts,
+# while plain bf16 matmuls run near peak: below this key length, attention is two matmuls and a softmax.
+CPU_MATMUL_ATTENTION_MAX_LEN = 1024
+
+
+def matmul_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
+    """Same result as ``F.scaled_dot_product_attention`` (boolean mask = keep), as explicit matmuls.
+
+    Scores stay in the input dtype: softmax accumulates in fp32 internally and rounds once on output, which
+    is what a cast after an fp32 softmax would give, without two extra passes over (B, H, T, T).
+    """
+    if k.size(1) != q.size(1):  # grouped-query attention: share each kv head across its query group
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
+    if is_causal:
+        mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    with torch.autocast(q.device.type, enabled=False):
+        probs = scores.softmax(-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs.to(v.dtype) @ v
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -105,10 +132,12 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+        dropout = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(2) <= CPU_MATMUL_ATTENTION_MAX_LEN:
+            y = matmul_attention(q, k, v, mask, is_causal and mask is None, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                               dropout_p=dropout, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -128,7 +157,7 @@ class FeedForward(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h)  # exact (erf) GELU, as the seed's nn.GELU(); ~5x cheaper than tanh on CPU
         return self.proj(h)
 
 
@@ -197,11 +226,12 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, return_hidden: bool = False, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or final hidden states (B, T, dim) with ``return_hidden``.
 
         ``attention_mask`` (B, past+T) marks real tokens (1) vs padding (0); ``inputs_embeds`` replaces the
-        token embedding lookup (used to splice image tokens in).
+        token embedding lookup (used to splice image tokens in). With ``labels`` (B, T; -100 = ignore) the
+        result is the mean cross-entropy, computed by the fused head+loss without materialising logits.
         """
         x = self.token_embed(idx) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
@@ -236,6 +266,8 @@ class Transformer(nn.Module):
         x = self.ln_f(x)
         if return_hidden:
             return x
+        if labels is not None:
+            return linear_cross_entropy(x, self.head.weight, labels)
         return self.head(x)
 
     # ---------------------------------------------------------------- accounting
@@ -272,8 +304,8 @@ class Transformer(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+        # the fused kernel exists on CUDA and CPU and is ~3x faster than the foreach path on CPU
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

@@ -19,7 +19,6 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanogpt4.errors import UserError
@@ -57,8 +56,7 @@ def rank_rows(batch_size: int, micro: int, accum: int, info: DistInfo) -> slice:
 
 def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Next-token cross-entropy; label -100 is ignored (prompt tokens in SFT, image tokens, padding)."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].reshape(-1), ignore_index=-100)
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
 
 
 def lr_at(step: int, base_lr: float, warmup: int, decay_steps: int, min_ratio: float) -> float:

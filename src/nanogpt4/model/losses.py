@@ -1,0 +1,74 @@
+"""Fused LM head + cross-entropy: the loss without materialising fp32 logits for the whole batch.
+
+The standard path (logits -> ``.float()`` -> ``log_softmax`` -> ``nll_loss``) writes several (N, vocab) fp32
+tensors and, on CPU, spends a quarter of a small model's training step in ``log_softmax`` backward and the
+zero-fill of NLL's gradient. Here the forward keeps only the per-row log-sum-exp, and the backward rebuilds
+``softmax - onehot`` chunk by chunk from it (chunks small enough to stay off glibc's page-faulting mmap path).
+Same value and gradients as ``F.cross_entropy`` (fp32 math on the logits; matmuls in the autocast dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 20  # rows per chunk = this / vocab: a 4 MiB fp32 buffer, below glibc's 32 MiB mmap threshold
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype):
+        hc, wc = h.to(dtype), weight.to(dtype)
+        n_rows, vocab = hc.size(0), wc.size(0)
+        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        valid = labels != IGNORE_INDEX
+        safe = labels.clamp(min=0)
+        lse = torch.empty(n_rows, dtype=torch.float32, device=h.device)
+        target = torch.empty(n_rows, dtype=torch.float32, device=h.device)
+        # fp32 matmuls are slow enough that keeping the logits beats recomputing them in backward
+        keep = torch.empty(n_rows, vocab, dtype=torch.float32, device=h.device) if dtype == torch.float32 else None
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, n_rows, chunk):
+                logits = (hc[s:s + chunk] @ wc.t()).float()
+                lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+                target[s:s + chunk] = logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
+                if keep is not None:
+                    keep[s:s + chunk] = logits
+        n_valid = valid.sum().clamp(min=1)
+        loss = ((lse - target) * valid).sum() / n_valid
+        ctx.save_for_backward(hc, wc, safe, valid, lse, n_valid, keep)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hc, wc, safe, valid, lse, n_valid, keep = ctx.saved_tensors
+        n_rows, vocab = hc.size(0), wc.size(0)
+        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        scale = (grad_out / n_valid).float()
+        # d loss / d logits = (softmax - onehot) * scale, in the matmul dtype: the same (N, vocab) tensor the
+        # standard path hands to its matmuls, built chunk by chunk from the saved log-sum-exp
+        grad_logits = keep if keep is not None else torch.empty(n_rows, vocab, dtype=hc.dtype, device=hc.device)
+        rows = torch.arange(min(chunk, n_rows), device=hc.device)
+        with torch.autocast(hc.device.type, enabled=False):
+            for s in range(0, n_rows, chunk):
+                e = min(s + chunk, n_rows)
+                logits = keep[s:e] if keep is not None else (hc[s:e] @ wc.t()).float()
+                probs = logits.sub_(lse[s:e, None]).exp_()
+                probs[rows[: e - s], safe[s:e]] -= 1.0
+                probs.mul_((valid[s:e].float() * scale)[:, None])
+                grad_logits[s:e] = probs
+            grad_h = (grad_logits @ wc).to(ctx.h_dtype)
+            grad_w = (grad_logits.t() @ hc).to(ctx.w_dtype)
+        return grad_h, grad_w, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T`` against ``labels`` (-100 ignored); h (..., d), labels (...)."""
+    return _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, labels.reshape(-1), _compute_dtype(h))
