@@ -9,6 +9,7 @@ same tokens (they share weights, so greedy outputs must agree).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,48 +25,59 @@ from nanogpt4.model.transformer import Transformer  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=4, help="default: the tiny config, the pipeline's model")
+    ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = load_config("tiny", [f"model.n_layers={args.layers}", f"model.dim={args.dim}", f"model.n_heads={args.heads}",
                                f"model.vocab_size={args.vocab}", f"model.max_seq_len={args.ctx}"])
     torch.manual_seed(0)
-    ours = Transformer(cfg).to(device).eval()
-    hf = to_hf(ours).to(device).eval()
+    base = Transformer(cfg).eval()
+    hf_base = to_hf(base).eval()
     rows = []
-    for b in map(int, args.batches.split(",")):
+    for dtype_name, b in [(d, int(b)) for d in args.dtypes.split(",") for b in args.batches.split(",")]:
+        dtype = getattr(torch, dtype_name)
+        ours, hf = base.to(device, dtype), hf_base.to(device, dtype)  # same weights, same precision
         x = torch.randint(0, args.vocab, (b, args.prompt), generator=torch.Generator().manual_seed(b)).to(device)
         mask = torch.ones_like(x)
 
-        def run_ours(x=x):
+        def run_ours(x=x, ours=ours):
             return ours.generate(x, args.new, temperature=0)
 
-        def run_hf(x=x, mask=mask):
+        def run_hf(x=x, mask=mask, hf=hf):
             return hf.generate(x, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
                                do_sample=False, use_cache=True, pad_token_id=0)
 
         with torch.inference_mode():
             same = torch.equal(run_ours(), run_hf())
-            t_ours = time_it(run_ours, 1, args.iters, sync)
-            t_hf = time_it(run_hf, 1, args.iters, sync)
+            # interleaved rounds so machine noise hits both alike
+            t_ours, t_hf = [], []
+            for _ in range(args.iters):
+                t_ours.append(time_it(run_ours, 0, 1, sync))
+                t_hf.append(time_it(run_hf, 0, 1, sync))
+            t_ours, t_hf = statistics.median(t_ours), statistics.median(t_hf)
         tok = b * args.new
-        rows.append({"batch": b, "nanogpt4 tok/s": tok / t_ours, "transformers tok/s": tok / t_hf,
-                     "speedup": t_hf / t_ours, "same tokens": same})
+        rows.append({"dtype": dtype_name, "batch": b, "nanogpt4 tok/s": tok / t_ours,
+                     "transformers tok/s": tok / t_hf, "speedup": t_hf / t_ours, "same tokens": same})
     print(f"greedy cached generation, {args.layers} layers x {args.dim} wide, vocab {args.vocab}, prompt "
           f"{args.prompt} + {args.new} new tokens, {device}, {torch.get_num_threads()} threads")
-    print_table(rows, ["batch", "nanogpt4 tok/s", "transformers tok/s", "speedup", "same tokens"])
-    path = save_result("generate", {"args": vars(args), "rows": rows})
+    print_table(rows, ["dtype", "batch", "nanogpt4 tok/s", "transformers tok/s", "speedup", "same tokens"])
+    name = "generate" if (args.layers, args.dim) == (4, 192) else f"generate_{args.layers}x{args.dim}"
+    path = save_result(name, {"args": vars(args), "rows": rows})
     print(f"wrote {path}")
 
 

@@ -168,11 +168,17 @@ class Block(nn.Module):
         self.attn = MultiHeadAttention(cfg, layer)
         self.ln2 = make_norm(cfg)
         self.ff = FeedForward(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x, rope=None, mask=None, is_causal=True, cache=None):
-        x = x + self.drop(self.attn(self.ln1(x), rope, mask, is_causal, cache))
-        return x + self.drop(self.ff(self.ln2(x)))
+        a = self.attn(self.ln1(x), rope, mask, is_causal, cache)
+        if self.training and self.dropout:
+            a = F.dropout(a, self.dropout)
+        x = x + a
+        f = self.ff(self.ln2(x))
+        if self.training and self.dropout:
+            f = F.dropout(f, self.dropout)
+        return x + f
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, q_len: int, past: int) -> torch.Tensor:
@@ -323,37 +329,59 @@ class Transformer(nn.Module):
         was_training = self.training
         self.eval()
         L = self.cfg.max_seq_len
-        out = input_ids
-        B = out.size(0)
-        out_mask = (attention_mask if attention_mask is not None else torch.ones_like(out)).to(torch.long)
-        stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=out.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=out.device)
-        embeds = inputs_embeds
+        B, T0 = input_ids.shape
+        device = input_ids.device
+        total = T0 + max_new_tokens
+        out = torch.full((B, total), pad_token_id, dtype=torch.long, device=device)
+        out[:, :T0] = input_ids
+        # only left padding needs a mask: rows that hit a stop token keep decoding into ignored pad slots
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        mask = None
+        if padded:
+            mask = torch.ones(B, total, dtype=torch.long, device=device)
+            mask[:, :T0] = attention_mask
+        stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        pad = torch.full((B,), pad_token_id, dtype=torch.long, device=device)
+        embeds = None
+        if inputs_embeds is not None:
+            embeds = torch.empty(B, total, inputs_embeds.size(-1), dtype=inputs_embeds.dtype, device=device)
+            embeds[:, :T0] = inputs_embeds
         dtype = next(self.parameters()).dtype
         cache: KVCache | None = None
         win_start = 0  # index in ``out`` of the first token held by the cache
+        next_pos = None  # (B, 1) position of the token being decoded
+        n = T0
         for step in range(max_new_tokens):
             if use_cache and cache is not None and cache.length < cache.capacity:
-                logits = self(out[:, -1:], attention_mask=out_mask[:, win_start:], kv_cache=cache)[:, -1]
+                hidden = self(out[:, n - 1:n], return_hidden=True, kv_cache=cache, position_ids=next_pos,
+                              attention_mask=mask[:, win_start:n] if padded else None)
             else:
-                win_start = max(0, out.size(1) - L)
+                win_start = max(0, n - L)
+                window_mask = mask[:, win_start:n] if padded else torch.ones(B, n - win_start, device=device)
                 if use_cache:
-                    capacity = min(L, out.size(1) - win_start + max_new_tokens - step)
-                    cache = KVCache.allocate(self.cfg, B, capacity, out.device, dtype)
-                logits = self(out[:, win_start:], attention_mask=out_mask[:, win_start:], kv_cache=cache,
-                              inputs_embeds=embeds[:, win_start:] if embeds is not None else None)[:, -1]
+                    capacity = min(L, n - win_start + max_new_tokens - step)
+                    cache = KVCache.allocate(self.cfg, B, capacity, device, dtype)
+                hidden = self(out[:, win_start:n], return_hidden=True, kv_cache=cache,
+                              attention_mask=window_mask if padded else None,
+                              position_ids=position_ids_from_mask(window_mask),
+                              inputs_embeds=embeds[:, win_start:n] if embeds is not None else None)
+                next_pos = position_ids_from_mask(window_mask)[:, -1:]
+            logits = self.head(hidden[:, -1])
             next_tok = sample_next(logits, temperature, top_k, top_p, generator)
-            next_tok = torch.where(finished, torch.full_like(next_tok, pad_token_id), next_tok)
-            out = torch.cat([out, next_tok[:, None]], dim=1)
-            out_mask = torch.cat([out_mask, (~finished).long()[:, None]], dim=1)
+            if stop.numel():
+                next_tok = torch.where(finished, pad, next_tok)
+            out[:, n] = next_tok
             if embeds is not None:
-                embeds = torch.cat([embeds, self.token_embed(next_tok[:, None]).to(embeds.dtype)], dim=1)
+                embeds[:, n] = self.token_embed(next_tok).to(embeds.dtype)
+            n += 1
+            next_pos = next_pos + 1
             if stop.numel():
                 finished |= torch.isin(next_tok, stop)
                 if bool(finished.all()):
                     break
         self.train(was_training)
-        return out
+        return out[:, :n]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
