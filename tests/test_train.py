@@ -159,3 +159,22 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared, tmp_path):
     full, resumed = step_losses(tmp_path / "full"), step_losses(tmp_path / "killed")
     assert list(resumed) == list(range(1, 61))
     assert full == resumed
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(prepared, tmp_path):
+    run(prepared, tmp_path / "eager", "training.max_steps=4")
+    run(prepared, tmp_path / "compiled", "training.max_steps=4", "training.compile=true")
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert all(abs(eager[s] - compiled[s]) < 1e-4 for s in eager)
+
+
+def test_tensorboard_is_optional(prepared, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install tensorboard"):
+            run(prepared, tmp_path / "tb", "training.max_steps=2", "training.tensorboard=true")
+    else:
+        run(prepared, tmp_path / "tb", "training.max_steps=2", "training.tensorboard=true")
+        assert list((tmp_path / "tb" / "tensorboard").iterdir())

@@ -18,7 +18,7 @@ from nanogpt4.config import load_config
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 
-SAMPLE_PROMPTS = ["def ", "class ", "import os\n", "    for i in range("]
+SAMPLE_PROMPTS = ["def", "class", "import os\n", "    for i in range("]
 
 
 def _pretrain_stage(cfg, run_dir: Path, progress: bool, log) -> dict:

@@ -95,9 +95,14 @@ def _cap(keyed_docs: list[tuple[str, str]], max_bytes: int | None) -> list[tuple
 
 
 def stdlib_files() -> list[Path]:
-    """The running interpreter's standard library sources, without tests and site-packages."""
+    """The running interpreter's standard library sources, without tests and site-packages.
+
+    ``encodings`` (generated codec tables) and ``pydoc_data`` (one 700 kB string of help text) are data,
+    not code, and would teach the model to emit character tables.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings",
+            "pydoc_data"}
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skip)

@@ -288,7 +288,7 @@ class Trainer:
         row = {"step": self.step, "tokens": self.tokens, **{k: v for k, v in result.items() if k != "sample"}}
         self.metrics.log(row)
         msg = " ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float))
-        bar.write(f"eval step {self.step}: {msg} ({time.time() - t0:.1f}s)") if self.progress else self.log(
-            f"eval step {self.step}: {msg}")
-        if "sample" in result and self.progress:
-            bar.write("sample: " + result["sample"][:400].replace("\n", "\n        "))
+        write = bar.write if self.progress else self.log
+        write(f"eval step {self.step}: {msg} ({time.time() - t0:.1f}s)")
+        if "sample" in result:
+            write("sample: " + result["sample"][:400].replace("\n", "\n        "))
