@@ -12,7 +12,27 @@ from pathlib import Path
 
 import torch
 
+from nanogpt4.train.metrics import measured_matmul_peak
+
 RESULTS = Path(__file__).parent / "results"
+
+
+def add_model_args(ap, layers: int, dim: int, heads: int, vocab: int) -> None:
+    """The model-shape flags both benchmarks share (GPT-2 layout, learned positions)."""
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--dim", type=int, default=dim)
+    ap.add_argument("--heads", type=int, default=heads)
+    ap.add_argument("--vocab", type=int, default=vocab)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_config(args, context: int):
+    from nanogpt4.config import load_config
+
+    return load_config("tiny", [f"model.n_layers={args.layers}", f"model.dim={args.dim}",
+                                f"model.n_heads={args.heads}", f"model.vocab_size={args.vocab}",
+                                f"model.max_seq_len={context}"])
 
 
 def machine() -> dict:
@@ -47,22 +67,9 @@ def time_it(fn: Callable[[], object], warmup: int, iters: int, sync: Callable[[]
     return statistics.median(times)
 
 
-def matmul_peak(dtype: torch.dtype, device: str = "cpu", sizes=(1024, 2048), seconds: float = 1.0) -> float:
-    """Best FLOP/s of square matmuls: the measured ceiling MFU is quoted against."""
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
-        for _ in range(2):
-            a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            a @ b
-            reps += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return best
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", sizes=(1024, 2048)) -> float:
+    """Best FLOP/s of square matmuls over a few sizes: the measured ceiling MFU is quoted against."""
+    return max(measured_matmul_peak(device, dtype, n, seconds=1.0) for n in sizes)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

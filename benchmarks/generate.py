@@ -16,26 +16,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, save_result, time_it  # noqa: E402
+from common import add_model_args, model_config, print_table, save_result, time_it  # noqa: E402
 
-from nanogpt4.config import load_config  # noqa: E402
 from nanogpt4.model.hf_export import to_hf  # noqa: E402
 from nanogpt4.model.transformer import Transformer  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4, help="default: the tiny config, the pipeline's model")
-    ap.add_argument("--dim", type=int, default=192)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--vocab", type=int, default=4096)
+    add_model_args(ap, layers=4, dim=192, heads=6, vocab=4096)  # the tiny config, the pipeline's model
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
@@ -43,8 +37,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cfg = load_config("tiny", [f"model.n_layers={args.layers}", f"model.dim={args.dim}", f"model.n_heads={args.heads}",
-                               f"model.vocab_size={args.vocab}", f"model.max_seq_len={args.ctx}"])
+    cfg = model_config(args, args.ctx)
     torch.manual_seed(0)
     base = Transformer(cfg).eval()
     hf_base = to_hf(base).eval()

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import matmul_peak, print_table, save_result, time_it  # noqa: E402
+from common import add_model_args, matmul_peak, model_config, print_table, save_result, time_it  # noqa: E402
 
-from nanogpt4.config import load_config  # noqa: E402
 from nanogpt4.model.hf_export import to_hf  # noqa: E402
 from nanogpt4.model.transformer import Transformer  # noqa: E402
 from nanogpt4.train.trainer import lm_loss  # noqa: E402
@@ -42,22 +41,16 @@ def make_step(model, opt, batch, dtype, hf: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--heads", type=int, default=6)
+    add_model_args(ap, layers=6, dim=384, heads=6, vocab=8192)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(nanogpt4)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    cfg = load_config("tiny", [f"model.n_layers={args.layers}", f"model.dim={args.dim}", f"model.n_heads={args.heads}",
-                               f"model.vocab_size={args.vocab}", f"model.max_seq_len={args.seq}"])
+    cfg = model_config(args, args.seq)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
