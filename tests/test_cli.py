@@ -125,3 +125,12 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     # re-running reuses the finished stage instead of training again
     code, out, _ = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov)
     assert code == 0 and "reusing finished run" in out
+
+
+def test_cuda_requested_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = cli(capsys, "pretrain", "--device", "cuda")
+    assert_one_line_error(code, err, "CUDA is not available")

@@ -172,3 +172,13 @@ def test_training_reduces_loss_on_a_repeating_sequence():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5
+
+
+def test_generation_from_an_embedding_prefix_cached_equals_uncached():
+    m = make()
+    x = torch.randint(0, 101, (2, 6))
+    prefix = m.token_embed(x) + 0.5 * torch.randn(2, 6, 64)  # e.g. projected image tokens
+    a = m.generate(x, 25, temperature=0, inputs_embeds=prefix)  # 6 + 25 > 24: slides past the prefix
+    b = m.generate(x, 25, temperature=0, inputs_embeds=prefix, use_cache=False)
+    plain = m.generate(x, 25, temperature=0)
+    assert torch.equal(a, b) and not torch.equal(a, plain)
