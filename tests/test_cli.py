@@ -134,3 +134,34 @@ def test_cuda_requested_without_cuda(capsys):
         pytest.skip("this machine has CUDA")
     code, _, err = cli(capsys, "pretrain", "--device", "cuda")
     assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_scaling_plan_json_fields(capsys):
+    code, out, _ = cli(capsys, "scaling", "plan", "--config", "configs/base.yaml", "--json",
+                       "--budget-flops", "1e21")
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("params", "non_embedding_params", "train_flops_per_token", "train_memory_bytes",
+                "inference_kv_bytes_per_token"):
+        assert result[key] > 0
+    assert result["compute_optimal"]["params"] > 1e8
+
+
+def test_scaling_fit_cli_and_errors(tmp_path, capsys):
+    import numpy as np
+
+    sweep = tmp_path / "sweep.jsonl"
+    rows = [{"flops": float(c), "val_loss": float(50 * c**-0.1 + 2.0)} for c in np.logspace(12, 14, 6)]
+    sweep.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = cli(capsys, "scaling", "fit", "--sweep", sweep, "--target-flops", "3e15", "--bootstrap", "20",
+                       "--out", tmp_path, "--json")
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["prediction"]["compute_ratio"] == pytest.approx(30.0)
+    assert (tmp_path / "scaling_fit.png").exists()
+    sweep.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    code, _, err = cli(capsys, "scaling", "fit", "--sweep", sweep)
+    assert_one_line_error(code, err, "at least 3 runs")
+    sweep.write_text('{"flops": 1}\n')
+    code, _, err = cli(capsys, "scaling", "fit", "--sweep", sweep)
+    assert_one_line_error(code, err, "needs 'flops' and 'val_loss'")

@@ -129,6 +129,13 @@ def cmd_pipeline(args) -> int:
     return _finish(args, summary)
 
 
+def cmd_scaling(args) -> int:
+    from nanogpt4.scaling import cli as scaling_cli
+
+    run = {"plan": lambda: scaling_cli.cmd_plan(args, _load(args)), "fit": lambda: scaling_cli.cmd_fit(args)}
+    return _finish(args, run[args.scaling_command]())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanogpt4", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -160,6 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("scaling", help="accounting, law fits and compute-optimal planning")
+    ssub = p.add_subparsers(dest="scaling_command", required=True, metavar="SUBCOMMAND")
+    sp = ssub.add_parser("plan", help="exact parameters, FLOPs, training memory, KV cache; compute-optimal size")
+    _common(sp)
+    sp.add_argument("--batch-size", type=int, default=None, help="micro-batch (default: from the config)")
+    sp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    sp.add_argument("--device-type", default="cuda", choices=["cpu", "cuda"], help="attention path to account for")
+    sp.add_argument("--budget-flops", type=float, default=None, help="plan a compute-optimal model for this budget")
+    sp.add_argument("--minutes", type=float, default=None, help="budget as minutes of this device")
+    sp.add_argument("--mfu", type=float, default=0.4, help="utilisation assumed with --minutes")
+    sp.set_defaults(func=cmd_scaling)
+    sp = ssub.add_parser("fit", help="fit L(C) = a*C^b + c (and Chinchilla's L(N, D)) to a sweep")
+    sp.add_argument("--sweep", type=Path, required=True, help="sweep.jsonl: one pretrain summary per line")
+    sp.add_argument("--target-flops", type=float, default=None, help="predict the loss at this compute")
+    sp.add_argument("--bootstrap", type=int, default=200)
+    sp.add_argument("--out", type=Path, default=None, help="directory for scaling_fit.png")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("pipeline", help="the main job: every stage on the offline default, one report")
     _common(p)

@@ -1,0 +1,163 @@
+"""Exact parameter / FLOP accounting and a training-memory model for nanogpt4 transformers.
+
+Parameters and FLOPs come from the model itself, instantiated on the ``meta`` device (no memory, any size),
+so they are exact by construction; :func:`analytic_params` is the closed form, checked against it in tests.
+
+Training memory = static state (fp32 weights, AdamW's two fp32 moments) + fp32 grads + the activations autograd
+saves for backward + the fused loss's backward buffers (in bf16 that loss backward is the peak, before most grads
+exist; in fp32 grads and activations coexist). Activation bytes follow what *this*
+implementation saves, per token and per layer (derived from the ops in ``model/transformer.py`` and checked
+against ``torch.autograd.graph.saved_tensors_hooks`` in the tests):
+
+- fp32 (flash SDPA): ``64·d + 16 + 4·H`` bytes per token-layer (GPT-2 layout);
+- bf16 autocast on CPU (matmul attention): ``36·d + 16 + 2·H·T`` bytes per token-layer, plus the bf16 copies
+  autocast makes of each layer's matmul weights (``2 · 12·d²``) and the ``T²`` causal mask per layer;
+- bf16 autocast on CUDA (flash SDPA, no T² term): the bf16 CPU figure without the attention matrix.
+
+Variants (RoPE, SwiGLU, RMSNorm, GQA) adjust those terms; measured peaks are taken on CPU by counting the bytes
+of every tensor storage alive during a step (a ``TorchDispatchMode``), on CUDA by ``max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nanogpt4.model.transformer import Transformer, model_section, swiglu_hidden
+
+
+def meta_model(config) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def analytic_params(config) -> dict:
+    """Closed-form parameter counts (total counts a tied head once)."""
+    c = model_section(config)
+    d, L, V = c.dim, c.n_layers, c.vocab_size
+    kv = (c.n_kv_heads or c.n_heads) * (d // c.n_heads)
+    hidden = c.mlp_hidden or (swiglu_hidden(d) if c.mlp == "swiglu" else 4 * d)
+    b = 1 if c.bias else 0
+    norm = d * (2 if c.norm == "layernorm" and c.bias else 1)
+    attn = d * (d + 2 * kv) + b * (d + 2 * kv) + d * d + b * d
+    up = 2 * hidden if c.mlp == "swiglu" else hidden
+    mlp = d * up + b * up + hidden * d + b * d
+    per_layer = attn + mlp + 2 * norm
+    embed = V * d + (c.max_seq_len * d if c.pos_embedding == "learned" else 0)
+    head = 0 if c.tie_embeddings else V * d
+    total = embed + L * per_layer + norm + head
+    return {"params": total, "non_embedding_params": total - embed - head, "per_layer_params": per_layer,
+            "params_untied": total + (V * d if c.tie_embeddings else 0)}
+
+
+def kv_cache_bytes_per_token(config, bytes_per_element: int = 2) -> int:
+    """Keys and values of every layer for one token (what generation holds per cached position)."""
+    c = model_section(config)
+    kv_dim = (c.n_kv_heads or c.n_heads) * (c.dim // c.n_heads)
+    return 2 * c.n_layers * kv_dim * bytes_per_element
+
+
+def activation_bytes(config, batch_size: int, seq_len: int | None = None, dtype: str = "float32",
+                     device_type: str = "cpu", checkpointing: bool = False) -> int:
+    """Bytes autograd keeps for backward during one micro-batch (see the module docstring)."""
+    c = model_section(config)
+    T = seq_len or c.max_seq_len
+    N = batch_size * T
+    d, H, L, V = c.dim, c.n_heads, c.n_layers, c.vocab_size
+    kv = (c.n_kv_heads or c.n_heads) * (d // c.n_heads)
+    hidden = c.mlp_hidden or (swiglu_hidden(d) if c.mlp == "swiglu" else 4 * d)
+    bf16 = dtype == "bfloat16"
+    act = 2 if bf16 else 4  # bytes of a matmul activation
+    norm = (8 * d + 4) if c.norm == "rmsnorm" else (4 * d + 8)  # norms run in fp32 (autocast keeps them fp32)
+    mlp = (2 * hidden + 2 * hidden) * act if c.mlp == "swiglu" else 2 * hidden * act
+    qkv_out = (d + 2 * kv) * act
+    if bf16:
+        per_token = 2 * norm + 3 * d * act + qkv_out + mlp  # norm inputs, three matmul inputs, qkv, MLP
+        if device_type == "cpu":
+            per_token += 2 * H * T  # the softmax output of matmul attention
+            if kv != d:
+                per_token += 2 * d * act - qkv_out + (d * act)  # repeated K/V replace the fused qkv output
+        else:
+            per_token += 4 * H  # flash attention's log-sum-exp
+        weights_copy = 2 * (d * (d + 2 * kv) + d * d + (3 if c.mlp == "swiglu" else 2) * d * hidden)
+        per_layer = N * per_token + weights_copy + (T * T if device_type == "cpu" else 0)
+        head = N * (2 * d + 4 * d + 8 + 21) + 2 * V * d
+    else:
+        per_token = 2 * norm + 3 * 4 * d + qkv_out + 4 * H + mlp  # norm inputs, matmul inputs, qkv, lse, MLP
+        if c.pos_embedding == "rope":
+            per_token += 12 * d
+        per_layer = N * per_token
+        head = N * (4 * V + 8 * d + 23)
+    if c.pos_embedding == "rope":
+        head += N * (d // H) * 4
+    if c.norm == "rmsnorm":
+        head += N * (4 * d - 4)
+    if checkpointing:  # only each block's input survives the forward; one block is recomputed at a time
+        return L * N * 4 * d + per_layer + head
+    return L * per_layer + head
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    transient: int
+    grads_overlap: bool  # fp32: grads and activations peak together; bf16: the loss backward is the peak
+
+    @property
+    def total(self) -> int:
+        static = self.weights + self.optimizer
+        if self.grads_overlap:
+            return static + self.grads + self.activations + self.transient
+        return static + max(self.activations + self.transient, self.grads)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: str = "float32",
+                    device_type: str = "cpu", checkpointing: bool = False) -> MemoryEstimate:
+    """Peak bytes of one training step (fp32 master weights, AdamW moments, grads, activations, and the fused
+    loss's buffers: its (N, vocab) gradient, one chunk of logits, and the head's weight gradient)."""
+    from nanogpt4.model.losses import CHUNK_ELEMENTS
+
+    c = model_section(config)
+    n = analytic_params(config)["params"]
+    T = seq_len or c.max_seq_len
+    N, V = batch_size * T, c.vocab_size
+    acts = activation_bytes(config, batch_size, T, dtype, device_type, checkpointing)
+    if dtype == "bfloat16":
+        rows = min(N, max(1, CHUNK_ELEMENTS // V))
+        transient = N * V * 2 + rows * V * (4 + 2) + V * c.dim * (4 + 2)
+    else:
+        transient = N * V * 4
+    return MemoryEstimate(weights=4 * n, grads=4 * n, optimizer=8 * n, activations=acts, transient=transient,
+                          grads_overlap=dtype != "bfloat16")
+
+
+def plan(config, batch_size: int | None = None, dtype: str = "bfloat16", device_type: str = "cpu") -> dict:
+    """What ``nanogpt4 scaling plan`` prints."""
+    c = model_section(config)
+    m = meta_model(config)
+    B = batch_size or (config.training.batch_size // config.training.grad_accum_steps
+                       if hasattr(config, "training") else 1)
+    counts = analytic_params(config)
+    mem = training_memory(config, B, c.max_seq_len, dtype, device_type)
+    mem_ckpt = training_memory(config, B, c.max_seq_len, dtype, device_type, checkpointing=True)
+    return {
+        "params": m.num_parameters(),
+        "non_embedding_params": m.num_parameters(non_embedding=True),
+        "params_untied": counts["params_untied"],
+        "train_flops_per_token": m.flops_per_token(c.max_seq_len, training=True),
+        "inference_flops_per_token": m.flops_per_token(c.max_seq_len, training=False),
+        "micro_batch_size": B,
+        "seq_len": c.max_seq_len,
+        "dtype": dtype,
+        "train_memory_bytes": mem.total,
+        "train_memory": mem.as_dict(),
+        "train_memory_bytes_checkpointed": mem_ckpt.total,
+        "inference_kv_bytes_per_token": kv_cache_bytes_per_token(config, 2 if dtype == "bfloat16" else 4),
+    }

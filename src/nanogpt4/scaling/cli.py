@@ -1,0 +1,126 @@
+"""``nanogpt4 scaling plan`` and ``nanogpt4 scaling fit``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from nanogpt4.errors import UserError
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_plan(args, cfg) -> dict:
+
+    from nanogpt4.scaling.accounting import plan
+    from nanogpt4.scaling.laws import CHINCHILLA
+    from nanogpt4.train.metrics import peak_flops
+    from nanogpt4.utils import resolve_device, resolve_dtype
+
+    result = plan(cfg, args.batch_size, args.dtype, args.device_type)
+    budget = args.budget_flops
+    if args.minutes is not None:
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(args.dtype, device)
+        peak = peak_flops(device, dtype)
+        budget = args.minutes * 60 * peak * args.mfu
+        result["budget_from_minutes"] = {"minutes": args.minutes, "measured_peak_flops": peak, "assumed_mfu": args.mfu}
+    if budget is not None:
+        if budget <= 0 or not math.isfinite(budget):
+            raise UserError(f"compute budget must be a positive number of FLOPs, got {budget}")
+        result["compute_budget_flops"] = budget
+        result["compute_optimal"] = CHINCHILLA.compute_optimal(budget)
+    if not args.json:
+        print(f"parameters           {result['params']:,} ({result['non_embedding_params']:,} non-embedding)")
+        print(f"train FLOPs/token    {result['train_flops_per_token']:,.0f}")
+        print(f"train memory         {_fmt_bytes(result['train_memory_bytes'])} "
+              f"(micro-batch {result['micro_batch_size']} x {result['seq_len']}, {result['dtype']}; "
+              f"{_fmt_bytes(result['train_memory_bytes_checkpointed'])} with activation checkpointing)")
+        print(f"KV cache / token     {_fmt_bytes(result['inference_kv_bytes_per_token'])}")
+        if "compute_optimal" in result:
+            o = result["compute_optimal"]
+            print(f"compute-optimal for {budget:.3g} FLOPs ({o['law']}): {o['params']:.3g} params, "
+                  f"{o['tokens']:.3g} tokens, predicted loss {o['loss']:.3f}")
+    return result
+
+
+def load_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        raise UserError(f"sweep file '{path}' not found; give a JSONL file of pretrain summaries, one run per line")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if "flops" not in row or "val_loss" not in row:
+            raise UserError(f"{path}:{lineno}: each run needs 'flops' and 'val_loss' (a pretrain summary.json)")
+        rows.append(row)
+    return rows
+
+
+def cmd_fit(args) -> dict:
+    from nanogpt4.scaling.laws import fit_chinchilla, fit_power_law
+
+    rows = load_runs(args.sweep)
+    compute = np.array([r["flops"] for r in rows], dtype=np.float64)
+    loss = np.array([r["val_loss"] if r["val_loss"] is not None else np.nan for r in rows], dtype=np.float64)
+    fit = fit_power_law(compute, loss, bootstrap=args.bootstrap)
+    result = {"fit": fit.as_dict(), "n_runs": len(rows)}
+    if args.target_flops:
+        lo, hi = fit.interval(args.target_flops)
+        result["prediction"] = {"flops": args.target_flops, "loss": float(fit.predict(args.target_flops)),
+                                "ci95": [lo, hi], "compute_ratio": args.target_flops / compute.max()}
+    if all("params" in r and "tokens" in r for r in rows) and len(rows) >= 5:
+        law = fit_chinchilla([r["params"] for r in rows], [r["tokens"] for r in rows], loss)
+        result["chinchilla"] = {"E": law.E, "A": law.A, "B": law.B, "alpha": law.alpha, "beta": law.beta}
+    if args.out:
+        plot_fit(compute, loss, fit, args.out / "scaling_fit.png", args.target_flops)
+        result["plot"] = str(args.out / "scaling_fit.png")
+    if not args.json:
+        print(f"L(C) = {fit.a:.4g} * C^{fit.b:.4f} + {fit.c:.4f}   ({len(rows)} runs, converged={fit.converged})")
+        for k, (lo, hi) in fit.param_intervals().items():
+            print(f"  {k}: 95% [{lo:.4g}, {hi:.4g}]")
+        if "prediction" in result:
+            p = result["prediction"]
+            print(f"prediction at {p['flops']:.3g} FLOPs ({p['compute_ratio']:.1f}x the largest run): "
+                  f"{p['loss']:.4f}  95% [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]")
+    return result
+
+
+def plot_fit(compute, loss, fit, path: Path, target: float | None = None) -> None:
+    from nanogpt4.report import _pyplot
+    from nanogpt4.utils import atomic_path
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    hi_c = max(compute.max(), target or 0) * 1.5
+    grid = np.logspace(np.log10(compute.min() / 1.5), np.log10(hi_c), 200)
+    ax.scatter(compute, loss, label="runs", zorder=3)
+    ax.plot(grid, fit.predict(grid), label=f"fit: {fit.a:.3g}·C^{fit.b:.3f} + {fit.c:.3f}")
+    if fit.bootstrap:
+        bands = np.array([fit.interval(c) for c in grid])
+        ax.fill_between(grid, bands[:, 0], bands[:, 1], alpha=0.2, label="95% interval")
+    if target:
+        ax.axvline(target, ls="--", color="gray", label="target compute")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (FLOPs)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,223 @@
+"""Scaling-law fits with uncertainty.
+
+- :func:`fit_power_law`: L(C) = a·C^b + c (the GPT-4 report's form; b < 0, c = irreducible loss), least squares
+  on log-loss residuals in float64, from a grid of starts, with a bootstrap over runs for 95% intervals on the
+  parameters and on any prediction.
+- :func:`fit_chinchilla`: L(N, D) = E + A/N^α + B/D^β by Hoffmann et al.'s approach 3 (Huber loss δ=1e-3 on
+  log-loss, L-BFGS, grid of initialisations, float64), and the compute-optimal frontier N*(C), D*(C) for C = 6ND.
+- :data:`CHINCHILLA`: the published approach-3 constants, for planning when no own fit exists.
+
+Compute is rescaled internally (C / C_ref) so the optimiser works on O(1) numbers; reported parameters are in
+the caller's units.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from nanogpt4.errors import UserError
+
+
+def _check_points(x: np.ndarray, y: np.ndarray, min_points: int = 3) -> None:
+    if len(x) < min_points:
+        raise UserError(f"a scaling fit needs at least {min_points} runs, got {len(x)}; run a larger sweep")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        bad = int(np.sum(~(np.isfinite(x) & np.isfinite(y))))
+        raise UserError(f"{bad} run(s) have non-finite compute or loss (diverged?); drop them or rerun the sweep")
+    if np.any(x <= 0) or np.any(y <= 0):
+        raise UserError("compute and loss must be positive for a power-law fit")
+
+
+# --------------------------------------------------------------------------- L(C) = a C^b + c
+def _lbfgs(loss_fn, params: torch.Tensor, iters: int = 200) -> tuple[torch.Tensor, float, bool]:
+    p = params.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([p], lr=1.0, max_iter=iters, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss_fn(p)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.no_grad():
+        final = float(loss_fn(p))
+    grad = torch.autograd.grad(loss_fn(p), p)[0]
+    converged = bool(torch.isfinite(grad).all()) and float(grad.abs().max()) < 1e-6 * max(1.0, abs(final)) + 1e-9
+    return p.detach(), final, converged
+
+
+@dataclass
+class PowerLawFit:
+    a: float
+    b: float
+    c: float
+    c_ref: float
+    loss: float
+    converged: bool
+    n_points: int
+    bootstrap: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
+
+    def predict(self, compute: float | np.ndarray) -> np.ndarray:
+        return self.a * np.asarray(compute, dtype=np.float64) ** self.b + self.c
+
+    def interval(self, compute: float, level: float = 0.95) -> tuple[float, float]:
+        """Bootstrap percentile interval of the prediction at ``compute``."""
+        if not self.bootstrap:
+            v = float(self.predict(compute))
+            return v, v
+        preds = np.array([a * compute**b + c for a, b, c in self.bootstrap])
+        lo, hi = np.percentile(preds, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+        return float(lo), float(hi)
+
+    def param_intervals(self, level: float = 0.95) -> dict:
+        if not self.bootstrap:
+            return {}
+        arr = np.array(self.bootstrap)
+        q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+        return {name: tuple(float(v) for v in np.percentile(arr[:, i], q)) for i, name in enumerate("abc")}
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("bootstrap")
+        d["ci95"] = self.param_intervals()
+        return d
+
+
+def _fit_power_law_once(x: np.ndarray, y: np.ndarray, c_ref: float,
+                        starts: list[tuple[float, float, float]] | None = None) -> tuple[np.ndarray, float, bool]:
+    """Parameters (a', b, c) in scaled units, minimising squared log residuals; also the raw optimum."""
+    xs = torch.tensor(x / c_ref, dtype=torch.float64)
+    ly = torch.tensor(np.log(y), dtype=torch.float64)
+    ymin = float(np.min(y))
+
+    def loss_fn(p):
+        a, b = torch.exp(p[0]), -torch.nn.functional.softplus(p[1])  # a > 0, b < 0
+        c = ymin * torch.sigmoid(p[2])  # 0 < c < min observed loss
+        pred = a * xs**b + c
+        return torch.mean((torch.log(pred) - ly) ** 2)
+
+    best = None
+    grid = starts or list(itertools.product([-2.0, 0.0, 2.0], [-3.0, -1.0, 0.5], [-2.0, 0.0, 2.0]))
+    for start in grid:
+        p, value, ok = _lbfgs(loss_fn, torch.tensor(start, dtype=torch.float64))
+        if math.isfinite(value) and (best is None or value < best[1]):
+            best = (p, value, ok)
+    if best is None:
+        raise UserError("the power-law fit failed from every start; check the sweep's losses")
+    p, value, ok = best
+    a_scaled = math.exp(float(p[0]))
+    b = -float(torch.nn.functional.softplus(p[1]))
+    c = ymin * float(torch.sigmoid(p[2]))
+    return np.array([a_scaled, b, c]), value, ok, tuple(float(v) for v in p)
+
+
+def fit_power_law(compute, loss, bootstrap: int = 200, seed: int = 0) -> PowerLawFit:
+    """Fit L(C) = a·C^b + c; ``bootstrap`` resamples runs with replacement for the intervals."""
+    x = np.asarray(compute, dtype=np.float64)
+    y = np.asarray(loss, dtype=np.float64)
+    _check_points(x, y)
+    c_ref = float(np.exp(np.mean(np.log(x))))
+    (a_s, b, c), value, ok, raw = _fit_power_law_once(x, y, c_ref)
+    a = a_s * c_ref ** (-b)  # a_s (C/c_ref)^b = a C^b
+    samples = []
+    rng = np.random.default_rng(seed)
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[idx])) < 3:
+            continue
+        # resampled fits start from the full fit's optimum (and one generic start, in case it is far off)
+        (bs_a, bs_b, bs_c), _, _, _ = _fit_power_law_once(x[idx], y[idx], c_ref, [raw, (0.0, -1.0, 0.0)])
+        samples.append((bs_a * c_ref ** (-bs_b), bs_b, bs_c))
+    return PowerLawFit(a=a, b=b, c=c, c_ref=c_ref, loss=value, converged=ok, n_points=len(x), bootstrap=samples)
+
+
+# --------------------------------------------------------------------------- Chinchilla approach 3
+@dataclass
+class ChinchillaLaw:
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    source: str = "fit"
+
+    def loss(self, n_params, n_tokens):
+        return self.E + self.A / np.asarray(n_params, dtype=np.float64) ** self.alpha + \
+            self.B / np.asarray(n_tokens, dtype=np.float64) ** self.beta
+
+    def compute_optimal(self, compute: float) -> dict:
+        """N*, D* minimising L(N, D) subject to 6·N·D = C (closed form)."""
+        a = self.beta / (self.alpha + self.beta)
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+        n_opt = g * (compute / 6) ** a
+        d_opt = compute / (6 * n_opt)
+        return {"params": float(n_opt), "tokens": float(d_opt), "loss": float(self.loss(n_opt, d_opt)),
+                "tokens_per_param": float(d_opt / n_opt), "law": self.source}
+
+
+# Hoffmann et al. 2022, approach 3 (their eq. 10)
+CHINCHILLA = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, source="published (Hoffmann et al.)")
+
+
+def fit_chinchilla(n_params, n_tokens, loss, delta: float = 1e-3) -> ChinchillaLaw:
+    """Approach 3: Huber(δ) on log L, L-BFGS from a grid of initialisations, float64."""
+    N = torch.tensor(np.asarray(n_params, dtype=np.float64))
+    D = torch.tensor(np.asarray(n_tokens, dtype=np.float64))
+    y = np.asarray(loss, dtype=np.float64)
+    _check_points(N.numpy(), y, min_points=5)
+    ly = torch.tensor(np.log(y))
+    logN, logD = torch.log(N), torch.log(D)
+
+    def objective(p):
+        a, b, e, alpha, beta = p
+        # log-sum-exp form of log(A/N^α + B/D^β + E), as in the paper
+        pred = torch.logsumexp(torch.stack([a - alpha * logN, b - beta * logD, e.expand_as(logN)]), dim=0)
+        return torch.nn.functional.huber_loss(pred, ly, delta=delta, reduction="sum")
+
+    # the paper's grid of initialisations; L-BFGS runs from the 16 best of them
+    grid = torch.tensor(list(itertools.product([0.0, 5.0, 10.0, 15.0, 20.0], [0.0, 5.0, 10.0, 15.0, 20.0],
+                                               [-1.0, -0.5, 0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 1.5, 2.0],
+                                               [0.0, 0.5, 1.0, 1.5, 2.0])), dtype=torch.float64)
+    with torch.no_grad():
+        scores = torch.stack([objective(g) for g in grid])
+    best = None
+    for i in torch.argsort(scores)[:16].tolist():
+        p, value, _ = _lbfgs(objective, grid[i], iters=200)
+        if math.isfinite(value) and (best is None or value < best[1]):
+            best = (p, value)
+    if best is None:
+        raise UserError("the Chinchilla fit failed from every start; check the sweep's losses")
+    a, b, e, alpha, beta = (float(v) for v in best[0])
+    return ChinchillaLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, source="fit")
+
+
+def fit_pass_rate(compute, pass_rate, bootstrap: int = 200, seed: int = 0) -> PowerLawFit:
+    """Capability: −E[log pass_rate] = α·C^(−k), the GPT-4 report's HumanEval form (a power law with c = 0)."""
+    x = np.asarray(compute, dtype=np.float64)
+    p = np.asarray(pass_rate, dtype=np.float64)
+    if np.any((p <= 0) | (p > 1)):
+        raise UserError("pass rates must be in (0, 1]; a run that never passes has an infinite -log pass rate")
+    y = -np.log(p)
+    _check_points(x, np.maximum(y, 1e-12))
+    lx, ly = np.log(x), np.log(np.maximum(y, 1e-12))
+
+    def fit(ix):
+        slope, intercept = np.polyfit(lx[ix], ly[ix], 1)
+        return math.exp(intercept), slope, 0.0
+
+    a, b, c = fit(np.arange(len(x)))
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[idx])) >= 2:
+            samples.append(fit(idx))
+    resid = float(np.mean((np.log(a * x**b) - ly) ** 2))
+    return PowerLawFit(a=a, b=b, c=c, c_ref=1.0, loss=resid, converged=True, n_points=len(x), bootstrap=samples)
