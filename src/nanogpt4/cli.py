@@ -132,7 +132,9 @@ def cmd_pipeline(args) -> int:
 def cmd_scaling(args) -> int:
     from nanogpt4.scaling import cli as scaling_cli
 
-    run = {"plan": lambda: scaling_cli.cmd_plan(args, _load(args)), "fit": lambda: scaling_cli.cmd_fit(args)}
+    run = {"plan": lambda: scaling_cli.cmd_plan(args, _load(args)), "fit": lambda: scaling_cli.cmd_fit(args),
+           "sweep": lambda: scaling_cli.cmd_sweep(args, _load(args)),
+           "predict": lambda: scaling_cli.cmd_predict(args, _load(args))}
     return _finish(args, run[args.scaling_command]())
 
 
@@ -185,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bootstrap", type=int, default=200)
     sp.add_argument("--out", type=Path, default=None, help="directory for scaling_fit.png")
     sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_scaling)
+
+    sp = ssub.add_parser("sweep", help="pretrain a grid of widths x compute budgets into sweep.jsonl (resumable)")
+    _common(sp)
+    sp.add_argument("--dims", default="32,48,64,96,128", help="model widths (multiples of 16)")
+    sp.add_argument("--budgets", default="1e10,3e10,1e11,3e11,1e12", help="training FLOPs per run")
+    sp.add_argument("--eval-iters", type=int, default=40)
+    sp.set_defaults(func=cmd_scaling)
+    sp = ssub.add_parser("predict", help="register a prediction from a sweep, run the target, check it")
+    _common(sp)
+    sp.add_argument("--sweep", type=Path, required=True)
+    sp.add_argument("--target-flops", type=float, required=True)
+    sp.add_argument("--target-dim", type=int, default=None, help="default: the width the fitted law prefers")
+    sp.add_argument("--bootstrap", type=int, default=500)
+    sp.add_argument("--record", type=Path, default=None,
+                    help="also write the result here, e.g. benchmarks/results/scaling_predict.json")
     sp.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("pipeline", help="the main job: every stage on the offline default, one report")

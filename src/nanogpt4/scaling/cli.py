@@ -99,7 +99,7 @@ def cmd_fit(args) -> dict:
     return result
 
 
-def plot_fit(compute, loss, fit, path: Path, target: float | None = None) -> None:
+def plot_fit(compute, loss, fit, path: Path, target: float | None = None, actual: float | None = None) -> None:
     from nanogpt4.report import _pyplot
     from nanogpt4.utils import atomic_path
 
@@ -114,6 +114,8 @@ def plot_fit(compute, loss, fit, path: Path, target: float | None = None) -> Non
         ax.fill_between(grid, bands[:, 0], bands[:, 1], alpha=0.2, label="95% interval")
     if target:
         ax.axvline(target, ls="--", color="gray", label="target compute")
+    if target and actual is not None:
+        ax.scatter([target], [actual], marker="*", s=160, color="crimson", zorder=4, label="target run (held out)")
     ax.set_xscale("log")
     ax.set_xlabel("training compute (FLOPs)")
     ax.set_ylabel("validation loss (nats/token)")
@@ -124,3 +126,38 @@ def plot_fit(compute, loss, fit, path: Path, target: float | None = None) -> Non
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got '{text}'") from None
+
+
+def cmd_sweep(args, cfg) -> dict:
+    from nanogpt4.scaling.sweep import sweep
+
+    out = args.out or Path("runs/sweep")
+    dims = [int(d) for d in _floats(args.dims, "--dims")]
+    rows = sweep(cfg, out, dims, _floats(args.budgets, "--budgets"), args.eval_iters)
+    return {"runs": len(rows), "sweep": str(out / "sweep.jsonl")}
+
+
+def cmd_predict(args, cfg) -> dict:
+    from nanogpt4.scaling.laws import fit_power_law
+    from nanogpt4.scaling.sweep import predict_and_check
+    from nanogpt4.utils import atomic_write_json
+
+    out = args.out or args.sweep.parent / "predict"
+    result = predict_and_check(cfg, args.sweep, args.target_flops, args.target_dim, out, args.bootstrap)
+    print(f"predicted {result['predicted_loss']:.4f} 95% [{result['ci95'][0]:.4f}, {result['ci95'][1]:.4f}], "
+          f"actual {result['actual_loss']:.4f}: relative error {result['rel_error']:.2%}, "
+          f"{'covered' if result['covered'] else 'NOT covered'}, compute ratio {result['compute_ratio']:.1f}x")
+    flops = np.array([r["flops"] for r in result["fit_runs"]])
+    losses = np.array([r["val_loss"] for r in result["fit_runs"]])
+    plot_fit(flops, losses, fit_power_law(flops, losses, bootstrap=200), out / "scaling_predict.png",
+             result["target_flops"], result["actual_loss"])
+    if args.record:
+        atomic_write_json(args.record, result)
+    return result

@@ -1,0 +1,219 @@
+"""Sweeps (model sizes x compute budgets) and checked predictions.
+
+A sweep run is a normal ``pretrain`` with: the size's config, ``max_steps`` matched to the budget, the cosine
+as long as the run, a short warmup, the learning rate from a stated width rule, and the same data, tokenizer
+and evaluation windows for every run. Rows land in ``sweep.jsonl`` as runs finish; a rerun skips them, so an
+interrupted sweep continues where it stopped.
+
+Learning-rate rule (hyperparameter transfer across widths): ``lr(d) = lr_base * sqrt(d_base / d)``, the
+square-root form of the 1/width Adam rule, which keeps the smallest models from diverging; ``d_base`` and
+``lr_base`` are the base config's width and learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from nanogpt4.errors import UserError
+from nanogpt4.scaling.accounting import meta_model
+from nanogpt4.utils import atomic_write_json, read_jsonl
+
+HEAD_DIM = 16
+MIN_STEPS = 20
+
+
+@dataclass
+class RunSpec:
+    name: str
+    dim: int
+    n_layers: int
+    budget: float
+    steps: int
+    lr: float
+    params: int
+    non_embedding_params: int
+    flops_per_token: float
+
+
+def size_config(base: DictConfig, dim: int) -> DictConfig:
+    """Width ``dim``, heads of HEAD_DIM, depth growing with width (aspect ratio ~ the tiny preset's 48)."""
+    if dim % HEAD_DIM:
+        raise UserError(f"sweep widths must be multiples of {HEAD_DIM}, got {dim}")
+    layers = max(2, round(dim / 48))
+    return OmegaConf.merge(base, {"model": {"dim": dim, "n_heads": dim // HEAD_DIM, "n_kv_heads": None,
+                                            "n_layers": layers}})  # type: ignore[return-value]
+
+
+def lr_for_width(base: DictConfig, dim: int) -> float:
+    return float(base.training.learning_rate * math.sqrt(base.model.dim / dim))
+
+
+def plan_runs(base: DictConfig, dims: list[int], budgets: list[float], train_tokens: int) -> tuple[list[RunSpec],
+                                                                                                   list[str]]:
+    if len(dims) < 1 or len(budgets) < 1:
+        raise UserError("a sweep needs at least one width and one budget")
+    tokens_per_step = base.training.batch_size * base.model.max_seq_len
+    runs, skipped = [], []
+    for dim in dims:
+        cfg = size_config(base, dim)
+        m = meta_model(cfg)
+        fpt = m.flops_per_token(cfg.model.max_seq_len)
+        for budget in budgets:
+            steps = math.floor(budget / (fpt * tokens_per_step))
+            name = f"d{dim}_c{budget:.2e}"
+            if steps < MIN_STEPS:
+                skipped.append(f"{name}: budget buys {steps} steps (< {MIN_STEPS})")
+                continue
+            if steps * tokens_per_step > train_tokens:
+                skipped.append(f"{name}: needs {steps * tokens_per_step:,} tokens, more than one epoch "
+                               f"({train_tokens:,})")
+                continue
+            runs.append(RunSpec(name, dim, cfg.model.n_layers, budget, steps, lr_for_width(base, dim),
+                                m.num_parameters(), m.num_parameters(non_embedding=True), fpt))
+    if not runs:
+        raise UserError("every (width, budget) pair is too small for one step or exceeds one epoch: "
+                        + "; ".join(skipped[:3]))
+    return runs, skipped
+
+
+def run_config(base: DictConfig, spec: RunSpec, eval_iters: int) -> DictConfig:
+    cfg = size_config(base, spec.dim)
+    return OmegaConf.merge(cfg, {"training": {
+        "max_steps": spec.steps, "lr_decay_steps": spec.steps, "learning_rate": spec.lr,
+        "warmup_steps": max(1, min(cfg.training.warmup_steps, spec.steps // 10)),
+        "eval_interval": spec.steps, "checkpoint_interval": max(spec.steps, 1), "eval_iters": eval_iters,
+        "log_interval": max(1, spec.steps // 10), "sample_tokens": 0, "max_tokens": None, "max_time_s": None,
+        "keep_last": 1}})  # type: ignore[return-value]
+
+
+def run_one(cfg: DictConfig, run_dir: Path, log) -> dict:
+    from nanogpt4.train.pretrain import pretrain
+
+    if run_dir.exists() and not (run_dir / "summary.json").exists():
+        shutil.rmtree(run_dir)  # a run interrupted mid-way is short: start it again
+    return pretrain(cfg, run_dir, progress=False, log=lambda _m: None)
+
+
+def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], eval_iters: int = 40,
+          log=print) -> list[dict]:
+    from nanogpt4.data.prepare import default_data_dir, prepare_data
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = prepare_data(base, default_data_dir(base), progress=False, log=lambda _m: None)
+    runs, skipped = plan_runs(base, dims, budgets, meta["train_tokens"])
+    for s in skipped:
+        log(f"skip {s}")
+    path = out / "sweep.jsonl"
+    done = {r["name"] for r in read_jsonl(path)} if path.exists() else set()
+    total = sum(r.budget for r in runs)
+    log(f"sweep: {len(runs)} runs ({len(done)} already done), {total:.3g} FLOPs in all, results in {path}")
+    for spec in runs:
+        if spec.name in done:
+            continue
+        t0 = time.time()
+        summary = run_one(run_config(base, spec, eval_iters), out / "runs" / spec.name, log)
+        row = {"name": spec.name, "dim": spec.dim, "n_layers": spec.n_layers, "budget": spec.budget,
+               "params": spec.params, "non_embedding_params": spec.non_embedding_params, "lr": spec.lr,
+               "steps": summary["steps"], "tokens": summary["tokens"], "flops": summary["flops"],
+               "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], "wall_s": time.time() - t0}
+        if not all(math.isfinite(row[k]) for k in ("val_loss", "flops")):
+            log(f"warning: {spec.name} ended with a non-finite loss; it is recorded and the fit will refuse it")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"{spec.name}: N={spec.params:,} steps={row['steps']} val_loss={row['val_loss']:.4f} "
+            f"({row['wall_s']:.0f}s)")
+    return read_jsonl(path)
+
+
+def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """For each budget, the best run (the IsoFLOP minimum): the points L(C) is fitted to."""
+    best: dict[float, dict] = {}
+    for r in rows:
+        if r["budget"] not in best or r["val_loss"] < best[r["budget"]]["val_loss"]:
+            best[r["budget"]] = r
+    chosen = [best[b] for b in sorted(best)]
+    return (np.array([r["flops"] for r in chosen], dtype=np.float64),
+            np.array([r["val_loss"] for r in chosen], dtype=np.float64), chosen)
+
+
+def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float, target_dim: int | None,
+                      out: Path, bootstrap: int = 500, log=print) -> dict:
+    """Fit the sweep's frontier, register the prediction, run the target, compare."""
+    from nanogpt4.data.prepare import default_data_dir, load_meta
+    from nanogpt4.scaling.laws import fit_chinchilla, fit_power_law
+    from nanogpt4.train.checkpoint import latest_checkpoint
+    from nanogpt4.train.pretrain import pretrain, resume_config
+
+    rows = read_jsonl(sweep_path) if sweep_path.exists() else []
+    if not rows:
+        raise UserError(f"no sweep results in '{sweep_path}'; run `nanogpt4 scaling sweep` first")
+    out.mkdir(parents=True, exist_ok=True)
+    registered = out / "prediction.json"
+    if registered.exists():  # the prediction was made before the target ran: never refit after seeing it
+        pred = json.loads(registered.read_text())
+        log(f"using the registered prediction from {pred['registered_at']}")
+    else:
+        compute, loss, chosen = frontier(rows)
+        fit = fit_power_law(compute, loss, bootstrap=bootstrap)
+        if target_dim is None:
+            law = fit_chinchilla([r["non_embedding_params"] for r in rows], [r["tokens"] for r in rows],
+                                 [r["val_loss"] for r in rows]) if len(rows) >= 5 else None
+            target_dim = _best_dim(base, law, target_budget, [r["dim"] for r in chosen])
+        cfg = size_config(base, target_dim)
+        fpt = meta_model(cfg).flops_per_token(cfg.model.max_seq_len)
+        steps = math.floor(target_budget / (fpt * base.training.batch_size * base.model.max_seq_len))
+        meta = load_meta(default_data_dir(base))
+        if steps * base.training.batch_size * base.model.max_seq_len > meta["train_tokens"]:
+            raise UserError("the target needs more than one epoch of the training data; lower --target-flops "
+                            "or pick a larger --target-dim")
+        lo, hi = fit.interval(target_budget)
+        pred = {"predicted_loss": float(fit.predict(target_budget)), "ci95": [lo, hi], "fit": fit.as_dict(),
+                "target_flops": target_budget, "target_dim": target_dim, "target_steps": steps,
+                "fit_runs": [{"name": r["name"], "flops": r["flops"], "val_loss": r["val_loss"]} for r in chosen],
+                "compute_ratio": target_budget / float(compute.max()),
+                "registered_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_json(registered, pred)
+        log(f"registered: loss {pred['predicted_loss']:.4f} 95% [{lo:.4f}, {hi:.4f}] at {target_budget:.3g} FLOPs "
+            f"({pred['compute_ratio']:.1f}x the largest fitted run), d={target_dim}")
+    spec = RunSpec("target", pred["target_dim"], 0, pred["target_flops"], pred["target_steps"],
+                   lr_for_width(base, pred["target_dim"]), 0, 0, 0.0)
+    cfg = run_config(base, spec, eval_iters=40)
+    cfg = OmegaConf.merge(cfg, {"training": {"checkpoint_interval": max(1, spec.steps // 10), "keep_last": 1}})
+    target_dir = out / "target"
+    if (target_dir / "summary.json").exists():
+        summary = json.loads((target_dir / "summary.json").read_text())
+    elif latest_checkpoint(target_dir) is not None:
+        summary = pretrain(resume_config(target_dir, []), target_dir, resume=True, progress=False, log=log)
+    else:
+        summary = pretrain(cfg, target_dir, progress=False, log=log)
+    actual = summary["val_loss"]
+    lo, hi = pred["ci95"]
+    result = {"predicted_loss": pred["predicted_loss"], "ci95": pred["ci95"], "actual_loss": actual,
+              "rel_error": abs(pred["predicted_loss"] - actual) / actual, "covered": lo <= actual <= hi,
+              "compute_ratio": summary["flops"] / max(r["flops"] for r in pred["fit_runs"]),
+              "fit": {k: pred["fit"][k] for k in ("a", "b", "c")}, "target_flops": summary["flops"],
+              "target_dim": pred["target_dim"], "fit_runs": pred["fit_runs"]}
+    atomic_write_json(out / "result.json", result)
+    return result
+
+
+def _best_dim(base: DictConfig, law, budget: float, candidates: list[int]) -> int:
+    """The width minimising the fitted L(N, D) under the exact budget (D = C / FLOPs-per-token of that width);
+    without a law, the widest model on the frontier."""
+    if law is None:
+        return max(candidates)
+
+    def predicted(d: int) -> float:
+        m = meta_model(size_config(base, d))
+        tokens = budget / m.flops_per_token(base.model.max_seq_len)
+        return float(law.loss(m.num_parameters(non_embedding=True), tokens))
+
+    return min(range(HEAD_DIM, 1025, HEAD_DIM), key=predicted)

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from nanogpt4.config import load_config
+from nanogpt4.errors import UserError
+from nanogpt4.scaling.sweep import frontier, plan_runs, predict_and_check, sweep
+
+
+def base_cfg(prepared):
+    ov, _ = prepared
+    return load_config("tiny", ov + ["training.warmup_steps=2"])
+
+
+def quiet(_m):
+    pass
+
+
+@pytest.mark.slow
+def test_sweep_resumes_where_it_stopped_and_prediction_is_registered_first(prepared, tmp_path):
+    base = base_cfg(prepared)
+    out = tmp_path / "sweep"
+    rows = sweep(base, out, [16, 32], [5e8, 1.5e9, 4e9], eval_iters=2, log=quiet)
+    assert len(rows) >= 3
+    first = {r["name"]: r for r in rows}
+    # "interrupt": drop the last result and leave a half-written run directory behind
+    path = out / "sweep.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    last = json.loads(lines[-1])["name"]
+    (out / "runs" / last / "summary.json").unlink()
+    logs = []
+    rows = sweep(base, out, [16, 32], [5e8, 1.5e9, 4e9], eval_iters=2, log=logs.append)
+    assert sorted(r["name"] for r in rows) == sorted(first)  # nothing ran twice, the missing run ran again
+    assert sum(1 for m in logs if m.startswith(("d16", "d32"))) == 1
+    assert json.loads(path.read_text().splitlines()[-1])["val_loss"] == pytest.approx(first[last]["val_loss"])
+    compute, loss, chosen = frontier(rows)
+    assert list(compute) == sorted(compute) and len(chosen) == 3
+
+    result = predict_and_check(base, path, 1.2e10, 32, tmp_path / "predict", bootstrap=20, log=quiet)
+    registered = json.loads((tmp_path / "predict" / "prediction.json").read_text())
+    assert registered["predicted_loss"] == result["predicted_loss"]
+    for key in ("predicted_loss", "ci95", "actual_loss", "rel_error", "covered", "compute_ratio", "fit"):
+        assert key in result
+    assert result["compute_ratio"] > 2
+
+
+def test_plan_refuses_budgets_too_small_for_a_step(prepared):
+    with pytest.raises(UserError, match="too small for one step"):
+        plan_runs(base_cfg(prepared), [16, 32], [1e3], train_tokens=10**9)
+    with pytest.raises(UserError, match="multiples of 16"):
+        plan_runs(base_cfg(prepared), [20], [1e9], train_tokens=10**9)
+
+
+def test_predict_without_a_sweep(prepared, tmp_path):
+    with pytest.raises(UserError, match="no sweep results"):
+        predict_and_check(base_cfg(prepared), tmp_path / "none.jsonl", 1e9, None, tmp_path / "p", log=quiet)
