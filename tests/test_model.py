@@ -182,3 +182,12 @@ def test_generation_from_an_embedding_prefix_cached_equals_uncached():
     b = m.generate(x, 25, temperature=0, inputs_embeds=prefix, use_cache=False)
     plain = m.generate(x, 25, temperature=0)
     assert torch.equal(a, b) and not torch.equal(a, plain)
+
+
+def test_generated_ids_can_enter_autograd():
+    m = make()
+    out = m.generate(torch.randint(0, 101, (1, 4)), 5, temperature=0)
+    m.train()
+    loss = m(out[:, :-1], labels=out[:, 1:])
+    loss.backward()  # would fail on inference-mode tensors
+    assert m.token_embed.weight.grad is not None

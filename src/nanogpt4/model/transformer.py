@@ -314,7 +314,6 @@ class Transformer(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
     # ---------------------------------------------------------------- generation
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
                  attention_mask: torch.Tensor | None = None, use_cache: bool = True,
@@ -328,6 +327,16 @@ class Transformer(nn.Module):
         """
         was_training = self.training
         self.eval()
+        try:
+            with torch.inference_mode():  # cheaper than no_grad: no version counters or view tracking
+                out = self._generate(input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                                     attention_mask, use_cache, pad_token_id, generator, inputs_embeds)
+        finally:
+            self.train(was_training)
+        return out.clone()  # a normal tensor again, usable in autograd (e.g. PPO log-probs of a rollout)
+
+    def _generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, attention_mask,
+                  use_cache, pad_token_id, generator, inputs_embeds) -> torch.Tensor:
         L = self.cfg.max_seq_len
         B, T0 = input_ids.shape
         device = input_ids.device
@@ -380,7 +389,6 @@ class Transformer(nn.Module):
                 finished |= torch.isin(next_tok, stop)
                 if bool(finished.all()):
                     break
-        self.train(was_training)
         return out[:, :n]
 
 
