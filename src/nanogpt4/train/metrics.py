@@ -50,6 +50,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tb = None
         if enabled and tensorboard:
             try:

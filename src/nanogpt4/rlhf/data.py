@@ -1,0 +1,129 @@
+"""RLHF data: SFT and preference jsonl, a chat template on reserved tokens, offline prompt sets, batching."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanogpt4.data.tokenizer import Tokenizer
+from nanogpt4.errors import UserError
+
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END = "<|end|>"
+
+
+@dataclass
+class Example:
+    prompt: str
+    response: str
+
+
+@dataclass
+class Preference:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def format_chat(messages: list[dict], where: str = "messages") -> Example:
+    """All turns but the last assistant turn become the prompt (ending in ``<|assistant|>``)."""
+    if not messages or not isinstance(messages, list):
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLE_TOKENS or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: each message needs role (system|user|assistant) and string content")
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message must be the assistant's reply")
+    prompt = "".join(f"{ROLE_TOKENS[m['role']]}{m['content']}{END}" for m in messages[:-1])
+    return Example(prompt + ROLE_TOKENS["assistant"], messages[-1]["content"] + END)
+
+
+def _rows(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file '{path}' not found")
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object")
+        yield f"{path}:{lineno}", row
+
+
+def load_sft(path: str | Path) -> list[Example]:
+    """``{"prompt", "response"}`` or ``{"messages": [...]}`` per line."""
+    out = []
+    for where, row in _rows(path):
+        if "messages" in row:
+            out.append(format_chat(row["messages"], where))
+        elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+            out.append(Example(row["prompt"], row["response"]))
+        else:
+            raise UserError(f"{where}: expected {{\"prompt\", \"response\"}} strings or {{\"messages\": [...]}}")
+    if not out:
+        raise UserError(f"'{path}' holds no examples")
+    return out
+
+
+def load_preferences(path: str | Path) -> list[Preference]:
+    out = []
+    for where, row in _rows(path):
+        if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise UserError(f"{where}: expected string fields prompt, chosen and rejected")
+        out.append(Preference(row["prompt"], row["chosen"], row["rejected"]))
+    if not out:
+        raise UserError(f"'{path}' holds no preference pairs")
+    return out
+
+
+def code_completion_examples(docs: list[str], n: int, seed: int, prompt_lines: tuple[int, int] = (3, 8),
+                             response_lines: tuple[int, int] = (1, 3)) -> list[Example]:
+    """Real code tasks from a corpus: a few lines of a function as the prompt, the next lines as response."""
+    rng = random.Random(seed)
+    starts = []
+    for di, doc in enumerate(docs):
+        lines = doc.splitlines(keepends=True)
+        starts += [(di, i) for i, line in enumerate(lines) if line.lstrip().startswith("def ")]
+    if not starts:
+        raise UserError("no function definitions found in the corpus for code-completion prompts")
+    out = []
+    for _ in range(n):
+        di, i = rng.choice(starts)
+        lines = docs[di].splitlines(keepends=True)
+        k, r = rng.randint(*prompt_lines), rng.randint(*response_lines)
+        prompt = "".join(lines[i:i + k])
+        response = "".join(lines[i + k:i + k + r])
+        if prompt.strip() and response.strip():
+            out.append(Example(prompt, response))
+    return out
+
+
+def encode_example(tok: Tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with the prompt masked (-100). Over-long prompts keep their last tokens."""
+    p, r = tok.encode(ex.prompt), tok.encode(ex.response) + [tok.eot_id]
+    r = r[: max_len - 1]
+    p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
+    p = p or [tok.eot_id]
+    ids = (p + r)[:max_len]
+    labels = ([-100] * len(p) + r)[:max_len]
+    return ids, labels
+
+
+def pad_right(seqs: list[list[int]], value: int, device) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+
+
+def pad_left(seqs: list[list[int]], value: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[value] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask

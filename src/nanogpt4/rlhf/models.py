@@ -1,0 +1,55 @@
+"""The reward model and the PPO critic: a transformer trunk with a scalar head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (works for left and right padding)."""
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+class ScalarHeadModel(nn.Module):
+    def __init__(self, base_model: nn.Module, freeze_base: bool = False):
+        super().__init__()
+        self.transformer = base_model
+        self.config = base_model.config
+        dim = base_model.cfg.dim
+        self.reward_head = nn.Linear(dim, 1)
+        nn.init.normal_(self.reward_head.weight, std=1 / (dim + 1) ** 0.5)
+        nn.init.zeros_(self.reward_head.bias)
+        if freeze_base:
+            for p in self.transformer.parameters():
+                p.requires_grad = False
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transformer(input_ids, return_hidden=True, attention_mask=attention_mask)
+
+
+class RewardModel(ScalarHeadModel):
+    """``RewardModel(base_model)`` as in the seed: r(x) read at the last non-pad token.
+
+    ``reward_offset`` centres the scale (set so that SFT responses average 0); unlike the seed, the base is
+    fine-tuned unless ``freeze_base=True``.
+    """
+
+    def __init__(self, base_model: nn.Module, freeze_base: bool = False):
+        super().__init__(base_model, freeze_base)
+        self.register_buffer("reward_offset", torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h = self.hidden(input_ids, attention_mask)
+        last = h[torch.arange(h.size(0), device=h.device), last_token_index(attention_mask)]
+        return self.reward_head(last).squeeze(-1).float() - self.reward_offset
+
+
+class ValueModel(ScalarHeadModel):
+    """The PPO critic: a value for every position (initialised from the reward model or the policy)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.reward_head(self.hidden(input_ids, attention_mask)).squeeze(-1).float()

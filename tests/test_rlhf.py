@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+
+from nanogpt4.config import load_config
+from nanogpt4.data.tokenizer import Tokenizer
+from nanogpt4.errors import UserError
+from nanogpt4.model.transformer import Transformer
+from nanogpt4.rlhf.data import (
+    Example,
+    Preference,
+    code_completion_examples,
+    encode_example,
+    format_chat,
+    load_preferences,
+    load_sft,
+)
+from nanogpt4.rlhf.judges import label_pairs, load_judge, python_syntax, sentiment, syntax_score
+from nanogpt4.rlhf.models import RewardModel, last_token_index
+from nanogpt4.rlhf.stages import generate_responses, reward_accuracy, encode_pair, train_reward, train_sft
+
+
+def test_syntax_judge():
+    assert syntax_score("x = 1\ny = 2\n") == 1.0
+    assert syntax_score("x = 1\ny = (\nz = 3\nw = 4\n") < 1.0
+    assert syntax_score("def f(:\n") == 0.0
+    assert syntax_score("import os\nos.system('rm -rf /')\n") == 1.0  # parsed, never executed
+    early, late = syntax_score("x = )\na = 1\nb = 2\nc = 3\n"), syntax_score("a = 1\nb = 2\nc = 3\nx = )\n")
+    assert late > early
+    assert python_syntax(["def f(x):\n"], ["    return x\n"]) == [1.0]
+
+
+def test_sentiment_judge_and_labelling():
+    pytest.importorskip("vaderSentiment")
+    good, bad = sentiment(["", ""], ["what a wonderful happy day", "this is awful and sad"])
+    assert good > 0 > bad
+    pairs = label_pairs(sentiment, ["p", "q"], ["I love it", "same"], ["I hate it", "same"])
+    assert pairs == [("p", "I love it", "I hate it", pytest.approx(pairs[0][3]))]
+
+
+def test_load_judge_by_module_path():
+    assert load_judge("python-syntax") is python_syntax
+    assert load_judge("nanogpt4.rlhf.judges:syntax_score") is syntax_score
+    with pytest.raises(UserError, match="unknown judge"):
+        load_judge("bogus")
+    with pytest.raises(UserError, match="cannot load judge"):
+        load_judge("nanogpt4.rlhf.judges:nope")
+
+
+def test_jsonl_loaders_report_file_and_line(tmp_path):
+    p = tmp_path / "sft.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 1}\n')
+    with pytest.raises(UserError, match=r"sft.jsonl:2: expected"):
+        load_sft(p)
+    p.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    (ex,) = load_sft(p)
+    assert ex.prompt == "<|user|>hi<|end|><|assistant|>" and ex.response == "yo<|end|>"
+    q = tmp_path / "pref.jsonl"
+    q.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n')
+    with pytest.raises(UserError, match=r"pref.jsonl:2: malformed JSON"):
+        load_preferences(q)
+    with pytest.raises(UserError, match="last message must be the assistant"):
+        format_chat([{"role": "user", "content": "x"}])
+
+
+@pytest.fixture(scope="module")
+def tiny(prepared):
+    ov, data_dir = prepared
+    cfg = load_config("tiny", ov + ["rlhf.sft_steps=6", "rlhf.reward_steps=30", "rlhf.reward_model_lr=3e-3",
+                                    "rlhf.sft_learning_rate=1e-3"])
+    tok = Tokenizer.from_file(data_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    return cfg, tok, Transformer(cfg)
+
+
+def test_encode_example_masks_prompt_and_truncates(tiny):
+    cfg, tok, _ = tiny
+    ids, labels = encode_example(tok, Example("def f(x):\n", "    return x\n"), 32)
+    n_prompt = len(tok.encode("def f(x):\n"))
+    assert all(v == -100 for v in labels[:n_prompt]) and labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tok.eot_id
+    ids, labels = encode_example(tok, Example("x = 1\n" * 100, "y = 2\n"), 32)  # over-long prompt
+    assert len(ids) == 32 and labels[-1] == tok.eot_id and labels.count(-100) == 32 - len(tok.encode("y = 2\n")) - 1
+
+
+def test_reward_model_reads_the_last_real_token(tiny):
+    cfg, tok, base = tiny
+    rm = RewardModel(base).eval()
+    seq = torch.randint(2, 300, (1, 10))
+    padded = torch.cat([torch.full((1, 3), tok.pad_id), seq], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 10)], 1).long()
+    assert torch.allclose(rm(seq), rm(padded, mask), atol=1e-5)
+    assert last_token_index(torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])).tolist() == [1, 3]
+
+
+def test_sft_then_reward_model_learns_a_judge(tiny, corpus_dir, tmp_path):
+    cfg, tok, base = tiny
+    docs = [p.read_text() for p in sorted(corpus_dir.glob("*.py"))]
+    examples = code_completion_examples(docs, 64, seed=0)
+    assert len(examples) > 40
+    result = train_sft(cfg, base, tok, examples, tmp_path / "sft", torch.device("cpu"), log=lambda _m: None)
+    assert result["steps"] == 6
+    # preferences from a judge that can be learned from the text: more "x" is better
+    judge = lambda prompts, comps: [c.count("x") for c in comps]  # noqa: E731
+    prompts = [e.prompt for e in examples]
+    pairs = label_pairs(judge, prompts, ["x x x\n" + e.response for e in examples], [e.response for e in examples])
+    prefs = [Preference(p, c, r) for p, c, r, _ in pairs]
+    rm = RewardModel(base)
+    train_reward(cfg, rm, tok, prefs[:48], prefs[48:], tmp_path / "rm", torch.device("cpu"), log=lambda _m: None)
+    acc = reward_accuracy(rm, [encode_pair(tok, p, 32) for p in prefs[48:]], tok.pad_id, torch.device("cpu"))
+    assert acc >= 0.9
+    rows = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rm_val_accuracy" in r for r in rows)
+
+
+def test_generate_responses_stop_and_decode(tiny):
+    cfg, tok, base = tiny
+    outs = generate_responses(base, tok, ["def f(x):\n", "import"], 8, temperature=1.0, seed=0)
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
