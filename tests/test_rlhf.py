@@ -18,7 +18,7 @@ from nanogpt4.rlhf.data import (
 )
 from nanogpt4.rlhf.judges import label_pairs, load_judge, python_syntax, sentiment, syntax_score
 from nanogpt4.rlhf.models import RewardModel, last_token_index
-from nanogpt4.rlhf.stages import generate_responses, reward_accuracy, encode_pair, train_reward, train_sft
+from nanogpt4.rlhf.stages import encode_pair, generate_responses, reward_accuracy, train_reward, train_sft
 
 
 def test_syntax_judge():
