@@ -1,0 +1,162 @@
+"""PPO for language models, done as InstructGPT / TRL do it.
+
+One step: sample responses with the KV-cache generator -> store the rollout's log-probs (policy and frozen
+reference) and values once -> per-token reward ``-β·KL`` plus the reward-model score on the last response
+token (minus a penalty when no end-of-text was produced) -> GAE over response tokens -> whitened advantages
+-> K epochs of clipped policy + clipped value updates over minibatches -> adaptive β.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from nanogpt4.data.tokenizer import Tokenizer
+from nanogpt4.rlhf.data import pad_left
+from nanogpt4.rlhf.models import ValueModel
+from nanogpt4.rlhf.ops import (
+    AdaptiveKLController,
+    compute_gae,
+    entropy_from_logits,
+    gather_logprobs,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sequence ids, attention mask) -> (B,) scores
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, P + R) prompt (left-padded) + response
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor  # (B, R): response tokens up to and including end-of-text
+    prompt_len: int
+    logprobs: torch.Tensor  # (B, R) policy log-probs at sampling time
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor  # (B,) reward-model score (with the no-EOS penalty)
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+                      with_entropy: bool = False):
+    """log p(response token | prefix) for every response position (logits of the previous position)."""
+    logits = model(ids, attention_mask=mask)[:, prompt_len - 1:-1]
+    lp = gather_logprobs(logits, ids[:, prompt_len:])
+    return (lp, entropy_from_logits(logits)) if with_entropy else lp
+
+
+class PPOTrainer:
+    def __init__(self, policy: nn.Module, score_fn: ScoreFn, tokenizer: Tokenizer, rlhf_cfg,
+                 value_model: ValueModel | None = None, ref_policy: nn.Module | None = None,
+                 learning_rate: float = 1e-5, value_learning_rate: float | None = None,
+                 no_eos_penalty: float = 1.0, vf_coef: float = 0.5, seed: int = 0):
+        self.policy = policy
+        self.ref = ref_policy if ref_policy is not None else copy.deepcopy(policy)
+        self.ref.eval().requires_grad_(False)
+        self.value = value_model if value_model is not None else ValueModel(copy.deepcopy(policy))
+        self.score_fn = score_fn
+        self.tok = tokenizer
+        self.c = rlhf_cfg
+        self.no_eos_penalty = no_eos_penalty
+        self.vf_coef = vf_coef
+        self.kl_ctl = AdaptiveKLController(rlhf_cfg.kl_coef, rlhf_cfg.target_kl, rlhf_cfg.kl_horizon)
+        self.opt = torch.optim.AdamW(
+            [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": learning_rate},
+             {"params": [p for p in self.value.parameters() if p.requires_grad],
+              "lr": value_learning_rate or learning_rate * 2}], weight_decay=0.0, betas=(0.9, 0.95))
+        self.device = next(policy.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> Rollout:
+        c, tok = self.c, self.tok
+        limit = self.policy.cfg.max_seq_len - c.max_new_tokens
+        enc = [(tok.encode(p) or [tok.eot_id])[-limit:] for p in prompts]
+        prompt_ids, prompt_mask = pad_left(enc, tok.pad_id, self.device)
+        P = prompt_ids.size(1)
+        seq = self.policy.generate(prompt_ids, c.max_new_tokens, temperature=1.0, attention_mask=prompt_mask,
+                                   stop_tokens=[tok.eot_id], pad_token_id=tok.pad_id, generator=self.generator)
+        response = seq[:, P:]
+        # valid = up to and including the first end-of-text
+        is_eot = response == tok.eot_id
+        after_eot = (is_eot.long().cumsum(1) - is_eot.long()) > 0
+        response_mask = (~after_eot).long()
+        mask = torch.cat([prompt_mask, response_mask], dim=1)
+        self.policy.eval()
+        logprobs = response_logprobs(self.policy, seq, mask, P)
+        ref_logprobs = response_logprobs(self.ref, seq, mask, P)
+        values = self.value(seq, mask)[:, P - 1:-1]
+        scores = self.score_fn(seq, mask).float()
+        ended = is_eot.any(dim=1)
+        scores = scores - self.no_eos_penalty * (~ended).float()
+        # rewards: -β·KL on every response token, the score on the last one
+        kl = (logprobs - ref_logprobs) * response_mask
+        rewards = -self.kl_ctl.kl_coef * kl
+        last = response_mask.sum(1).clamp(min=1) - 1
+        rewards[torch.arange(rewards.size(0)), last] += scores
+        advantages, returns = compute_gae(rewards, values, response_mask, c.gamma, c.lam)
+        advantages = masked_whiten(advantages, response_mask)
+        return Rollout(seq, mask, response_mask, P, logprobs, ref_logprobs, values, scores, advantages, returns)
+
+    # ------------------------------------------------------------------ update
+    def update(self, ro: Rollout) -> dict:
+        c = self.c
+        B = ro.input_ids.size(0)
+        # dropout stays off in rollouts and updates alike, so the first minibatch's ratio is exactly 1
+        self.policy.eval()
+        self.value.eval()
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio",
+                                                         "entropy", "value_clipfrac")}
+        first_ratio = None
+        g = torch.Generator().manual_seed(self.step_count)
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(B, generator=g)
+            for i in range(0, B, c.mini_batch_size):
+                idx = order[i:i + c.mini_batch_size].to(self.device)
+                ids, mask, rmask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
+                logp, entropy = response_logprobs(self.policy, ids, mask, ro.prompt_len, with_entropy=True)
+                pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], rmask, c.clip_epsilon)
+                values = self.value(ids, mask)[:, ro.prompt_len - 1:-1]
+                vf_loss, vf_stats = ppo_value_loss(values, ro.values[idx], ro.returns[idx], rmask, c.value_clip)
+                loss = pg_loss + self.vf_coef * vf_loss
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], 1.0)
+                self.opt.step()
+                if first_ratio is None:
+                    first_ratio = (pg_stats["ratio"], pg_stats["approx_kl"])
+                stats["pg_loss"].append(pg_loss.item())
+                stats["vf_loss"].append(vf_loss.item())
+                stats["entropy"].append(masked_mean(entropy.detach(), rmask).item())
+                for k in ("clipfrac", "approx_kl", "ratio"):
+                    stats[k].append(pg_stats[k])
+                stats["value_clipfrac"].append(vf_stats["value_clipfrac"])
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out["first_minibatch_ratio"], out["first_minibatch_approx_kl"] = first_ratio
+        return out
+
+    def step(self, prompts: list[str]) -> tuple[dict, Rollout]:
+        t0 = time.time()
+        ro = self.rollout(prompts)
+        t1 = time.time()
+        stats = self.update(ro)
+        kl_per_seq = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1).mean().item()
+        self.kl_ctl.update(kl_per_seq, len(prompts))
+        self.step_count += 1
+        stats.update({"step": self.step_count, "reward": ro.scores.mean().item(), "kl": kl_per_seq,
+                      "kl_coef": self.kl_ctl.kl_coef, "response_length": ro.response_mask.sum(1).float().mean().item(),
+                      "rollout_s": t1 - t0, "update_s": time.time() - t1,
+                      "tokens": int(ro.response_mask.sum().item())})
+        return stats, ro

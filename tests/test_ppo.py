@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from nanogpt4.config import load_config
+from nanogpt4.data.tokenizer import Tokenizer
+from nanogpt4.model.transformer import Transformer
+from nanogpt4.rlhf.ppo import PPOTrainer, response_logprobs
+
+
+@pytest.fixture()
+def setup(prepared):
+    ov, data_dir = prepared
+    cfg = load_config("tiny", ov + ["rlhf.max_new_tokens=8", "rlhf.rollout_batch_size=16", "rlhf.mini_batch_size=8",
+                                    "rlhf.ppo_epochs=2", "rlhf.kl_coef=0.01", "rlhf.target_kl=null"])
+    tok = Tokenizer.from_file(data_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    return cfg, tok, Transformer(cfg)
+
+
+def test_first_minibatch_ratio_is_exactly_one_and_kl_starts_at_zero(setup):
+    cfg, tok, policy = setup
+    ppo = PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf, learning_rate=1e-3)
+    stats, ro = ppo.step(["def f(x):\n"] * 16)
+    assert stats["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-7)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at sampling time
+    # the stored log-probs are those of the sampled tokens under the sampling policy
+    fresh = response_logprobs(ppo.ref, ro.input_ids, ro.attention_mask, ro.prompt_len)
+    assert torch.allclose(fresh * ro.response_mask, ro.ref_logprobs * ro.response_mask, atol=1e-5)
+
+
+def test_response_mask_stops_after_end_of_text(setup):
+    cfg, tok, policy = setup
+    ppo = PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf)
+    ro = ppo.rollout(["import"] * 16)
+    resp = ro.input_ids[:, ro.prompt_len:]
+    for row, m in zip(resp.tolist(), ro.response_mask.tolist(), strict=True):
+        if tok.eot_id in row:
+            k = row.index(tok.eot_id)
+            assert m[:k + 1] == [1] * (k + 1) and all(v == 0 for v in m[k + 1:])
+        else:
+            assert all(m)
+
+
+@pytest.mark.slow
+def test_ppo_raises_a_simple_reward(setup):
+    """Reward = how often one token appears in the response; PPO must raise it within a few dozen steps."""
+    cfg, tok, policy = setup
+    target = tok.encode(" x")[0]
+
+    def score(ids, mask):
+        resp = ids[:, -cfg.rlhf.max_new_tokens:]
+        return (resp == target).float().mean(1) * 4
+
+    ppo = PPOTrainer(policy, score, tok, cfg.rlhf, learning_rate=3e-3, no_eos_penalty=0.0)
+    prompts = ["def f(x):\n", "import os\n", "class A:\n", "    return"] * 4
+    history = [ppo.step(prompts)[0]["reward"] for _ in range(30)]
+    assert sum(history[-5:]) / 5 > sum(history[:5]) / 5 + 0.5, history
