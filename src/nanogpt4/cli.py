@@ -138,6 +138,14 @@ def cmd_scaling(args) -> int:
     return _finish(args, run[args.scaling_command]())
 
 
+def cmd_rlhf(args) -> int:
+    from nanogpt4.rlhf.run import run_rlhf
+
+    cfg = _load(args)
+    summary = run_rlhf(cfg, args.pretrained, args.out or Path("runs") / time.strftime("rlhf-%Y%m%d-%H%M%S"))
+    return _finish(args, summary)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanogpt4", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -169,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("rlhf", help="SFT -> judge-labelled preferences -> reward model -> PPO, DPO, best-of-n")
+    _common(p)
+    p.add_argument("--pretrained", type=Path, required=True, help="a `nanogpt4 pretrain` run directory")
+    p.set_defaults(func=cmd_rlhf)
 
     p = sub.add_parser("scaling", help="accounting, law fits and compute-optimal planning")
     ssub = p.add_subparsers(dest="scaling_command", required=True, metavar="SUBCOMMAND")

@@ -85,10 +85,17 @@ class TrainingConfig:
 class RLHFConfig:
     sft_steps: int = 200
     sft_learning_rate: float = 1e-4
+    sft_examples: int = 4000
     reward_model_lr: float = 1e-5
     reward_steps: int = 200
     freeze_base: bool = False
     judge: str = "python-syntax"
+    label_prompts: int = 1000  # prompts sampled twice by the SFT policy and labelled by the judge
+    eval_prompts: int = 256  # held-out prompts every policy is judged on
+    best_of_n: int = 4
+    dpo_steps: int = 150
+    ppo_learning_rate: float = 2e-5
+    no_eos_penalty: float = 0.5
     ppo_epochs: int = 4
     ppo_steps: int = 100
     clip_epsilon: float = 0.2

@@ -85,8 +85,14 @@ def load_preferences(path: str | Path) -> list[Preference]:
 
 
 def code_completion_examples(docs: list[str], n: int, seed: int, prompt_lines: tuple[int, int] = (3, 8),
-                             response_lines: tuple[int, int] = (1, 3)) -> list[Example]:
-    """Real code tasks from a corpus: a few lines of a function as the prompt, the next lines as response."""
+                             response_lines: tuple[int, int] = (1, 3), require_valid: bool = True) -> list[Example]:
+    """Real code tasks from a corpus: the first lines of a function as the prompt, the next lines as response.
+
+    Windows are dedented to the ``def`` line; with ``require_valid`` only windows whose true continuation makes
+    valid Python are kept, so a perfect completion exists for every prompt.
+    """
+    from nanogpt4.rlhf.judges import syntax_score
+
     rng = random.Random(seed)
     starts = []
     for di, doc in enumerate(docs):
@@ -95,14 +101,20 @@ def code_completion_examples(docs: list[str], n: int, seed: int, prompt_lines: t
     if not starts:
         raise UserError("no function definitions found in the corpus for code-completion prompts")
     out = []
-    for _ in range(n):
+    for _ in range(50 * n):
+        if len(out) >= n:
+            break
         di, i = rng.choice(starts)
         lines = docs[di].splitlines(keepends=True)
         k, r = rng.randint(*prompt_lines), rng.randint(*response_lines)
-        prompt = "".join(lines[i:i + k])
-        response = "".join(lines[i + k:i + k + r])
-        if prompt.strip() and response.strip():
-            out.append(Example(prompt, response))
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        window = [ln[len(indent):] if ln.startswith(indent) else ln.lstrip(" ") for ln in lines[i:i + k + r]]
+        prompt, response = "".join(window[:k]), "".join(window[k:])
+        if not prompt.strip() or not response.strip():
+            continue
+        if require_valid and syntax_score(prompt + response) < 1.0:
+            continue
+        out.append(Example(prompt, response))
     return out
 
 

@@ -1,0 +1,77 @@
+"""DPO on the shared Trainer: the standard loss against a frozen reference, on the same preference pairs."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from nanogpt4.data.tokenizer import Tokenizer
+from nanogpt4.rlhf.data import Example, Preference, encode_example
+from nanogpt4.rlhf.ops import dpo_loss, gather_logprobs
+from nanogpt4.rlhf.stages import stage_training_cfg
+from nanogpt4.train.distributed import DistInfo
+from nanogpt4.train.trainer import Trainer, rank_rows
+
+
+def sequence_logprob(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p over the labelled (response) tokens of each row."""
+    logits = model(ids, attention_mask=mask)[:, :-1]
+    target = labels[:, 1:]
+    lp = gather_logprobs(logits, target.clamp(min=0))
+    return (lp * (target != -100)).sum(1)
+
+
+def _collate(items: list[tuple[list[int], list[int]]], pad: int, device) -> tuple[torch.Tensor, ...]:
+    width = max(len(i) for i, _ in items)
+    ids = torch.tensor([[pad] * (width - len(i)) + i for i, _ in items], device=device)
+    labels = torch.tensor([[-100] * (width - len(i)) + lab for i, lab in items], device=device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in items], device=device)
+    return ids, mask, labels
+
+
+class DPOBatches:
+    def __init__(self, prefs: list[Preference], ref, tok: Tokenizer, max_len: int, batch_size: int, seed: int):
+        self.pairs = [(encode_example(tok, Example(p.prompt, p.chosen), max_len),
+                       encode_example(tok, Example(p.prompt, p.rejected), max_len)) for p in prefs]
+        self.ref = ref
+        self.pad = tok.pad_id
+        self.batch_size = batch_size
+        self.seed = seed
+        self.tokens_per_step = 2 * batch_size * max_len
+
+    def get(self, step: int, micro: int, accum: int, info: DistInfo, device) -> dict:
+        rng = random.Random(self.seed * 1_000_003 + step)
+        chosen = [rng.randrange(len(self.pairs)) for _ in range(self.batch_size)]
+        rows = chosen[rank_rows(self.batch_size, micro, accum, info)]
+        items = [self.pairs[i][0] for i in rows] + [self.pairs[i][1] for i in rows]
+        ids, mask, labels = _collate(items, self.pad, device)
+        with torch.no_grad():
+            ref_lp = sequence_logprob(self.ref, ids, mask, labels)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "ref_logprobs": ref_lp,
+                "n_pairs": len(rows)}
+
+
+def make_dpo_loss(beta: float):
+    def loss_fn(model, batch: dict) -> torch.Tensor:
+        lp = sequence_logprob(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        n, ref = batch["n_pairs"], batch["ref_logprobs"]
+        loss, _ = dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta)
+        return loss
+
+    return loss_fn
+
+
+def train_dpo(cfg: DictConfig, policy, tok: Tokenizer, prefs: list[Preference], run_dir: Path, device,
+              steps: int, log=print) -> dict:
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    tc = stage_training_cfg(cfg, max_steps=steps, learning_rate=cfg.rlhf.sft_learning_rate / 2,
+                            warmup_steps=min(20, steps // 10 + 1), eval_interval=steps, checkpoint_interval=steps,
+                            dtype="float32")
+    batches = DPOBatches(prefs, ref, tok, cfg.model.max_seq_len, tc.batch_size, cfg.seed)
+    trainer = Trainer(cfg, policy, batches, run_dir, DistInfo(), device, loss_fn=make_dpo_loss(cfg.rlhf.dpo_beta),
+                      train_cfg=tc, progress=False, log=log)
+    return trainer.fit()
