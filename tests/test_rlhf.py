@@ -24,7 +24,7 @@ from nanogpt4.rlhf.stages import encode_pair, generate_responses, reward_accurac
 def test_syntax_judge():
     assert syntax_score("x = 1\ny = 2\n") == 1.0
     assert syntax_score("x = 1\ny = (\nz = 3\nw = 4\n") < 1.0
-    assert syntax_score("def f(:\n") == 0.0
+    assert syntax_score("def f(:\n") < 1.0 and syntax_score("") == 0.0
     assert syntax_score("import os\nos.system('rm -rf /')\n") == 1.0  # parsed, never executed
     early, late = syntax_score("x = )\na = 1\nb = 2\nc = 3\n"), syntax_score("a = 1\nb = 2\nc = 3\nx = )\n")
     assert late > early
@@ -118,3 +118,27 @@ def test_generate_responses_stop_and_decode(tiny):
     cfg, tok, base = tiny
     outs = generate_responses(base, tok, ["def f(x):\n", "import"], 8, temperature=1.0, seed=0)
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+@pytest.mark.slow
+def test_rlhf_end_to_end_writes_the_summary(prepared, tmp_path, capsys):
+    from nanogpt4.cli import main
+
+    ov, _ = prepared
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), *ov, "training.max_steps=30"]) == 0
+    code = main(["rlhf", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "rlhf"), "--device", "cpu",
+                 "rlhf.sft_steps=10", "rlhf.reward_steps=10", "rlhf.ppo_steps=3", "rlhf.dpo_steps=4",
+                 "rlhf.sft_examples=100", "rlhf.label_prompts=120", "rlhf.eval_prompts=24", "rlhf.best_of_n=2",
+                 "rlhf.rollout_batch_size=8", "rlhf.mini_batch_size=4", "rlhf.max_new_tokens=12",
+                 f"data.source=text:{ov[0].split(':', 1)[1]}", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n", "kl_ppo",
+                "prompts_eval"):
+        assert summary[key] is not None, key
+    for key in ("judge_sft_ci95", "judge_ppo_ci95", "judge_dpo_ci95", "judge_best_of_n_ci95"):
+        lo, hi = summary[key]
+        assert lo <= summary[key[:-5]] <= hi
+    assert (tmp_path / "rlhf" / "report.md").exists() and (tmp_path / "rlhf" / "plots" / "rlhf.png").exists()
+    rows = [json.loads(line) for line in (tmp_path / "rlhf" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "judge", "kl", "entropy", "clipfrac", "approx_kl", "vf_loss", "response_length"} <= rows[0].keys()

@@ -90,7 +90,8 @@ class RLHFConfig:
     reward_steps: int = 200
     freeze_base: bool = False
     judge: str = "python-syntax"
-    label_prompts: int = 1000  # prompts sampled twice by the SFT policy and labelled by the judge
+    label_prompts: int = 1000  # prompts sampled by the SFT policy and labelled by the judge
+    samples_per_prompt: int = 4  # K: the judge's best and worst of K samples form a pair
     eval_prompts: int = 256  # held-out prompts every policy is judged on
     best_of_n: int = 4
     dpo_steps: int = 150

@@ -1,7 +1,8 @@
 """``nanogpt4 pipeline``: every stage on the offline default, one report.
 
-Stages so far: prepare (stdlib) -> pretrain (tiny) -> sample. Each stage writes its own run directory
-under ``OUT/``; a stage that already finished is reused, an interrupted one is resumed.
+Stages so far: prepare (stdlib) -> pretrain (tiny) -> sample -> RLHF (SFT, reward model, PPO, DPO).
+Each stage writes its own run directory under ``OUT/``; a stage that already finished is reused, an
+interrupted pretraining is resumed.
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ def _samples(run_dir: Path, n_tokens: int = 120) -> list[tuple[str, str]]:
     return out
 
 
+def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
+    from nanogpt4.rlhf.run import run_rlhf
+
+    if (run_dir / "summary.json").exists():
+        log(f"rlhf: reusing finished run {run_dir}")
+        return json.loads((run_dir / "summary.json").read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted RLHF run starts again (its stages are minutes long)
+    return run_rlhf(cfg, pretrained, run_dir, log=log)
+
+
+def _ci_line(rl: dict) -> str:
+    parts = [f"{name}: {rl[f'judge_{name}']:.3f} [{rl[f'judge_{name}_ci95'][0]:.3f}, {rl[f'judge_{name}_ci95'][1]:.3f}]"
+             for name in ("sft", "ppo", "dpo", "best_of_n")]
+    return "Held-out judge score, 95% interval: " + "; ".join(parts)
+
+
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print) -> dict:
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -57,10 +75,13 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
 
     pre = _pretrain_stage(cfg, out_dir / "pretrain", progress, log)
     samples = _samples(out_dir / "pretrain")
+    rl = _rlhf_stage(cfg, out_dir / "pretrain", out_dir / "rlhf", log)
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     if (out_dir / "pretrain" / "plots" / "loss.png").exists():
         shutil.copyfile(out_dir / "pretrain" / "plots" / "loss.png", plots / "pretrain_loss.png")
+    if (out_dir / "rlhf" / "plots" / "rlhf.png").exists():
+        shutil.copyfile(out_dir / "rlhf" / "plots" / "rlhf.png", plots / "rlhf.png")
 
     sample_md = "\n\n".join(f"Prompt `{p!r}`:\n\n```python\n{s}\n```" for p, s in samples)
     sections = [
@@ -68,12 +89,18 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
                                             "val_loss", "val_bpb", "tok_per_s", "mfu", "dtype", "wall_s"])
          + "\n\n![pretraining loss](plots/pretrain_loss.png)"),
         ("Samples (temperature 0.8, top-k 50)", sample_md),
+        ("RLHF (judge: " + rl["judge"] + ")", summary_table(rl, [
+            "rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n", "kl_ppo", "prompts_eval",
+            "preference_pairs", "wall_s"]) + "\n\n" + _ci_line(rl) + "\n\n![RLHF](plots/rlhf.png)\n\n"
+         "Details and samples: [rlhf/report.md](rlhf/report.md)"),
     ]
     summary = {
         "pretrain_val_loss": pre.get("val_loss"),
         "pretrain_val_bpb": pre.get("val_bpb"),
         "pretrain_tok_per_s": pre.get("tok_per_s"),
         "pretrain_params": pre.get("params"),
+        **{f"rlhf_{k}": rl[k] for k in ("rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n",
+                                        "kl_ppo")},
         "wall_s": time.time() - t0,
         "device": pre.get("device"),
     }

@@ -18,11 +18,13 @@ from nanogpt4.train.trainer import Trainer, rank_rows
 
 
 def sequence_logprob(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log p over the labelled (response) tokens of each row."""
-    logits = model(ids, attention_mask=mask)[:, :-1]
+    """Sum of log p over the labelled (response) tokens of each row; the LM head runs on those tokens only."""
+    hidden = model(ids, attention_mask=mask, return_hidden=True)[:, :-1]
     target = labels[:, 1:]
-    lp = gather_logprobs(logits, target.clamp(min=0))
-    return (lp * (target != -100)).sum(1)
+    keep = target != -100
+    rows = torch.arange(ids.size(0), device=ids.device)[:, None].expand_as(target)[keep]
+    lp = gather_logprobs(model.head(hidden[keep]), target[keep])
+    return torch.zeros(ids.size(0), dtype=lp.dtype, device=ids.device).index_add(0, rows, lp)
 
 
 def _collate(items: list[tuple[list[int], list[int]]], pad: int, device) -> tuple[torch.Tensor, ...]:
@@ -68,7 +70,8 @@ def make_dpo_loss(beta: float):
 def train_dpo(cfg: DictConfig, policy, tok: Tokenizer, prefs: list[Preference], run_dir: Path, device,
               steps: int, log=print) -> dict:
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    tc = stage_training_cfg(cfg, max_steps=steps, learning_rate=cfg.rlhf.sft_learning_rate / 2,
+    tc = stage_training_cfg(cfg, max_steps=steps, learning_rate=cfg.rlhf.sft_learning_rate / 2, batch_size=16,
+                            grad_accum_steps=1,
                             warmup_steps=min(20, steps // 10 + 1), eval_interval=steps, checkpoint_interval=steps,
                             dtype="float32")
     batches = DPOBatches(prefs, ref, tok, cfg.model.max_seq_len, tc.batch_size, cfg.seed)

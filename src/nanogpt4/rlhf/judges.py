@@ -16,19 +16,24 @@ Judge = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
 def syntax_score(source: str) -> float:
-    """1.0 if the source compiles; otherwise the fraction of its lines before the first syntax error.
+    """1.0 if the source compiles; otherwise how far into it the first syntax error sits (fraction of its
+    characters before the error), so a completion that breaks later scores higher and ties are rare.
 
     ``compile`` only parses: nothing in the text is executed.
     """
-    lines = max(1, source.count("\n") + 1)
+    if not source:
+        return 0.0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escape sequences etc. are not the model's grade
             compile(source, "<completion>", "exec", dont_inherit=True)
         return 1.0
     except SyntaxError as e:
-        first_bad = e.lineno or lines
-        return max(0.0, (first_bad - 1) / lines)
+        if not e.lineno:
+            return 0.0
+        lines = source.splitlines(keepends=True)
+        position = sum(len(line) for line in lines[: e.lineno - 1]) + max(0, (e.offset or 1) - 1)
+        return min(position / len(source), 0.999)
     except (ValueError, RecursionError, MemoryError):  # NUL bytes, absurd nesting
         return 0.0
 

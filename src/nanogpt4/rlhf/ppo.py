@@ -49,8 +49,12 @@ class Rollout:
 
 def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
                       with_entropy: bool = False):
-    """log p(response token | prefix) for every response position (logits of the previous position)."""
-    logits = model(ids, attention_mask=mask)[:, prompt_len - 1:-1]
+    """log p(response token | prefix) for every response position (logits of the previous position).
+
+    The LM head runs on response positions only: prompt logits are never needed.
+    """
+    hidden = model(ids, attention_mask=mask, return_hidden=True)[:, prompt_len - 1:-1]
+    logits = model.head(hidden)
     lp = gather_logprobs(logits, ids[:, prompt_len:])
     return (lp, entropy_from_logits(logits)) if with_entropy else lp
 

@@ -96,10 +96,14 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
     train_sft(cfg, policy, tok, sft_examples, out / "sft", device, log=quiet)
     sft = copy.deepcopy(policy).eval()
 
-    # 2. preferences: two SFT samples per prompt, labelled by the judge
+    # 2. preferences: K SFT samples per prompt; the judge's best and worst form a pair (ties dropped)
     label_prompts = [e.prompt for e in make_tasks(cfg, r.label_prompts, "train", cfg.seed + 1)]
-    a = generate_responses(sft, tok, label_prompts, r.max_new_tokens, 1.0, seed=1)
-    b = generate_responses(sft, tok, label_prompts, r.max_new_tokens, 1.0, seed=2)
+    k_samples = [generate_responses(sft, tok, label_prompts, r.max_new_tokens, 1.0, seed=1 + k)
+                 for k in range(max(2, r.samples_per_prompt))]
+    k_scores = np.array([judge(label_prompts, s) for s in k_samples])  # (K, prompts)
+    best, worst = k_scores.argmax(0), k_scores.argmin(0)
+    a = [k_samples[k][i] for i, k in enumerate(best)]
+    b = [k_samples[k][i] for i, k in enumerate(worst)]
     pairs = [Preference(p, c, j) for p, c, j, _ in label_pairs(judge, label_prompts, a, b)]
     if len(pairs) < 20:
         raise UserError(f"the judge separated only {len(pairs)} sample pairs; raise rlhf.label_prompts")
@@ -108,14 +112,15 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
     with open(out / "preferences.jsonl", "w", encoding="utf-8") as f:
         for p in pairs:
             f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
-    log(f"rlhf: {len(pairs)} preference pairs labelled by {r.judge} ({len(label_prompts)} prompts)")
+    log(f"rlhf: {len(pairs)} preference pairs labelled by {r.judge} ({len(label_prompts)} prompts x "
+        f"{len(k_samples)} samples)")
 
     # 3. reward model (fine-tuned base by default), centred on SFT samples
     rm = RewardModel(copy.deepcopy(sft), freeze_base=r.freeze_base).to(device)
     train_reward(cfg, rm, tok, train_pairs, val_pairs, out / "reward", device, log=quiet)
     val_enc = [encode_pair(tok, p, L) for p in val_pairs]
     summary["rm_val_accuracy"] = reward_accuracy(rm, val_enc, tok.pad_id, device)
-    rm.reward_offset.fill_(float(rm_scores(rm, tok, label_prompts, a, device, L).mean()))
+    rm.reward_offset.fill_(float(rm_scores(rm, tok, label_prompts, k_samples[0], device, L).mean()))
     rm.eval().requires_grad_(False)
     save_checkpoint(out / "reward", r.reward_steps, rm, cfg, None, {}, keep_last=1)
     log(f"rlhf: reward model held-out accuracy {summary['rm_val_accuracy']:.3f} on {len(val_pairs)} pairs")
