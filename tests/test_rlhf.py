@@ -99,8 +99,14 @@ def test_sft_then_reward_model_learns_a_judge(tiny, corpus_dir, tmp_path):
     docs = [p.read_text() for p in sorted(corpus_dir.glob("*.py"))]
     examples = code_completion_examples(docs, 64, seed=0)
     assert len(examples) > 40
+    from nanogpt4.rlhf.dpo import _collate, sequence_logprob
+
+    ids, mask, labels = _collate([encode_example(tok, e, 32) for e in examples[:16]], tok.pad_id, "cpu")
+    before = sequence_logprob(base.eval(), ids, mask, labels).mean().item()
     result = train_sft(cfg, base, tok, examples, tmp_path / "sft", torch.device("cpu"), log=lambda _m: None)
     assert result["steps"] == 6
+    after = sequence_logprob(base.eval(), ids, mask, labels).mean().item()
+    assert after > before + 1.0  # SFT makes the true responses (next tokens, not the current ones) likelier
     # preferences from a judge that can be learned from the text: more "x" is better
     judge = lambda prompts, comps: [c.count("x") for c in comps]  # noqa: E731
     prompts = [e.prompt for e in examples]

@@ -26,7 +26,9 @@ class SFTBatches:
     """Per step, ``batch_size`` examples drawn by (seed, step); prompt tokens masked out of the loss."""
 
     def __init__(self, examples: list[Example], tok: Tokenizer, max_len: int, batch_size: int, seed: int):
-        self.encoded = [encode_example(tok, ex, max_len) for ex in examples]
+        # next-token targets: position t predicts token t+1 (labels shift left by one)
+        self.encoded = [(ids[:-1], labels[1:]) for ids, labels in
+                        (encode_example(tok, ex, max_len + 1) for ex in examples)]
         self.pad = tok.pad_id
         self.batch_size = batch_size
         self.seed = seed
