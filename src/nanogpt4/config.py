@@ -92,6 +92,7 @@ class RLHFConfig:
     judge: str = "python-syntax"
     label_prompts: int = 1000  # prompts sampled by the SFT policy and labelled by the judge
     samples_per_prompt: int = 4  # K: the judge's best and worst of K samples form a pair
+    label_min_gap: float = 0.05  # judge-score difference below which a pair counts as a tie
     eval_prompts: int = 256  # held-out prompts every policy is judged on
     best_of_n: int = 4
     dpo_steps: int = 150

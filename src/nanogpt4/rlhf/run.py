@@ -104,7 +104,8 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
     best, worst = k_scores.argmax(0), k_scores.argmin(0)
     a = [k_samples[k][i] for i, k in enumerate(best)]
     b = [k_samples[k][i] for i, k in enumerate(worst)]
-    pairs = [Preference(p, c, j) for p, c, j, _ in label_pairs(judge, label_prompts, a, b)]
+    # near-ties are skipped, as a human labeler skips pairs they cannot tell apart
+    pairs = [Preference(p, c, j) for p, c, j, _ in label_pairs(judge, label_prompts, a, b, r.label_min_gap)]
     if len(pairs) < 20:
         raise UserError(f"the judge separated only {len(pairs)} sample pairs; raise rlhf.label_prompts")
     n_val = max(10, len(pairs) // 10)
