@@ -113,12 +113,18 @@ def test_module_entry_point_exit_code(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
-    ov = small_overrides(corpus_dir, tmp_path / "data", **{"training.max_steps": 20, "training.eval_interval": 10})
+    rlhf = {"rlhf.sft_steps": 6, "rlhf.reward_steps": 6, "rlhf.ppo_steps": 2, "rlhf.dpo_steps": 2,
+            "rlhf.sft_examples": 60, "rlhf.label_prompts": 60, "rlhf.eval_prompts": 16, "rlhf.best_of_n": 2,
+            "rlhf.rollout_batch_size": 8, "rlhf.mini_batch_size": 4, "rlhf.max_new_tokens": 12,
+            "rlhf.label_min_gap": 0.0}
+    ov = small_overrides(corpus_dir, tmp_path / "data", **{"training.max_steps": 20, "training.eval_interval": 10},
+                         **rlhf)
     code, out, _ = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov, "--json")
     assert code == 0
     p = Path(tmp_path / "p")
     report = (p / "report.md").read_text()
     assert "## Pretraining" in report and "plots/pretrain_loss.png" in report and "## Samples" in report
+    assert "## RLHF" in report and (p / "rlhf" / "summary.json").exists()
     assert (p / "plots" / "pretrain_loss.png").stat().st_size > 1000
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["pretrain_val_loss"] < 6.0

@@ -136,6 +136,7 @@ def test_rlhf_end_to_end_writes_the_summary(prepared, tmp_path, capsys):
                  "rlhf.sft_steps=10", "rlhf.reward_steps=10", "rlhf.ppo_steps=3", "rlhf.dpo_steps=4",
                  "rlhf.sft_examples=100", "rlhf.label_prompts=120", "rlhf.eval_prompts=24", "rlhf.best_of_n=2",
                  "rlhf.rollout_batch_size=8", "rlhf.mini_batch_size=4", "rlhf.max_new_tokens=12",
+                 "rlhf.label_min_gap=0.0",
                  f"data.source=text:{ov[0].split(':', 1)[1]}", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

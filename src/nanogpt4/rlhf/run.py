@@ -86,6 +86,9 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
         pre_cfg.data)})
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     r, L = cfg.rlhf, cfg.model.max_seq_len
+    if r.max_new_tokens > L - 8:
+        raise UserError(f"rlhf.max_new_tokens={r.max_new_tokens} leaves no room for prompts in model.max_seq_len={L}; "
+                        f"set rlhf.max_new_tokens <= {L - 8}")
     judge = load_judge(r.judge)
     quiet = lambda _m: None  # noqa: E731
     summary: dict = {"judge": r.judge, "device": str(device)}
