@@ -195,20 +195,23 @@ def write_rlhf_report(out: Path, summary: dict, history: list[dict], prompts, sa
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    axes[0].plot(steps, [h["reward"] for h in history], label="RM score (optimised)")
-    axes[0].plot(steps, [h["judge"] for h in history], label="judge score (true)")
-    axes[0].plot(steps, [h["kl"] for h in history], label="KL to reference (nats)")
-    axes[0].set_xlabel("PPO step")
-    axes[0].legend()
-    axes[0].grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
     sq = [math.sqrt(max(h["kl"], 0.0)) for h in history]
-    axes[1].scatter(sq, [h["reward"] for h in history], s=10, label="RM score")
-    axes[1].scatter(sq, [h["judge"] for h in history], s=10, label="judge score")
-    axes[1].set_xlabel("sqrt(KL) to the SFT reference")
-    axes[1].set_title("over-optimisation (Gao et al.)")
-    axes[1].legend()
-    axes[1].grid(alpha=0.3)
+    for ax, x, xlabel in ((axes[0], steps, "PPO step"), (axes[1], sq, "sqrt(KL) to the SFT reference")):
+        judge_ax = ax.twinx()  # the judge has its own scale: the RM's is arbitrary
+        ax.plot(x, [h["reward"] for h in history], "o" if ax is axes[1] else "-", ms=3, color="tab:blue",
+                label="RM score (optimised)")
+        judge_ax.plot(x, [h["judge"] for h in history], "o" if ax is axes[1] else "-", ms=3, color="tab:orange",
+                      label="judge score (true)")
+        if ax is axes[0]:
+            ax.plot(x, [h["kl"] for h in history], color="tab:green", label="KL to reference (nats)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("RM score / KL")
+        judge_ax.set_ylabel("judge score", color="tab:orange")
+        ax.grid(alpha=0.3)
+        handles = ax.get_legend_handles_labels()[0] + judge_ax.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, loc="upper left", fontsize=8)
+    axes[1].set_title("over-optimisation (Gao et al.): RM vs judge against sqrt(KL)")
     fig.tight_layout()
     with atomic_path(plots / "rlhf.png") as tmp:
         fig.savefig(tmp, format="png")
