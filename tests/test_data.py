@@ -63,9 +63,10 @@ def test_jsonl_source_reports_file_and_line(tmp_path):
     p.write_text('{"text": "hello world"}\n{"body": "x"}\n')
     with pytest.raises(UserError, match=r"d.jsonl:2: expected an object with a string field 'text'"):
         load_corpus(f"jsonl:{p}")
-    p.write_text("".join(json.dumps({"body": f"doc {i}"}) + "\n" for i in range(40)))
+    p.write_text("".join(json.dumps({"body": f"doc {i}"}) + "\n" for i in range(200)))
     c = load_corpus(f"jsonl:{p}", text_field="body")
-    assert len(c.train) + len(c.val) == 40
+    assert len(c.train) + len(c.val) == 200 and c.val  # split by document, the same on every machine
+    assert c.fingerprint() == load_corpus(f"jsonl:{p}", text_field="body").fingerprint()
 
 
 def test_unknown_source():
@@ -120,9 +121,9 @@ def test_hf_source_reads_a_local_dataset(tmp_path):
     pytest.importorskip("datasets")
     d = tmp_path / "ds"
     d.mkdir()
-    (d / "train.jsonl").write_text("".join(json.dumps({"text": f"story number {i}."}) + "\n" for i in range(30)))
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": f"story number {i}."}) + "\n" for i in range(200)))
     c = load_corpus(f"hf:{d}")
-    assert len(c.train) + len(c.val) == 30
+    assert len(c.train) + len(c.val) == 200 and c.val
 
 
 def test_bpe_roundtrip_and_specials(corpus_dir):

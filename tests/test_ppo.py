@@ -46,13 +46,18 @@ def test_response_mask_stops_after_end_of_text(setup):
 def test_ppo_raises_a_simple_reward(setup):
     """Reward = how often one token appears in the response; PPO must raise it within a few dozen steps."""
     cfg, tok, policy = setup
-    target = tok.encode(" x")[0]
+    prompts = ["def f(x):\n", "import os\n", "class A:\n", "    return"] * 4
+    # the target: a token the initial policy samples now and then (the 5th most frequent in its responses)
+    probe = PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf, seed=123)
+    counts = torch.bincount(probe.rollout(prompts * 2).input_ids[:, -cfg.rlhf.max_new_tokens:].flatten(),
+                            minlength=cfg.model.vocab_size)
+    counts[[tok.eot_id, tok.pad_id]] = 0
+    target = int(counts.argsort(descending=True)[4])
 
     def score(ids, mask):
         resp = ids[:, -cfg.rlhf.max_new_tokens:]
         return (resp == target).float().mean(1) * 4
 
     ppo = PPOTrainer(policy, score, tok, cfg.rlhf, learning_rate=3e-3, no_eos_penalty=0.0)
-    prompts = ["def f(x):\n", "import os\n", "class A:\n", "    return"] * 4
     history = [ppo.step(prompts)[0]["reward"] for _ in range(30)]
     assert sum(history[-5:]) / 5 > sum(history[:5]) / 5 + 0.5, history

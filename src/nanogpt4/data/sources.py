@@ -133,7 +133,9 @@ def _load_text(pattern: str, max_bytes: int | None) -> list[tuple[str, str]]:
     if not paths:
         raise UserError(f"no file matches data.source 'text:{pattern}'; check the path")
     files = [Path(p) for p in paths if not Path(p).is_dir()] or [Path(paths[0])]
-    return _cap([(str(p), _read_utf8(p)) for p in files], max_bytes)
+    # split keys are paths relative to the files' common folder: the same split wherever the data lives
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return _cap([(str(f.relative_to(root)), _read_utf8(f)) for f in files], max_bytes)
 
 
 def _load_jsonl(path_str: str, field_name: str, max_bytes: int | None) -> list[tuple[str, str]]:
@@ -150,7 +152,7 @@ def _load_jsonl(path_str: str, field_name: str, max_bytes: int | None) -> list[t
         if not isinstance(row, dict) or not isinstance(row.get(field_name), str):
             raise UserError(f"{path}:{lineno}: expected an object with a string field '{field_name}' "
                             f"(set data.text_field to use another field)")
-        docs.append((f"{path}:{lineno}", row[field_name]))
+        docs.append((f"line {lineno}", row[field_name]))  # stable keys: the same split wherever the file lives
     return _cap(docs, max_bytes)
 
 
@@ -214,7 +216,7 @@ def _load_hf(spec: str, field_name: str, max_bytes: int | None) -> list[tuple[st
                             f"set data.text_field")
         text = row[field_name]
         if isinstance(text, str) and text:
-            docs.append((f"{spec}#{i}", text))
+            docs.append((f"row {i}", text))  # stable keys: the same split on every machine
             total += len(text.encode("utf-8"))
         if total >= cap:
             break
