@@ -66,6 +66,25 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def iter_jsonl_objects(path: str | os.PathLike, text: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a malformed line is a UserError naming file and line."""
+    path = Path(path)
+    if text is None:
+        if not path.is_file():
+            raise UserError(f"data file '{path}' not found")
+        text = path.read_text(encoding="utf-8")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object")
+        yield lineno, row
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written ``tmp_dir`` to ``final_dir``, replacing any old one."""
     if final_dir.exists():

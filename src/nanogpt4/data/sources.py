@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import socket
 import sysconfig
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanogpt4.errors import UserError
+from nanogpt4.utils import iter_jsonl_objects
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -140,16 +140,9 @@ def _load_text(pattern: str, max_bytes: int | None) -> list[tuple[str, str]]:
 
 def _load_jsonl(path_str: str, field_name: str, max_bytes: int | None) -> list[tuple[str, str]]:
     path = Path(os.path.expanduser(path_str))
-    text = _read_utf8(path)
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove the line") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field_name), str):
+    for lineno, row in iter_jsonl_objects(path, _read_utf8(path)):
+        if not isinstance(row.get(field_name), str):
             raise UserError(f"{path}:{lineno}: expected an object with a string field '{field_name}' "
                             f"(set data.text_field to use another field)")
         docs.append((f"line {lineno}", row[field_name]))  # stable keys: the same split wherever the file lives

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 
 from nanogpt4.data.tokenizer import Tokenizer
 from nanogpt4.errors import UserError
+from nanogpt4.utils import iter_jsonl_objects
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"
@@ -43,18 +43,7 @@ def format_chat(messages: list[dict], where: str = "messages") -> Example:
 
 
 def _rows(path: str | Path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file '{path}' not found")
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or remove the line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object")
+    for lineno, row in iter_jsonl_objects(path):
         yield f"{path}:{lineno}", row
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import random
 from pathlib import Path
 
 import torch
@@ -12,9 +11,9 @@ from omegaconf import DictConfig
 from nanogpt4.data.tokenizer import Tokenizer
 from nanogpt4.rlhf.data import Example, Preference, encode_example
 from nanogpt4.rlhf.ops import dpo_loss, gather_logprobs
-from nanogpt4.rlhf.stages import stage_training_cfg
+from nanogpt4.rlhf.stages import stage_training_cfg, step_rows
 from nanogpt4.train.distributed import DistInfo
-from nanogpt4.train.trainer import Trainer, rank_rows
+from nanogpt4.train.trainer import Trainer
 
 
 def sequence_logprob(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -46,9 +45,7 @@ class DPOBatches:
         self.tokens_per_step = 2 * batch_size * max_len
 
     def get(self, step: int, micro: int, accum: int, info: DistInfo, device) -> dict:
-        rng = random.Random(self.seed * 1_000_003 + step)
-        chosen = [rng.randrange(len(self.pairs)) for _ in range(self.batch_size)]
-        rows = chosen[rank_rows(self.batch_size, micro, accum, info)]
+        rows = step_rows(len(self.pairs), self.batch_size, self.seed, step, micro, accum, info)
         items = [self.pairs[i][0] for i in rows] + [self.pairs[i][1] for i in rows]
         ids, mask, labels = _collate(items, self.pad, device)
         with torch.no_grad():

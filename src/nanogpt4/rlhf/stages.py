@@ -35,12 +35,18 @@ class SFTBatches:
         self.tokens_per_step = batch_size * max(len(ids) for ids, _ in self.encoded)
 
     def get(self, step: int, micro: int, accum: int, info: DistInfo, device) -> dict:
-        rng = random.Random(self.seed * 1_000_003 + step)
-        chosen = [rng.randrange(len(self.encoded)) for _ in range(self.batch_size)]
-        rows = chosen[rank_rows(self.batch_size, micro, accum, info)]
+        rows = step_rows(len(self.encoded), self.batch_size, self.seed, step, micro, accum, info)
         ids = pad_right([self.encoded[i][0] for i in rows], self.pad, device)
         labels = pad_right([self.encoded[i][1] for i in rows], -100, device)
         return {"input_ids": ids, "labels": labels}
+
+
+def step_rows(n_items: int, batch_size: int, seed: int, step: int, micro: int, accum: int,
+              info: DistInfo) -> list[int]:
+    """This rank's share of the ``batch_size`` item indices drawn for ``step`` (a pure function of its args)."""
+    rng = random.Random(seed * 1_000_003 + step)
+    chosen = [rng.randrange(n_items) for _ in range(batch_size)]
+    return chosen[rank_rows(batch_size, micro, accum, info)]
 
 
 def encode_pair(tok: Tokenizer, pref: Preference, max_len: int) -> tuple[list[int], list[int]]:
@@ -62,9 +68,7 @@ class PreferenceBatches:
         self.tokens_per_step = 2 * batch_size * max_len
 
     def get(self, step: int, micro: int, accum: int, info: DistInfo, device) -> dict:
-        rng = random.Random(self.seed * 1_000_003 + step)
-        chosen = [rng.randrange(len(self.pairs)) for _ in range(self.batch_size)]
-        rows = chosen[rank_rows(self.batch_size, micro, accum, info)]
+        rows = step_rows(len(self.pairs), self.batch_size, self.seed, step, micro, accum, info)
         return collate_pairs([self.pairs[i] for i in rows], self.pad, device)
 
 

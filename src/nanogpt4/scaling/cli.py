@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -56,14 +55,10 @@ def cmd_plan(args, cfg) -> dict:
 def load_runs(path: Path) -> list[dict]:
     if not path.exists():
         raise UserError(f"sweep file '{path}' not found; give a JSONL file of pretrain summaries, one run per line")
+    from nanogpt4.utils import iter_jsonl_objects
+
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    for lineno, row in iter_jsonl_objects(path):
         if "flops" not in row or "val_loss" not in row:
             raise UserError(f"{path}:{lineno}: each run needs 'flops' and 'val_loss' (a pretrain summary.json)")
         rows.append(row)
