@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from nanogpt4.data.tokenizer import Tokenizer
 from nanogpt4.rlhf.data import Example, Preference, encode_example
 from nanogpt4.rlhf.ops import dpo_loss, gather_logprobs
-from nanogpt4.rlhf.stages import stage_training_cfg, step_rows
+from nanogpt4.rlhf.stages import PreferenceBatches, stage_training_cfg
 from nanogpt4.train.distributed import DistInfo
 from nanogpt4.train.trainer import Trainer
 
@@ -34,24 +34,23 @@ def _collate(items: list[tuple[list[int], list[int]]], pad: int, device) -> tupl
     return ids, mask, labels
 
 
-class DPOBatches:
-    def __init__(self, prefs: list[Preference], ref, tok: Tokenizer, max_len: int, batch_size: int, seed: int):
-        self.pairs = [(encode_example(tok, Example(p.prompt, p.chosen), max_len),
-                       encode_example(tok, Example(p.prompt, p.rejected), max_len)) for p in prefs]
-        self.ref = ref
-        self.pad = tok.pad_id
-        self.batch_size = batch_size
-        self.seed = seed
-        self.tokens_per_step = 2 * batch_size * max_len
+class DPOBatches(PreferenceBatches):
+    """Preference batches that keep response labels and carry the frozen reference's log-probs."""
 
-    def get(self, step: int, micro: int, accum: int, info: DistInfo, device) -> dict:
-        rows = step_rows(len(self.pairs), self.batch_size, self.seed, step, micro, accum, info)
-        items = [self.pairs[i][0] for i in rows] + [self.pairs[i][1] for i in rows]
-        ids, mask, labels = _collate(items, self.pad, device)
+    def __init__(self, prefs: list[Preference], ref, tok: Tokenizer, max_len: int, batch_size: int, seed: int):
+        self.ref = ref
+        super().__init__(prefs, tok, max_len, batch_size, seed)
+
+    def encode(self, tok: Tokenizer, pref: Preference, max_len: int):
+        return (encode_example(tok, Example(pref.prompt, pref.chosen), max_len),
+                encode_example(tok, Example(pref.prompt, pref.rejected), max_len))
+
+    def collate(self, pairs: list, device) -> dict:
+        ids, mask, labels = _collate([c for c, _ in pairs] + [r for _, r in pairs], self.pad, device)
         with torch.no_grad():
             ref_lp = sequence_logprob(self.ref, ids, mask, labels)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "ref_logprobs": ref_lp,
-                "n_pairs": len(rows)}
+                "n_pairs": len(pairs)}
 
 
 def make_dpo_loss(beta: float):

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanogpt4.data.sources import load_corpus
 from nanogpt4.errors import UserError
-from nanogpt4.rlhf.data import Example, Preference, code_completion_examples, pad_left
+from nanogpt4.rlhf.data import Example, Preference, code_completion_examples, encode_example, pad_left
 from nanogpt4.rlhf.dpo import train_dpo
 from nanogpt4.rlhf.judges import label_pairs, load_judge
 from nanogpt4.rlhf.models import RewardModel, ValueModel
@@ -33,7 +33,7 @@ from nanogpt4.rlhf.stages import (
     train_sft,
 )
 from nanogpt4.train.checkpoint import load_model, save_checkpoint
-from nanogpt4.utils import atomic_write_json, atomic_write_text
+from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
 
 
 def line_examples(docs: list[str], n: int, seed: int) -> list[Example]:
@@ -68,7 +68,7 @@ def mean_ci(values) -> tuple[float, list[float]]:
 def rm_scores(rm: RewardModel, tok, prompts: list[str], responses: list[str], device, max_len: int) -> torch.Tensor:
     out = []
     for i in range(0, len(prompts), 32):
-        seqs = [encode_pair(tok, Preference(p, r, r), max_len)[0]
+        seqs = [encode_example(tok, Example(p, r), max_len)[0]
                 for p, r in zip(prompts[i:i + 32], responses[i:i + 32], strict=True)]
         ids, mask = pad_left(seqs, tok.pad_id, device)
         out.append(rm(ids, mask))
@@ -77,7 +77,7 @@ def rm_scores(rm: RewardModel, tok, prompts: list[str], responses: list[str], de
 
 def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
     t_start = time.time()
-    device = torch.device("cpu") if cfg.device == "cpu" or not torch.cuda.is_available() else torch.device("cuda")
+    device = resolve_device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
     policy, pre_cfg, tok = load_model(pretrained, device)
     if tok is None:

@@ -61,15 +61,21 @@ class PreferenceBatches:
     """Chosen and rejected sequences of ``batch_size`` pairs, left-padded into one (2B, T) batch."""
 
     def __init__(self, prefs: list[Preference], tok: Tokenizer, max_len: int, batch_size: int, seed: int):
-        self.pairs = [encode_pair(tok, p, max_len) for p in prefs]
+        self.pairs = [self.encode(tok, p, max_len) for p in prefs]
         self.pad = tok.pad_id
         self.batch_size = batch_size
         self.seed = seed
         self.tokens_per_step = 2 * batch_size * max_len
 
+    def encode(self, tok: Tokenizer, pref: Preference, max_len: int):
+        return encode_pair(tok, pref, max_len)
+
+    def collate(self, pairs: list, device) -> dict:
+        return collate_pairs(pairs, self.pad, device)
+
     def get(self, step: int, micro: int, accum: int, info: DistInfo, device) -> dict:
         rows = step_rows(len(self.pairs), self.batch_size, self.seed, step, micro, accum, info)
-        return collate_pairs([self.pairs[i] for i in rows], self.pad, device)
+        return self.collate([self.pairs[i] for i in rows], device)
 
 
 def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad: int, device) -> dict:
