@@ -149,3 +149,83 @@ def test_rlhf_end_to_end_writes_the_summary(prepared, tmp_path, capsys):
     assert (tmp_path / "rlhf" / "report.md").exists() and (tmp_path / "rlhf" / "plots" / "rlhf.png").exists()
     rows = [json.loads(line) for line in (tmp_path / "rlhf" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "judge", "kl", "entropy", "clipfrac", "approx_kl", "vf_loss", "response_length"} <= rows[0].keys()
+
+
+@pytest.mark.slow
+def test_stage_commands_chain_sft_reward_ppo_dpo(prepared, tmp_path, capsys):
+    """`nanogpt4 sft` -> `reward` -> `ppo` / `dpo`, each reading the previous run directory."""
+    from nanogpt4.cli import main
+
+    ov, _ = prepared
+    small = ["rlhf.sft_steps=6", "rlhf.reward_steps=6", "rlhf.ppo_steps=2", "rlhf.dpo_steps=3",
+             "rlhf.sft_examples=60", "rlhf.label_prompts=120", "rlhf.eval_prompts=16", "rlhf.rollout_batch_size=8",
+             "rlhf.mini_batch_size=4", "rlhf.max_new_tokens=10", "rlhf.label_min_gap=0.0",
+             f"data.source=text:{ov[0].split(':', 1)[1]}", "--device", "cpu", "--json"]
+
+    def run(*argv) -> dict:
+        assert main(list(argv) + small) == 0, argv
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), *ov, "training.max_steps=20"]) == 0
+    capsys.readouterr()
+    sft = run("sft", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "sft"))
+    assert sft["steps"] == 6 and "judge_pretrained" in sft and "judge_sft" in sft
+    reward = run("reward", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "rm"))
+    # the fine-tuned reward model and its frozen-base twin are both reported
+    assert 0 <= reward["rm_val_accuracy"] <= 1 and 0 <= reward["rm_val_accuracy_frozen_base"] <= 1
+    assert (tmp_path / "rm" / "preferences.jsonl").exists()
+    ppo = run("ppo", "--sft", str(tmp_path / "sft"), "--reward", str(tmp_path / "rm"), "--out", str(tmp_path / "ppo"))
+    assert {"judge_sft", "judge_ppo", "kl_ppo"} <= ppo.keys()
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "nanogpt4", "ppo", "--sft", str(tmp_path / "sft"), "--reward", str(tmp_path / "rm"),
+                          "--out", str(tmp_path / "ppo2"), *small], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["processes"] == 2
+    dpo = run("dpo", "--sft", str(tmp_path / "sft"), "--data", str(tmp_path / "rm" / "preferences.jsonl"),
+              "--out", str(tmp_path / "dpo"), "--no-eval")
+    assert dpo["preference_pairs"] > 0
+    # the PPO policy is a normal checkpoint: `sample` reads it
+    assert main(["sample", "--run", str(tmp_path / "ppo"), "--prompt", "def", "--max-new-tokens", "4"]) == 0
+
+
+def test_stage_commands_report_bad_input(tmp_path, capsys):
+    from nanogpt4.cli import main
+
+    assert main(["sft", "--pretrained", str(tmp_path / "missing")]) == 2
+    assert "neither a checkpoint nor a run" in capsys.readouterr().err
+    assert main(["ppo", "--sft", str(tmp_path / "a"), "--reward", str(tmp_path / "b")]) == 2
+
+
+HH_ROWS = [
+    {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.",
+     "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: Go away."},
+    {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue.",
+     "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: No."},
+]
+
+
+def test_hh_rlhf_layout_through_hf_on_a_local_fixture(tmp_path):
+    pytest.importorskip("datasets")
+    d = tmp_path / "hh"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in HH_ROWS))
+    prefs = load_preferences(f"hf:{d}")
+    assert prefs[0] == Preference("<|user|>What is 2+2?<|end|><|assistant|>", "4.<|end|>", "Go away.<|end|>")
+    assert prefs[1].prompt == ("<|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>Name a colour.<|end|>"
+                               "<|assistant|>")
+    assert (prefs[1].chosen, prefs[1].rejected) == ("Blue.<|end|>", "No.<|end|>")
+    assert len(load_preferences(f"hf:{d}", max_rows=1)) == 1
+
+
+def test_hh_rlhf_rows_that_do_not_share_a_prefix_are_rejected(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: x\n\nAssistant: y"})
+                 + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: chosen and rejected must share"):
+        load_preferences(f)
+    f.write_text(json.dumps({"chosen": "no turns here", "rejected": "none"}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: not in the HH-RLHF layout"):
+        load_preferences(f)

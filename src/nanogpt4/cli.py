@@ -146,6 +146,141 @@ def cmd_rlhf(args) -> int:
     return _finish(args, summary)
 
 
+def _stage_out(args, name: str) -> Path:
+    return args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+
+
+def cmd_sft(args) -> int:
+    from nanogpt4.rlhf.data import load_sft
+    from nanogpt4.rlhf.judges import load_judge
+    from nanogpt4.rlhf.run import evaluate_policies, load_policy, sft_stage
+    from nanogpt4.utils import atomic_write_json, resolve_device
+
+    t0 = time.time()
+    cfg = _load(args)
+    device = resolve_device(cfg.device)
+    policy, cfg, tok = load_policy(cfg, args.pretrained, device)
+    examples = load_sft(args.data) if args.data else None
+    out = _stage_out(args, "sft")
+    before = None
+    if examples is None:  # offline tasks: the judge measures what SFT bought
+        judge = load_judge(cfg.rlhf.judge)
+        before = evaluate_policies(cfg, {"pretrained": policy}, tok, judge, device)[0]
+    result = sft_stage(cfg, policy, tok, out, device, examples)
+    summary = {"sft_train_loss": result["final_train_loss"], "steps": result["steps"],
+               "examples": len(examples) if examples else cfg.rlhf.sft_examples, "device": str(device)}
+    if before is not None:
+        summary.update(before)
+        summary.update(evaluate_policies(cfg, {"sft": policy}, tok, judge, device)[0])
+    summary["wall_s"] = time.time() - t0
+    atomic_write_json(out / "summary.json", summary)
+    print(f"sft: done, checkpoint in {out / 'checkpoints'}")
+    return _finish(args, summary)
+
+
+def cmd_reward(args) -> int:
+    from nanogpt4.rlhf.data import load_preferences
+    from nanogpt4.rlhf.judges import load_judge
+    from nanogpt4.rlhf.run import label_stage, load_policy, reward_stage
+    from nanogpt4.utils import atomic_write_json, resolve_device
+
+    t0 = time.time()
+    cfg = _load(args)
+    device = resolve_device(cfg.device)
+    sft, cfg, tok = load_policy(cfg, args.sft, device)
+    out = _stage_out(args, "reward")
+    centre = None
+    if args.data:
+        pairs = load_preferences(args.data)
+    else:
+        pairs, prompts, first = label_stage(cfg, sft, tok, load_judge(cfg.rlhf.judge), out)
+        centre = (prompts, first)
+    _, stats = reward_stage(cfg, sft, tok, pairs, out, device, centre)
+    summary = {**stats, "device": str(device), "wall_s": time.time() - t0}
+    atomic_write_json(out / "summary.json", summary)
+    return _finish(args, summary)
+
+
+def cmd_ppo(args) -> int:
+    """Also under ``torchrun``: ranks share each rollout batch and sum their gradients (see ``PPOTrainer``)."""
+    import copy
+
+    from nanogpt4.rlhf.judges import load_judge
+    from nanogpt4.rlhf.run import evaluate_policies, load_policy, load_reward_model, ppo_kl, ppo_stage
+    from nanogpt4.train.checkpoint import save_checkpoint
+    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
+    from nanogpt4.utils import atomic_write_json, resolve_device
+
+    t0 = time.time()
+    cfg = _load(args)
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        policy, cfg, tok = load_policy(cfg, args.sft, device)
+        rm = load_reward_model(cfg, args.reward, device)
+        judge = load_judge(cfg.rlhf.judge)
+        out = _stage_out(args, "ppo")
+        sft = copy.deepcopy(policy).eval()
+        log = print if info.is_main else (lambda _m: None)
+        ppo, history = ppo_stage(cfg, policy.train(), sft, rm, tok, judge, out, device, log=log, info=info)
+        from nanogpt4.train.distributed import DistInfo
+
+        ppo.info = DistInfo()  # training is over: rank 0 evaluates alone, without collectives
+        if not info.is_main:
+            return 0
+        results, prompts, _ = evaluate_policies(cfg, {"sft": sft, "ppo": policy}, tok, judge, device)
+        summary = {**results, "kl_ppo": ppo_kl(ppo, prompts), "processes": info.world_size, "device": str(device),
+                   "wall_s": time.time() - t0}
+        tok.save(out / "tokenizer.json")
+        save_checkpoint(out, cfg.rlhf.ppo_steps, policy, cfg, out / "tokenizer.json", {}, keep_last=1)
+        atomic_write_json(out / "summary.json", summary)
+        return _finish(args, summary)
+    finally:
+        shutdown_distributed()
+
+
+def cmd_dpo(args) -> int:
+    import copy
+
+    from nanogpt4.rlhf.data import load_preferences
+    from nanogpt4.rlhf.dpo import train_dpo
+    from nanogpt4.rlhf.judges import load_judge
+    from nanogpt4.rlhf.run import evaluate_policies, load_policy
+    from nanogpt4.train.checkpoint import save_checkpoint
+    from nanogpt4.utils import atomic_write_json, resolve_device
+
+    t0 = time.time()
+    cfg = _load(args)
+    device = resolve_device(cfg.device)
+    policy, cfg, tok = load_policy(cfg, args.sft, device)
+    pairs = load_preferences(args.data)
+    out = _stage_out(args, "dpo")
+    sft = copy.deepcopy(policy).eval()
+    result = train_dpo(cfg, policy.train().requires_grad_(True), tok, pairs, out, device, cfg.rlhf.dpo_steps)
+    summary = {"dpo_train_loss": result["final_train_loss"], "preference_pairs": len(pairs), "device": str(device)}
+    if not args.no_eval:
+        summary.update(evaluate_policies(cfg, {"sft": sft, "dpo": policy}, tok, load_judge(cfg.rlhf.judge),
+                                         device)[0])
+    tok.save(out / "tokenizer.json")
+    save_checkpoint(out, cfg.rlhf.dpo_steps, policy, cfg, out / "tokenizer.json", {}, keep_last=1)
+    summary["wall_s"] = time.time() - t0
+    atomic_write_json(out / "summary.json", summary)
+    return _finish(args, summary)
+
+
+def cmd_multimodal(args) -> int:
+    from nanogpt4.train.multimodal import run_multimodal
+
+    cfg = _load(args)
+    if args.pretrained is not None and not args.pretrained.exists():
+        raise UserError(f"--pretrained '{args.pretrained}' does not exist; pass a `nanogpt4 pretrain` run directory "
+                        f"or leave it out to train the language model from scratch")
+    out = args.out or Path("runs") / time.strftime("multimodal-%Y%m%d-%H%M%S")
+    summary = run_multimodal(cfg, args.pretrained, out, progress=_progress())
+    print(f"multimodal: scenes {summary['scenes_accuracy']}, digits {summary['digits_accuracy']}, "
+          f"text-only control {summary['text_only_accuracy']}; report: {out / 'report.md'}")
+    return _finish(args, summary)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanogpt4", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -182,6 +317,39 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--pretrained", type=Path, required=True, help="a `nanogpt4 pretrain` run directory")
     p.set_defaults(func=cmd_rlhf)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning (loss on response tokens only)")
+    _common(p)
+    p.add_argument("--pretrained", type=Path, required=True, help="a `nanogpt4 pretrain` run directory")
+    p.add_argument("--data", type=Path, default=None,
+                   help='jsonl of {"prompt","response"} or {"messages":[...]} (default: the offline tasks)')
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("reward", help="Bradley-Terry reward model (judge-labelled pairs unless --data)")
+    _common(p)
+    p.add_argument("--sft", type=Path, required=True, help="a `nanogpt4 sft` run directory")
+    p.add_argument("--data", type=Path, default=None, help='jsonl of {"prompt","chosen","rejected"}')
+    p.set_defaults(func=cmd_reward)
+
+    p = sub.add_parser("ppo", help="PPO of an SFT policy against a trained reward model")
+    _common(p)
+    p.add_argument("--sft", type=Path, required=True, help="a `nanogpt4 sft` run directory")
+    p.add_argument("--reward", type=Path, required=True, help="a `nanogpt4 reward` run directory")
+    p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("dpo", help="direct preference optimisation against the frozen SFT model")
+    _common(p)
+    p.add_argument("--sft", type=Path, required=True, help="a `nanogpt4 sft` run directory")
+    p.add_argument("--data", type=Path, required=True,
+                   help='jsonl of {"prompt","chosen","rejected"} (`nanogpt4 reward` writes OUT/preferences.jsonl)')
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out judge evaluation")
+    p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("multimodal", help="train and evaluate the vision-language model (LLaVA recipe)")
+    _common(p)
+    p.add_argument("--pretrained", type=Path, default=None,
+                   help="start the language model from a `nanogpt4 pretrain` run (default: from scratch)")
+    p.set_defaults(func=cmd_multimodal)
 
     p = sub.add_parser("scaling", help="accounting, law fits and compute-optimal planning")
     ssub = p.add_subparsers(dest="scaling_command", required=True, metavar="SUBCOMMAND")

@@ -89,6 +89,7 @@ class RLHFConfig:
     reward_model_lr: float = 1e-5
     reward_steps: int = 200
     freeze_base: bool = False
+    compare_frozen_base: bool = True  # also train the other variant (frozen vs fine-tuned base) and report both
     judge: str = "python-syntax"
     label_prompts: int = 1000  # prompts sampled by the SFT policy and labelled by the judge
     samples_per_prompt: int = 4  # K: the judge's best and worst of K samples form a pair
@@ -115,14 +116,28 @@ class RLHFConfig:
 
 @dataclass
 class MultimodalConfig:
-    encoder: str = "vit"  # vit | cnn
+    encoder: str = "vit"  # vit | cnn (the seed's two conv layers)
     image_size: int = 32
-    patch_size: int = 4
+    patch_size: int = 8  # image tokens per image = (image_size / patch_size)^2
+    stem: str = "conv"  # conv (stride-2 3x3 convs; needs a power-of-two patch) | patch (one strided conv)
     channels: int = 3
     encoder_dim: int = 128
     encoder_layers: int = 2
     encoder_heads: int = 4
+    pretrained_encoder: str | None = None  # a transformers vision model (name or local dir) instead of the ViT
+    freeze_encoder: bool = True  # with pretrained_encoder: keep its weights fixed
+    image_token_id: int = 2  # <|image|> in the BPE tokenizer; set from the tokenizer at run time
+    encoder_lr_scale: float = 1.0
     projector_lr_scale: float = 1.0
+    data: str = "scenes+digits"  # scenes | digits | scenes+digits | jsonl:PATH (image, prompt, answer)
+    digits_fraction: float = 0.3  # share of training rows from the digits set in scenes+digits
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    align_steps: int = 300  # stage 1 (LLaVA): LM frozen, encoder + projector learn to speak its language
+    tune_steps: int = 3000  # stage 2: everything trains
+    eval_scenes: int = 600  # held-out scenes (questions are drawn per scene)
+    max_new_tokens: int = 24
+    augment: bool = True  # random shifts of training images
 
 
 @dataclass
@@ -143,6 +158,7 @@ CHOICES = {
     "data.tokenizer": ("bpe", "gpt2"),
     "training.dtype": ("auto", "float32", "bfloat16"),
     "multimodal.encoder": ("vit", "cnn"),
+    "multimodal.stem": ("conv", "patch"),
 }
 
 
@@ -250,6 +266,23 @@ def validate(cfg: DictConfig) -> None:
     if t.batch_size % t.grad_accum_steps:
         raise UserError(f"training.batch_size={t.batch_size} must be divisible by "
                         f"training.grad_accum_steps={t.grad_accum_steps}")
+    mm = cfg.multimodal
+    for key in ("image_size", "patch_size", "channels", "encoder_dim", "encoder_layers", "encoder_heads",
+                "batch_size", "eval_scenes", "max_new_tokens"):
+        if mm[key] <= 0:
+            raise UserError(f"multimodal.{key} must be positive, got {mm[key]}")
+    if mm.align_steps < 0 or mm.tune_steps < 0 or mm.align_steps + mm.tune_steps == 0:
+        raise UserError("multimodal.align_steps and tune_steps must be >= 0 and not both 0")
+    if mm.image_size % mm.patch_size:
+        raise UserError(f"multimodal.image_size={mm.image_size} must be a multiple of patch_size={mm.patch_size}")
+    if mm.stem == "conv" and mm.encoder == "vit" and mm.patch_size & (mm.patch_size - 1):
+        raise UserError(f"multimodal.stem=conv needs a power-of-two patch_size, got {mm.patch_size}; "
+                        f"or set multimodal.stem=patch")
+    if mm.encoder_dim % mm.encoder_heads:
+        raise UserError(f"multimodal.encoder_dim={mm.encoder_dim} must be divisible by encoder_heads="
+                        f"{mm.encoder_heads}")
+    if not 0.0 <= mm.digits_fraction <= 1.0:
+        raise UserError(f"multimodal.digits_fraction must be in [0, 1], got {mm.digits_fraction}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
 

@@ -1,6 +1,7 @@
 """``nanogpt4 pipeline``: every stage on the offline default, one report.
 
-Stages so far: prepare (stdlib) -> pretrain (tiny) -> sample -> RLHF (SFT, reward model, PPO, DPO).
+Stages: prepare (stdlib) -> pretrain (tiny) -> sample -> RLHF (SFT, reward model, PPO, DPO) -> multimodal
+(the pretrained LM given eyes: scenes + digits VQA).
 Each stage writes its own run directory under ``OUT/``; a stage that already finished is reused, an
 interrupted pretraining is resumed.
 """
@@ -60,6 +61,24 @@ def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
     return run_rlhf(cfg, pretrained, run_dir, log=log)
 
 
+def _multimodal_stage(cfg, pretrained: Path, run_dir: Path, progress: bool, log) -> dict:
+    from nanogpt4.train.multimodal import run_multimodal
+
+    if (run_dir / "summary.json").exists():
+        log(f"multimodal: reusing finished run {run_dir}")
+        return json.loads((run_dir / "summary.json").read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return run_multimodal(cfg, pretrained, run_dir, log=log, progress=progress)
+
+
+def _multimodal_table(mm: dict) -> str:
+    rows = ["| question type | with image | blank image | question-only prior |", "| --- | --- | --- | --- |"]
+    for k, v in mm["per_type"].items():
+        rows.append(f"| {k} | {v:.3f} | {mm['text_only_per_type'][k]:.3f} | {mm['prior_per_type'][k]:.3f} |")
+    return "\n".join(rows)
+
+
 def _ci_line(rl: dict) -> str:
     parts = [f"{name}: {rl[f'judge_{name}']:.3f} [{rl[f'judge_{name}_ci95'][0]:.3f}, {rl[f'judge_{name}_ci95'][1]:.3f}]"
              for name in ("sft", "ppo", "dpo", "best_of_n")]
@@ -76,12 +95,15 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     pre = _pretrain_stage(cfg, out_dir / "pretrain", progress, log)
     samples = _samples(out_dir / "pretrain")
     rl = _rlhf_stage(cfg, out_dir / "pretrain", out_dir / "rlhf", log)
+    mm = _multimodal_stage(cfg, out_dir / "pretrain", out_dir / "multimodal", progress, log)
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     if (out_dir / "pretrain" / "plots" / "loss.png").exists():
         shutil.copyfile(out_dir / "pretrain" / "plots" / "loss.png", plots / "pretrain_loss.png")
     if (out_dir / "rlhf" / "plots" / "rlhf.png").exists():
         shutil.copyfile(out_dir / "rlhf" / "plots" / "rlhf.png", plots / "rlhf.png")
+    if (out_dir / "multimodal" / "plots" / "examples.png").exists():
+        shutil.copyfile(out_dir / "multimodal" / "plots" / "examples.png", plots / "multimodal_examples.png")
 
     sample_md = "\n\n".join(f"Prompt `{p!r}`:\n\n```python\n{s}\n```" for p, s in samples)
     sections = [
@@ -93,6 +115,11 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
             "rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n", "kl_ppo", "prompts_eval",
             "preference_pairs", "wall_s"]) + "\n\n" + _ci_line(rl) + "\n\n![RLHF](plots/rlhf.png)\n\n"
          "Details and samples: [rlhf/report.md](rlhf/report.md)"),
+        ("Multimodal (scenes + digits, LM from the pretraining run)", summary_table(mm, [
+            "scenes_accuracy", "digits_accuracy", "text_only_accuracy", "prior_accuracy", "caption_exact_match",
+            "caption_bleu", "examples_eval", "image_tokens", "train_s"]) + "\n\n" + _multimodal_table(mm)
+         + "\n\n![held-out examples](plots/multimodal_examples.png)\n\nDetails: "
+         "[multimodal/report.md](multimodal/report.md)"),
     ]
     summary = {
         "pretrain_val_loss": pre.get("val_loss"),
@@ -101,6 +128,8 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
         "pretrain_params": pre.get("params"),
         **{f"rlhf_{k}": rl[k] for k in ("rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n",
                                         "kl_ppo")},
+        **{f"multimodal_{k}": mm[k] for k in ("scenes_accuracy", "digits_accuracy", "text_only_accuracy",
+                                              "caption_exact_match")},
         "wall_s": time.time() - t0,
         "device": pre.get("device"),
     }

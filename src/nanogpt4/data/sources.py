@@ -185,23 +185,28 @@ def _network_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool
         return False
 
 
-def _load_hf(spec: str, field_name: str, max_bytes: int | None) -> list[tuple[str, str]]:
+def hf_rows(spec: str, what: str = "data.source"):
+    """Rows of a Hugging Face dataset ``NAME[:CONFIG]`` (streamed) or a local dataset directory."""
     name, _, config_name = spec.partition(":")
     if not name:
-        raise UserError("data.source 'hf:' needs a dataset name, e.g. hf:roneneldan/TinyStories")
+        raise UserError(f"{what} 'hf:' needs a dataset name, e.g. hf:roneneldan/TinyStories")
     try:
         import datasets
     except ImportError:
-        raise UserError("data.source 'hf:' needs the datasets package: pip install 'nanogpt4[hf]'") from None
+        raise UserError(f"{what} 'hf:' needs the datasets package: pip install 'nanogpt4[hf]'") from None
     local = Path(os.path.expanduser(name)).exists()
     if not local and not _network_reachable("huggingface.co"):
         raise UserError(f"cannot reach huggingface.co to stream '{name}'; you seem to be offline: "
-                        f"use a local dataset directory (hf:/path) or data.source=text:PATH")
-    cap = max_bytes if max_bytes is not None else 200_000_000
+                        f"use a local dataset directory (hf:/path) or a local file")
     try:
-        ds = datasets.load_dataset(name, config_name or None, split="train", streaming=True)
+        return datasets.load_dataset(name, config_name or None, split="train", streaming=True)
     except Exception as e:
         raise UserError(f"cannot load Hugging Face dataset '{spec}': {str(e).splitlines()[0]}") from None
+
+
+def _load_hf(spec: str, field_name: str, max_bytes: int | None) -> list[tuple[str, str]]:
+    ds = hf_rows(spec)
+    cap = max_bytes if max_bytes is not None else 200_000_000
     docs, total = [], 0
     for i, row in enumerate(ds):
         if field_name not in row:

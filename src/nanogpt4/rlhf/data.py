@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,12 +63,50 @@ def load_sft(path: str | Path) -> list[Example]:
     return out
 
 
-def load_preferences(path: str | Path) -> list[Preference]:
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def hh_to_preference(chosen: str, rejected: str, where: str) -> Preference:
+    """An Anthropic HH-RLHF row (two full transcripts sharing all but the last assistant turn) in our chat
+    template: the shared turns become the prompt, the two final assistant turns the responses."""
+    def turns(text: str) -> list[dict]:
+        parts = HH_TURN.split("\n\n" + text.lstrip("\n"))
+        if len(parts) < 3 or parts[0].strip():
+            raise UserError(f"{where}: not in the HH-RLHF layout ('\\n\\nHuman: ... \\n\\nAssistant: ...')")
+        role = {"Human": "user", "Assistant": "assistant"}
+        return [{"role": role[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
+
+    c, r = turns(chosen), turns(rejected)
+    if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant" or c[:-1] != r[:-1]:
+        raise UserError(f"{where}: chosen and rejected must share every turn but a final assistant reply")
+    ex_c, ex_r = format_chat(c, where), format_chat(r, where)
+    return Preference(ex_c.prompt, ex_c.response, ex_r.response)
+
+
+def preference_from_row(row: dict, where: str) -> Preference:
+    if all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+        return Preference(row["prompt"], row["chosen"], row["rejected"])
+    if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+        return hh_to_preference(row["chosen"], row["rejected"], where)
+    raise UserError(f"{where}: expected string fields prompt, chosen and rejected (or HH-RLHF's chosen/rejected "
+                    f"transcripts)")
+
+
+def load_preferences(path: str | Path, max_rows: int | None = None) -> list[Preference]:
+    """Preference pairs from a jsonl file, or ``hf:NAME[:CONFIG]`` (e.g. ``hf:Anthropic/hh-rlhf``, streamed;
+    a local dataset directory works offline)."""
     out = []
-    for where, row in _rows(path):
-        if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise UserError(f"{where}: expected string fields prompt, chosen and rejected")
-        out.append(Preference(row["prompt"], row["chosen"], row["rejected"]))
+    spec = str(path)
+    if spec.startswith("hf:"):
+        from nanogpt4.data.sources import hf_rows
+
+        rows = ((f"{spec} row {i}", row) for i, row in enumerate(hf_rows(spec[3:], "preference data")))
+    else:
+        rows = _rows(path)
+    for where, row in rows:
+        out.append(preference_from_row(row, where))
+        if max_rows is not None and len(out) >= max_rows:
+            break
     if not out:
         raise UserError(f"'{path}' holds no preference pairs")
     return out

@@ -83,14 +83,22 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     raise ValueError(f"unknown KL estimator '{kind}'; use k1, k2 or k3")
 
 
+def masked_total_mean(x: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor | float | None) -> torch.Tensor:
+    """``masked_mean``, or the masked sum over ``n_valid`` (the valid-token count of the whole minibatch across
+    data-parallel ranks: summed gradients then equal the single-process mean)."""
+    if n_valid is None:
+        return masked_mean(x, mask)
+    return (x * mask.to(x.dtype)).sum() / n_valid
+
+
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+                    mask: torch.Tensor, clip: float = 0.2, n_valid=None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate; also returns clip fraction, approx KL (k3 of new vs old) and the mean ratio."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_total_mean(torch.maximum(unclipped, clipped), mask, n_valid)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
                  "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask).item(),
@@ -99,10 +107,11 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+                   clip: float = 0.2, n_valid=None) -> tuple[torch.Tensor, dict]:
     """Clipped value loss: the worse of the clipped and unclipped squared errors (as in PPO2/TRL)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
-    loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
+    loss = 0.5 * masked_total_mean(torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2), mask,
+                                   n_valid)
     with torch.no_grad():
         frac = masked_mean(((values - returns) ** 2 < (clipped_values - returns) ** 2).float(), mask).item()
     return loss, {"value_clipfrac": frac}

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from nanogpt4.data.tokenizer import Tokenizer
@@ -25,10 +26,29 @@ from nanogpt4.rlhf.ops import (
     entropy_from_logits,
     gather_logprobs,
     masked_mean,
-    masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
 )
+from nanogpt4.train.distributed import DistInfo
+
+
+def all_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, info: DistInfo, eps: float = 1e-8) -> torch.Tensor:
+    """``masked_whiten`` over the valid tokens of every data-parallel rank's rollout (mean and unbiased
+    variance of the global batch, as one process holding all of it would compute)."""
+    m = mask.to(x.dtype)
+    n = all_sum(m.sum(), info)
+    mean = all_sum((x * m).sum(), info) / n.clamp(min=1)
+    sq = all_sum((((x - mean) * m) ** 2).sum(), info)
+    var = sq / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sequence ids, attention mask) -> (B,) scores
 
@@ -63,7 +83,11 @@ class PPOTrainer:
     def __init__(self, policy: nn.Module, score_fn: ScoreFn, tokenizer: Tokenizer, rlhf_cfg,
                  value_model: ValueModel | None = None, ref_policy: nn.Module | None = None,
                  learning_rate: float = 1e-5, value_learning_rate: float | None = None,
-                 no_eos_penalty: float = 1.0, vf_coef: float = 0.5, seed: int = 0):
+                 no_eos_penalty: float = 1.0, vf_coef: float = 0.5, seed: int = 0, info: DistInfo | None = None):
+        """Under data parallelism (``info`` from ``init_distributed``) every rank rolls out its share of the
+        prompts, advantages are whitened over the global batch, and gradients are summed over ranks with the
+        loss normalised by the global minibatch's token count: the update equals one process's."""
+        self.info = info or DistInfo()
         self.policy = policy
         self.ref = ref_policy if ref_policy is not None else copy.deepcopy(policy)
         self.ref.eval().requires_grad_(False)
@@ -79,7 +103,10 @@ class PPOTrainer:
              {"params": [p for p in self.value.parameters() if p.requires_grad],
               "lr": value_learning_rate or learning_rate * 2}], weight_decay=0.0, betas=(0.9, 0.95))
         self.device = next(policy.parameters()).device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed + 1000 * self.info.rank)
+        if self.info.enabled:  # every rank starts from rank 0's weights
+            for p in [*policy.parameters(), *self.value.parameters()]:
+                dist.broadcast(p.data, src=0)
         self.step_count = 0
 
     # ------------------------------------------------------------------ rollout
@@ -92,6 +119,13 @@ class PPOTrainer:
         P = prompt_ids.size(1)
         seq = self.policy.generate(prompt_ids, c.max_new_tokens, temperature=1.0, attention_mask=prompt_mask,
                                    stop_tokens=[tok.eot_id], pad_token_id=tok.pad_id, generator=self.generator)
+        return self.score_rollout(seq, prompt_mask, P)
+
+    @torch.no_grad()
+    def score_rollout(self, seq: torch.Tensor, prompt_mask: torch.Tensor, P: int) -> Rollout:
+        """Everything PPO stores about sampled sequences: log-probs, reference log-probs, values, scores,
+        rewards, GAE advantages (whitened) and returns. ``seq`` = left-padded prompts (width ``P``) + responses."""
+        c, tok = self.c, self.tok
         response = seq[:, P:]
         # valid = up to and including the first end-of-text
         is_eot = response == tok.eot_id
@@ -111,7 +145,7 @@ class PPOTrainer:
         last = response_mask.sum(1).clamp(min=1) - 1
         rewards[torch.arange(rewards.size(0)), last] += scores
         advantages, returns = compute_gae(rewards, values, response_mask, c.gamma, c.lam)
-        advantages = masked_whiten(advantages, response_mask)
+        advantages = global_whiten(advantages, response_mask, self.info)
         return Rollout(seq, mask, response_mask, P, logprobs, ref_logprobs, values, scores, advantages, returns)
 
     # ------------------------------------------------------------------ update
@@ -124,20 +158,29 @@ class PPOTrainer:
         stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio",
                                                          "entropy", "value_clipfrac")}
         first_ratio = None
-        g = torch.Generator().manual_seed(self.step_count)
+        g = torch.Generator().manual_seed(self.step_count * 1009 + self.info.rank)
+        mini = max(1, c.mini_batch_size // self.info.world_size)  # the config's minibatch is global
         for _ in range(c.ppo_epochs):
             order = torch.randperm(B, generator=g)
-            for i in range(0, B, c.mini_batch_size):
-                idx = order[i:i + c.mini_batch_size].to(self.device)
+            for i in range(0, B, mini):
+                idx = order[i:i + mini].to(self.device)
                 ids, mask, rmask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
+                n_valid = all_sum(rmask.sum().float(), self.info) if self.info.enabled else None
                 logp, entropy = response_logprobs(self.policy, ids, mask, ro.prompt_len, with_entropy=True)
-                pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], rmask, c.clip_epsilon)
+                pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], rmask, c.clip_epsilon,
+                                                    n_valid)
                 values = self.value(ids, mask)[:, ro.prompt_len - 1:-1]
-                vf_loss, vf_stats = ppo_value_loss(values, ro.values[idx], ro.returns[idx], rmask, c.value_clip)
+                vf_loss, vf_stats = ppo_value_loss(values, ro.values[idx], ro.returns[idx], rmask, c.value_clip,
+                                                   n_valid)
                 loss = pg_loss + self.vf_coef * vf_loss
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], 1.0)
+                params = [p for grp in self.opt.param_groups for p in grp["params"]]
+                if self.info.enabled:  # losses are already over the global token count: sum, not average
+                    for p in params:
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 self.opt.step()
                 if first_ratio is None:
                     first_ratio = (pg_stats["ratio"], pg_stats["approx_kl"])
@@ -156,11 +199,13 @@ class PPOTrainer:
         ro = self.rollout(prompts)
         t1 = time.time()
         stats = self.update(ro)
-        kl_per_seq = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1).mean().item()
-        self.kl_ctl.update(kl_per_seq, len(prompts))
+        world = self.info.world_size
+        mean = lambda t: (all_sum(t.float().sum(), self.info) / (t.numel() * world)).item()  # noqa: E731
+        kl_per_seq = mean(((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1))
+        self.kl_ctl.update(kl_per_seq, len(prompts) * world)
         self.step_count += 1
-        stats.update({"step": self.step_count, "reward": ro.scores.mean().item(), "kl": kl_per_seq,
-                      "kl_coef": self.kl_ctl.kl_coef, "response_length": ro.response_mask.sum(1).float().mean().item(),
+        stats.update({"step": self.step_count, "reward": mean(ro.scores), "kl": kl_per_seq,
+                      "kl_coef": self.kl_ctl.kl_coef, "response_length": mean(ro.response_mask.sum(1)),
                       "rollout_s": t1 - t0, "update_s": time.time() - t1,
                       "tokens": int(ro.response_mask.sum().item())})
         return stats, ro

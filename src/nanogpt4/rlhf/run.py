@@ -33,7 +33,8 @@ from nanogpt4.rlhf.stages import (
     train_sft,
 )
 from nanogpt4.train.checkpoint import load_model, save_checkpoint
-from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
+from nanogpt4.train.distributed import DistInfo
+from nanogpt4.utils import atomic_path, atomic_write_json, atomic_write_text, resolve_device
 
 
 def line_examples(docs: list[str], n: int, seed: int) -> list[Example]:
@@ -75,31 +76,48 @@ def rm_scores(rm: RewardModel, tok, prompts: list[str], responses: list[str], de
     return torch.cat(out)
 
 
-def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
-    t_start = time.time()
-    device = resolve_device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
-    policy, pre_cfg, tok = load_model(pretrained, device)
+def load_policy(cfg: DictConfig, run: Path, device) -> tuple[torch.nn.Module, DictConfig, object]:
+    """A trained LM (pretrain or SFT run) with its tokenizer; the run's model/data sections override ``cfg``."""
+    policy, run_cfg, tok = load_model(run, device)
     if tok is None:
-        raise UserError(f"'{pretrained}' has no tokenizer.json; point --pretrained at a `nanogpt4 pretrain` run")
-    cfg = OmegaConf.merge(cfg, {"model": OmegaConf.to_container(pre_cfg.model), "data": OmegaConf.to_container(
-        pre_cfg.data)})
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        raise UserError(f"'{run}' has no tokenizer.json; point at a `nanogpt4 pretrain` or `nanogpt4 sft` run")
+    cfg = OmegaConf.merge(cfg, {"model": OmegaConf.to_container(run_cfg.model),
+                                "data": OmegaConf.to_container(run_cfg.data)})
     r, L = cfg.rlhf, cfg.model.max_seq_len
     if r.max_new_tokens > L - 8:
         raise UserError(f"rlhf.max_new_tokens={r.max_new_tokens} leaves no room for prompts in model.max_seq_len={L}; "
                         f"set rlhf.max_new_tokens <= {L - 8}")
-    judge = load_judge(r.judge)
-    quiet = lambda _m: None  # noqa: E731
-    summary: dict = {"judge": r.judge, "device": str(device)}
+    return policy, cfg, tok
 
-    # 1. SFT on real tasks from the training split
-    sft_examples = make_tasks(cfg, r.sft_examples, "train", cfg.seed)
-    log(f"rlhf: SFT on {len(sft_examples)} examples for {r.sft_steps} steps")
-    train_sft(cfg, policy, tok, sft_examples, out / "sft", device, log=quiet)
-    sft = copy.deepcopy(policy).eval()
 
-    # 2. preferences: K SFT samples per prompt; the judge's best and worst form a pair (ties dropped)
+def load_reward_model(cfg: DictConfig, run: Path, device) -> RewardModel:
+    """The reward model written by ``nanogpt4 reward`` (or the reward stage of ``nanogpt4 rlhf``)."""
+    from nanogpt4.model.transformer import Transformer
+    from nanogpt4.train.checkpoint import load_weights, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(run)
+    rm = RewardModel(Transformer(cfg))
+    load_weights(rm, ckpt / "model.safetensors")
+    return rm.to(device).eval().requires_grad_(False)
+
+
+def sft_stage(cfg: DictConfig, policy, tok, out: Path, device, examples: list[Example] | None = None,
+              log=print) -> dict:
+    """Supervised fine-tuning on ``examples`` (default: the offline tasks); the policy is trained in place."""
+    examples = examples or make_tasks(cfg, cfg.rlhf.sft_examples, "train", cfg.seed)
+    log(f"rlhf: SFT on {len(examples)} examples for {cfg.rlhf.sft_steps} steps")
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / "tokenizer.json")
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    return train_sft(cfg, policy, tok, examples, out, device, log=lambda _m: None,
+                     tokenizer_path=out / "tokenizer.json")
+
+
+def label_stage(cfg: DictConfig, sft, tok, judge, out: Path, log=print) -> tuple[list[Preference], list[str],
+                                                                                 list[str]]:
+    """K SFT samples per prompt; the judge's best and worst form a pair (near-ties dropped, as a labeler
+    skips pairs they cannot tell apart). Returns (pairs, prompts, the first sample of each prompt)."""
+    r = cfg.rlhf
     label_prompts = [e.prompt for e in make_tasks(cfg, r.label_prompts, "train", cfg.seed + 1)]
     k_samples = [generate_responses(sft, tok, label_prompts, r.max_new_tokens, 1.0, seed=1 + k)
                  for k in range(max(2, r.samples_per_prompt))]
@@ -107,77 +125,149 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
     best, worst = k_scores.argmax(0), k_scores.argmin(0)
     a = [k_samples[k][i] for i, k in enumerate(best)]
     b = [k_samples[k][i] for i, k in enumerate(worst)]
-    # near-ties are skipped, as a human labeler skips pairs they cannot tell apart
     pairs = [Preference(p, c, j) for p, c, j, _ in label_pairs(judge, label_prompts, a, b, r.label_min_gap)]
     if len(pairs) < 20:
         raise UserError(f"the judge separated only {len(pairs)} sample pairs; raise rlhf.label_prompts")
-    n_val = max(10, len(pairs) // 10)
-    train_pairs, val_pairs = pairs[n_val:], pairs[:n_val]
-    with open(out / "preferences.jsonl", "w", encoding="utf-8") as f:
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "preferences.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for p in pairs:
             f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
     log(f"rlhf: {len(pairs)} preference pairs labelled by {r.judge} ({len(label_prompts)} prompts x "
         f"{len(k_samples)} samples)")
+    return pairs, label_prompts, k_samples[0]
 
-    # 3. reward model (fine-tuned base by default), centred on SFT samples
-    rm = RewardModel(copy.deepcopy(sft), freeze_base=r.freeze_base).to(device)
-    train_reward(cfg, rm, tok, train_pairs, val_pairs, out / "reward", device, log=quiet)
+
+def split_pairs(pairs: list[Preference]) -> tuple[list[Preference], list[Preference]]:
+    n_val = max(10, len(pairs) // 10)
+    if len(pairs) < n_val + 10:
+        raise UserError(f"{len(pairs)} preference pairs are too few to train and hold out a reward model (need 20+)")
+    return pairs[n_val:], pairs[:n_val]
+
+
+def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, device,
+                 centre_on: tuple[list[str], list[str]] | None = None, log=print) -> tuple[RewardModel, dict]:
+    """Bradley-Terry reward model from the SFT weights (fine-tuned base; with ``rlhf.compare_frozen_base`` a
+    frozen-base twin is trained too and reported beside it), centred so SFT responses average 0."""
+    r, L = cfg.rlhf, cfg.model.max_seq_len
+    train_pairs, val_pairs = split_pairs(pairs)
     val_enc = [encode_pair(tok, p, L) for p in val_pairs]
-    summary["rm_val_accuracy"] = reward_accuracy(rm, val_enc, tok.pad_id, device)
-    rm.reward_offset.fill_(float(rm_scores(rm, tok, label_prompts, k_samples[0], device, L).mean()))
+    quiet = lambda _m: None  # noqa: E731
+    stats: dict = {"preference_pairs": len(pairs), "rm_val_pairs": len(val_pairs)}
+    variants = [("", r.freeze_base)]
+    if r.compare_frozen_base:
+        variants.append(("_fine_tuned" if r.freeze_base else "_frozen_base", not r.freeze_base))
+    rm = None
+    for suffix, freeze in variants:
+        model = RewardModel(copy.deepcopy(sft), freeze_base=freeze).to(device)
+        run_dir = out / suffix.lstrip("_") if suffix else out
+        train_reward(cfg, model, tok, train_pairs, val_pairs, run_dir, device, log=quiet)
+        stats[f"rm_val_accuracy{suffix}"] = reward_accuracy(model, val_enc, tok.pad_id, device)
+        if rm is None:
+            rm = model
+    stats["rm_freeze_base"] = r.freeze_base
+    if centre_on is not None:
+        rm.reward_offset.fill_(float(rm_scores(rm, tok, centre_on[0], centre_on[1], device, L).mean()))
     rm.eval().requires_grad_(False)
-    save_checkpoint(out / "reward", r.reward_steps, rm, cfg, None, {}, keep_last=1)
-    log(f"rlhf: reward model held-out accuracy {summary['rm_val_accuracy']:.3f} on {len(val_pairs)} pairs")
+    save_checkpoint(out, r.reward_steps, rm, cfg, None, {}, keep_last=1)
+    others = ", ".join(f"{k[len('rm_val_accuracy_'):]} {v:.3f}" for k, v in stats.items()
+                       if k.startswith("rm_val_accuracy_"))
+    log(f"rlhf: reward model held-out accuracy {stats['rm_val_accuracy']:.3f} on {len(val_pairs)} pairs"
+        + (f" ({others})" if others else ""))
+    return rm, stats
 
-    # 4. PPO against the learned reward; the judge only watches
+
+def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Path, device,
+              log=print, info: DistInfo | None = None) -> tuple[PPOTrainer, list[dict]]:
+    """PPO against the learned reward; the judge only watches. ``policy`` is trained in place. Under torchrun
+    (``info``) each rank rolls out its share of every rollout batch; rank 0 logs."""
+    r = cfg.rlhf
+    info = info or DistInfo()
+    if r.rollout_batch_size % info.world_size or r.mini_batch_size % info.world_size:
+        raise UserError(f"rlhf.rollout_batch_size={r.rollout_batch_size} and mini_batch_size={r.mini_batch_size} "
+                        f"must be divisible by the number of processes ({info.world_size})")
+
     def score_fn(ids, mask):
         return rm(ids, mask)
 
     value = ValueModel(copy.deepcopy(rm.transformer)).requires_grad_(True)  # the critic starts as the RM
     value.reward_head.load_state_dict(rm.reward_head.state_dict())
     ppo = PPOTrainer(policy, score_fn, tok, r, value_model=value.to(device), ref_policy=sft,
-                     learning_rate=r.ppo_learning_rate, no_eos_penalty=r.no_eos_penalty, seed=cfg.seed)
+                     learning_rate=r.ppo_learning_rate, no_eos_penalty=r.no_eos_penalty, seed=cfg.seed, info=info)
     ppo_prompts = [e.prompt for e in make_tasks(cfg, r.ppo_steps * r.rollout_batch_size, "train", cfg.seed + 2)]
+    out.mkdir(parents=True, exist_ok=True)
     history = []
     for step in range(r.ppo_steps):
-        batch = ppo_prompts[step * r.rollout_batch_size:(step + 1) * r.rollout_batch_size]
+        batch = ppo_prompts[step * r.rollout_batch_size:(step + 1) * r.rollout_batch_size][info.rank::info.world_size]
         stats, ro = ppo.step(batch)
         responses = [tok.decode([t for t, m in zip(row, mrow, strict=True) if m and t != tok.eot_id])
                      for row, mrow in zip(ro.input_ids[:, ro.prompt_len:].tolist(), ro.response_mask.tolist(),
                                           strict=True)]
-        stats["judge"] = float(np.mean(judge(batch, responses)))
+        stats["judge"] = float(np.mean(judge(batch, responses)))  # this rank's share
         history.append(stats)
+        if not info.is_main:
+            continue
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))}) + "\n")
         if (step + 1) % max(1, r.ppo_steps // 10) == 0:
             log(f"ppo step {step + 1}/{r.ppo_steps}: reward {stats['reward']:.3f} judge {stats['judge']:.3f} "
                 f"kl {stats['kl']:.2f} clipfrac {stats['clipfrac']:.3f}")
+    return ppo, history
 
-    # 5. DPO from the SFT model on the same pairs
-    dpo_policy = copy.deepcopy(sft).train().requires_grad_(True)
-    train_dpo(cfg, dpo_policy, tok, train_pairs, out / "dpo", device, r.dpo_steps, log=quiet)
 
-    # 6. held-out evaluation: judge scores with 95% intervals
-    eval_tasks = make_tasks(cfg, r.eval_prompts, "val", cfg.seed + 3)
-    prompts = [e.prompt for e in eval_tasks]
-    results = {}
-    samples = {}
-    for name, model in (("sft", sft), ("ppo", policy), ("dpo", dpo_policy)):
-        responses = generate_responses(model.eval(), tok, prompts, r.max_new_tokens, 1.0, seed=7)
-        samples[name] = responses
-        results[name] = judge(prompts, responses)
-    candidates = [generate_responses(sft, tok, prompts, r.max_new_tokens, 1.0, seed=100 + k)
-                  for k in range(r.best_of_n)]
-    scores = torch.stack([rm_scores(rm, tok, prompts, c, device, L) for c in candidates])
-    best = scores.argmax(0).tolist()
-    samples["best_of_n"] = [candidates[k][i] for i, k in enumerate(best)]
-    results["best_of_n"] = judge(prompts, samples["best_of_n"])
+def evaluate_policies(cfg: DictConfig, policies: dict, tok, judge, device, rm: RewardModel | None = None,
+                      best_of_base=None) -> tuple[dict, list[str], dict]:
+    """Mean held-out judge score (with a 95% interval) of each policy, and best-of-n of ``best_of_base``
+    ranked by ``rm``. Returns (summary entries, prompts, samples)."""
+    r, L = cfg.rlhf, cfg.model.max_seq_len
+    prompts = [e.prompt for e in make_tasks(cfg, r.eval_prompts, "val", cfg.seed + 3)]
+    results, samples = {}, {}
+    for name, model in policies.items():
+        samples[name] = generate_responses(model.eval(), tok, prompts, r.max_new_tokens, 1.0, seed=7)
+        results[name] = judge(prompts, samples[name])
+    if rm is not None and best_of_base is not None:
+        candidates = [generate_responses(best_of_base, tok, prompts, r.max_new_tokens, 1.0, seed=100 + k)
+                      for k in range(r.best_of_n)]
+        scores = torch.stack([rm_scores(rm, tok, prompts, c, device, L) for c in candidates])
+        best = scores.argmax(0).tolist()
+        samples["best_of_n"] = [candidates[k][i] for i, k in enumerate(best)]
+        results["best_of_n"] = judge(prompts, samples["best_of_n"])
+    summary = {"prompts_eval": len(prompts)}
     for name, vals in results.items():
         summary[f"judge_{name}"], summary[f"judge_{name}_ci95"] = mean_ci(vals)
+    return summary, prompts, samples
+
+
+def ppo_kl(ppo: PPOTrainer, prompts: list[str]) -> float:
     ro = ppo.rollout(prompts[:64])
-    summary["kl_ppo"] = float(((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1).mean())
-    summary["prompts_eval"] = len(prompts)
-    summary["preference_pairs"] = len(pairs)
+    return float(((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1).mean())
+
+
+def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
+    """SFT -> judge labels -> reward model -> PPO, DPO and best-of-n -> held-out judge scores."""
+    t_start = time.time()
+    device = resolve_device(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    policy, cfg, tok = load_policy(cfg, pretrained, device)
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    r = cfg.rlhf
+    judge = load_judge(r.judge)
+    summary: dict = {"judge": r.judge, "device": str(device)}
+
+    sft_stage(cfg, policy, tok, out / "sft", device, log=log)
+    sft = copy.deepcopy(policy).eval()
+    pairs, label_prompts, first_samples = label_stage(cfg, sft, tok, judge, out, log=log)
+    rm, rm_stats = reward_stage(cfg, sft, tok, pairs, out / "reward", device, (label_prompts, first_samples), log)
+    summary.update(rm_stats)
+    ppo, history = ppo_stage(cfg, policy, sft, rm, tok, judge, out, device, log)
+
+    # DPO from the SFT model on the same pairs
+    dpo_policy = copy.deepcopy(sft).train().requires_grad_(True)
+    train_dpo(cfg, dpo_policy, tok, split_pairs(pairs)[0], out / "dpo", device, r.dpo_steps, log=lambda _m: None)
+
+    results, prompts, samples = evaluate_policies(cfg, {"sft": sft, "ppo": policy, "dpo": dpo_policy}, tok, judge,
+                                                  device, rm=rm, best_of_base=sft)
+    summary.update(results)
+    summary["kl_ppo"] = ppo_kl(ppo, prompts)
     summary["wall_s"] = time.time() - t_start
     atomic_write_json(out / "summary.json", summary)
     write_rlhf_report(out, summary, history, prompts, samples)
@@ -216,7 +306,8 @@ def write_rlhf_report(out: Path, summary: dict, history: list[dict], prompts, sa
     with atomic_path(plots / "rlhf.png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-    keys = ["rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n", "kl_ppo", "prompts_eval",
+    keys = ["rm_val_accuracy", "rm_val_accuracy_frozen_base", "rm_val_accuracy_fine_tuned",
+            "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n", "kl_ppo", "prompts_eval",
             "preference_pairs", "wall_s"]
     body = [summary_table(summary, keys), "", "![RLHF curves](plots/rlhf.png)", "", "### Samples (held-out prompts)"]
     for i in range(3):

@@ -105,12 +105,13 @@ def reward_accuracy(rm: RewardModel, pairs: list[tuple[list[int], list[int]]], p
 
 
 def train_sft(cfg: DictConfig, model, tok: Tokenizer, examples: list[Example], run_dir: Path, device,
-              log=print) -> dict:
+              log=print, tokenizer_path: Path | None = None) -> dict:
     tc = stage_training_cfg(cfg, max_steps=cfg.rlhf.sft_steps, learning_rate=cfg.rlhf.sft_learning_rate,
                             warmup_steps=min(20, cfg.rlhf.sft_steps // 10 + 1),
                             eval_interval=cfg.rlhf.sft_steps, checkpoint_interval=cfg.rlhf.sft_steps)
     batches = SFTBatches(examples, tok, cfg.model.max_seq_len, tc.batch_size, cfg.seed)
-    trainer = Trainer(cfg, model, batches, run_dir, DistInfo(), device, train_cfg=tc, progress=False, log=log)
+    trainer = Trainer(cfg, model, batches, run_dir, DistInfo(), device, train_cfg=tc, progress=False, log=log,
+                      tokenizer_path=tokenizer_path)
     return trainer.fit()
 
 

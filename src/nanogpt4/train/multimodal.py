@@ -1,0 +1,406 @@
+"""The multimodal stage: LLaVA's two-stage recipe on the shared Trainer, then a held-out evaluation.
+
+Stage 1 (align) freezes the language model and trains the image encoder + projector, so image tokens learn
+to speak the LM's language; stage 2 (tune) trains everything. The evaluation answers held-out questions
+greedily, once with the image and once with a blank image (the text-only control), next to the accuracy a
+question-only prior (the most common training answer for each exact question) would get.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nanogpt4.data.tokenizer import BPETokenizer, Tokenizer
+from nanogpt4.data.vision import (
+    EVAL_SEED_BASE,
+    QUESTION_TYPES,
+    VQAItem,
+    digit_items,
+    eval_scene_items,
+    load_digits_split,
+    load_vqa_jsonl,
+    train_scene_conversation,
+)
+from nanogpt4.errors import UserError
+from nanogpt4.model.multimodal import MultimodalTransformer
+from nanogpt4.rlhf.data import pad_left, pad_right
+from nanogpt4.train.checkpoint import load_model
+from nanogpt4.train.distributed import DistInfo
+from nanogpt4.train.trainer import Trainer, rank_rows
+from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
+
+USER, ASSISTANT, END, IMAGE = "<|user|>", "<|assistant|>", "<|end|>", "<|image|>"
+
+
+def prompt_text(question: str) -> str:
+    return f"{USER}{IMAGE}{question}{END}{ASSISTANT}"
+
+
+class TextCodec:
+    """Tokenises prompts/answers once per distinct string (the question set is small and repeats)."""
+
+    def __init__(self, tok: Tokenizer, model: MultimodalTransformer):
+        self.tok, self.model = tok, model
+        self.end_id = tok.token_id(END)
+        self._cache: dict[str, list[int]] = {}
+
+    def prompt(self, question: str) -> list[int]:
+        if question not in self._cache:
+            self._cache[question] = self.model.expand_image_tokens(self.tok.encode(prompt_text(question)))
+        return self._cache[question]
+
+    def answer(self, answer: str) -> list[int]:
+        key = "\0" + answer
+        if key not in self._cache:
+            self._cache[key] = self.tok.encode(answer) + [self.end_id]
+        return self._cache[key]
+
+    def turn(self, question: str, first: bool) -> list[int]:
+        """A user turn; only the first carries the image."""
+        if first:
+            return self.prompt(question)
+        key = "\1" + question
+        if key not in self._cache:
+            self._cache[key] = self.tok.encode(f"{USER}{question}{END}{ASSISTANT}")
+        return self._cache[key]
+
+    def conversation(self, items: list[VQAItem], max_len: int) -> tuple[list[int], list[int]]:
+        """(input_ids, next-token labels) of a multi-turn conversation about one image, the loss on the answers
+        (and their end tokens) only; turns that do not fit in ``max_len`` are dropped, the first never is."""
+        ids: list[int] = []
+        targets: list[int] = []
+        for k, item in enumerate(items):
+            p, a = self.turn(item.question, k == 0), self.answer(item.answer)
+            if len(ids) + len(p) + len(a) > max_len + 1:
+                if k == 0:
+                    raise UserError(f"a question + answer needs {len(p) + len(a)} tokens but model.max_seq_len="
+                                    f"{max_len}; raise model.max_seq_len or use fewer image tokens (larger "
+                                    f"multimodal.patch_size)")
+                break
+            ids += p + a
+            targets += [-100] * len(p) + a
+        return ids[:-1], targets[1:]
+
+# ------------------------------------------------------------------------------------------- data
+class VQASource:
+    """Training rows as a pure function of (seed, step, row): procedural scenes are unlimited; the digits
+    and user rows are drawn with replacement (digits shifted by up to 2 pixels when augmenting)."""
+
+    def __init__(self, mm: DictConfig, size: int, channels: int, seed: int):
+        self.mm, self.size, self.channels, self.seed = mm, size, channels, seed
+        self.kinds = mm.data.split("+") if not mm.data.startswith("jsonl:") else ["jsonl"]
+        bad = [k for k in self.kinds if k not in ("scenes", "digits", "jsonl")]
+        if bad or not self.kinds:
+            raise UserError(f"multimodal.data={mm.data!r} is not one of scenes, digits, scenes+digits, jsonl:PATH")
+        self.digits = load_digits_split() if "digits" in self.kinds else None
+        self.custom_train: list[VQAItem] = []
+        self.custom_eval: list[VQAItem] = []
+        if "jsonl" in self.kinds:
+            rows = load_vqa_jsonl(mm.data[len("jsonl:"):], size, channels)
+            # every 10th row is held out (at least one), so the split never depends on the machine
+            self.custom_eval = rows[::10]
+            self.custom_train = [r for i, r in enumerate(rows) if i % 10] or rows
+
+    def conversation(self, step: int, row: int) -> list[VQAItem]:
+        """Training row ``row`` of ``step``: one image and the questions asked about it."""
+        rng = random.Random((self.seed * 1_000_003 + step) * 4096 + row)
+        kind = self.kinds[0]
+        if len(self.kinds) > 1:
+            kind = "digits" if rng.random() < self.mm.digits_fraction else "scenes"
+        if kind == "scenes":
+            return train_scene_conversation(rng.randrange(EVAL_SEED_BASE), self.size, self.channels)
+        if kind == "digits":
+            d = self.digits
+            i = rng.randrange(len(d.train_labels))
+            shift = (rng.randint(-2, 2), rng.randint(-2, 2)) if self.mm.augment else (0, 0)
+            items = digit_items(d.train_images[i], d.train_labels[i], self.size, self.channels, shift)
+            rng.shuffle(items)
+            return items
+        return [self.custom_train[rng.randrange(len(self.custom_train))]]
+
+    def eval_items(self) -> list[VQAItem]:
+        items: list[VQAItem] = []
+        if "scenes" in self.kinds:
+            items += eval_scene_items(self.mm.eval_scenes, self.size, self.channels)
+        if self.digits is not None:
+            d = self.digits
+            for px, label in zip(d.test_images, d.test_labels, strict=True):
+                items += digit_items(px, label, self.size, self.channels)
+        return items + self.custom_eval
+
+
+class VQABatches:
+    def __init__(self, source: VQASource, codec: TextCodec, batch_size: int, max_len: int):
+        self.source, self.codec, self.batch_size, self.max_len = source, codec, batch_size, max_len
+        self.pad = codec.tok.pad_id
+        self.tokens_per_step = batch_size * max_len  # an upper bound; rows are short
+
+    def get(self, step: int, micro: int, accum: int, info: DistInfo, device) -> dict:
+        rows = range(self.batch_size)[rank_rows(self.batch_size, micro, accum, info)]
+        convs = [self.source.conversation(step, r) for r in rows]
+        encoded = [self.codec.conversation(c, self.max_len) for c in convs]
+        return {"input_ids": pad_right([e[0] for e in encoded], self.pad, device),
+                "labels": pad_right([e[1] for e in encoded], -100, device),
+                "images": torch.from_numpy(np.stack([c[0].image for c in convs])).to(device)}
+
+
+def vqa_loss(model, batch: dict) -> torch.Tensor:
+    return model(batch["input_ids"], batch["images"], labels=batch["labels"])
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def answer_questions(model: MultimodalTransformer, codec: TextCodec, items: list[VQAItem], blank: bool = False,
+                     batch_size: int = 128, max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers; ``blank`` replaces every image by an empty (black) one: the text-only control."""
+    device = next(model.parameters()).device
+    stops = [codec.end_id, codec.tok.eot_id]
+    answers: list[str] = []
+    # short answers first: a batch decodes until its longest answer ends
+    order = sorted(range(len(items)), key=lambda i: items[i].kind == "caption")
+    out: dict[int, str] = {}
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, mask = pad_left([codec.prompt(items[i].question) for i in idx], codec.tok.pad_id, device)
+        images = torch.from_numpy(np.stack([items[i].image for i in idx])).to(device)
+        if blank:
+            images = torch.full_like(images, -1.0)
+        limit = max_new_tokens if any(items[i].kind == "caption" for i in idx) else 6
+        gen = model.generate(ids, images, limit, temperature=0, attention_mask=mask, stop_tokens=stops,
+                             pad_token_id=codec.tok.pad_id)
+        for row, i in enumerate(idx):
+            new = gen[row, ids.size(1):].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+            out[i] = codec.tok.decode(new[:cut]).strip()
+    answers = [out[i] for i in range(len(items))]
+    return answers
+
+
+def bleu(candidate: str, reference: str, max_n: int = 4) -> float:
+    """Sentence BLEU: clipped n-gram precisions up to the shorter sentence's length (max 4), add-one smoothing
+    for n >= 2 (Lin & Och 2004's BLEU+1), brevity penalty."""
+    c, r = candidate.split(), reference.split()
+    if not c or not r:
+        return 0.0
+    logs = []
+    for n in range(1, min(max_n, len(c), len(r)) + 1):
+        cn = Counter(tuple(c[i:i + n]) for i in range(len(c) - n + 1))
+        rn = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        hits = sum(min(v, rn[k]) for k, v in cn.items())
+        total = len(c) - n + 1
+        if n == 1 and hits == 0:
+            return 0.0
+        logs.append(np.log((hits + (n > 1)) / (total + (n > 1))))
+    bp = min(1.0, float(np.exp(1 - len(r) / len(c))))
+    return float(bp * np.exp(np.mean(logs)))
+
+
+def accuracy_by_type(items: list[VQAItem], answers: list[str]) -> dict[str, float]:
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for it, a in zip(items, answers, strict=True):
+        hits[it.kind].append(a == it.answer)
+    return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+
+
+def question_only_prior(source: VQASource, items: list[VQAItem], n_train: int = 5000) -> list[str]:
+    """The best a blind model can do: the most common training answer to each exact question string."""
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for k in range(n_train):
+        for it in source.conversation(-1 - k // 1024, k % 1024):  # steps training never uses
+            answers[it.question][it.answer] += 1
+    every = Counter(it.answer for it in items)
+    fallback = every.most_common(1)[0][0] if every else ""
+    return [answers[it.question].most_common(1)[0][0] if answers[it.question] else fallback for it in items]
+
+
+def summarise(items: list[VQAItem], answers: list[str]) -> dict:
+    per = accuracy_by_type(items, answers)
+    qa = [(it, a) for it, a in zip(items, answers, strict=True) if it.kind in QUESTION_TYPES]
+    dig = [(it, a) for it, a in zip(items, answers, strict=True) if it.kind in ("digit", "even")]
+    cap = [(it, a) for it, a in zip(items, answers, strict=True) if it.kind == "caption"]
+    cus = [(it, a) for it, a in zip(items, answers, strict=True)
+           if it.kind not in QUESTION_TYPES + ("digit", "even", "caption")]
+
+    def acc(pairs):
+        return float(np.mean([a == it.answer for it, a in pairs])) if pairs else None
+
+    return {"scenes_accuracy": acc(qa), "digits_accuracy": acc(dig), "custom_accuracy": acc(cus),
+            "caption_exact_match": acc(cap),
+            "caption_bleu": float(np.mean([bleu(a, it.answer) for it, a in cap])) if cap else None,
+            "per_type": per}
+
+
+# ------------------------------------------------------------------------------------------- the stage
+def stage_cfg(cfg: DictConfig, steps: int) -> DictConfig:
+    mm = cfg.multimodal
+    return OmegaConf.merge(cfg.training, {  # type: ignore[return-value]
+        "max_steps": steps, "learning_rate": mm.learning_rate, "batch_size": mm.batch_size,
+        "warmup_steps": min(100, steps // 10 + 1), "eval_interval": max(1, steps // 4),
+        "checkpoint_interval": steps, "sample_tokens": 0, "max_tokens": None, "max_time_s": None,
+        "lr_decay_steps": None, "grad_accum_steps": 1})
+
+
+def text_tokenizer(cfg: DictConfig, source: VQASource) -> BPETokenizer:
+    """A byte-level BPE trained on the stage's own questions and answers (no pretrained LM given)."""
+    texts = []
+    for k in range(2000):
+        texts += [f"{it.question} {it.answer}" for it in source.conversation(-(1 << 20) - k // 256, k % 256)]
+    texts += [f"{it.question} {it.answer}" for it in source.custom_train]
+    return BPETokenizer.train(texts, min(cfg.model.vocab_size, 1024))
+
+
+def build_model(cfg: DictConfig, pretrained: Path | None, source: VQASource, device, log=print):
+    """(model, tokenizer, cfg): the LM from a pretrained run when given, else a fresh one with its own BPE."""
+    if pretrained is not None:
+        lm, pre_cfg, tok = load_model(pretrained, device)
+        if tok is None:
+            raise UserError(f"'{pretrained}' has no tokenizer.json; point --pretrained at a `nanogpt4 pretrain` run")
+        cfg = OmegaConf.merge(cfg, {"model": OmegaConf.to_container(pre_cfg.model),
+                                    "data": OmegaConf.to_container(pre_cfg.data)})
+    else:
+        lm = None
+        tok = text_tokenizer(cfg, source)
+        cfg = OmegaConf.merge(cfg, {"model": {"vocab_size": tok.vocab_size}})
+    image_id = tok.token_id(IMAGE)
+    if image_id is None or tok.token_id(END) is None:
+        raise UserError("the tokenizer has no <|image|>/<|end|> tokens (tiktoken gpt2 has none); "
+                        "use a run prepared with data.tokenizer=bpe")
+    cfg = OmegaConf.merge(cfg, {"multimodal": {"image_token_id": image_id}})
+    torch.manual_seed(cfg.seed)
+    model = MultimodalTransformer(cfg, lm=lm).to(device)
+    return model, tok, cfg
+
+
+def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=print, progress: bool = True) -> dict:
+    t_start = time.time()
+    device = resolve_device(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    mm = cfg.multimodal
+    source = VQASource(mm, mm.image_size, mm.channels, cfg.seed)
+    model, tok, cfg = build_model(cfg, pretrained, source, device, log)
+    source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
+    codec = TextCodec(tok, model)
+    tok.save(out / "tokenizer.json")
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    L = cfg.model.max_seq_len
+    batches = VQABatches(source, codec, mm.batch_size, L)
+    eval_items = source.eval_items()
+    probe = random.Random(0).sample(eval_items, min(256, len(eval_items)))
+
+    def quick_eval(m) -> dict:
+        s = summarise(probe, answer_questions(m, codec, probe, max_new_tokens=mm.max_new_tokens))
+        return {k: v for k, v in s.items() if isinstance(v, float)}
+
+    summary: dict = {"device": str(device), "data": mm.data, "image_tokens": model.image_tokens,
+                     "parameters": sum(p.numel() for p in model.parameters()),
+                     "lm_pretrained": str(pretrained) if pretrained else None}
+    stages = []
+    if pretrained is not None and mm.align_steps > 0:
+        stages.append(("align", mm.align_steps, False))
+    if mm.tune_steps > 0:
+        stages.append(("tune", mm.tune_steps, True))
+    if not stages:  # a fresh LM has nothing to align to: its stage 1 would be wasted compute
+        stages.append(("tune", mm.align_steps, True))
+    train_s = 0.0
+    for name, steps, lm_trains in stages:
+        model.lm.requires_grad_(lm_trains)
+        t0 = time.time()
+        log(f"multimodal: stage {name} ({'all weights' if lm_trains else 'LM frozen'}), {steps} steps")
+        trainer = Trainer(cfg, model, batches, out / name, DistInfo(), device, loss_fn=vqa_loss,
+                          evaluate=quick_eval, train_cfg=stage_cfg(cfg, steps), tokenizer_path=out / "tokenizer.json",
+                          progress=progress, log=log)
+        result = trainer.fit()
+        summary[f"{name}_train_loss"] = result["final_train_loss"]
+        summary[f"{name}_s"] = time.time() - t0
+        train_s += time.time() - t0
+    model.lm.requires_grad_(True)
+    summary["train_s"] = train_s
+
+    log(f"multimodal: evaluating {len(eval_items)} held-out questions (with image, blank image, prior)")
+    with_image = answer_questions(model, codec, eval_items, max_new_tokens=mm.max_new_tokens)
+    blank = answer_questions(model, codec, eval_items, blank=True, max_new_tokens=mm.max_new_tokens)
+    prior = question_only_prior(source, eval_items)
+    summary.update(summarise(eval_items, with_image))
+    s_blank, s_prior = summarise(eval_items, blank), summarise(eval_items, prior)
+    summary["text_only_accuracy"] = s_blank["scenes_accuracy"] if s_blank["scenes_accuracy"] is not None \
+        else s_blank["digits_accuracy"]
+    summary["text_only_digits_accuracy"] = s_blank["digits_accuracy"]
+    summary["text_only_per_type"] = s_blank["per_type"]
+    summary["prior_accuracy"] = s_prior["scenes_accuracy"]
+    summary["prior_per_type"] = s_prior["per_type"]
+    summary["examples_eval"] = len(eval_items)
+    summary["eval_counts"] = dict(Counter(it.kind for it in eval_items))
+    summary["wall_s"] = time.time() - t_start
+    examples = pick_examples(eval_items, with_image, blank)
+    with open(out / "answers.jsonl", "w", encoding="utf-8") as f:
+        for it, a, b in zip(eval_items, with_image, blank, strict=True):
+            f.write(json.dumps({"type": it.kind, "question": it.question, "answer": it.answer, "model": a,
+                                "blank_image": b}) + "\n")
+    write_multimodal_report(out, summary, examples)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def pick_examples(items, answers, blank, n: int = 16) -> list[tuple[VQAItem, str, str]]:
+    """A spread of question types for the report's image grid."""
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_kind[it.kind].append(i)
+    rng = random.Random(0)
+    chosen: list[int] = []
+    while len(chosen) < min(n, len(items)):
+        for idx in by_kind.values():
+            if idx and len(chosen) < n:
+                chosen.append(idx.pop(rng.randrange(len(idx))))
+    return [(items[i], answers[i], blank[i]) for i in chosen]
+
+
+def write_multimodal_report(out: Path, summary: dict, examples) -> None:
+    from nanogpt4.report import _pyplot, plot_training_curves
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    plt = _pyplot()
+    if plt is not None and examples:
+        cols = 4
+        rows = (len(examples) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows))
+        for ax, (it, a, _b) in zip(np.ravel(axes), examples, strict=False):
+            img = (it.image.transpose(1, 2, 0) + 1) / 2
+            ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None, interpolation="nearest")
+            ok = "ok" if a == it.answer else "WRONG"
+            ax.set_title(f"{it.question}\nmodel: {a} ({ok})\ntruth: {it.answer}", fontsize=7)
+            ax.axis("off")
+        for ax in np.ravel(axes)[len(examples):]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(plots / "examples.png", dpi=110)
+        plt.close(fig)
+    for stage in ("align", "tune"):
+        if (out / stage / "metrics.jsonl").exists():
+            p = plot_training_curves(out / stage)
+            if p is not None:
+                p.replace(plots / f"{stage}_curves.png")
+    lines = ["# Multimodal", "",
+             f"Image tokens per image: {summary['image_tokens']}; parameters: {summary['parameters']:,}; "
+             f"LM: {summary['lm_pretrained'] or 'trained from scratch'}; training {summary['train_s']:.0f} s.", "",
+             "| question type | with image | blank image | question-only prior |", "| --- | --- | --- | --- |"]
+    for k, v in summary["per_type"].items():
+        blank = summary["text_only_per_type"].get(k)
+        prior = summary["prior_per_type"].get(k)
+        lines.append(f"| {k} | {v:.3f} | {blank:.3f} | {prior:.3f} |")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines += ["", f"- scenes accuracy (5 question types): {fmt(summary['scenes_accuracy'])}",
+              f"- digits accuracy: {fmt(summary['digits_accuracy'])}",
+              f"- text-only control (blank image): {fmt(summary['text_only_accuracy'])}",
+              f"- caption exact match: {fmt(summary['caption_exact_match'])}, BLEU {fmt(summary['caption_bleu'])}",
+              "", "![examples](plots/examples.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))

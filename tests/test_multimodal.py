@@ -1,0 +1,304 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt4.config import load_config
+from nanogpt4.data.tokenizer import BPETokenizer
+from nanogpt4.data.vision import (
+    EVAL_SEED_BASE,
+    Shape,
+    caption,
+    digit_image,
+    eval_scene_items,
+    load_vqa_jsonl,
+    render_scene,
+    sample_scene,
+    scene_items,
+    scene_questions,
+    train_scene_conversation,
+)
+from nanogpt4.errors import UserError
+from nanogpt4.model.multimodal import MultimodalTransformer
+from nanogpt4.train.multimodal import TextCodec, VQABatches, VQASource, bleu, question_only_prior, summarise
+
+IMG = 2  # <|image|> id of the BPE tokenizer
+
+
+def small_cfg(**extra):
+    base = {"model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.vocab_size": 64,
+            "model.max_seq_len": 48, "multimodal.image_size": 16, "multimodal.patch_size": 8,
+            "multimodal.encoder_dim": 32, "multimodal.encoder_heads": 4, "device": "cpu"}
+    base.update(extra)
+    return load_config("tiny", [f"{k}={v}" for k, v in base.items()])
+
+
+def make_model(**extra) -> MultimodalTransformer:
+    torch.manual_seed(0)
+    return MultimodalTransformer(small_cfg(**extra)).eval()
+
+
+def row_with_images(model, n_images=1, text=(10, 11, 12, 13)):
+    ids = [7]
+    for _ in range(n_images):
+        ids += [5, IMG]
+    ids += list(text)
+    return torch.tensor([model.expand_image_tokens(ids)])
+
+
+# ------------------------------------------------------------------------------------------- model
+def test_image_vectors_land_exactly_on_image_slots():
+    model = make_model()
+    ids = row_with_images(model, n_images=2)
+    images = torch.randn(2, 3, 16, 16)
+    x = model.embed(ids, images)
+    slots = (ids[0] == IMG).nonzero().squeeze(-1)
+    assert len(slots) == 2 * model.image_tokens == 8
+    feats = model.encode_images(images).reshape(-1, 32)
+    torch.testing.assert_close(x[0, slots], feats)
+    text = (ids[0] != IMG).nonzero().squeeze(-1)
+    torch.testing.assert_close(x[0, text], model.lm.token_embed(ids[0, text]))
+    # reading order: swapping the two images swaps the two slot groups
+    x_swapped = model.embed(ids, images.flip(0))
+    torch.testing.assert_close(x_swapped[0, slots[:4]], x[0, slots[4:]])
+
+
+def test_changed_image_changes_answer_logits_but_not_earlier_positions():
+    model = make_model()
+    ids = row_with_images(model)
+    first_slot = int((ids[0] == IMG).nonzero()[0])
+    a = model(ids, torch.randn(1, 3, 16, 16))
+    b = model(ids, torch.randn(1, 3, 16, 16))
+    assert (a[0, -1] - b[0, -1]).abs().max() > 1e-4
+    torch.testing.assert_close(a[0, :first_slot], b[0, :first_slot])  # causal: the past cannot see the image
+
+
+def test_labels_on_image_slots_are_ignored():
+    model = make_model()
+    ids = row_with_images(model)
+    images = torch.randn(1, 3, 16, 16)
+    labels = ids.roll(-1, dims=1)
+    masked = labels.masked_fill(labels == IMG, -100)
+    loss_raw = model(ids, images, labels=labels)
+    loss_masked = model(ids, images, labels=masked)
+    torch.testing.assert_close(loss_raw, loss_masked)
+    # and it is the mean cross-entropy over the remaining text targets
+    logits = model(ids, images)
+    ref = torch.nn.functional.cross_entropy(logits[0], masked[0], ignore_index=-100)
+    torch.testing.assert_close(loss_masked, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_generation_with_image_equals_uncached():
+    model = make_model()
+    ids = torch.cat([row_with_images(model), row_with_images(model, text=(14, 15, 16, 17))])
+    images = torch.randn(2, 3, 16, 16)
+    cached = model.generate(ids, images, 12, temperature=0)
+    uncached = model.generate(ids, images, 12, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # left padding does not change a row's answer
+    short = row_with_images(model, text=(10,))
+    padded = torch.cat([torch.full((1, 3), 1), short], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(short)], 1)
+    a = model.generate(short, images[:1], 6, temperature=0)[:, short.size(1):]
+    b = model.generate(padded, images[:1], 6, temperature=0, attention_mask=mask, pad_token_id=1)[:, padded.size(1):]
+    assert torch.equal(a, b)
+
+
+def test_shape_errors_are_one_line_user_errors():
+    model = make_model()
+    ids = row_with_images(model)
+    with pytest.raises(UserError, match="does not match the model's"):
+        model(ids, torch.randn(1, 3, 32, 32))
+    with pytest.raises(UserError, match=r"image shape \(1, 16, 16\)"):
+        model(ids, torch.randn(1, 1, 16, 16))
+    with pytest.raises(UserError, match="4 <|image|> slots but 2 images"):
+        model(ids, torch.randn(2, 3, 16, 16))
+    with pytest.raises(UserError, match="no image_input"):
+        model(ids)
+    two = row_with_images(model, n_images=2)
+    with pytest.raises(UserError, match="8 <|image|> slots but 1 images"):
+        model(two, torch.randn(1, 3, 16, 16))
+
+
+def test_cnn_encoder_and_five_dim_images():
+    model = make_model(**{"multimodal.encoder": "cnn"})
+    ids = torch.cat([row_with_images(model, n_images=2)] * 3)
+    logits = model(ids, torch.randn(3, 2, 3, 16, 16))  # (B, K, C, H, W)
+    assert logits.shape == (3, ids.size(1), 64)
+
+
+def test_frozen_lm_stage_trains_only_encoder_and_projector():
+    model = make_model(**{"multimodal.projector_lr_scale": 5.0})
+    model.lm.requires_grad_(False)
+    opt = model.configure_optimizers(0.1, 1e-3)
+    names = {g["name"] for g in opt.param_groups}
+    assert names == {"encoder", "projector"}
+    assert {g["lr_scale"] for g in opt.param_groups if g["name"] == "projector"} == {5.0}
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.encoder.parameters()) + sum(
+        p.numel() for p in model.projector.parameters())
+
+
+def test_pretrained_vision_encoder_from_a_local_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    vit = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=8, num_channels=3))
+    vit.save_pretrained(tmp_path / "vit")
+    model = make_model(**{"multimodal.pretrained_encoder": str(tmp_path / "vit")})
+    assert model.image_tokens == 4  # the class token is dropped
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    ids = row_with_images(model)
+    assert model(ids, torch.randn(1, 3, 16, 16)).shape == (1, ids.size(1), 64)
+    with pytest.raises(UserError, match="cannot load vision encoder"):
+        make_model(**{"multimodal.pretrained_encoder": str(tmp_path / "missing")})
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_scenes_are_a_function_of_their_seed_and_held_out_seeds_are_disjoint():
+    a, b = scene_items(123, 32), scene_items(123, 32)
+    assert [(i.question, i.answer) for i in a] == [(i.question, i.answer) for i in b]
+    assert np.array_equal(a[0].image, b[0].image)
+    with pytest.raises(ValueError):
+        train_scene_conversation(EVAL_SEED_BASE + 1, 32, 3)
+    held_out = {it.image.tobytes() for it in eval_scene_items(50, 32, 3)}
+    train = {train_scene_conversation(s, 32, 3)[0].image.tobytes() for s in range(200)}
+    assert not held_out & train
+
+
+def test_scene_questions_match_the_scene():
+    shapes = [Shape("red", "circle", 0.2, 0.7, 0.14), Shape("blue", "square", 0.75, 0.25, 0.14)]
+    assert caption(shapes[::-1]) == "a red circle and a blue square"
+    seen: dict[str, set] = {}
+    for k in range(200):
+        for kind, (q, a) in scene_questions(shapes, random.Random(k)).items():
+            seen.setdefault(kind, set()).add((q, a))
+    assert seen["count"] == {("how many objects are there?", "two")}
+    assert ("what colour is the square?", "blue") in seen["colour"]
+    assert ("what shape is the red object?", "circle") in seen["shape"]
+    assert seen["spatial"] >= {("is the red circle left of the blue square?", "yes"),
+                               ("is the blue square left of the red circle?", "no"),
+                               ("is the blue square above the red circle?", "yes")}
+    assert {a for q, a in seen["exists"]} == {"yes", "no"}
+    assert ("is there a red circle?", "yes") in seen["exists"]
+    assert all(not (q == "is there a red circle?" and a == "no") for q, a in seen["exists"])
+    img = render_scene(shapes, 32)
+    assert img.shape == (3, 32, 32) and img.min() == -1.0
+    # the red object's pixels sit on the left, the blue on the right
+    red = (img[0] > 0.5) & (img[2] < 0)
+    assert red[:, :16].sum() > 20 and red[:, 16:].sum() == 0
+
+
+def test_scene_generator_keeps_objects_apart_and_distinct():
+    for seed in range(300):
+        shapes = sample_scene(seed)
+        assert 1 <= len(shapes) <= 3
+        assert len({(s.colour, s.shape) for s in shapes}) == len(shapes)
+
+
+def test_digit_image_shift_and_channels():
+    px = np.zeros((8, 8), dtype=np.float32)
+    px[0, 0] = 1.0
+    img = digit_image(px, 16, 3)
+    assert img.shape == (3, 16, 16) and img[0, 0, 0] == 1.0 and img[0, 2, 2] == -1.0
+    shifted = digit_image(px, 16, 1, shift=(1, 2))
+    assert shifted.shape == (1, 16, 16) and shifted[0, 1, 2] == 1.0 and shifted[0, 0, 0] == -1.0
+
+
+def test_user_jsonl_loader(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "red.png")
+    f = tmp_path / "vqa.jsonl"
+    f.write_text(json.dumps({"image": "red.png", "prompt": "what colour?", "answer": "red"}) + "\n")
+    items = load_vqa_jsonl(f, 16, 3)
+    assert items[0].image.shape == (3, 16, 16) and items[0].image[0].min() > 0.9 and items[0].kind == "custom"
+    f.write_text(json.dumps({"image": "red.png", "prompt": "q", "answer": "a"}) + "\n"
+                 + json.dumps({"image": "nope.png", "prompt": "q", "answer": "a"}) + "\n")
+    with pytest.raises(UserError, match=r"vqa.jsonl:2: image '.*nope.png' not found"):
+        load_vqa_jsonl(f, 16, 3)
+    f.write_text('{"image": "red.png", "prompt": "q"}\n')
+    with pytest.raises(UserError, match=r"vqa.jsonl:1: field 'answer'"):
+        load_vqa_jsonl(f, 16, 3)
+    f.write_text('{"image": "red.png", oops\n')
+    with pytest.raises(UserError, match=r"vqa.jsonl:1"):
+        load_vqa_jsonl(f, 16, 3)
+
+
+# ------------------------------------------------------------------------------------------- training side
+@pytest.fixture(scope="module")
+def vqa_tok():
+    texts = [f"{it.question} {it.answer}" for s in range(300) for it in scene_items(s, 16)]
+    texts += ["<|user|><|image|>what colour?<|end|><|assistant|>red<|end|>"] * 20
+    return BPETokenizer.train(texts + ["what digit is this? 7", "is the digit even? yes"], 400)
+
+
+def test_batches_mask_everything_but_the_answer(vqa_tok):
+    cfg = small_cfg(**{"model.vocab_size": vqa_tok.vocab_size, "model.max_seq_len": 64,
+                       "multimodal.data": "scenes+digits"})
+    model = MultimodalTransformer(cfg)
+    codec = TextCodec(vqa_tok, model)
+    source = VQASource(cfg.multimodal, 16, 3, seed=1)
+    batches = VQABatches(source, codec, 8, 64)
+    from nanogpt4.train.distributed import DistInfo
+
+    b = batches.get(3, 0, 1, DistInfo(), "cpu")
+    assert b["images"].shape == (8, 3, 16, 16)
+    for r in range(8):
+        conv = source.conversation(3, r)
+        assert len({it.image.tobytes() for it in conv}) == 1  # one image, several questions about it
+        supervised = b["labels"][r][b["labels"][r] != -100].tolist()
+        expected = [t for it in conv for t in vqa_tok.encode(it.answer) + [codec.end_id]]
+        assert len(supervised) > 0 and expected[:len(supervised)] == supervised  # late turns may not fit
+        assert (b["input_ids"][r] == IMG).sum() == model.image_tokens  # only the first turn shows the image
+        assert np.array_equal(b["images"][r].numpy(), conv[0].image)
+    # a pure function of (seed, step): the same step gives the same batch
+    again = batches.get(3, 0, 1, DistInfo(), "cpu")
+    assert torch.equal(again["input_ids"], b["input_ids"]) and torch.equal(again["images"], b["images"])
+    loss = model(b["input_ids"], b["images"], labels=b["labels"])
+    assert torch.isfinite(loss)
+
+
+def test_evaluation_helpers(vqa_tok):
+    assert bleu("a red circle", "a red circle") == pytest.approx(1.0)
+    assert bleu("a blue square", "a red circle") < 0.5
+    assert bleu("a red circle and a blue square", "a red circle and a green square") > bleu("a red square",
+                                                                                          "a blue circle")
+    assert bleu("square", "a red circle") == 0.0
+    cfg = small_cfg(**{"multimodal.data": "scenes"})
+    source = VQASource(cfg.multimodal, 16, 3, seed=1)
+    items = eval_scene_items(40, 16, 3)
+    prior = question_only_prior(source, items, n_train=600)
+    s = summarise(items, prior)
+    # a blind prior answers count questions with the most common count, and never captions exactly right
+    assert s["per_type"]["count"] < 0.6
+    assert s["scenes_accuracy"] < 0.7
+    perfect = summarise(items, [it.answer for it in items])
+    assert perfect["scenes_accuracy"] == 1.0 and perfect["caption_exact_match"] == 1.0
+
+
+def test_bad_data_option_is_a_user_error():
+    cfg = small_cfg(**{"multimodal.data": "cats"})
+    with pytest.raises(UserError, match="multimodal.data='cats'"):
+        VQASource(cfg.multimodal, 16, 3, seed=1)
+
+
+def test_conversation_turns_and_truncation(vqa_tok):
+    cfg = small_cfg(**{"model.vocab_size": vqa_tok.vocab_size, "model.max_seq_len": 64})
+    model = MultimodalTransformer(cfg)
+    codec = TextCodec(vqa_tok, model)
+    conv = scene_items(5, 16)
+    ids, labels = codec.conversation(conv, 200)
+    assert len(ids) == len(labels)
+    full = ids + [labels[-1]]
+    # every turn's answer (and its <|end|>) is a target, nothing else is
+    answers = [t for it in conv for t in vqa_tok.encode(it.answer) + [codec.end_id]]
+    assert [t for t in labels if t != -100] == answers
+    assert full.count(IMG) == model.image_tokens
+    assert vqa_tok.decode([t for t in full if t != IMG]).count("<|user|>") == len(conv)
+    short_ids, _ = codec.conversation(conv, 30)
+    assert len(short_ids) <= 30 and short_ids.count(IMG) == model.image_tokens
+    with pytest.raises(UserError, match="model.max_seq_len=6"):
+        codec.conversation(conv, 6)
