@@ -46,8 +46,8 @@ def prompts_of(tok: BPETokenizer, n: int, length: int) -> list[list[int]]:
 def run_ours(cfg, policy, rm, tok, prompts: list[list[int]], steps: int) -> tuple[float, int]:
     r = cfg.rlhf
     value = ValueModel(copy.deepcopy(rm.transformer))
-    ppo = PPOTrainer(policy, lambda ids, mask: rm(ids, mask), tok, r, value_model=value, ref_policy=copy.deepcopy(policy),
-                     learning_rate=1e-5, seed=0)
+    ppo = PPOTrainer(policy, lambda ids, mask: rm(ids, mask), tok, r, value_model=value,
+                     ref_policy=copy.deepcopy(policy), learning_rate=1e-5, seed=0)
     texts = [tok.decode(p) for p in prompts]
     B = r.rollout_batch_size
     ppo.step(texts[:B])  # warm-up
@@ -62,7 +62,8 @@ def run_trl(cfg, policy, rm, tok, prompts: list[list[int]], steps: int) -> tuple
     import transformers
     from datasets import Dataset
     from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerFast
-    from trl import PPOConfig, PPOTrainer as TRLPPOTrainer
+    from trl import PPOConfig
+    from trl import PPOTrainer as TRLPPOTrainer
 
     r = cfg.rlhf
     with tempfile.TemporaryDirectory() as d:
@@ -82,7 +83,8 @@ def run_trl(cfg, policy, rm, tok, prompts: list[list[int]], steps: int) -> tuple
     B = r.rollout_batch_size
     ds = Dataset.from_dict({"input_ids": prompts[:(steps + 1) * B]})
     with tempfile.TemporaryDirectory() as out:
-        args = PPOConfig(output_dir=out, per_device_train_batch_size=r.mini_batch_size, gradient_accumulation_steps=1,
+        # TRL 0.23: rollout batch = per_device_train_batch_size x accumulation, split into num_mini_batches
+        args = PPOConfig(output_dir=out, per_device_train_batch_size=B, gradient_accumulation_steps=1,
                          num_mini_batches=B // r.mini_batch_size, num_ppo_epochs=r.ppo_epochs,
                          total_episodes=(steps + 1) * B, response_length=r.max_new_tokens,
                          stop_token_id=tok.eot_id, missing_eos_penalty=1.0, kl_coef=r.kl_coef,

@@ -117,14 +117,18 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
             "rlhf.sft_examples": 60, "rlhf.label_prompts": 60, "rlhf.eval_prompts": 16, "rlhf.best_of_n": 2,
             "rlhf.rollout_batch_size": 8, "rlhf.mini_batch_size": 4, "rlhf.max_new_tokens": 12,
             "rlhf.label_min_gap": 0.0}
+    mm = {"multimodal.image_size": 16, "multimodal.patch_size": 8, "multimodal.encoder_dim": 32,
+          "multimodal.eval_scenes": 8, "multimodal.batch_size": 8, "multimodal.align_steps": 2,
+          "multimodal.tune_steps": 4, "model.max_seq_len": 64}
     ov = small_overrides(corpus_dir, tmp_path / "data", **{"training.max_steps": 20, "training.eval_interval": 10},
-                         **rlhf)
+                         **rlhf, **mm)
     code, out, _ = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov, "--json")
     assert code == 0
     p = Path(tmp_path / "p")
     report = (p / "report.md").read_text()
     assert "## Pretraining" in report and "plots/pretrain_loss.png" in report and "## Samples" in report
     assert "## RLHF" in report and (p / "rlhf" / "summary.json").exists()
+    assert "## Multimodal" in report and (p / "plots" / "multimodal_examples.png").exists()
     assert (p / "plots" / "pretrain_loss.png").stat().st_size > 1000
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["pretrain_val_loss"] < 6.0

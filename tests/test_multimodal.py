@@ -302,3 +302,73 @@ def test_conversation_turns_and_truncation(vqa_tok):
     assert len(short_ids) <= 30 and short_ids.count(IMG) == model.image_tokens
     with pytest.raises(UserError, match="model.max_seq_len=6"):
         codec.conversation(conv, 6)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+MM_SMALL = ["multimodal.image_size=16", "multimodal.patch_size=8", "multimodal.encoder_dim=32",
+            "multimodal.eval_scenes=8", "multimodal.batch_size=8", "multimodal.align_steps=4",
+            "multimodal.tune_steps=6", "training.log_interval=2", "training.dtype=float32"]
+
+
+@pytest.mark.slow
+def test_multimodal_command_from_a_pretrained_run(prepared, tmp_path, capsys):
+    """`nanogpt4 multimodal --pretrained RUN`: align (LM frozen) then tune, evaluation, report and summary."""
+    from nanogpt4.cli import main
+    from nanogpt4.train.checkpoint import latest_checkpoint
+
+    ov, _ = prepared
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), *ov, "training.max_steps=4", "model.max_seq_len=64"]) == 0
+    capsys.readouterr()
+    code = main(["multimodal", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "mm"),
+                 *MM_SMALL, "--device", "cpu", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("scenes_accuracy", "digits_accuracy", "text_only_accuracy", "per_type", "caption_exact_match",
+                "examples_eval", "prior_per_type", "text_only_per_type"):
+        assert summary[key] is not None, key
+    assert set(summary["per_type"]) == {"colour", "shape", "count", "spatial", "exists", "caption", "digit", "even"}
+    assert summary["examples_eval"] > 360  # every held-out digit twice, plus the scenes
+    out = tmp_path / "mm"
+    assert (out / "report.md").exists() and (out / "plots" / "examples.png").exists()
+    assert (out / "align" / "metrics.jsonl").exists() and (out / "tune" / "metrics.jsonl").exists()
+    # the align stage kept the language model frozen: its LM weights equal the pretrained ones
+    from safetensors.torch import load_file
+
+    pre = load_file(str(latest_checkpoint(tmp_path / "pre") / "model.safetensors"))
+    aligned = load_file(str(latest_checkpoint(out / "align") / "model.safetensors"))
+    tuned = load_file(str(latest_checkpoint(out / "tune") / "model.safetensors"))
+    assert all(torch.equal(aligned[f"lm.{k}"], v) for k, v in pre.items())
+    assert not torch.equal(tuned["lm.token_embed.weight"], pre["token_embed.weight"])
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert {"question", "answer", "model", "blank_image"} <= rows[0].keys()
+
+
+def test_multimodal_command_bad_input(tmp_path, capsys):
+    from nanogpt4.cli import main
+
+    assert main(["multimodal", "--pretrained", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"image": "missing.png", "prompt": "q", "answer": "a"}\n')
+    assert main(["multimodal", "--out", str(tmp_path / "y"), f"multimodal.data=jsonl:{f}", *MM_SMALL]) == 2
+    assert "rows.jsonl:1: image" in capsys.readouterr().err
+    assert main(["multimodal", "--out", str(tmp_path / "z"), "multimodal.patch_size=5"]) == 2
+    assert "multiple of patch_size" in capsys.readouterr().err
+
+
+def test_training_conversations_teach_vertical_order():
+    found = 0
+    for seed in range(60):
+        shapes = sample_scene(seed)
+        conv = train_scene_conversation(seed, 16, 3)
+        vertical = [it for it in conv if it.kind == "caption_vertical"]
+        if len(shapes) > 1:
+            assert vertical and vertical[0].answer == caption(shapes, key=lambda s: s.y)
+            found += 1
+        for it in conv:
+            if it.kind == "spatial" and " above " in it.question:
+                a, b = it.question[len("is the "):-1].split(" above the ")
+                ya = next(s.y for s in shapes if s.name == a)
+                yb = next(s.y for s in shapes if s.name == b)
+                assert it.answer == ("yes" if ya < yb else "no")
+    assert found > 20

@@ -94,9 +94,9 @@ def to_array(img, channels: int) -> np.ndarray:
     return a[None] if channels == 1 else a.transpose(2, 0, 1).copy()
 
 
-def caption(shapes: list[Shape]) -> str:
-    """Objects from left to right: 'a red circle, a blue square and a green triangle'."""
-    names = [f"a {s.name}" for s in sorted(shapes, key=lambda s: s.x)]
+def caption(shapes: list[Shape], key=lambda s: s.x) -> str:
+    """Objects from left to right (or in ``key`` order): 'a red circle, a blue square and a green triangle'."""
+    names = [f"a {s.name}" for s in sorted(shapes, key=key)]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -127,9 +127,10 @@ def scene_questions(shapes: list[Shape], rng: random.Random) -> dict[str, tuple[
     return out
 
 
-def spatial_questions(shapes: list[Shape], rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """Up to ``n`` distinct left-of / above questions between objects whose centres are clearly apart."""
-    pairs = [(a, b, rel) for a in shapes for b in shapes if a is not b for rel in ("left of", "above")
+def spatial_questions(shapes: list[Shape], rng: random.Random, n: int,
+                      relations: tuple[str, ...] = ("left of", "above")) -> list[tuple[str, str]]:
+    """Up to ``n`` distinct relation questions between objects whose centres are clearly apart."""
+    pairs = [(a, b, rel) for a in shapes for b in shapes if a is not b for rel in relations
              if abs((a.x - b.x) if rel == "left of" else (a.y - b.y)) >= MIN_OFFSET]
     out = []
     for a, b, rel in rng.sample(pairs, min(n, len(pairs))):
@@ -157,12 +158,17 @@ def train_scene_conversation(seed: int, size: int, channels: int) -> list[VQAIte
     if seed >= EVAL_SEED_BASE:
         raise ValueError("training scene seeds must stay below EVAL_SEED_BASE")
     items = scene_items(seed, size, channels)
+    shapes, image = sample_scene(seed), items[0].image
     rng = random.Random(seed * 7 + 3)
-    # relations are the hardest type: training conversations ask up to two more of them
+    # Relations are the hardest type, and the caption (left to right) already teaches horizontal order: the
+    # conversation adds up to two more relation questions, one per axis where the scene allows, and the
+    # objects listed top to bottom.
     asked = {it.question for it in items}
-    extra = [VQAItem(items[0].image, q, a, "spatial") for q, a in spatial_questions(sample_scene(seed), rng, 3)
-             if q not in asked][:2]
-    items += extra
+    extra = spatial_questions(shapes, rng, 1, ("left of",)) + spatial_questions(shapes, rng, 1, ("above",))
+    items += [VQAItem(image, q, a, "spatial") for q, a in dict(extra).items() if q not in asked][:2]
+    if len(shapes) > 1:
+        items.append(VQAItem(image, "list the objects from top to bottom.", caption(shapes, key=lambda s: s.y),
+                             "caption_vertical"))
     rng.shuffle(items)
     return items
 

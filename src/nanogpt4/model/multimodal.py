@@ -56,9 +56,10 @@ class ViTEncoder(nn.Module):
             self.patch_embed = conv_stem(mm.channels, mm.encoder_dim, mm.patch_size)
         else:
             self.patch_embed = nn.Conv2d(mm.channels, mm.encoder_dim, mm.patch_size, stride=mm.patch_size)
-        # learned positions, started from 2D sin-cos (MAE's table): from random noise a small ViT spends
-        # thousands of steps discovering that neighbouring patches are neighbours
-        self.pos = nn.Parameter(sincos_2d(grid, mm.encoder_dim)[None] * 0.1)
+        # learned positions, started from 2D sin-cos at full amplitude (MAE's table): from random noise a small
+        # ViT spends thousands of steps discovering that neighbouring patches are neighbours, and spatial
+        # questions need the position of every object readable downstream
+        self.pos = nn.Parameter(sincos_2d(grid, mm.encoder_dim)[None])
         block_cfg = ModelConfig(dim=mm.encoder_dim, n_layers=mm.encoder_layers, n_heads=mm.encoder_heads,
                                 vocab_size=1, max_seq_len=grid * grid)
         self.blocks = nn.ModuleList(Block(block_cfg, i) for i in range(mm.encoder_layers))

@@ -141,13 +141,15 @@ class VQABatches:
     def __init__(self, source: VQASource, codec: TextCodec, batch_size: int, max_len: int):
         self.source, self.codec, self.batch_size, self.max_len = source, codec, batch_size, max_len
         self.pad = codec.tok.pad_id
-        self.tokens_per_step = batch_size * max_len  # an upper bound; rows are short
+        self.tokens_per_step = batch_size * max_len  # replaced by the real (padded) count at every batch
 
     def get(self, step: int, micro: int, accum: int, info: DistInfo, device) -> dict:
         rows = range(self.batch_size)[rank_rows(self.batch_size, micro, accum, info)]
         convs = [self.source.conversation(step, r) for r in rows]
         encoded = [self.codec.conversation(c, self.max_len) for c in convs]
-        return {"input_ids": pad_right([e[0] for e in encoded], self.pad, device),
+        ids = pad_right([e[0] for e in encoded], self.pad, device)
+        self.tokens_per_step = ids.numel() * accum * info.world_size
+        return {"input_ids": ids,
                 "labels": pad_right([e[1] for e in encoded], -100, device),
                 "images": torch.from_numpy(np.stack([c[0].image for c in convs])).to(device)}
 

@@ -252,11 +252,11 @@ class Trainer:
                     if self.peak:
                         row["mfu"] = self.flops_per_token * tok_s / self.peak
                     self.metrics.log(row)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
-                                    mfu=f"{row.get('mfu', 0):.1%}")
+                    mfu = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}", **mfu)
                     if not self.progress:
                         self.log(f"step {self.step}/{tc.max_steps} loss {row['loss']:.4f} lr {lr:.2e} "
-                                 f"{tok_s:,.0f} tok/s mfu {row.get('mfu', 0):.1%}")
+                                 f"{tok_s:,.0f} tok/s" + (f" mfu {mfu['mfu']}" if mfu else ""))
                     window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
                 done = self._should_stop(t_start)
                 if self.step % tc.eval_interval == 0 or done:
