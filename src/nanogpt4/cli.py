@@ -142,12 +142,20 @@ def cmd_rlhf(args) -> int:
     from nanogpt4.rlhf.run import run_rlhf
 
     cfg = _load(args)
-    summary = run_rlhf(cfg, args.pretrained, args.out or Path("runs") / time.strftime("rlhf-%Y%m%d-%H%M%S"))
+    summary = run_rlhf(cfg, args.pretrained, _stage_out(args, "rlhf"))
     return _finish(args, summary)
 
 
 def _stage_out(args, name: str) -> Path:
     return args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+
+
+def _save_policy(out: Path, step: int, policy, cfg, tok) -> None:
+    """A trained policy as a normal checkpoint (with its tokenizer), so `sample` and later stages read it."""
+    from nanogpt4.train.checkpoint import save_checkpoint
+
+    tok.save(out / "tokenizer.json")
+    save_checkpoint(out, step, policy, cfg, out / "tokenizer.json", {}, keep_last=1)
 
 
 def cmd_sft(args) -> int:
@@ -207,8 +215,7 @@ def cmd_ppo(args) -> int:
 
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy, load_reward_model, ppo_kl, ppo_stage
-    from nanogpt4.train.checkpoint import save_checkpoint
-    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
+    from nanogpt4.train.distributed import DistInfo, init_distributed, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -221,17 +228,14 @@ def cmd_ppo(args) -> int:
         out = _stage_out(args, "ppo")
         sft = copy.deepcopy(policy).eval()
         log = print if info.is_main else (lambda _m: None)
-        ppo, history = ppo_stage(cfg, policy.train(), sft, rm, tok, judge, out, device, log=log, info=info)
-        from nanogpt4.train.distributed import DistInfo
-
+        ppo, _ = ppo_stage(cfg, policy.train(), sft, rm, tok, judge, out, device, log=log, info=info)
         ppo.info = DistInfo()  # training is over: rank 0 evaluates alone, without collectives
         if not info.is_main:
             return 0
         results, prompts, _ = evaluate_policies(cfg, {"sft": sft, "ppo": policy}, tok, judge, device)
         summary = {**results, "kl_ppo": ppo_kl(ppo, prompts), "processes": info.world_size, "device": str(device),
                    "wall_s": time.time() - t0}
-        tok.save(out / "tokenizer.json")
-        save_checkpoint(out, cfg.rlhf.ppo_steps, policy, cfg, out / "tokenizer.json", {}, keep_last=1)
+        _save_policy(out, cfg.rlhf.ppo_steps, policy, cfg, tok)
         atomic_write_json(out / "summary.json", summary)
         return _finish(args, summary)
     finally:
@@ -245,7 +249,6 @@ def cmd_dpo(args) -> int:
     from nanogpt4.rlhf.dpo import train_dpo
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy
-    from nanogpt4.train.checkpoint import save_checkpoint
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -260,8 +263,7 @@ def cmd_dpo(args) -> int:
     if not args.no_eval:
         summary.update(evaluate_policies(cfg, {"sft": sft, "dpo": policy}, tok, load_judge(cfg.rlhf.judge),
                                          device)[0])
-    tok.save(out / "tokenizer.json")
-    save_checkpoint(out, cfg.rlhf.dpo_steps, policy, cfg, out / "tokenizer.json", {}, keep_last=1)
+    _save_policy(out, cfg.rlhf.dpo_steps, policy, cfg, tok)
     summary["wall_s"] = time.time() - t0
     atomic_write_json(out / "summary.json", summary)
     return _finish(args, summary)
@@ -274,7 +276,7 @@ def cmd_multimodal(args) -> int:
     if args.pretrained is not None and not args.pretrained.exists():
         raise UserError(f"--pretrained '{args.pretrained}' does not exist; pass a `nanogpt4 pretrain` run directory "
                         f"or leave it out to train the language model from scratch")
-    out = args.out or Path("runs") / time.strftime("multimodal-%Y%m%d-%H%M%S")
+    out = _stage_out(args, "multimodal")
     summary = run_multimodal(cfg, args.pretrained, out, progress=_progress())
     print(f"multimodal: scenes {summary['scenes_accuracy']}, digits {summary['digits_accuracy']}, "
           f"text-only control {summary['text_only_accuracy']}; report: {out / 'report.md'}")

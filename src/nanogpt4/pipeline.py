@@ -19,6 +19,7 @@ import torch
 from nanogpt4.config import load_config
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
+from nanogpt4.train.multimodal import per_type_table
 
 SAMPLE_PROMPTS = ["def", "class", "import os\n", "    for i in range("]
 
@@ -50,33 +51,28 @@ def _samples(run_dir: Path, n_tokens: int = 120) -> list[tuple[str, str]]:
     return out
 
 
+def _finished_or_fresh(name: str, run_dir: Path, log) -> dict | None:
+    """A finished stage's summary (reused), else None after clearing an interrupted run (these stages are
+    minutes long and start again rather than resume)."""
+    if (run_dir / "summary.json").exists():
+        log(f"{name}: reusing finished run {run_dir}")
+        return json.loads((run_dir / "summary.json").read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return None
+
+
 def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
     from nanogpt4.rlhf.run import run_rlhf
 
-    if (run_dir / "summary.json").exists():
-        log(f"rlhf: reusing finished run {run_dir}")
-        return json.loads((run_dir / "summary.json").read_text())
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an interrupted RLHF run starts again (its stages are minutes long)
-    return run_rlhf(cfg, pretrained, run_dir, log=log)
+    return _finished_or_fresh("rlhf", run_dir, log) or run_rlhf(cfg, pretrained, run_dir, log=log)
 
 
 def _multimodal_stage(cfg, pretrained: Path, run_dir: Path, progress: bool, log) -> dict:
     from nanogpt4.train.multimodal import run_multimodal
 
-    if (run_dir / "summary.json").exists():
-        log(f"multimodal: reusing finished run {run_dir}")
-        return json.loads((run_dir / "summary.json").read_text())
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    return run_multimodal(cfg, pretrained, run_dir, log=log, progress=progress)
-
-
-def _multimodal_table(mm: dict) -> str:
-    rows = ["| question type | with image | blank image | question-only prior |", "| --- | --- | --- | --- |"]
-    for k, v in mm["per_type"].items():
-        rows.append(f"| {k} | {v:.3f} | {mm['text_only_per_type'][k]:.3f} | {mm['prior_per_type'][k]:.3f} |")
-    return "\n".join(rows)
+    return (_finished_or_fresh("multimodal", run_dir, log)
+            or run_multimodal(cfg, pretrained, run_dir, log=log, progress=progress))
 
 
 def _ci_line(rl: dict) -> str:
@@ -117,7 +113,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
          "Details and samples: [rlhf/report.md](rlhf/report.md)"),
         ("Multimodal (scenes + digits, LM from the pretraining run)", summary_table(mm, [
             "scenes_accuracy", "digits_accuracy", "text_only_accuracy", "prior_accuracy", "caption_exact_match",
-            "caption_bleu", "examples_eval", "image_tokens", "train_s"]) + "\n\n" + _multimodal_table(mm)
+            "caption_bleu", "examples_eval", "image_tokens", "train_s"]) + "\n\n" + per_type_table(mm)
          + "\n\n![held-out examples](plots/multimodal_examples.png)\n\nDetails: "
          "[multimodal/report.md](multimodal/report.md)"),
     ]

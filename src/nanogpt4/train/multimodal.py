@@ -165,7 +165,6 @@ def answer_questions(model: MultimodalTransformer, codec: TextCodec, items: list
     """Greedy answers; ``blank`` replaces every image by an empty (black) one: the text-only control."""
     device = next(model.parameters()).device
     stops = [codec.end_id, codec.tok.eot_id]
-    answers: list[str] = []
     # short answers first: a batch decodes until its longest answer ends
     order = sorted(range(len(items)), key=lambda i: items[i].kind == "caption")
     out: dict[int, str] = {}
@@ -182,8 +181,7 @@ def answer_questions(model: MultimodalTransformer, codec: TextCodec, items: list
             new = gen[row, ids.size(1):].tolist()
             cut = next((k for k, t in enumerate(new) if t in stops), len(new))
             out[i] = codec.tok.decode(new[:cut]).strip()
-    answers = [out[i] for i in range(len(items))]
-    return answers
+    return [out[i] for i in range(len(items))]
 
 
 def bleu(candidate: str, reference: str, max_n: int = 4) -> float:
@@ -259,7 +257,7 @@ def text_tokenizer(cfg: DictConfig, source: VQASource) -> BPETokenizer:
     return BPETokenizer.train(texts, min(cfg.model.vocab_size, 1024))
 
 
-def build_model(cfg: DictConfig, pretrained: Path | None, source: VQASource, device, log=print):
+def build_model(cfg: DictConfig, pretrained: Path | None, source: VQASource, device):
     """(model, tokenizer, cfg): the LM from a pretrained run when given, else a fresh one with its own BPE."""
     if pretrained is not None:
         lm, pre_cfg, tok = load_model(pretrained, device)
@@ -287,8 +285,9 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
     out.mkdir(parents=True, exist_ok=True)
     mm = cfg.multimodal
     source = VQASource(mm, mm.image_size, mm.channels, cfg.seed)
-    model, tok, cfg = build_model(cfg, pretrained, source, device, log)
-    source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
+    model, tok, cfg = build_model(cfg, pretrained, source, device)
+    if (model.image_size, model.channels) != (source.size, source.channels):  # a pretrained encoder's own input
+        source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
     codec = TextCodec(tok, model)
     tok.save(out / "tokenizer.json")
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -365,6 +364,14 @@ def pick_examples(items, answers, blank, n: int = 16) -> list[tuple[VQAItem, str
     return [(items[i], answers[i], blank[i]) for i in chosen]
 
 
+def per_type_table(summary: dict) -> str:
+    """Markdown: accuracy per question type with the image, with a blank image, and of the question-only prior."""
+    rows = ["| question type | with image | blank image | question-only prior |", "| --- | --- | --- | --- |"]
+    for k, v in summary["per_type"].items():
+        rows.append(f"| {k} | {v:.3f} | {summary['text_only_per_type'][k]:.3f} | {summary['prior_per_type'][k]:.3f} |")
+    return "\n".join(rows)
+
+
 def write_multimodal_report(out: Path, summary: dict, examples) -> None:
     from nanogpt4.report import _pyplot, plot_training_curves
 
@@ -394,11 +401,7 @@ def write_multimodal_report(out: Path, summary: dict, examples) -> None:
     lines = ["# Multimodal", "",
              f"Image tokens per image: {summary['image_tokens']}; parameters: {summary['parameters']:,}; "
              f"LM: {summary['lm_pretrained'] or 'trained from scratch'}; training {summary['train_s']:.0f} s.", "",
-             "| question type | with image | blank image | question-only prior |", "| --- | --- | --- | --- |"]
-    for k, v in summary["per_type"].items():
-        blank = summary["text_only_per_type"].get(k)
-        prior = summary["prior_per_type"].get(k)
-        lines.append(f"| {k} | {v:.3f} | {blank:.3f} | {prior:.3f} |")
+             per_type_table(summary)]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines += ["", f"- scenes accuracy (5 question types): {fmt(summary['scenes_accuracy'])}",
               f"- digits accuracy: {fmt(summary['digits_accuracy'])}",
