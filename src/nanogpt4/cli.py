@@ -215,7 +215,7 @@ def cmd_ppo(args) -> int:
 
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy, load_reward_model, ppo_kl, ppo_stage
-    from nanogpt4.train.distributed import DistInfo, init_distributed, shutdown_distributed
+    from nanogpt4.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -239,6 +239,8 @@ def cmd_ppo(args) -> int:
         atomic_write_json(out / "summary.json", summary)
         return _finish(args, summary)
     finally:
+        # the other ranks wait for rank 0's evaluation: a gloo peer that tears down early can abort
+        barrier(info)
         shutdown_distributed()
 
 
