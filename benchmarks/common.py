@@ -67,8 +67,9 @@ def time_it(fn: Callable[[], object], warmup: int, iters: int, sync: Callable[[]
     return statistics.median(times)
 
 
-def matmul_peak(dtype: torch.dtype, device: str = "cpu", sizes=(1024, 2048)) -> float:
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", sizes=None) -> float:
     """Best FLOP/s of square matmuls over a few sizes: the measured ceiling MFU is quoted against."""
+    sizes = sizes or ((4096, 8192) if device == "cuda" else (1024, 2048))
     return max(measured_matmul_peak(device, dtype, n, seconds=1.0) for n in sizes)
 
 
@@ -88,6 +89,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def save_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
+    if str(payload.get("args", {}).get("device", "cpu")).startswith("cuda"):
+        name += "_cuda"  # GPU numbers sit beside the CPU ones instead of replacing them
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = model_config(args, args.seq)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 on a GPU means TF32 matmuls, for both models
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
     batch = {"input_ids": x[:, :-1].to(device), "labels": x[:, 1:].to(device)}
@@ -75,8 +77,11 @@ def main() -> None:
             opt = (base.configure_optimizers(0.1, 1e-4, device_type=device.type) if not is_hf
                    else torch.optim.AdamW(model.parameters(), lr=1e-4))
             steps[name] = make_step(model, opt, batch, dtype, is_hf)
+            t0 = time.perf_counter()
             for _ in range(args.warmup + (3 if "compiled" in name else 0)):
                 steps[name]()
+            sync()
+            print(f"{name} {dtype_name}: warm-up {time.perf_counter() - t0:.1f}s", flush=True)
         # rounds interleave the models so machine noise (shared VMs drift) hits all of them alike
         secs = {name: [] for name in steps}
         for _ in range(args.iters):

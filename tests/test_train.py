@@ -94,13 +94,14 @@ def test_resume_with_dropout_restores_rng(prepared, tmp_path):
 
 @pytest.mark.parametrize("variant,tol", [
     ("training.grad_accum_steps=4", 1e-5),  # 4 micro-batches of 2 == one batch of 8
+    ("training.activation_checkpointing=true", 0.0),  # recomputing the blocks gives the same fp32 numbers
     pytest.param("training.compile=true", 1e-4, marks=pytest.mark.slow),
-], ids=["grad-accumulation", "torch-compile"])
+], ids=["grad-accumulation", "activation-checkpointing", "torch-compile"])
 def test_training_variant_matches_baseline(prepared, tmp_path, variant, tol):
     run(prepared, tmp_path / "base", "training.max_steps=5")
     run(prepared, tmp_path / "variant", "training.max_steps=5", variant)
     base, other = step_losses(tmp_path / "base"), step_losses(tmp_path / "variant")
-    assert list(base) == list(other) and all(abs(base[s] - other[s]) < tol for s in base)
+    assert list(base) == list(other) and all(abs(base[s] - other[s]) <= tol for s in base)
 
 
 def test_refuses_to_overwrite_and_to_resume_nothing(prepared, tmp_path):

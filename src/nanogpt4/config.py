@@ -76,6 +76,7 @@ class TrainingConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16
     compile: bool = False
     fsdp: bool = False
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     tensorboard: bool = False
     sample_tokens: int = 64  # a sample is generated at each eval; 0 disables
     sample_prompt: str = ""

@@ -13,6 +13,11 @@ import torch
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 20  # rows per chunk = this / vocab: a 4 MiB fp32 buffer, below glibc's 32 MiB mmap threshold
+CUDA_CHUNK_ELEMENTS = 1 << 25  # on a GPU few large chunks (128 MiB fp32) beat hundreds of small kernel launches
+
+
+def chunk_elements(device_type: str) -> int:
+    return CUDA_CHUNK_ELEMENTS if device_type == "cuda" else CHUNK_ELEMENTS
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -26,7 +31,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype):
         hc, wc = h.to(dtype), weight.to(dtype)
         n_rows, vocab = hc.size(0), wc.size(0)
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        chunk = max(1, chunk_elements(h.device.type) // vocab)
         valid = labels != IGNORE_INDEX
         safe = labels.clamp(min=0)
         lse = torch.empty(n_rows, dtype=torch.float32, device=h.device)
@@ -50,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         hc, wc, safe, valid, lse, n_valid, keep = ctx.saved_tensors
         n_rows, vocab = hc.size(0), wc.size(0)
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        chunk = max(1, chunk_elements(hc.device.type) // vocab)
         scale = (grad_out / n_valid).float()
         # d loss / d logits = (softmax - onehot) * scale, in the matmul dtype: the same (N, vocab) tensor the
         # standard path hands to its matmuls, built chunk by chunk from the saved log-sum-exp
@@ -69,6 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
+@torch.compiler.disable  # a graph break here keeps torch.compile from unrolling the chunk loops
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``labels`` (-100 ignored); h (..., d), labels (...)."""
     return _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, labels.reshape(-1), _compute_dtype(h))

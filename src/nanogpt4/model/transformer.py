@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanogpt4.config import ModelConfig
 from nanogpt4.model.losses import linear_cross_entropy
@@ -217,6 +218,7 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_blocks = False  # set by train.distributed.apply_activation_checkpointing
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -265,8 +267,12 @@ class Transformer(nn.Module):
                 mask = attention_mask_4d(torch.ones(B, past + T, dtype=torch.bool, device=x.device), T, past)
             else:
                 is_causal = False
+        recompute = self.checkpoint_blocks and kv_cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, mask, is_causal, kv_cache)
+            if recompute:
+                x = checkpoint(block, x, rope, mask, is_causal, None, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.ln_f(x)

@@ -58,13 +58,12 @@ def kv_cache_bytes_per_token(config, bytes_per_element: int = 2) -> int:
     return 2 * c.n_layers * kv_dim * bytes_per_element
 
 
-def activation_bytes(config, batch_size: int, seq_len: int | None = None, dtype: str = "float32",
-                     device_type: str = "cpu", checkpointing: bool = False) -> int:
-    """Bytes autograd keeps for backward during one micro-batch (see the module docstring)."""
+def _activation_parts(config, batch_size: int, seq_len: int | None, dtype: str, device_type: str) -> tuple[int, int]:
+    """(bytes one block keeps for backward, bytes the embeddings + final norm + fused head keep)."""
     c = model_section(config)
     T = seq_len or c.max_seq_len
     N = batch_size * T
-    d, H, L, V = c.dim, c.n_heads, c.n_layers, c.vocab_size
+    d, H, V = c.dim, c.n_heads, c.vocab_size
     kv = (c.n_kv_heads or c.n_heads) * (d // c.n_heads)
     hidden = c.mlp_hidden or (swiglu_hidden(d) if c.mlp == "swiglu" else 4 * d)
     bf16 = dtype == "bfloat16"
@@ -93,9 +92,17 @@ def activation_bytes(config, batch_size: int, seq_len: int | None = None, dtype:
         head += N * (d // H) * 4
     if c.norm == "rmsnorm":
         head += N * (4 * d - 4)
-    if checkpointing:  # only each block's input survives the forward; one block is recomputed at a time
-        return L * N * 4 * d + per_layer + head
-    return L * per_layer + head
+    return per_layer, head
+
+
+def activation_bytes(config, batch_size: int, seq_len: int | None = None, dtype: str = "float32",
+                     device_type: str = "cpu", checkpointing: bool = False) -> int:
+    """Bytes autograd keeps for backward during one micro-batch (see the module docstring)."""
+    c = model_section(config)
+    per_layer, head = _activation_parts(config, batch_size, seq_len, dtype, device_type)
+    if checkpointing:  # only each block's (fp32) input survives the forward; one block is recomputed at a time
+        return c.n_layers * batch_size * (seq_len or c.max_seq_len) * 4 * c.dim + per_layer + head
+    return c.n_layers * per_layer + head
 
 
 @dataclass
@@ -103,39 +110,72 @@ class MemoryEstimate:
     weights: int
     grads: int
     optimizer: int
-    activations: int
-    transient: int
-    grads_overlap: bool  # fp32: grads and activations peak together; bf16: the loss backward is the peak
+    activations: int  # what autograd keeps for backward (with checkpointing: block inputs + the larger peak's part)
+    transient: int  # the fused loss's backward buffers
+    peak_dynamic: int  # bytes above weights + optimizer at the step's peak
 
     @property
     def total(self) -> int:
-        static = self.weights + self.optimizer
-        if self.grads_overlap:
-            return static + self.grads + self.activations + self.transient
-        return static + max(self.activations + self.transient, self.grads)
+        return self.weights + self.optimizer + self.peak_dynamic
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
 
 
 def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: str = "float32",
-                    device_type: str = "cpu", checkpointing: bool = False) -> MemoryEstimate:
+                    device_type: str = "cpu", checkpointing: bool = False,
+                    loss_chunk_elements: int | None = None) -> MemoryEstimate:
     """Peak bytes of one training step (fp32 master weights, AdamW moments, grads, activations, and the fused
-    loss's buffers: its (N, vocab) gradient, one chunk of logits, and the head's weight gradient)."""
-    from nanogpt4.model.losses import CHUNK_ELEMENTS
+    loss's buffers: its (N, vocab) gradient, one chunk of logits, and the head's weight gradient).
+
+    On CPU (foreach AdamW), fp32 grads and activations peak together; in bf16 the loss's backward is the peak,
+    before most grads exist. With checkpointing only each block's fp32 input survives the forward, and the
+    peak is either the loss's backward or a recomputed block's backward: in fp32 its activations plus their
+    gradients (about as large again) and the residual-stream gradient, with the grads alive; in bf16 its
+    activations beside the grads. The CUDA branch follows peaks measured on an H200. Both are checked against
+    measured peaks within 10% in the tests (CPU: live tensor bytes; CUDA: recorded max_memory_allocated)."""
+    from nanogpt4.model.losses import chunk_elements
 
     c = model_section(config)
     n = analytic_params(config)["params"]
     T = seq_len or c.max_seq_len
     N, V = batch_size * T, c.vocab_size
-    acts = activation_bytes(config, batch_size, T, dtype, device_type, checkpointing)
-    if dtype == "bfloat16":
-        rows = min(N, max(1, CHUNK_ELEMENTS // V))
+    bf16 = dtype == "bfloat16"
+    if bf16:
+        rows = min(N, max(1, (loss_chunk_elements or chunk_elements(device_type)) // V))
         transient = N * V * 2 + rows * V * (4 + 2) + V * c.dim * (4 + 2)
     else:
         transient = N * V * 4
-    return MemoryEstimate(weights=4 * n, grads=4 * n, optimizer=8 * n, activations=acts, transient=transient,
-                          grads_overlap=dtype != "bfloat16")
+    grads = 4 * n
+    per_layer, head = _activation_parts(config, batch_size, T, dtype, device_type)
+    inputs = c.n_layers * N * 4 * c.dim  # what checkpointing keeps: each block's fp32 input
+    if device_type == "cuda":
+        # Measured with max_memory_allocated (benchmarks/cuda_check.py): the peak is the loss's backward on
+        # top of everything saved (grads arrive as activations are freed, and fused AdamW adds no temporaries),
+        # or, with checkpointing, a recomputed block beside the grads. fp32 reuses its kept logits as their
+        # gradient, so its loss backward only adds grad_h and the head's weight gradient.
+        if not bf16:
+            transient = N * 4 * c.dim + V * c.dim * 4
+        if checkpointing:
+            acts = inputs + per_layer + head
+            # the recomputed block's backward: its saved tensors, plus (bf16, empirical) half as much again in
+            # activation gradients and flash attention's fp32 accumulators
+            recompute = per_layer * 3 // 2 if bf16 else per_layer
+            peak = max(inputs + head + transient, inputs + recompute + grads)
+        else:
+            acts = c.n_layers * per_layer + head
+            peak = max(acts + transient, grads)
+    elif checkpointing:
+        acts = inputs + per_layer + head
+        if bf16:
+            peak = inputs + max(head + transient, grads + per_layer)
+        else:
+            peak = grads + inputs + 2 * N * 4 * c.dim + max(head + transient, 2 * per_layer)
+    else:
+        acts = c.n_layers * per_layer + head
+        peak = max(acts + transient, grads) if bf16 else grads + acts + transient
+    return MemoryEstimate(weights=4 * n, grads=grads, optimizer=8 * n, activations=acts, transient=transient,
+                          peak_dynamic=peak)
 
 
 def plan(config, batch_size: int | None = None, dtype: str = "bfloat16", device_type: str = "cpu") -> dict:

@@ -26,6 +26,7 @@ from nanogpt4.train.checkpoint import latest_checkpoint, load_trainer_state, loa
 from nanogpt4.train.distributed import (
     DistInfo,
     all_reduce_mean,
+    apply_activation_checkpointing,
     apply_ddp,
     apply_fsdp,
     broadcast_flag,
@@ -104,9 +105,14 @@ class Trainer:
         self.progress = progress and info.is_main
         self.log = log if info.is_main else (lambda _msg: None)
         self.dtype = resolve_dtype(self.tc.dtype, device)
+        if device.type == "cuda":  # fp32 training on a GPU uses TF32 tensor cores, as its MFU peak assumes
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.flops_per_token = flops_per_token
         self.peak = peak_flops(device, self.dtype) if flops_per_token else None
 
+        if self.tc.activation_checkpointing:
+            apply_activation_checkpointing(model)
         if self.tc.fsdp and info.enabled:
             self.step_model = apply_fsdp(model, info, self.dtype if self.dtype != torch.float32 else None)
         elif info.enabled:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU check in one go, for a short lease on a CUDA machine (see README "GPU checks").
+# Usage: OUT=/some/dir bash benchmarks/gpu_session.sh   (needs torch with CUDA, transformers; run from the repo root)
+set -u
+OUT=${OUT:-runs/gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/.gpu/site:${PYTHONPATH:-}"
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/env.log"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/env.log"
+run() { local name=$1 limit=$2; shift 2; echo "== $name"; local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - t0))s" | tee -a "$OUT/env.log"; tail -30 "$OUT/$name.log"; }
+run cuda_check 100 $PY benchmarks/cuda_check.py
+run train_124m 150 $PY benchmarks/train_throughput.py --layers 12 --dim 768 --heads 12 --vocab 50304 --seq 1024 \
+    --batch 16 --compile --dtypes bfloat16,float32 --iters 8
+run generate_124m 80 $PY benchmarks/generate.py --layers 12 --dim 768 --heads 12 --vocab 50304 --ctx 1024 \
+    --dtypes bfloat16 --iters 3
+run pipeline 170 $PY -m nanogpt4 pipeline --device cuda --out /tmp/gpu_pipeline data.max_bytes=20000000 \
+    training.max_steps=300 rlhf.sft_steps=60 rlhf.reward_steps=60 rlhf.ppo_steps=8 rlhf.dpo_steps=20 \
+    rlhf.label_prompts=200 rlhf.eval_prompts=64 multimodal.align_steps=20 multimodal.tune_steps=300 \
+    multimodal.eval_scenes=40
+run fsdp 60 torchrun --nproc_per_node=1 -m nanogpt4 pretrain --device cuda --out /tmp/gpu_fsdp \
+    data.max_bytes=20000000 training.fsdp=true training.activation_checkpointing=true training.max_steps=40 \
+    training.eval_interval=20 --json
+cp /tmp/gpu_pipeline/report.md "$OUT/pipeline_report.md" 2>/dev/null
+tar czf "$OUT/results.tgz" benchmarks/results/*cuda* /tmp/gpu_pipeline/*/summary.json /tmp/gpu_fsdp/summary.json 2>/dev/null
+ls -la "$OUT"
