@@ -133,10 +133,13 @@ def test_gpt2_init_and_weight_tying():
 def test_configure_optimizers_decays_matrices_only():
     m = make()
     opt = m.configure_optimizers(0.1, 1e-3)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+    hidden, embed, no_decay = opt.param_groups  # hidden matrices apart: µP scales their learning rate
+    assert hidden["weight_decay"] == embed["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in hidden["params"] + embed["params"]) and all(p.dim() < 2 for p in
+                                                                                 no_decay["params"])
+    assert embed["params"] == [m.token_embed.weight, m.pos_embed.weight]  # the tied head is the token table
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
+    assert all(g["lr"] == 1e-3 for g in opt.param_groups)  # standard parametrization: one learning rate
 
 
 def test_return_hidden_and_seed_call_shape():

@@ -43,6 +43,11 @@ def test_sweep_resumes_where_it_stopped_and_prediction_is_registered_first(prepa
     for key in ("predicted_loss", "ci95", "actual_loss", "rel_error", "covered", "compute_ratio", "fit"):
         assert key in result
     assert result["compute_ratio"] > 2
+    # the capability metric rides along: every run has it, and the target's is predicted before it runs
+    assert all(-60 < r["mean_log_pass_rate"] < 0 and 0 <= r["greedy_exact_match"] <= 1 for r in rows)
+    cap = result["capability"]
+    assert cap["predicted_neg_log_pass_rate"] == registered["capability"]["predicted_neg_log_pass_rate"]
+    assert cap["actual_neg_log_pass_rate"] > 0 and isinstance(cap["covered"], bool)
 
 
 def test_plan_refuses_budgets_too_small_for_a_step(prepared):

@@ -39,6 +39,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    parametrization: str = "sp"  # sp (standard, GPT-2) | mup (maximal update: hyperparameters transfer across width)
+    mup_base_dim: int = 128  # µP: the width at which init and learning rates equal the tuned values
 
 
 @dataclass
@@ -93,7 +95,8 @@ class RLHFConfig:
     compare_frozen_base: bool = True  # also train the other variant (frozen vs fine-tuned base) and report both
     judge: str = "python-syntax"
     label_prompts: int = 1000  # prompts sampled by the SFT policy and labelled by the judge
-    samples_per_prompt: int = 4  # K: the judge's best and worst of K samples form a pair
+    samples_per_prompt: int = 4  # K samples per prompt, ranked by the judge
+    label_all_pairs: bool = True  # every separated pair of the K (InstructGPT); false: only the best vs the worst
     label_min_gap: float = 0.05  # judge-score difference below which a pair counts as a tie
     eval_prompts: int = 256  # held-out prompts every policy is judged on
     best_of_n: int = 4
@@ -156,6 +159,7 @@ CHOICES = {
     "model.pos_embedding": ("learned", "rope"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),
+    "model.parametrization": ("sp", "mup"),
     "data.tokenizer": ("bpe", "gpt2"),
     "training.dtype": ("auto", "float32", "bfloat16"),
     "multimodal.encoder": ("vit", "cnn"),
@@ -256,6 +260,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")
     if m.pos_embedding == "rope" and (m.dim // m.n_heads) % 2:
         raise UserError(f"rope needs an even head dim, got {m.dim // m.n_heads}; change model.dim or n_heads")
+    if m.mup_base_dim <= 0:
+        raise UserError(f"model.mup_base_dim must be a positive width, got {m.mup_base_dim}")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if t.learning_rate <= 0:

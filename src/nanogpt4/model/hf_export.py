@@ -19,6 +19,9 @@ from nanogpt4.utils import replace_dir
 
 def hf_architecture(model: Transformer) -> str:
     c = model.cfg
+    if c.parametrization != "sp":
+        raise UserError("export-hf writes standard-parametrization models; this one is µP (its logit multiplier "
+                        "and 1/d_head attention have no transformers config field)")
     if c.pos_embedding == "learned" and c.norm == "layernorm" and c.mlp == "gelu" and \
             (c.n_kv_heads or c.n_heads) == c.n_heads and c.mlp_hidden in (None, 4 * c.dim):
         return "gpt2"

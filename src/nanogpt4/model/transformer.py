@@ -89,7 +89,7 @@ class KVCache:
 CPU_MATMUL_ATTENTION_MAX_LEN = 1024
 
 
-def matmul_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
+def matmul_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=None):
     """Same result as ``F.scaled_dot_product_attention`` (boolean mask = keep), as explicit matmuls.
 
     Scores stay in the input dtype: softmax accumulates in fp32 internally and rounds once on output, which
@@ -98,7 +98,7 @@ def matmul_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
     if k.size(1) != q.size(1):  # grouped-query attention: share each kv head across its query group
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
+    scores = (q * (scale if scale is not None else q.size(-1) ** -0.5)) @ k.transpose(-2, -1)
     if is_causal:
         mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
     if mask is not None:
@@ -117,6 +117,8 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.dim // cfg.n_heads
+        # µP: 1/d_head, not 1/sqrt(d_head): after training, q and k are correlated and q·k grows like d_head
+        self.scale = 1.0 / self.head_dim if cfg.parametrization == "mup" else None
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
@@ -135,10 +137,11 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(2) <= CPU_MATMUL_ATTENTION_MAX_LEN:
-            y = matmul_attention(q, k, v, mask, is_causal and mask is None, dropout)
+            y = matmul_attention(q, k, v, mask, is_causal and mask is None, dropout, self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                               dropout_p=dropout, enable_gqa=self.n_kv_heads != self.n_heads)
+                                               dropout_p=dropout, enable_gqa=self.n_kv_heads != self.n_heads,
+                                               scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -219,6 +222,10 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_blocks = False  # set by train.distributed.apply_activation_checkpointing
+        # µP (Yang et al., Tensor Programs V): width multiplier m = dim / base; logits are scaled by 1/m, hidden
+        # matrices start at std/sqrt(m) and learn at lr/m (configure_optimizers), so the base width's tuned
+        # hyperparameters carry over to every width
+        self.width_mult = cfg.dim / cfg.mup_base_dim if cfg.parametrization == "mup" else 1.0
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -226,6 +233,8 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         if isinstance(module, nn.Linear):
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "residual_scale", False) else 1.0
+            if module is not self.head:
+                scale /= math.sqrt(self.width_mult)
             nn.init.normal_(module.weight, mean=0.0, std=std * scale)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -276,6 +285,8 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.ln_f(x)
+        if self.width_mult != 1.0:
+            x = x * (1.0 / self.width_mult)  # µP's output multiplier, applied before the (tied) head
         if return_hidden:
             return x
         if labels is not None:
@@ -311,11 +322,18 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), eps: float = 1e-8,
                              device_type: str = "cpu") -> torch.optim.AdamW:
-        """AdamW; weight decay only on tensors with >= 2 dims (matmul weights, embeddings), not biases or norms."""
+        """AdamW; weight decay only on tensors with >= 2 dims (matmul weights, embeddings), not biases or norms.
+        Under µP the hidden matrices (not embeddings, norms or biases) learn at lr / width_mult."""
+        embeddings = {id(p) for p in (self.token_embed.weight, self.head.weight,
+                                      *(() if self.pos_embed is None else (self.pos_embed.weight,)))}
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
+        hidden = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+        embed = [p for p in params if p.dim() >= 2 and id(p) in embeddings]
         no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": hidden, "weight_decay": weight_decay, "lr_scale": 1.0 / self.width_mult},
+                  {"params": embed, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        for g in groups:  # the trainer sets lr * lr_scale every step; the first step must agree
+            g["lr"] = learning_rate * g.get("lr_scale", 1.0)
         # the fused kernel exists on CUDA and CPU and is ~3x faster than the foreach path on CPU
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 

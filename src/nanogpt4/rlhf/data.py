@@ -23,11 +23,12 @@ class Example:
     response: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preference:
     prompt: str
     chosen: str
     rejected: str
+    gap: float | None = None  # the judge's score difference, when a judge labelled the pair
 
 
 def format_chat(messages: list[dict], where: str = "messages") -> Example:
@@ -85,7 +86,9 @@ def hh_to_preference(chosen: str, rejected: str, where: str) -> Preference:
 
 def preference_from_row(row: dict, where: str) -> Preference:
     if all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-        return Preference(row["prompt"], row["chosen"], row["rejected"])
+        gap = row.get("judge_gap")
+        return Preference(row["prompt"], row["chosen"], row["rejected"],
+                          float(gap) if isinstance(gap, int | float) and not isinstance(gap, bool) else None)
     if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
         return hh_to_preference(row["chosen"], row["rejected"], where)
     raise UserError(f"{where}: expected string fields prompt, chosen and rejected (or HH-RLHF's chosen/rejected "

@@ -77,10 +77,12 @@ def load_judge(name: str) -> Judge:
     return fn
 
 
-def label_pairs(judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
-                min_gap: float = 1e-6) -> list[tuple[str, str, str, float]]:
-    """(prompt, chosen, rejected, score gap) for every pair the judge separates; ties are dropped."""
-    sa, sb = judge(prompts, a), judge(prompts, b)
+def label_pairs(judge: Judge | None, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
+                min_gap: float = 1e-6, scores: tuple[Sequence[float], Sequence[float]] | None = None,
+                ) -> list[tuple[str, str, str, float]]:
+    """(prompt, chosen, rejected, score gap) for every pair the judge separates; ties are dropped.
+    ``scores`` passes the judge's scores of ``a`` and ``b`` when they are already known."""
+    sa, sb = scores if scores is not None else (judge(prompts, a), judge(prompts, b))
     out = []
     for p, x, y, s, t in zip(prompts, a, b, sa, sb, strict=True):
         if abs(s - t) > min_gap and x != y:

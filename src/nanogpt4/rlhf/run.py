@@ -8,6 +8,7 @@ prompts from the validation split.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import random
@@ -115,33 +116,62 @@ def sft_stage(cfg: DictConfig, policy, tok, out: Path, device, examples: list[Ex
 
 def label_stage(cfg: DictConfig, sft, tok, judge, out: Path, log=print) -> tuple[list[Preference], list[str],
                                                                                  list[str]]:
-    """K SFT samples per prompt; the judge's best and worst form a pair (near-ties dropped, as a labeler
-    skips pairs they cannot tell apart). Returns (pairs, prompts, the first sample of each prompt)."""
+    """K SFT samples per prompt, ranked by the judge; as in InstructGPT every pair of the K the judge separates
+    becomes a comparison (near-ties dropped, as a labeler skips pairs they cannot tell apart; with
+    ``rlhf.label_all_pairs=false`` only the best and the worst). Returns (pairs grouped by prompt, prompts, the
+    first sample of each prompt)."""
     r = cfg.rlhf
     label_prompts = [e.prompt for e in make_tasks(cfg, r.label_prompts, "train", cfg.seed + 1)]
     k_samples = [generate_responses(sft, tok, label_prompts, r.max_new_tokens, 1.0, seed=1 + k)
                  for k in range(max(2, r.samples_per_prompt))]
     k_scores = np.array([judge(label_prompts, s) for s in k_samples])  # (K, prompts)
-    best, worst = k_scores.argmax(0), k_scores.argmin(0)
-    a = [k_samples[k][i] for i, k in enumerate(best)]
-    b = [k_samples[k][i] for i, k in enumerate(worst)]
-    pairs = [Preference(p, c, j) for p, c, j, _ in label_pairs(judge, label_prompts, a, b, r.label_min_gap)]
+    P, K = len(label_prompts), len(k_samples)
+    if r.label_all_pairs:  # (prompt, sample, sample), grouped by prompt for the held-out split
+        index = [(i, a, b) for i in range(P) for a, b in itertools.combinations(range(K), 2)]
+    else:
+        index = [(i, int(k_scores[:, i].argmax()), int(k_scores[:, i].argmin())) for i in range(P)]
+    labelled = label_pairs(None, [label_prompts[i] for i, _, _ in index], [k_samples[a][i] for i, a, _ in index],
+                           [k_samples[b][i] for i, _, b in index], r.label_min_gap,
+                           scores=([k_scores[a, i] for i, a, _ in index], [k_scores[b, i] for i, _, b in index]))
+    pairs = list(dict.fromkeys(Preference(p, c, j, float(g)) for p, c, j, g in labelled))  # drop duplicate samples
     if len(pairs) < 20:
         raise UserError(f"the judge separated only {len(pairs)} sample pairs; raise rlhf.label_prompts")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "preferences.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for p in pairs:
-            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
+            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                                "judge_gap": p.gap}) + "\n")
     log(f"rlhf: {len(pairs)} preference pairs labelled by {r.judge} ({len(label_prompts)} prompts x "
         f"{len(k_samples)} samples)")
     return pairs, label_prompts, k_samples[0]
 
 
 def split_pairs(pairs: list[Preference]) -> tuple[list[Preference], list[Preference]]:
-    n_val = max(10, len(pairs) // 10)
-    if len(pairs) < n_val + 10:
+    """(train, held out): the pairs of the first tenth of the prompts are held out, so no prompt's
+    comparisons sit on both sides."""
+    prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    held = set(prompts[:max(1, len(prompts) // 10)])
+    val = [p for p in pairs if p.prompt in held]
+    if len(val) < 10:  # few prompts with many pairs each (or one prompt): fall back to splitting pairs
+        val = pairs[:max(10, len(pairs) // 10)]
+        held_ids = {id(p) for p in val}
+        train = [p for p in pairs if id(p) not in held_ids]
+    else:
+        train = [p for p in pairs if p.prompt not in held]
+    if len(train) < 10:
         raise UserError(f"{len(pairs)} preference pairs are too few to train and hold out a reward model (need 20+)")
-    return pairs[n_val:], pairs[:n_val]
+    return train, val
+
+
+def clearest_pairs(pairs: list[Preference]) -> list[Preference]:
+    """Each prompt's widest-gap comparison (the judge's best vs worst sample), where the judge's gaps are known."""
+    best: dict[str, Preference] = {}
+    for p in pairs:
+        if p.gap is None:
+            return pairs
+        if p.prompt not in best or p.gap > best[p.prompt].gap:
+            best[p.prompt] = p
+    return list(best.values())
 
 
 def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, device,
@@ -149,10 +179,14 @@ def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, 
     """Bradley-Terry reward model from the SFT weights (fine-tuned base; with ``rlhf.compare_frozen_base`` a
     frozen-base twin is trained too and reported beside it), centred so SFT responses average 0."""
     r, L = cfg.rlhf, cfg.model.max_seq_len
-    train_pairs, val_pairs = split_pairs(pairs)
+    train_pairs, val_all = split_pairs(pairs)
+    # the headline accuracy is on each held-out prompt's clearest comparison (best vs worst of K); all of the
+    # held-out prompts' comparisons, close calls included, are reported beside it
+    val_pairs = clearest_pairs(val_all)
     val_enc = [encode_pair(tok, p, L) for p in val_pairs]
+    all_enc = [encode_pair(tok, p, L) for p in val_all] if len(val_all) > len(val_pairs) else None
     quiet = lambda _m: None  # noqa: E731
-    stats: dict = {"preference_pairs": len(pairs), "rm_val_pairs": len(val_pairs)}
+    stats: dict = {"preference_pairs": len(pairs), "rm_val_pairs": len(val_pairs), "rm_val_pairs_all": len(val_all)}
     variants = [("", r.freeze_base)]
     if r.compare_frozen_base:
         variants.append(("_fine_tuned" if r.freeze_base else "_frozen_base", not r.freeze_base))
@@ -162,6 +196,8 @@ def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, 
         run_dir = out / suffix.lstrip("_") if suffix else out
         train_reward(cfg, model, tok, train_pairs, val_pairs, run_dir, device, log=quiet)
         stats[f"rm_val_accuracy{suffix}"] = reward_accuracy(model, val_enc, tok.pad_id, device)
+        if all_enc is not None:
+            stats[f"rm_val_accuracy_all_pairs{suffix}"] = reward_accuracy(model, all_enc, tok.pad_id, device)
         if rm is None:
             rm = model
     stats["rm_freeze_base"] = r.freeze_base
@@ -307,6 +343,7 @@ def write_rlhf_report(out: Path, summary: dict, history: list[dict], prompts, sa
         fig.savefig(tmp, format="png")
     plt.close(fig)
     keys = ["rm_val_accuracy", "rm_val_accuracy_frozen_base", "rm_val_accuracy_fine_tuned",
+            "rm_val_accuracy_all_pairs", "rm_val_pairs", "rm_val_pairs_all",
             "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n", "kl_ppo", "prompts_eval",
             "preference_pairs", "wall_s"]
     body = [summary_table(summary, keys), "", "![RLHF curves](plots/rlhf.png)", "", "### Samples (held-out prompts)"]

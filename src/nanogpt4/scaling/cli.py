@@ -77,6 +77,18 @@ def cmd_fit(args) -> dict:
         lo, hi = fit.interval(args.target_flops)
         result["prediction"] = {"flops": args.target_flops, "loss": float(fit.predict(args.target_flops)),
                                 "ci95": [lo, hi], "compute_ratio": args.target_flops / compute.max()}
+    if all("mean_log_pass_rate" in r for r in rows):
+        from nanogpt4.scaling.laws import fit_pass_rate
+
+        cap = fit_pass_rate(compute, [math.exp(r["mean_log_pass_rate"]) for r in rows], bootstrap=args.bootstrap)
+        result["capability"] = {"alpha": cap.a, "k": -cap.b, "n_runs": len(rows)}
+        if args.target_flops:
+            lo, hi = cap.interval(args.target_flops)
+            result["capability"]["prediction"] = {"neg_log_pass_rate": float(cap.predict(args.target_flops)),
+                                                  "ci95": [lo, hi]}
+        if args.out:
+            y = np.array([-r["mean_log_pass_rate"] for r in rows])
+            plot_capability(compute, y, cap, args.out / "capability_fit.png", args.target_flops)
     if all("params" in r and "tokens" in r for r in rows) and len(rows) >= 5:
         law = fit_chinchilla([r["params"] for r in rows], [r["tokens"] for r in rows], loss)
         result["chinchilla"] = {"E": law.E, "A": law.A, "B": law.B, "alpha": law.alpha, "beta": law.beta}
@@ -123,6 +135,37 @@ def plot_fit(compute, loss, fit, path: Path, target: float | None = None, actual
     plt.close(fig)
 
 
+def plot_capability(compute, neg_log_pass, fit, path: Path, target: float | None = None,
+                    actual: float | None = None) -> None:
+    """The GPT-4 report's Figure 2 layout: −E[log pass rate] against compute, log-log, with the fitted power law."""
+    from nanogpt4.report import _pyplot
+    from nanogpt4.utils import atomic_path
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    grid = np.logspace(np.log10(compute.min() / 1.5), np.log10(max(compute.max(), target or 0) * 1.5), 200)
+    ax.scatter(compute, neg_log_pass, label="runs", zorder=3)
+    ax.plot(grid, fit.predict(grid), label=f"fit: {fit.a:.3g}·C^({fit.b:.3f})")
+    if fit.bootstrap:
+        bands = np.array([fit.interval(c) for c in grid])
+        ax.fill_between(grid, bands[:, 0], bands[:, 1], alpha=0.2, label="95% interval")
+    if target:
+        ax.axvline(target, ls="--", color="gray", label="target compute")
+    if target and actual is not None:
+        ax.scatter([target], [actual], marker="*", s=160, color="crimson", zorder=4, label="target run (held out)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute (FLOPs)")
+    ax.set_ylabel("−E[log pass rate] (exact 4-token continuation)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -153,6 +196,16 @@ def cmd_predict(args, cfg) -> dict:
     losses = np.array([r["val_loss"] for r in result["fit_runs"]])
     plot_fit(flops, losses, fit_power_law(flops, losses, bootstrap=200), out / "scaling_predict.png",
              result["target_flops"], result["actual_loss"])
+    cap = result.get("capability")
+    if cap:
+        from nanogpt4.scaling.laws import fit_pass_rate
+
+        y = np.array([-v for v in cap["fit_runs"]])
+        plot_capability(flops, y, fit_pass_rate(flops, np.exp(-y), bootstrap=200), out / "capability_predict.png",
+                        result["target_flops"], cap["actual_neg_log_pass_rate"])
+        print(f"capability: predicted -E[log pass] {cap['predicted_neg_log_pass_rate']:.4f} 95% "
+              f"[{cap['ci95'][0]:.4f}, {cap['ci95'][1]:.4f}], actual {cap['actual_neg_log_pass_rate']:.4f}: "
+              f"relative error {cap['rel_error']:.2%}, {'covered' if cap['covered'] else 'NOT covered'}")
     if args.record:
         atomic_write_json(args.record, result)
     return result

@@ -5,9 +5,10 @@ as long as the run, a short warmup, the learning rate from a stated width rule, 
 and evaluation windows for every run. Rows land in ``sweep.jsonl`` as runs finish; a rerun skips them, so an
 interrupted sweep continues where it stopped.
 
-Learning-rate rule (hyperparameter transfer across widths): ``lr(d) = lr_base * sqrt(d_base / d)``, the
-square-root form of the 1/width Adam rule, which keeps the smallest models from diverging; ``d_base`` and
-``lr_base`` are the base config's width and learning rate.
+Hyperparameter transfer across widths: with ``model.parametrization=mup`` every width trains at the base
+config's learning rate and µP scales init, learning rates and logits per layer (base width = the base config's
+``model.dim``); with the standard parametrization, ``lr(d) = lr_base * sqrt(d_base / d)``, the square-root form
+of the 1/width Adam rule, which keeps the smallest models from diverging.
 """
 
 from __future__ import annotations
@@ -49,10 +50,14 @@ def size_config(base: DictConfig, dim: int) -> DictConfig:
         raise UserError(f"sweep widths must be multiples of {HEAD_DIM}, got {dim}")
     layers = max(2, round(dim / 48))
     return OmegaConf.merge(base, {"model": {"dim": dim, "n_heads": dim // HEAD_DIM, "n_kv_heads": None,
-                                            "n_layers": layers}})  # type: ignore[return-value]
+                                            "n_layers": layers, "mup_base_dim": base.model.dim}})  # type: ignore
 
 
 def lr_for_width(base: DictConfig, dim: int) -> float:
+    """µP (``model.parametrization=mup``): the base learning rate at every width (µP rescales per layer inside
+    the model); standard parametrization: the square-root width rule."""
+    if base.model.parametrization == "mup":
+        return float(base.training.learning_rate)
     return float(base.training.learning_rate * math.sqrt(base.model.dim / dim))
 
 
@@ -94,12 +99,30 @@ def run_config(base: DictConfig, spec: RunSpec, eval_iters: int) -> DictConfig:
         "keep_last": 1}})  # type: ignore[return-value]
 
 
-def run_one(cfg: DictConfig, run_dir: Path, log) -> dict:
+def run_one(cfg: DictConfig, run_dir: Path, log, problems=None) -> dict:
+    """One pretrain run; with ``problems``, its final model's capability joins the summary."""
+    from nanogpt4.scaling.capability import evaluate_capability
+    from nanogpt4.train.checkpoint import load_model
     from nanogpt4.train.pretrain import pretrain
 
     if run_dir.exists() and not (run_dir / "summary.json").exists():
         shutil.rmtree(run_dir)  # a run interrupted mid-way is short: start it again
-    return pretrain(cfg, run_dir, progress=False, log=lambda _m: None)
+    summary = pretrain(cfg, run_dir, progress=False, log=lambda _m: None)
+    if problems is not None:
+        model, _, _ = load_model(run_dir)
+        summary["capability"] = evaluate_capability(model, problems)
+    return summary
+
+
+def capability_problems(base: DictConfig):
+    """The held-out continuation problems every run of a sweep (and its target) is scored on."""
+    from nanogpt4.data.prepare import default_data_dir, load_meta
+    from nanogpt4.scaling.capability import continuation_problems
+
+    data_dir = default_data_dir(base)
+    context = min(48, base.model.max_seq_len - 8)
+    return continuation_problems(data_dir / "val.bin", load_meta(data_dir)["dtype"], n=256, context=context,
+                                 answer=4, seed=base.seed)
 
 
 def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], eval_iters: int = 40,
@@ -115,15 +138,17 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
     done = {r["name"] for r in read_jsonl(path)} if path.exists() else set()
     total = sum(r.budget for r in runs)
     log(f"sweep: {len(runs)} runs ({len(done)} already done), {total:.3g} FLOPs in all, results in {path}")
+    problems = capability_problems(base)
     for spec in runs:
         if spec.name in done:
             continue
         t0 = time.time()
-        summary = run_one(run_config(base, spec, eval_iters), out / "runs" / spec.name, log)
+        summary = run_one(run_config(base, spec, eval_iters), out / "runs" / spec.name, log, problems)
         row = {"name": spec.name, "dim": spec.dim, "n_layers": spec.n_layers, "budget": spec.budget,
                "params": spec.params, "non_embedding_params": spec.non_embedding_params, "lr": spec.lr,
                "steps": summary["steps"], "tokens": summary["tokens"], "flops": summary["flops"],
-               "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], "wall_s": time.time() - t0}
+               "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], **summary["capability"],
+               "wall_s": time.time() - t0}
         if not all(math.isfinite(row[k]) for k in ("val_loss", "flops")):
             log(f"warning: {spec.name} ended with a non-finite loss; it is recorded and the fit will refuse it")
         with open(path, "a", encoding="utf-8") as f:
@@ -148,8 +173,9 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float, 
                       out: Path, bootstrap: int = 500, log=print) -> dict:
     """Fit the sweep's frontier, register the prediction, run the target, compare."""
     from nanogpt4.data.prepare import default_data_dir, load_meta
-    from nanogpt4.scaling.laws import fit_chinchilla, fit_power_law
-    from nanogpt4.train.checkpoint import latest_checkpoint
+    from nanogpt4.scaling.capability import evaluate_capability
+    from nanogpt4.scaling.laws import fit_chinchilla, fit_pass_rate, fit_power_law
+    from nanogpt4.train.checkpoint import latest_checkpoint, load_model
     from nanogpt4.train.pretrain import pretrain, resume_config
 
     rows = read_jsonl(sweep_path) if sweep_path.exists() else []
@@ -180,6 +206,12 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float, 
                 "fit_runs": [{"name": r["name"], "flops": r["flops"], "val_loss": r["val_loss"]} for r in chosen],
                 "compute_ratio": target_budget / float(compute.max()),
                 "registered_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if all("mean_log_pass_rate" in r for r in chosen):  # capability: -E[log pass] = α·C^(-k)
+            cap = fit_pass_rate(compute, [math.exp(r["mean_log_pass_rate"]) for r in chosen], bootstrap=bootstrap)
+            lo_c, hi_c = cap.interval(target_budget)
+            pred["capability"] = {"predicted_neg_log_pass_rate": float(cap.predict(target_budget)),
+                                  "ci95": [lo_c, hi_c], "fit": {"alpha": cap.a, "k": -cap.b},
+                                  "fit_runs": [r["mean_log_pass_rate"] for r in chosen]}
         atomic_write_json(registered, pred)
         log(f"registered: loss {pred['predicted_loss']:.4f} 95% [{lo:.4f}, {hi:.4f}] at {target_budget:.3g} FLOPs "
             f"({pred['compute_ratio']:.1f}x the largest fitted run), d={target_dim}")
@@ -196,11 +228,19 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float, 
         summary = pretrain(cfg, target_dir, progress=False, log=log)
     actual = summary["val_loss"]
     lo, hi = pred["ci95"]
+    capability = None
+    if "capability" in pred:
+        measured = evaluate_capability(load_model(target_dir)[0], capability_problems(base))
+        cp = pred["capability"]
+        truth = -measured["mean_log_pass_rate"]
+        capability = {**cp, "actual_neg_log_pass_rate": truth, "greedy_exact_match": measured["greedy_exact_match"],
+                      "rel_error": abs(cp["predicted_neg_log_pass_rate"] - truth) / truth,
+                      "covered": cp["ci95"][0] <= truth <= cp["ci95"][1]}
     result = {"predicted_loss": pred["predicted_loss"], "ci95": pred["ci95"], "actual_loss": actual,
               "rel_error": abs(pred["predicted_loss"] - actual) / actual, "covered": lo <= actual <= hi,
               "compute_ratio": summary["flops"] / max(r["flops"] for r in pred["fit_runs"]),
               "fit": {k: pred["fit"][k] for k in ("a", "b", "c")}, "target_flops": summary["flops"],
-              "target_dim": pred["target_dim"], "fit_runs": pred["fit_runs"]}
+              "target_dim": pred["target_dim"], "fit_runs": pred["fit_runs"], "capability": capability}
     atomic_write_json(out / "result.json", result)
     return result
 
