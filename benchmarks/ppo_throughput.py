@@ -3,8 +3,10 @@
 Both run the same work per PPO step: sample ``--rollout`` responses of up to ``--response`` tokens with a
 KV cache, score them with a reward model, compute policy / reference / value log-probs, then
 ``--epochs`` x (rollout / minibatch) clipped policy + value updates. Same GPT-2-shaped weights (ours
-exported with ``to_hf``), same precision (fp32), same threads. Tokens/s counts prompt + response tokens
-of every rollout, over whole PPO steps (rollout + update), after one warm-up step.
+exported with ``to_hf``), same threads, and the same precision for each pair of rows: fp32, and bf16 autocast
+(ours: ``training.dtype=bfloat16``; TRL: ``bf16=True``, accelerate's autocast). Tokens/s counts prompt +
+response tokens of every rollout (ours: real tokens up to end-of-text; TRL: the full padded width, which
+favours TRL), over whole PPO steps (rollout + update), after one warm-up step.
 
 TRL dropped ``PPOTrainer`` after 0.23; install the last release that has it next to this package:
 
@@ -43,11 +45,11 @@ def prompts_of(tok: BPETokenizer, n: int, length: int) -> list[list[int]]:
     return [ids[i * stride:i * stride + length] for i in range(n)]
 
 
-def run_ours(cfg, policy, rm, tok, prompts: list[list[int]], steps: int) -> tuple[float, int]:
+def run_ours(cfg, policy, rm, tok, prompts: list[list[int]], steps: int, dtype: torch.dtype) -> tuple[float, int]:
     r = cfg.rlhf
     value = ValueModel(copy.deepcopy(rm.transformer))
     ppo = PPOTrainer(policy, lambda ids, mask: rm(ids, mask), tok, r, value_model=value,
-                     ref_policy=copy.deepcopy(policy), learning_rate=1e-5, seed=0)
+                     ref_policy=copy.deepcopy(policy), learning_rate=1e-5, seed=0, dtype=dtype)
     texts = [tok.decode(p) for p in prompts]
     B = r.rollout_batch_size
     ppo.step(texts[:B])  # warm-up
@@ -58,7 +60,7 @@ def run_ours(cfg, policy, rm, tok, prompts: list[list[int]], steps: int) -> tupl
     return time.perf_counter() - t0, tokens
 
 
-def run_trl(cfg, policy, rm, tok, prompts: list[list[int]], steps: int) -> tuple[float, int]:
+def run_trl(cfg, policy, rm, tok, prompts: list[list[int]], steps: int, dtype: torch.dtype) -> tuple[float, int]:
     import transformers
     from datasets import Dataset
     from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerFast
@@ -90,7 +92,7 @@ def run_trl(cfg, policy, rm, tok, prompts: list[list[int]], steps: int) -> tuple
                          stop_token_id=tok.eot_id, missing_eos_penalty=1.0, kl_coef=r.kl_coef,
                          local_rollout_forward_batch_size=B, num_sample_generations=0, learning_rate=1e-5,
                          temperature=1.0, report_to=[], save_strategy="no", logging_steps=1000, use_cpu=True,
-                         bf16=False, fp16=False, seed=0, dataloader_num_workers=0)
+                         bf16=dtype == torch.bfloat16, fp16=False, seed=0, dataloader_num_workers=0)
         trainer = TRLPPOTrainer(args=args, processing_class=hf_tok, model=hf_policy, ref_model=hf_ref,
                                 reward_model=reward_model, train_dataset=ds, value_model=value_model)
         ends: list[float] = []
@@ -118,12 +120,13 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--response", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config("tiny", ["model.max_seq_len=128", f"rlhf.rollout_batch_size={args.rollout}",
                                f"rlhf.mini_batch_size={args.minibatch}", f"rlhf.ppo_epochs={args.epochs}",
-                               f"rlhf.max_new_tokens={args.response}", "training.dtype=float32"])
+                               f"rlhf.max_new_tokens={args.response}"])
     corpus = load_corpus("stdlib", 0.05, 2_000_000, "text", None)
     tok = BPETokenizer.train(corpus.train, cfg.model.vocab_size)
     prompts = prompts_of(tok, (args.steps + 1) * args.rollout, args.prompt)
@@ -132,23 +135,31 @@ def main() -> None:
     rm = RewardModel(copy.deepcopy(policy)).eval().requires_grad_(False)
 
     rows = []
-    t, n = run_ours(cfg, copy.deepcopy(policy), rm, tok, prompts, args.steps)
-    rows.append({"impl": "nanogpt4", "s_per_step": t / args.steps, "tok_per_s": n / t})
-    try:
-        t, n = run_trl(cfg, copy.deepcopy(policy), rm, tok, prompts, args.steps)
-        rows.append({"impl": "trl", "s_per_step": t / args.steps, "tok_per_s": n / t})
-    except ImportError as e:
-        print(f"TRL's PPOTrainer is not importable ({e}); pip install 'trl==0.23.1' to compare")
-    if len(rows) == 2:
-        rows[0]["speedup"] = rows[0]["tok_per_s"] / rows[1]["tok_per_s"]
-    print_table(rows, ["impl", "s_per_step", "tok_per_s", "speedup"])
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        t, n = run_ours(cfg, copy.deepcopy(policy), rm, tok, prompts, args.steps, dtype)
+        ours = {"impl": "nanogpt4", "dtype": dtype_name, "s_per_step": t / args.steps, "tok_per_s": n / t}
+        rows.append(ours)
+        try:
+            t, n = run_trl(cfg, copy.deepcopy(policy), rm, tok, prompts, args.steps, dtype)
+        except ImportError as e:
+            print(f"TRL's PPOTrainer is not importable ({e}); pip install 'trl==0.23.1' to compare")
+            continue
+        rows.append({"impl": "trl", "dtype": dtype_name, "s_per_step": t / args.steps, "tok_per_s": n / t})
+        ours["speedup"] = ours["tok_per_s"] / rows[-1]["tok_per_s"]
+    fp32 = [r for r in rows if r["dtype"] == "float32"]
+    if len(fp32) == 2 and any(r["impl"] == "nanogpt4" and r["dtype"] == "bfloat16" for r in rows):
+        ours_bf16 = next(r for r in rows if r["impl"] == "nanogpt4" and r["dtype"] == "bfloat16")
+        print(f"nanogpt4 bf16 vs TRL fp32 (each library's default on this CPU): "
+              f"{ours_bf16['tok_per_s'] / fp32[1]['tok_per_s']:.2f}x")
+    print_table(rows, ["impl", "dtype", "s_per_step", "tok_per_s", "speedup"])
     try:
         import trl
 
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
-    save_result("ppo_throughput", {"config": vars(args), "model": "tiny (4L, 192d, vocab 4096), fp32",
+    save_result("ppo_throughput", {"config": vars(args), "model": "tiny (4L, 192d, vocab 4096)",
                                    "trl": trl_version, "rows": rows})
 
 

@@ -29,6 +29,19 @@ def test_first_minibatch_ratio_is_exactly_one_and_kl_starts_at_zero(setup):
     assert torch.allclose(fresh * ro.response_mask, ro.ref_logprobs * ro.response_mask, atol=1e-5)
 
 
+def test_bf16_rollout_and_update_keep_fp32_statistics(setup):
+    """bf16 autocast: log-probs, values and advantages stay fp32; the first minibatch's ratio is 1 up to bf16
+    rounding of the forward passes."""
+    cfg, tok, policy = setup
+    ppo = PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf, learning_rate=1e-3,
+                     dtype=torch.bfloat16)
+    stats, ro = ppo.step(["def f(x):\n"] * 16)
+    assert ro.logprobs.dtype == ro.values.dtype == ro.advantages.dtype == torch.float32
+    assert stats["first_minibatch_ratio"] == pytest.approx(1.0, abs=2e-2)
+    assert abs(stats["first_minibatch_approx_kl"]) < 1e-3
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values() if isinstance(v, float))
+
+
 def test_response_mask_stops_after_end_of_text(setup):
     cfg, tok, policy = setup
     ppo = PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf)
@@ -47,12 +60,12 @@ def test_ppo_raises_a_simple_reward(setup):
     """Reward = how often one token appears in the response; PPO must raise it within a few dozen steps."""
     cfg, tok, policy = setup
     prompts = ["def f(x):\n", "import os\n", "class A:\n", "    return"] * 4
-    # the target: a token the initial policy samples now and then (the 5th most frequent in its responses)
+    # the target: a token the initial policy samples now and then (the 3rd most frequent in its responses)
     probe = PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf, seed=123)
     counts = torch.bincount(probe.rollout(prompts * 2).input_ids[:, -cfg.rlhf.max_new_tokens:].flatten(),
                             minlength=cfg.model.vocab_size)
     counts[[tok.eot_id, tok.pad_id]] = 0
-    target = int(counts.argsort(descending=True)[4])
+    target = int(counts.argsort(descending=True)[2])
 
     def score(ids, mask):
         resp = ids[:, -cfg.rlhf.max_new_tokens:]

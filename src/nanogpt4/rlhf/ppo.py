@@ -30,6 +30,7 @@ from nanogpt4.rlhf.ops import (
     ppo_value_loss,
 )
 from nanogpt4.train.distributed import DistInfo
+from nanogpt4.utils import autocast_ctx
 
 
 def all_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -83,10 +84,13 @@ class PPOTrainer:
     def __init__(self, policy: nn.Module, score_fn: ScoreFn, tokenizer: Tokenizer, rlhf_cfg,
                  value_model: ValueModel | None = None, ref_policy: nn.Module | None = None,
                  learning_rate: float = 1e-5, value_learning_rate: float | None = None,
-                 no_eos_penalty: float = 1.0, vf_coef: float = 0.5, seed: int = 0, info: DistInfo | None = None):
+                 no_eos_penalty: float = 1.0, vf_coef: float = 0.5, seed: int = 0, info: DistInfo | None = None,
+                 dtype: torch.dtype = torch.float32):
         """Under data parallelism (``info`` from ``init_distributed``) every rank rolls out its share of the
         prompts, advantages are whitened over the global batch, and gradients are summed over ranks with the
-        loss normalised by the global minibatch's token count: the update equals one process's."""
+        loss normalised by the global minibatch's token count: the update equals one process's. ``dtype``
+        bfloat16 runs rollouts and update forwards under autocast (log-probs, values, advantages and losses stay
+        fp32); the first minibatch's ratio is then 1 up to bf16 rounding instead of exactly."""
         self.info = info or DistInfo()
         self.policy = policy
         self.ref = ref_policy if ref_policy is not None else copy.deepcopy(policy)
@@ -103,6 +107,8 @@ class PPOTrainer:
              {"params": [p for p in self.value.parameters() if p.requires_grad],
               "lr": value_learning_rate or learning_rate * 2}], weight_decay=0.0, betas=(0.9, 0.95))
         self.device = next(policy.parameters()).device
+        self.dtype = dtype
+        self._sampler: nn.Module | None = None  # a low-precision copy of the policy for rollouts
         self.generator = torch.Generator(device=self.device).manual_seed(seed + 1000 * self.info.rank)
         if self.info.enabled:  # every rank starts from rank 0's weights
             for p in [*policy.parameters(), *self.value.parameters()]:
@@ -117,9 +123,22 @@ class PPOTrainer:
         enc = [(tok.encode(p) or [tok.eot_id])[-limit:] for p in prompts]
         prompt_ids, prompt_mask = pad_left(enc, tok.pad_id, self.device)
         P = prompt_ids.size(1)
-        seq = self.policy.generate(prompt_ids, c.max_new_tokens, temperature=1.0, attention_mask=prompt_mask,
-                                   stop_tokens=[tok.eot_id], pad_token_id=tok.pad_id, generator=self.generator)
+        seq = self.sampler().generate(prompt_ids, c.max_new_tokens, temperature=1.0, attention_mask=prompt_mask,
+                                      stop_tokens=[tok.eot_id], pad_token_id=tok.pad_id, generator=self.generator)
         return self.score_rollout(seq, prompt_mask, P)
+
+    def sampler(self) -> nn.Module:
+        """The policy that samples rollouts: itself in fp32; in bf16 a bf16 copy with the current weights, since
+        autocast would cast every weight again at every decoding step. The log-probs PPO trains on are
+        recomputed from the fp32 policy in ``score_rollout``, so the copy only decides which tokens are drawn."""
+        if self.dtype == torch.float32:
+            return self.policy
+        if self._sampler is None:
+            self._sampler = copy.deepcopy(self.policy).to(self.dtype).eval().requires_grad_(False)
+        with torch.no_grad():
+            for dst, src in zip(self._sampler.parameters(), self.policy.parameters(), strict=True):
+                dst.copy_(src)
+        return self._sampler
 
     @torch.no_grad()
     def score_rollout(self, seq: torch.Tensor, prompt_mask: torch.Tensor, P: int) -> Rollout:
@@ -133,10 +152,11 @@ class PPOTrainer:
         response_mask = (~after_eot).long()
         mask = torch.cat([prompt_mask, response_mask], dim=1)
         self.policy.eval()
-        logprobs = response_logprobs(self.policy, seq, mask, P)
-        ref_logprobs = response_logprobs(self.ref, seq, mask, P)
-        values = self.value(seq, mask)[:, P - 1:-1]
-        scores = self.score_fn(seq, mask).float()
+        with autocast_ctx(self.device, self.dtype):
+            logprobs = response_logprobs(self.policy, seq, mask, P)
+            ref_logprobs = response_logprobs(self.ref, seq, mask, P)
+            values = self.value(seq, mask)[:, P - 1:-1].float()
+            scores = self.score_fn(seq, mask).float()
         ended = is_eot.any(dim=1)
         scores = scores - self.no_eos_penalty * (~ended).float()
         # rewards: -β·KL on every response token, the score on the last one
@@ -166,10 +186,11 @@ class PPOTrainer:
                 idx = order[i:i + mini].to(self.device)
                 ids, mask, rmask = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
                 n_valid = all_sum(rmask.sum().float(), self.info) if self.info.enabled else None
-                logp, entropy = response_logprobs(self.policy, ids, mask, ro.prompt_len, with_entropy=True)
+                with autocast_ctx(self.device, self.dtype):
+                    logp, entropy = response_logprobs(self.policy, ids, mask, ro.prompt_len, with_entropy=True)
+                    values = self.value(ids, mask)[:, ro.prompt_len - 1:-1].float()
                 pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], rmask, c.clip_epsilon,
                                                     n_valid)
-                values = self.value(ids, mask)[:, ro.prompt_len - 1:-1]
                 vf_loss, vf_stats = ppo_value_loss(values, ro.values[idx], ro.returns[idx], rmask, c.value_clip,
                                                    n_valid)
                 loss = pg_loss + self.vf_coef * vf_loss

@@ -35,7 +35,7 @@ from nanogpt4.rlhf.stages import (
 )
 from nanogpt4.train.checkpoint import load_model, save_checkpoint
 from nanogpt4.train.distributed import DistInfo
-from nanogpt4.utils import atomic_path, atomic_write_json, atomic_write_text, resolve_device
+from nanogpt4.utils import atomic_path, atomic_write_json, atomic_write_text, resolve_device, resolve_dtype
 
 
 def line_examples(docs: list[str], n: int, seed: int) -> list[Example]:
@@ -228,7 +228,8 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     value = ValueModel(copy.deepcopy(rm.transformer)).requires_grad_(True)  # the critic starts as the RM
     value.reward_head.load_state_dict(rm.reward_head.state_dict())
     ppo = PPOTrainer(policy, score_fn, tok, r, value_model=value.to(device), ref_policy=sft,
-                     learning_rate=r.ppo_learning_rate, no_eos_penalty=r.no_eos_penalty, seed=cfg.seed, info=info)
+                     learning_rate=r.ppo_learning_rate, no_eos_penalty=r.no_eos_penalty, seed=cfg.seed, info=info,
+                     dtype=resolve_dtype(cfg.training.dtype, device))
     ppo_prompts = [e.prompt for e in make_tasks(cfg, r.ppo_steps * r.rollout_batch_size, "train", cfg.seed + 2)]
     out.mkdir(parents=True, exist_ok=True)
     history = []
