@@ -40,6 +40,10 @@ def test_bf16_rollout_and_update_keep_fp32_statistics(setup):
     assert stats["first_minibatch_ratio"] == pytest.approx(1.0, abs=2e-2)
     assert abs(stats["first_minibatch_approx_kl"]) < 1e-3
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values() if isinstance(v, float))
+    # the next rollout samples with the updated weights, not the first step's copy
+    ppo.rollout(["def f(x):\n"] * 16)
+    for copied, trained in zip(ppo._sampler.parameters(), policy.parameters(), strict=True):
+        assert torch.equal(copied, trained.detach().to(torch.bfloat16))
 
 
 def test_response_mask_stops_after_end_of_text(setup):

@@ -155,7 +155,7 @@ class PPOTrainer:
         with autocast_ctx(self.device, self.dtype):
             logprobs = response_logprobs(self.policy, seq, mask, P)
             ref_logprobs = response_logprobs(self.ref, seq, mask, P)
-            values = self.value(seq, mask)[:, P - 1:-1].float()
+            values = self.value(seq, mask)[:, P - 1:-1]
             scores = self.score_fn(seq, mask).float()
         ended = is_eot.any(dim=1)
         scores = scores - self.no_eos_penalty * (~ended).float()
@@ -188,7 +188,7 @@ class PPOTrainer:
                 n_valid = all_sum(rmask.sum().float(), self.info) if self.info.enabled else None
                 with autocast_ctx(self.device, self.dtype):
                     logp, entropy = response_logprobs(self.policy, ids, mask, ro.prompt_len, with_entropy=True)
-                    values = self.value(ids, mask)[:, ro.prompt_len - 1:-1].float()
+                    values = self.value(ids, mask)[:, ro.prompt_len - 1:-1]
                 pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], rmask, c.clip_epsilon,
                                                     n_valid)
                 vf_loss, vf_stats = ppo_value_loss(values, ro.values[idx], ro.returns[idx], rmask, c.value_clip,

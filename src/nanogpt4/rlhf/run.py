@@ -153,9 +153,8 @@ def split_pairs(pairs: list[Preference]) -> tuple[list[Preference], list[Prefere
     held = set(prompts[:max(1, len(prompts) // 10)])
     val = [p for p in pairs if p.prompt in held]
     if len(val) < 10:  # few prompts with many pairs each (or one prompt): fall back to splitting pairs
-        val = pairs[:max(10, len(pairs) // 10)]
-        held_ids = {id(p) for p in val}
-        train = [p for p in pairs if id(p) not in held_ids]
+        n_val = max(10, len(pairs) // 10)
+        val, train = pairs[:n_val], pairs[n_val:]
     else:
         train = [p for p in pairs if p.prompt not in held]
     if len(train) < 10:

@@ -149,6 +149,7 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
     grads = 4 * n
     per_layer, head = _activation_parts(config, batch_size, T, dtype, device_type)
     inputs = c.n_layers * N * 4 * c.dim  # what checkpointing keeps: each block's fp32 input
+    acts = activation_bytes(config, batch_size, T, dtype, device_type, checkpointing)
     if device_type == "cuda":
         # Measured with max_memory_allocated (benchmarks/cuda_check.py): the peak is the loss's backward on
         # top of everything saved (grads arrive as activations are freed, and fused AdamW adds no temporaries),
@@ -157,22 +158,18 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
         if not bf16:
             transient = N * 4 * c.dim + V * c.dim * 4
         if checkpointing:
-            acts = inputs + per_layer + head
             # the recomputed block's backward: its saved tensors, plus (bf16, empirical) half as much again in
             # activation gradients and flash attention's fp32 accumulators
             recompute = per_layer * 3 // 2 if bf16 else per_layer
             peak = max(inputs + head + transient, inputs + recompute + grads)
         else:
-            acts = c.n_layers * per_layer + head
             peak = max(acts + transient, grads)
     elif checkpointing:
-        acts = inputs + per_layer + head
         if bf16:
             peak = inputs + max(head + transient, grads + per_layer)
         else:
             peak = grads + inputs + 2 * N * 4 * c.dim + max(head + transient, 2 * per_layer)
     else:
-        acts = c.n_layers * per_layer + head
         peak = max(acts + transient, grads) if bf16 else grads + acts + transient
     return MemoryEstimate(weights=4 * n, grads=grads, optimizer=8 * n, activations=acts, transient=transient,
                           peak_dynamic=peak)

@@ -107,45 +107,29 @@ def cmd_fit(args) -> dict:
 
 
 def plot_fit(compute, loss, fit, path: Path, target: float | None = None, actual: float | None = None) -> None:
-    from nanogpt4.report import _pyplot
-    from nanogpt4.utils import atomic_path
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    hi_c = max(compute.max(), target or 0) * 1.5
-    grid = np.logspace(np.log10(compute.min() / 1.5), np.log10(hi_c), 200)
-    ax.scatter(compute, loss, label="runs", zorder=3)
-    ax.plot(grid, fit.predict(grid), label=f"fit: {fit.a:.3g}·C^{fit.b:.3f} + {fit.c:.3f}")
-    if fit.bootstrap:
-        bands = np.array([fit.interval(c) for c in grid])
-        ax.fill_between(grid, bands[:, 0], bands[:, 1], alpha=0.2, label="95% interval")
-    if target:
-        ax.axvline(target, ls="--", color="gray", label="target compute")
-    if target and actual is not None:
-        ax.scatter([target], [actual], marker="*", s=160, color="crimson", zorder=4, label="target run (held out)")
-    ax.set_xscale("log")
-    ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    """The GPT-4 report's Figure 1 layout: final loss against compute, with the fitted L(C) = a·C^b + c."""
+    _plot_law(compute, loss, fit, path, target, actual, f"fit: {fit.a:.3g}·C^{fit.b:.3f} + {fit.c:.3f}",
+              "validation loss (nats/token)", log_y=False)
 
 
 def plot_capability(compute, neg_log_pass, fit, path: Path, target: float | None = None,
                     actual: float | None = None) -> None:
     """The GPT-4 report's Figure 2 layout: −E[log pass rate] against compute, log-log, with the fitted power law."""
+    _plot_law(compute, neg_log_pass, fit, path, target, actual, f"fit: {fit.a:.3g}·C^({fit.b:.3f})",
+              "−E[log pass rate] (exact 4-token continuation)", log_y=True)
+
+
+def _plot_law(compute, y, fit, path: Path, target: float | None, actual: float | None, fit_label: str,
+              ylabel: str, log_y: bool) -> None:
+    """Runs, the fitted law with its bootstrap band, and the held-out target (compute line, measured star)."""
     from nanogpt4.report import _pyplot
     from nanogpt4.utils import atomic_path
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     grid = np.logspace(np.log10(compute.min() / 1.5), np.log10(max(compute.max(), target or 0) * 1.5), 200)
-    ax.scatter(compute, neg_log_pass, label="runs", zorder=3)
-    ax.plot(grid, fit.predict(grid), label=f"fit: {fit.a:.3g}·C^({fit.b:.3f})")
+    ax.scatter(compute, y, label="runs", zorder=3)
+    ax.plot(grid, fit.predict(grid), label=fit_label)
     if fit.bootstrap:
         bands = np.array([fit.interval(c) for c in grid])
         ax.fill_between(grid, bands[:, 0], bands[:, 1], alpha=0.2, label="95% interval")
@@ -154,9 +138,10 @@ def plot_capability(compute, neg_log_pass, fit, path: Path, target: float | None
     if target and actual is not None:
         ax.scatter([target], [actual], marker="*", s=160, color="crimson", zorder=4, label="target run (held out)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel("−E[log pass rate] (exact 4-token continuation)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
