@@ -77,4 +77,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 @torch.compiler.disable  # a graph break here keeps torch.compile from unrolling the chunk loops
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``labels`` (-100 ignored); h (..., d), labels (...)."""
-    return _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, labels.reshape(-1), _compute_dtype(h))
+    dtype = _compute_dtype(h)
+    h, labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)
+    valid = labels != IGNORE_INDEX
+    n_valid = int(valid.sum())
+    if 0 < n_valid < labels.numel():
+        # SFT, multimodal and reward rows supervise a few answer tokens: the head's matmuls (a third of a small
+        # model's step) run on those rows only, not on every prompt and image position
+        h, labels = h[valid], labels[valid]
+    return _LinearCrossEntropy.apply(h, weight, labels, dtype)
