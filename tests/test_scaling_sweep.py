@@ -53,8 +53,46 @@ def test_sweep_resumes_where_it_stopped_and_prediction_is_registered_first(prepa
 def test_plan_refuses_budgets_too_small_for_a_step(prepared):
     with pytest.raises(UserError, match="too small for one step"):
         plan_runs(base_cfg(prepared), [16, 32], [1e3], train_tokens=10**9)
-    with pytest.raises(UserError, match="multiples of 16"):
+    with pytest.raises(UserError, match="multiples of 8"):
         plan_runs(base_cfg(prepared), [20], [1e9], train_tokens=10**9)
+    with pytest.raises(UserError, match="tokens-per-param"):
+        plan_runs(base_cfg(prepared), [16], [], train_tokens=10**9, tokens_per_param=-1.0)
+
+
+def test_family_trains_every_width_on_the_same_tokens_per_parameter(prepared):
+    from nanogpt4.scaling.accounting import meta_model
+    from nanogpt4.scaling.sweep import family_budget, size_config
+
+    base = base_cfg(prepared)
+    runs, skipped = plan_runs(base, [8, 24, 40, 56], [], train_tokens=10**9, tokens_per_param=20)
+    assert not skipped and [r.dim for r in runs] == [8, 24, 40, 56]
+    tokens_per_step = base.training.batch_size * base.model.max_seq_len
+    for r in runs:
+        cfg = size_config(base, r.dim)
+        assert cfg.model.dim % cfg.model.n_heads == 0
+        tokens = r.steps * tokens_per_step
+        assert 20 * r.params - tokens_per_step < tokens <= 20 * r.params  # the recipe, in whole steps
+        assert r.budget == pytest.approx(tokens * meta_model(cfg).flops_per_token(cfg.model.max_seq_len))
+        assert r.budget == family_budget(base, r.dim, 20)
+    # one epoch is the limit: a width whose recipe needs more tokens than the data has is skipped, not repeated
+    runs, skipped = plan_runs(base, [16, 64], [], train_tokens=20 * runs[1].params, tokens_per_param=20)
+    assert [r.dim for r in runs] == [16] and "more than one epoch" in skipped[0]
+
+
+def test_family_fits_every_run_and_refuses_to_mix_with_a_grid(prepared, tmp_path):
+    rows = [{"name": f"d{d}", "flops": f, "val_loss": v, "budget": f, "tokens_per_param": 20.0}
+            for d, f, v in [(32, 3e9, 5.0), (16, 1e9, 5.5), (48, 9e9, 4.6)]]
+    compute, loss, chosen = frontier(rows)
+    assert list(compute) == [1e9, 3e9, 9e9] and list(loss) == [5.5, 5.0, 4.6]  # every run, in compute order
+    grid = [dict(r, tokens_per_param=None, budget=1e9) for r in rows]
+    assert len(frontier(grid)[2]) == 1  # a grid keeps each budget's best run only
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grid))
+    with pytest.raises(UserError, match="own --out"):
+        sweep(base_cfg(prepared), out, [16], [], log=quiet, tokens_per_param=20)
+    with pytest.raises(UserError, match="--target-dim"):
+        predict_and_check(base_cfg(prepared), out / "sweep.jsonl", None, None, tmp_path / "p", log=quiet)
 
 
 def test_predict_without_a_sweep(prepared, tmp_path):

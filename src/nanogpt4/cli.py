@@ -376,14 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = ssub.add_parser("sweep", help="pretrain a grid of widths x compute budgets into sweep.jsonl (resumable)")
     _common(sp)
-    sp.add_argument("--dims", default="32,48,64,96,128", help="model widths (multiples of 16)")
+    sp.add_argument("--dims", default="32,48,64,96,128", help="model widths (multiples of 8)")
     sp.add_argument("--budgets", default="1e10,3e10,1e11,3e11,1e12", help="training FLOPs per run")
+    sp.add_argument("--tokens-per-param", type=float, default=None,
+                    help="a recipe-matched family instead of a grid: each width trains on this many tokens per "
+                         "parameter (--budgets is then unused)")
     sp.add_argument("--eval-iters", type=int, default=40)
     sp.set_defaults(func=cmd_scaling)
     sp = ssub.add_parser("predict", help="register a prediction from a sweep, run the target, check it")
     _common(sp)
     sp.add_argument("--sweep", type=Path, required=True)
-    sp.add_argument("--target-flops", type=float, required=True)
+    sp.add_argument("--target-flops", type=float, default=None,
+                    help="the target's compute (for a --tokens-per-param family it follows from --target-dim)")
     sp.add_argument("--target-dim", type=int, default=None, help="default: the width the fitted law prefers")
     sp.add_argument("--bootstrap", type=int, default=500)
     sp.add_argument("--record", type=Path, default=None,

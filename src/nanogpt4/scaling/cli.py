@@ -163,7 +163,8 @@ def cmd_sweep(args, cfg) -> dict:
 
     out = args.out or Path("runs/sweep")
     dims = [int(d) for d in _floats(args.dims, "--dims")]
-    rows = sweep(cfg, out, dims, _floats(args.budgets, "--budgets"), args.eval_iters)
+    rows = sweep(cfg, out, dims, _floats(args.budgets, "--budgets"), args.eval_iters,
+                 tokens_per_param=args.tokens_per_param)
     return {"runs": len(rows), "sweep": str(out / "sweep.jsonl")}
 
 

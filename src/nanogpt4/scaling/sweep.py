@@ -9,6 +9,12 @@ Hyperparameter transfer across widths: with ``model.parametrization=mup`` every 
 config's learning rate and µP scales init, learning rates and logits per layer (base width = the base config's
 ``model.dim``); with the standard parametrization, ``lr(d) = lr_base * sqrt(d_base / d)``, the square-root form
 of the 1/width Adam rule, which keeps the smallest models from diverging.
+
+Two designs share this machinery. An IsoFLOP grid (``--budgets``: every width at every budget) finds the
+compute-optimal frontier, and L(C) is fitted to each budget's best run. A recipe-matched family
+(``--tokens-per-param R``: every width trained on R tokens per parameter, one run per width) is the GPT-4
+report's design: the small models are trained "using the same methodology" as the big one, so the target is the
+next member of the very curve that was fitted, and L(C) is fitted to every run.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from nanogpt4.scaling.accounting import meta_model
 from nanogpt4.utils import atomic_write_json, read_jsonl
 
 HEAD_DIM = 16
+WIDTH_STEP = 8
 MIN_STEPS = 20
 
 
@@ -45,11 +52,13 @@ class RunSpec:
 
 
 def size_config(base: DictConfig, dim: int) -> DictConfig:
-    """Width ``dim``, heads of HEAD_DIM, depth growing with width (aspect ratio ~ the tiny preset's 48)."""
-    if dim % HEAD_DIM:
-        raise UserError(f"sweep widths must be multiples of {HEAD_DIM}, got {dim}")
+    """Width ``dim``, heads of about HEAD_DIM (as many as divide the width), depth growing with width (aspect
+    ratio ~ the tiny preset's 48)."""
+    if dim % WIDTH_STEP or dim <= 0:
+        raise UserError(f"sweep widths must be positive multiples of {WIDTH_STEP}, got {dim}")
+    heads = max(h for h in range(1, max(1, dim // HEAD_DIM) + 1) if dim % h == 0)
     layers = max(2, round(dim / 48))
-    return OmegaConf.merge(base, {"model": {"dim": dim, "n_heads": dim // HEAD_DIM, "n_kv_heads": None,
+    return OmegaConf.merge(base, {"model": {"dim": dim, "n_heads": heads, "n_kv_heads": None,
                                             "n_layers": layers, "mup_base_dim": base.model.dim}})  # type: ignore
 
 
@@ -61,19 +70,33 @@ def lr_for_width(base: DictConfig, dim: int) -> float:
     return float(base.training.learning_rate * math.sqrt(base.model.dim / dim))
 
 
-def plan_runs(base: DictConfig, dims: list[int], budgets: list[float], train_tokens: int) -> tuple[list[RunSpec],
-                                                                                                   list[str]]:
-    if len(dims) < 1 or len(budgets) < 1:
-        raise UserError("a sweep needs at least one width and one budget")
+def family_budget(base: DictConfig, dim: int, tokens_per_param: float) -> float:
+    """The compute of width ``dim`` in a recipe-matched family: R tokens per (total) parameter, rounded down to
+    whole steps, times the exact training FLOPs per token."""
+    cfg = size_config(base, dim)
+    m = meta_model(cfg)
+    tokens_per_step = base.training.batch_size * base.model.max_seq_len
+    steps = math.floor(tokens_per_param * m.num_parameters() / tokens_per_step)
+    return steps * tokens_per_step * m.flops_per_token(cfg.model.max_seq_len)
+
+
+def plan_runs(base: DictConfig, dims: list[int], budgets: list[float], train_tokens: int,
+              tokens_per_param: float | None = None) -> tuple[list[RunSpec], list[str]]:
+    """The runs of an IsoFLOP grid (every width x every budget) or, with ``tokens_per_param``, of a
+    recipe-matched family (one run per width, its budget from the recipe); plus the reasons any were skipped."""
+    if tokens_per_param is not None and not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise UserError(f"--tokens-per-param must be a positive number, got {tokens_per_param}")
+    if len(dims) < 1 or (tokens_per_param is None and len(budgets) < 1):
+        raise UserError("a sweep needs at least one width and one budget (or --tokens-per-param)")
     tokens_per_step = base.training.batch_size * base.model.max_seq_len
     runs, skipped = [], []
     for dim in dims:
         cfg = size_config(base, dim)
         m = meta_model(cfg)
         fpt = m.flops_per_token(cfg.model.max_seq_len)
-        for budget in budgets:
-            steps = math.floor(budget / (fpt * tokens_per_step))
-            name = f"d{dim}_c{budget:.2e}"
+        for budget in budgets if tokens_per_param is None else [family_budget(base, dim, tokens_per_param)]:
+            steps = math.floor(budget / (fpt * tokens_per_step) + 1e-9)
+            name = f"d{dim}_c{budget:.2e}" if tokens_per_param is None else f"d{dim}_r{tokens_per_param:g}"
             if steps < MIN_STEPS:
                 skipped.append(f"{name}: budget buys {steps} steps (< {MIN_STEPS})")
                 continue
@@ -126,16 +149,22 @@ def capability_problems(base: DictConfig):
 
 
 def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], eval_iters: int = 40,
-          log=print) -> list[dict]:
+          log=print, tokens_per_param: float | None = None) -> list[dict]:
     from nanogpt4.data.prepare import default_data_dir, prepare_data
 
     out.mkdir(parents=True, exist_ok=True)
+    path = out / "sweep.jsonl"
+    previous = read_jsonl(path) if path.exists() else []
+    kinds = {r.get("tokens_per_param") for r in previous}
+    if previous and kinds != {tokens_per_param}:
+        has = "an IsoFLOP grid" if kinds == {None} else f"a family at {sorted(k for k in kinds if k)} tokens/param"
+        raise UserError(f"'{path}' already holds {has}; give this sweep its own --out so the fit does not mix "
+                        f"two designs")
     meta = prepare_data(base, default_data_dir(base), progress=False, log=lambda _m: None)
-    runs, skipped = plan_runs(base, dims, budgets, meta["train_tokens"])
+    runs, skipped = plan_runs(base, dims, budgets, meta["train_tokens"], tokens_per_param)
     for s in skipped:
         log(f"skip {s}")
-    path = out / "sweep.jsonl"
-    done = {r["name"] for r in read_jsonl(path)} if path.exists() else set()
+    done = {r["name"] for r in previous}
     total = sum(r.budget for r in runs)
     log(f"sweep: {len(runs)} runs ({len(done)} already done), {total:.3g} FLOPs in all, results in {path}")
     problems = capability_problems(base)
@@ -148,7 +177,7 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
                "params": spec.params, "non_embedding_params": spec.non_embedding_params, "lr": spec.lr,
                "steps": summary["steps"], "tokens": summary["tokens"], "flops": summary["flops"],
                "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], **summary["capability"],
-               "wall_s": time.time() - t0}
+               "tokens_per_param": tokens_per_param, "eval_iters": eval_iters, "wall_s": time.time() - t0}
         if not all(math.isfinite(row[k]) for k in ("val_loss", "flops")):
             log(f"warning: {spec.name} ended with a non-finite loss; it is recorded and the fit will refuse it")
         with open(path, "a", encoding="utf-8") as f:
@@ -158,8 +187,19 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
     return read_jsonl(path)
 
 
+def family_ratio(rows: list[dict]) -> float | None:
+    """The tokens-per-parameter recipe when every row belongs to one recipe-matched family, else None."""
+    ratios = {r.get("tokens_per_param") for r in rows}
+    return ratios.pop() if len(ratios) == 1 and None not in ratios else None
+
+
 def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """For each budget, the best run (the IsoFLOP minimum): the points L(C) is fitted to."""
+    """The points L(C) is fitted to: for an IsoFLOP grid, each budget's best run (the IsoFLOP minimum); for a
+    recipe-matched family, every run."""
+    if family_ratio(rows) is not None:
+        chosen = sorted(rows, key=lambda r: r["flops"])
+        return (np.array([r["flops"] for r in chosen], dtype=np.float64),
+                np.array([r["val_loss"] for r in chosen], dtype=np.float64), chosen)
     best: dict[float, dict] = {}
     for r in rows:
         if r["budget"] not in best or r["val_loss"] < best[r["budget"]]["val_loss"]:
@@ -169,9 +209,10 @@ def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
             np.array([r["val_loss"] for r in chosen], dtype=np.float64), chosen)
 
 
-def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float, target_dim: int | None,
+def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float | None, target_dim: int | None,
                       out: Path, bootstrap: int = 500, log=print) -> dict:
-    """Fit the sweep's frontier, register the prediction, run the target, compare."""
+    """Fit the sweep's frontier, register the prediction, run the target, compare. For a recipe-matched family
+    the target is the family's member at ``target_dim`` (its budget follows from the recipe)."""
     from nanogpt4.data.prepare import default_data_dir, load_meta
     from nanogpt4.scaling.capability import evaluate_capability
     from nanogpt4.scaling.laws import fit_chinchilla, fit_pass_rate, fit_power_law
@@ -188,6 +229,12 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float, 
         log(f"using the registered prediction from {pred['registered_at']}")
     else:
         compute, loss, chosen = frontier(rows)
+        ratio = family_ratio(rows)
+        if target_budget is None:
+            if ratio is None or target_dim is None:
+                raise UserError("give --target-flops (an IsoFLOP sweep), or --target-dim for a sweep run with "
+                                "--tokens-per-param (the target is then the family's member of that width)")
+            target_budget = family_budget(base, target_dim, ratio)
         fit = fit_power_law(compute, loss, bootstrap=bootstrap)
         if target_dim is None:
             law = fit_chinchilla([r["non_embedding_params"] for r in rows], [r["tokens"] for r in rows],
@@ -195,16 +242,18 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float, 
             target_dim = _best_dim(base, law, target_budget, [r["dim"] for r in chosen])
         cfg = size_config(base, target_dim)
         fpt = meta_model(cfg).flops_per_token(cfg.model.max_seq_len)
-        steps = math.floor(target_budget / (fpt * base.training.batch_size * base.model.max_seq_len))
+        steps = math.floor(target_budget / (fpt * base.training.batch_size * base.model.max_seq_len) + 1e-9)
         meta = load_meta(default_data_dir(base))
         if steps * base.training.batch_size * base.model.max_seq_len > meta["train_tokens"]:
-            raise UserError("the target needs more than one epoch of the training data; lower --target-flops "
-                            "or pick a larger --target-dim")
+            fix = ("pick a smaller --target-dim (the family's recipe fixes its tokens)" if ratio is not None
+                   else "lower --target-flops or pick a larger --target-dim")
+            raise UserError(f"the target needs {steps * base.training.batch_size * base.model.max_seq_len:,} "
+                            f"tokens, more than one epoch of the training data ({meta['train_tokens']:,}); {fix}")
         lo, hi = fit.interval(target_budget)
         pred = {"predicted_loss": float(fit.predict(target_budget)), "ci95": [lo, hi], "fit": fit.as_dict(),
                 "target_flops": target_budget, "target_dim": target_dim, "target_steps": steps,
                 "fit_runs": [{"name": r["name"], "flops": r["flops"], "val_loss": r["val_loss"]} for r in chosen],
-                "compute_ratio": target_budget / float(compute.max()),
+                "compute_ratio": target_budget / float(compute.max()), "tokens_per_param": ratio,
                 "registered_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         if all("mean_log_pass_rate" in r for r in chosen):  # capability: -E[log pass] = α·C^(-k)
             cap = fit_pass_rate(compute, [math.exp(r["mean_log_pass_rate"]) for r in chosen], bootstrap=bootstrap)
@@ -217,7 +266,7 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float, 
             f"({pred['compute_ratio']:.1f}x the largest fitted run), d={target_dim}")
     spec = RunSpec("target", pred["target_dim"], 0, pred["target_flops"], pred["target_steps"],
                    lr_for_width(base, pred["target_dim"]), 0, 0, 0.0)
-    cfg = run_config(base, spec, eval_iters=40)
+    cfg = run_config(base, spec, eval_iters=rows[0].get("eval_iters", 40))  # the target is measured as the runs were
     cfg = OmegaConf.merge(cfg, {"training": {"checkpoint_interval": max(1, spec.steps // 10), "keep_last": 1}})
     target_dir = out / "target"
     if (target_dir / "summary.json").exists():
