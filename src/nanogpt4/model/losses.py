@@ -36,15 +36,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe = labels.clamp(min=0)
         lse = torch.empty(n_rows, dtype=torch.float32, device=h.device)
         target = torch.empty(n_rows, dtype=torch.float32, device=h.device)
-        # fp32 matmuls are slow enough that keeping the logits beats recomputing them in backward
-        keep = torch.empty(n_rows, vocab, dtype=torch.float32, device=h.device) if dtype == torch.float32 else None
+        # The logits are kept (in the matmul dtype) and overwritten in place by their gradient in backward, which
+        # needs an (N, vocab) buffer anyway: the step's peak is the same, and recomputing them would cost a third
+        # more head matmuls. On a GPU in bf16 they are recomputed instead: there memory, not matmul time, is the
+        # scarce resource, and the buffer would sit through the whole backward of the blocks' activations.
+        keep = None
+        if dtype == torch.float32 or h.device.type != "cuda":
+            keep = torch.empty(n_rows, vocab, dtype=dtype, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, n_rows, chunk):
-                logits = (hc[s:s + chunk] @ wc.t()).float()
+                if keep is not None:
+                    logits = torch.mm(hc[s:s + chunk], wc.t(), out=keep[s:s + chunk]).float()
+                else:
+                    logits = (hc[s:s + chunk] @ wc.t()).float()
                 lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
                 target[s:s + chunk] = logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
-                if keep is not None:
-                    keep[s:s + chunk] = logits
         n_valid = valid.sum().clamp(min=1)
         loss = ((lse - target) * valid).sum() / n_valid
         ctx.save_for_backward(hc, wc, safe, valid, lse, n_valid, keep)
@@ -56,19 +62,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hc, wc, safe, valid, lse, n_valid, keep = ctx.saved_tensors
         n_rows, vocab = hc.size(0), wc.size(0)
         chunk = max(1, chunk_elements(hc.device.type) // vocab)
-        scale = (grad_out / n_valid).float()
-        # d loss / d logits = (softmax - onehot) * scale, in the matmul dtype: the same (N, vocab) tensor the
-        # standard path hands to its matmuls, built chunk by chunk from the saved log-sum-exp
+        # d loss / d logits = (softmax - onehot) * scale per row: exp(logits - lse + log scale) folds the scale
+        # into the exponent (a row without a label gets scale 0, so exp(-inf) = 0), saving a pass over (N, vocab)
+        scale = valid.float() * (grad_out / n_valid).float()
+        fold = bool((grad_out >= 0).all())
+        shift = lse - scale.log() if fold else lse
         grad_logits = keep if keep is not None else torch.empty(n_rows, vocab, dtype=hc.dtype, device=hc.device)
         rows = torch.arange(min(chunk, n_rows), device=hc.device)
         with torch.autocast(hc.device.type, enabled=False):
             for s in range(0, n_rows, chunk):
                 e = min(s + chunk, n_rows)
-                logits = keep[s:e] if keep is not None else (hc[s:e] @ wc.t()).float()
-                probs = logits.sub_(lse[s:e, None]).exp_()
-                probs[rows[: e - s], safe[s:e]] -= 1.0
-                probs.mul_((valid[s:e].float() * scale)[:, None])
-                grad_logits[s:e] = probs
+                # fp32: a view of the kept logits (updated in place); bf16: an fp32 copy of them (or recomputed)
+                logits = keep[s:e].float() if keep is not None else (hc[s:e] @ wc.t()).float()
+                probs = logits.sub_(shift[s:e, None]).exp_()
+                if fold:
+                    probs[rows[: e - s], safe[s:e]] -= scale[s:e]
+                else:
+                    probs[rows[: e - s], safe[s:e]] -= 1.0
+                    probs.mul_(scale[s:e, None])
+                if probs.data_ptr() != grad_logits[s].data_ptr():
+                    grad_logits[s:e] = probs
             grad_h = (grad_logits @ wc).to(ctx.h_dtype)
             grad_w = (grad_logits.t() @ hc).to(ctx.w_dtype)
         return grad_h, grad_w, None, None

@@ -82,6 +82,8 @@ def _activation_parts(config, batch_size: int, seq_len: int | None, dtype: str, 
         weights_copy = 2 * (d * (d + 2 * kv) + d * d + (3 if c.mlp == "swiglu" else 2) * d * hidden)
         per_layer = N * per_token + weights_copy + (T * T if device_type == "cpu" else 0)
         head = N * (2 * d + 4 * d + 8 + 21) + 2 * V * d
+        if device_type == "cpu":
+            head += N * 2 * V  # the loss keeps its bf16 logits on CPU (recomputes them on CUDA)
     else:
         per_token = 2 * norm + 3 * 4 * d + qkv_out + 4 * H + mlp  # norm inputs, matmul inputs, qkv, lse, MLP
         if c.pos_embedding == "rope":
@@ -126,7 +128,8 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
                     device_type: str = "cpu", checkpointing: bool = False,
                     loss_chunk_elements: int | None = None) -> MemoryEstimate:
     """Peak bytes of one training step (fp32 master weights, AdamW moments, grads, activations, and the fused
-    loss's buffers: its (N, vocab) gradient, one chunk of logits, and the head's weight gradient).
+    loss's buffers: its kept (N, vocab) logits, which become their own gradient, one fp32 chunk, and the head's
+    weight gradient).
 
     On CPU (foreach AdamW), fp32 grads and activations peak together; in bf16 the loss's backward is the peak,
     before most grads exist. With checkpointing only each block's fp32 input survives the forward, and the
@@ -143,9 +146,13 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
     bf16 = dtype == "bfloat16"
     if bf16:
         rows = min(N, max(1, (loss_chunk_elements or chunk_elements(device_type)) // V))
-        transient = N * V * 2 + rows * V * (4 + 2) + V * c.dim * (4 + 2)
-    else:
-        transient = N * V * 4
+        # the (N, vocab) gradient (on CPU: the kept logits, counted in the activations), one chunk of logits
+        # (recomputed in bf16 on CUDA, fp32), and the head's weight gradient (bf16, then fp32)
+        transient = rows * V * 4 + V * c.dim * (4 + 2)
+        if device_type == "cuda":
+            transient += N * V * 2 + rows * V * 2
+    else:  # the kept fp32 logits become their gradient: the backward adds grad_h and the head's weight gradient
+        transient = N * 4 * c.dim + V * c.dim * 4
     grads = 4 * n
     per_layer, head = _activation_parts(config, batch_size, T, dtype, device_type)
     inputs = c.n_layers * N * 4 * c.dim  # what checkpointing keeps: each block's fp32 input
@@ -153,10 +160,7 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
     if device_type == "cuda":
         # Measured with max_memory_allocated (benchmarks/cuda_check.py): the peak is the loss's backward on
         # top of everything saved (grads arrive as activations are freed, and fused AdamW adds no temporaries),
-        # or, with checkpointing, a recomputed block beside the grads. fp32 reuses its kept logits as their
-        # gradient, so its loss backward only adds grad_h and the head's weight gradient.
-        if not bf16:
-            transient = N * 4 * c.dim + V * c.dim * 4
+        # or, with checkpointing, a recomputed block beside the grads.
         if checkpointing:
             # the recomputed block's backward: its saved tensors, plus (bf16, empirical) half as much again in
             # activation gradients and flash attention's fp32 accumulators
