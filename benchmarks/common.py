@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 from nanogpt4.train.metrics import measured_matmul_peak
+from nanogpt4.utils import keep_freed_memory_for_reuse
+
+keep_freed_memory_for_reuse()  # process-wide, as `nanogpt4` does: the peer models run with it too
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -175,3 +175,15 @@ def test_tensorboard_is_optional(prepared, tmp_path):
     else:
         run(prepared, tmp_path / "tb", "training.max_steps=2", "training.tensorboard=true")
         assert list((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_allocator_tuning_is_applied_on_glibc_and_can_be_turned_off():
+    import os
+    import platform
+
+    code = "from nanogpt4.utils import keep_freed_memory_for_reuse as k; print(k())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NANOGPT4_DEFAULT_MALLOC": "1"}).stdout.strip()
+    assert off == "False"
+    assert on == ("True" if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" else "False")

@@ -402,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from nanogpt4.utils import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()
     try:
         return args.func(args)
     except UserError as e:
