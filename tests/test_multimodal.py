@@ -65,6 +65,21 @@ def test_image_vectors_land_exactly_on_image_slots():
     torch.testing.assert_close(x_swapped[0, slots[:4]], x[0, slots[4:]])
 
 
+def test_token_merge_packs_each_block_of_patches_into_one_token():
+    model = make_model(**{"multimodal.patch_size": 2, "multimodal.token_merge": 2})  # 8x8 patches -> 4x4 tokens
+    assert model.image_tokens == 16 and model.projector[0].in_features == 4 * 32
+    grid = torch.arange(64, dtype=torch.float32).reshape(1, 64, 1).expand(1, 64, 32)  # patch index as feature
+    merged = model.merge_patches(grid)
+    assert merged.shape == (1, 16, 4 * 32)
+    # token (row 1, col 2) of the 4x4 grid holds patches (2,4), (2,5), (3,4), (3,5) of the 8x8 grid, in that order
+    assert merged[0, 1 * 4 + 2, ::32].tolist() == [2 * 8 + 4, 2 * 8 + 5, 3 * 8 + 4, 3 * 8 + 5]
+    ids = row_with_images(model, n_images=1)
+    assert int((ids == IMG).sum()) == 16
+    assert model(ids, torch.randn(1, 3, 16, 16)).shape[:2] == ids.shape
+    with pytest.raises(UserError, match="token_merge"):
+        small_cfg(**{"multimodal.token_merge": 3})
+
+
 def test_changed_image_changes_answer_logits_but_not_earlier_positions():
     model = make_model()
     ids = row_with_images(model)

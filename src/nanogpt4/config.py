@@ -122,7 +122,8 @@ class RLHFConfig:
 class MultimodalConfig:
     encoder: str = "vit"  # vit | cnn (the seed's two conv layers)
     image_size: int = 32
-    patch_size: int = 8  # image tokens per image = (image_size / patch_size)^2
+    patch_size: int = 8  # encoder patches per image = (image_size / patch_size)^2
+    token_merge: int = 1  # pixel shuffle: each k x k block of encoder patches -> one image token (k^2 fewer tokens)
     stem: str = "conv"  # conv (stride-2 3x3 convs; needs a power-of-two patch) | patch (one strided conv)
     channels: int = 3
     encoder_dim: int = 128
@@ -274,14 +275,17 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"training.batch_size={t.batch_size} must be divisible by "
                         f"training.grad_accum_steps={t.grad_accum_steps}")
     mm = cfg.multimodal
-    for key in ("image_size", "patch_size", "channels", "encoder_dim", "encoder_layers", "encoder_heads",
-                "batch_size", "eval_scenes", "max_new_tokens"):
+    for key in ("image_size", "patch_size", "token_merge", "channels", "encoder_dim", "encoder_layers",
+                "encoder_heads", "batch_size", "eval_scenes", "max_new_tokens"):
         if mm[key] <= 0:
             raise UserError(f"multimodal.{key} must be positive, got {mm[key]}")
     if mm.align_steps < 0 or mm.tune_steps < 0 or mm.align_steps + mm.tune_steps == 0:
         raise UserError("multimodal.align_steps and tune_steps must be >= 0 and not both 0")
     if mm.image_size % mm.patch_size:
         raise UserError(f"multimodal.image_size={mm.image_size} must be a multiple of patch_size={mm.patch_size}")
+    if (mm.image_size // mm.patch_size) % mm.token_merge:
+        raise UserError(f"multimodal.token_merge={mm.token_merge} must divide the patch grid "
+                        f"({mm.image_size // mm.patch_size} = image_size / patch_size)")
     if mm.stem == "conv" and mm.encoder == "vit" and mm.patch_size & (mm.patch_size - 1):
         raise UserError(f"multimodal.stem=conv needs a power-of-two patch_size, got {mm.patch_size}; "
                         f"or set multimodal.stem=patch")

@@ -8,6 +8,8 @@ exactly as for text. Several images per row are allowed: images fill the ``<|ima
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -135,17 +137,23 @@ class MultimodalTransformer(nn.Module):
         if mm.pretrained_encoder:
             self.encoder = PretrainedEncoder(mm.pretrained_encoder, mm.freeze_encoder)
             self.image_size, self.channels = self.encoder.image_size, self.encoder.channels
-            self.image_tokens = self.encoder.n_tokens
+            n_patches = self.encoder.n_tokens
         else:
             if mm.image_size % mm.patch_size:
                 raise UserError(f"multimodal.image_size={mm.image_size} must be a multiple of "
                                 f"multimodal.patch_size={mm.patch_size}")
             self.encoder = ViTEncoder(mm) if mm.encoder == "vit" else CNNEncoder(mm)
             self.image_size, self.channels = mm.image_size, mm.channels
-            self.image_tokens = (mm.image_size // mm.patch_size) ** 2
+            n_patches = (mm.image_size // mm.patch_size) ** 2
+        self.grid, self.merge = math.isqrt(n_patches), mm.token_merge
+        if self.grid ** 2 != n_patches or self.grid % self.merge:
+            raise UserError(f"multimodal.token_merge={self.merge} needs a square patch grid it divides; the encoder "
+                            f"gives {n_patches} patches")
+        self.image_tokens = n_patches // self.merge ** 2
         dim = model_section(config).dim
-        # LLaVA-1.5's two-layer MLP projector
-        self.projector = nn.Sequential(nn.Linear(self.encoder.out_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        # LLaVA-1.5's two-layer MLP projector, over the merged (k*k*encoder_dim) patch features
+        self.projector = nn.Sequential(nn.Linear(self.encoder.out_dim * self.merge ** 2, dim), nn.GELU(),
+                                       nn.Linear(dim, dim))
         self.image_token_id = mm.image_token_id
 
     # ---------------------------------------------------------------- text side
@@ -166,7 +174,17 @@ class MultimodalTransformer(nn.Module):
             raise UserError(f"image shape ({c}, {h}, {w}) does not match the model's ({self.channels}, "
                             f"{self.image_size}, {self.image_size}); resize to multimodal.image_size="
                             f"{self.image_size} with {self.channels} channels")
-        return self.projector(self.encoder(images))
+        return self.projector(self.merge_patches(self.encoder(images)))
+
+    def merge_patches(self, feats: torch.Tensor) -> torch.Tensor:
+        """Pixel shuffle (nanoVLM, InternVL): each k x k block of the patch grid becomes one token carrying the
+        block's k*k feature vectors side by side, so the LM reads k^2 fewer image tokens and nothing is pooled."""
+        k = self.merge
+        if k == 1:
+            return feats
+        n, g, c = feats.size(0), self.grid, feats.size(-1)
+        blocks = feats.reshape(n, g // k, k, g // k, k, c).permute(0, 1, 3, 2, 4, 5)
+        return blocks.reshape(n, (g // k) ** 2, k * k * c)
 
     def embed(self, text_input: torch.Tensor, image_input: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image vectors written over the ``<|image|>`` slots."""
