@@ -101,6 +101,7 @@ class RLHFConfig:
     eval_prompts: int = 256  # held-out prompts every policy is judged on
     best_of_n: int = 4
     dpo_steps: int = 150
+    dpo_learning_rate: float = 5e-5
     ppo_learning_rate: float = 2e-5
     no_eos_penalty: float = 0.5
     ppo_epochs: int = 4
@@ -267,6 +268,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if t.learning_rate <= 0:
         raise UserError(f"training.learning_rate must be positive, got {t.learning_rate}")
+    for key in ("sft_learning_rate", "reward_model_lr", "ppo_learning_rate", "dpo_learning_rate"):
+        if cfg.rlhf[key] <= 0:
+            raise UserError(f"rlhf.{key} must be positive, got {cfg.rlhf[key]}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise UserError(f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0:

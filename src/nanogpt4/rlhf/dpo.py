@@ -66,7 +66,7 @@ def make_dpo_loss(beta: float):
 def train_dpo(cfg: DictConfig, policy, tok: Tokenizer, prefs: list[Preference], run_dir: Path, device,
               steps: int, log=print) -> dict:
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    tc = stage_training_cfg(cfg, max_steps=steps, learning_rate=cfg.rlhf.sft_learning_rate / 2, batch_size=16,
+    tc = stage_training_cfg(cfg, max_steps=steps, learning_rate=cfg.rlhf.dpo_learning_rate, batch_size=16,
                             grad_accum_steps=1,
                             warmup_steps=min(20, steps // 10 + 1), eval_interval=steps, checkpoint_interval=steps,
                             dtype="float32")
