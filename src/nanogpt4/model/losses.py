@@ -80,7 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     probs[rows[: e - s], safe[s:e]] -= 1.0
                     probs.mul_(scale[s:e, None])
-                if probs.data_ptr() != grad_logits[s].data_ptr():
+                if grad_logits.dtype != torch.float32:  # fp32 logits were updated in place
                     grad_logits[s:e] = probs
             grad_h = (grad_logits @ wc).to(ctx.h_dtype)
             grad_w = (grad_logits.t() @ hc).to(ctx.w_dtype)
@@ -95,7 +95,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     valid = labels != IGNORE_INDEX
     n_valid = int(valid.sum())
     if 0 < n_valid < labels.numel():
-        # SFT, multimodal and reward rows supervise a few answer tokens: the head's matmuls (a third of a small
-        # model's step) run on those rows only, not on every prompt and image position
+        # SFT and multimodal rows supervise a few answer tokens: the head's matmuls (a third of a small model's
+        # step) run on those rows only, not on every prompt and image position
         h, labels = h[valid], labels[valid]
     return _LinearCrossEntropy.apply(h, weight, labels, dtype)

@@ -198,13 +198,12 @@ def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     recipe-matched family, every run."""
     if family_ratio(rows) is not None:
         chosen = sorted(rows, key=lambda r: r["flops"])
-        return (np.array([r["flops"] for r in chosen], dtype=np.float64),
-                np.array([r["val_loss"] for r in chosen], dtype=np.float64), chosen)
-    best: dict[float, dict] = {}
-    for r in rows:
-        if r["budget"] not in best or r["val_loss"] < best[r["budget"]]["val_loss"]:
-            best[r["budget"]] = r
-    chosen = [best[b] for b in sorted(best)]
+    else:
+        best: dict[float, dict] = {}
+        for r in rows:
+            if r["budget"] not in best or r["val_loss"] < best[r["budget"]]["val_loss"]:
+                best[r["budget"]] = r
+        chosen = [best[b] for b in sorted(best)]
     return (np.array([r["flops"] for r in chosen], dtype=np.float64),
             np.array([r["val_loss"] for r in chosen], dtype=np.float64), chosen)
 
