@@ -32,6 +32,9 @@ def test_overrides_and_access():
     ("training.dtype=fp8", "not one of auto"),
     ("max_steps", "must look like section.key=value"),
     ("training.batch_size=0", "must be positive"),
+    ("rlhf.dpo_learning_rate=0", "rlhf.dpo_learning_rate must be positive"),
+    ("rlhf.ppo_learning_rate=-1e-5", "rlhf.ppo_learning_rate must be positive"),
+    ("multimodal.token_merge=3", "token_merge=3 must divide the patch grid"),
 ])
 def test_bad_values_raise_clear_errors(override, needle):
     with pytest.raises(UserError, match=None) as e:

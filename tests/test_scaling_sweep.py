@@ -81,9 +81,10 @@ def test_family_trains_every_width_on_the_same_tokens_per_parameter(prepared):
 
 def test_family_fits_every_run_and_refuses_to_mix_with_a_grid(prepared, tmp_path):
     rows = [{"name": f"d{d}", "flops": f, "val_loss": v, "budget": f, "tokens_per_param": 20.0}
-            for d, f, v in [(32, 3e9, 5.0), (16, 1e9, 5.5), (48, 9e9, 4.6)]]
+            for d, f, v in [(32, 3e9, 5.0), (16, 1e9, 5.5), (48, 9e9, 4.6), (32, 3e9, 5.1)]]  # d32 run twice
     compute, loss, chosen = frontier(rows)
-    assert list(compute) == [1e9, 3e9, 9e9] and list(loss) == [5.5, 5.0, 4.6]  # every run, in compute order
+    # every run, in compute order; a repeated width is a second point, not a competitor for its budget
+    assert list(compute) == [1e9, 3e9, 3e9, 9e9] and list(loss) == [5.5, 5.0, 5.1, 4.6]
     grid = [dict(r, tokens_per_param=None, budget=1e9) for r in rows]
     assert len(frontier(grid)[2]) == 1  # a grid keeps each budget's best run only
     out = tmp_path / "sweep"
