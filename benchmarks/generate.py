@@ -1,7 +1,8 @@
 """Cached generation throughput: nanogpt4 ``generate`` vs ``transformers`` ``generate`` on the same weights.
 
-Greedy decoding with the KV cache, batch 1 and batch 8, identical prompts; also checks both produce the
-same tokens (they share weights, so greedy outputs must agree).
+Greedy decoding with the KV cache, batch 1 and batch 8, identical prompts, eager and with
+``generate(compile=True)`` (timed after its first, compiling call, which is reported on its own); also checks
+all produce the same tokens (they share weights, so greedy outputs must agree).
 
     python benchmarks/generate.py
 """
@@ -51,24 +52,34 @@ def main() -> None:
         def run_ours(x=x, ours=ours):
             return ours.generate(x, args.new, temperature=0)
 
+        def run_compiled(x=x, ours=ours):
+            return ours.generate(x, args.new, temperature=0, compile=True)
+
         def run_hf(x=x, mask=mask, hf=hf):
             return hf.generate(x, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
                                do_sample=False, use_cache=True, pad_token_id=0)
 
         with torch.inference_mode():
-            same = torch.equal(run_ours(), run_hf())
-            # interleaved rounds so machine noise hits both alike
-            t_ours, t_hf = [], []
+            reference = run_hf()
+            same = torch.equal(run_ours(), reference)
+            compile_s = time_it(run_compiled, 0, 1, sync)  # the first call compiles this shape
+            same_compiled = torch.equal(run_compiled(), reference)
+            # interleaved rounds so machine noise hits all alike
+            t_ours, t_comp, t_hf = [], [], []
             for _ in range(args.iters):
                 t_ours.append(time_it(run_ours, 0, 1, sync))
+                t_comp.append(time_it(run_compiled, 0, 1, sync))
                 t_hf.append(time_it(run_hf, 0, 1, sync))
-            t_ours, t_hf = statistics.median(t_ours), statistics.median(t_hf)
+            t_ours, t_comp, t_hf = (statistics.median(t) for t in (t_ours, t_comp, t_hf))
         tok = b * args.new
         rows.append({"dtype": dtype_name, "batch": b, "nanogpt4 tok/s": tok / t_ours,
-                     "transformers tok/s": tok / t_hf, "speedup": t_hf / t_ours, "same tokens": same})
+                     "compiled tok/s": tok / t_comp, "transformers tok/s": tok / t_hf, "speedup": t_hf / t_ours,
+                     "compiled speedup": t_hf / t_comp, "same tokens": same and same_compiled,
+                     "first compiled call s": compile_s})
     print(f"greedy cached generation, {args.layers} layers x {args.dim} wide, vocab {args.vocab}, prompt "
           f"{args.prompt} + {args.new} new tokens, {device}, {torch.get_num_threads()} threads")
-    print_table(rows, ["dtype", "batch", "nanogpt4 tok/s", "transformers tok/s", "speedup", "same tokens"])
+    print_table(rows, ["dtype", "batch", "nanogpt4 tok/s", "compiled tok/s", "transformers tok/s", "speedup",
+                       "compiled speedup", "same tokens", "first compiled call s"])
     name = "generate" if (args.layers, args.dim) == (4, 192) else f"generate_{args.layers}x{args.dim}"
     path = save_result(name, {"args": vars(args), "rows": rows})
     print(f"wrote {path}")

@@ -1,4 +1,5 @@
 import math
+import shutil
 
 import pytest
 import torch
@@ -194,3 +195,35 @@ def test_generated_ids_can_enter_autograd():
     loss = m(out[:, :-1], labels=out[:, 1:])
     loss.backward()  # would fail on inference-mode tensors
     assert m.token_embed.weight.grad is not None
+
+
+def test_kv_cache_starts_zeroed():
+    from nanogpt4.model.transformer import KVCache
+
+    # static decoding weights unfilled slots by zero; uninitialised memory could hold NaN, and 0 * NaN = NaN
+    cache = KVCache.allocate(make().cfg, 2, 8, "cpu", torch.bfloat16)
+    assert all(bool((t == 0).all()) for t in cache.k + cache.v)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("variant", ["gpt2", "gqa"])
+def test_compiled_decoding_equals_eager_and_follows_weight_updates(variant, monkeypatch):
+    import nanogpt4.model.transformer as transformer
+
+    # freezing alone already prepacks the weights (what can go stale) at this width; max-autotune would add
+    # ~20 s of kernel benchmarking per compile
+    monkeypatch.setattr(transformer, "DECODE_COMPILE_OPTIONS", {"freezing": True})
+    m = make(variant, dim=128)
+    x = torch.randint(0, 101, (3, 6))
+    mask = torch.ones_like(x)
+    mask[1, :2] = mask[2, :5] = 0  # left padding
+    kw = dict(temperature=0, attention_mask=mask, stop_tokens=[7])
+    compiled = m.generate(x, 25, compile=True, **kw)  # 6 + 25 > max_seq_len 24: the window slides too
+    assert torch.equal(compiled, m.generate(x, 25, **kw))
+    # an optimizer step changes the weights in place: the compiled step (weights frozen in) must not go stale
+    opt = torch.optim.SGD(m.parameters(), lr=5.0)
+    m(x, labels=x).backward()
+    opt.step()
+    after = m.generate(x, 25, compile=True, **kw)
+    assert torch.equal(after, m.generate(x, 25, **kw)) and not torch.equal(after, compiled)

@@ -97,7 +97,8 @@ def cmd_sample(args) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 0)
     x = torch.tensor([ids] * args.num_samples, device=device)
     out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, stop_tokens=[tok.eot_id], generator=g, pad_token_id=tok.pad_id)
+                         top_p=args.top_p, stop_tokens=[tok.eot_id], generator=g, pad_token_id=tok.pad_id,
+                         compile=args.compile)
     samples = []
     for row in out.tolist():
         new = row[len(ids):]
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: seconds to compile, then 2-5x faster per token")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sample)
 
