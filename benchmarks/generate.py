@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import add_model_args, model_config, print_table, save_result, time_it  # noqa: E402
 
 from nanogpt4.model.hf_export import to_hf  # noqa: E402
-from nanogpt4.model.transformer import Transformer  # noqa: E402
+from nanogpt4.model.transformer import Transformer, decode_compile_settings  # noqa: E402
 
 
 def main() -> None:
@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--compile-peer", action="store_true",
+                    help="also time transformers with a static cache and torch.compile'd forward, under the same "
+                         "inductor settings as ours (~30 s more compiling per row)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,6 +62,11 @@ def main() -> None:
             return hf.generate(x, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
                                do_sample=False, use_cache=True, pad_token_id=0)
 
+        def run_hf_compiled(x=x, mask=mask, hf=hf):
+            with decode_compile_settings(True, device):  # the settings generate(compile=True) uses
+                return hf.generate(x, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
+                                   do_sample=False, cache_implementation="static", pad_token_id=0)
+
         with torch.inference_mode():
             reference = run_hf()
             same = torch.equal(run_ours(), reference)
@@ -71,15 +79,30 @@ def main() -> None:
                 t_comp.append(time_it(run_compiled, 0, 1, sync))
                 t_hf.append(time_it(run_hf, 0, 1, sync))
             t_ours, t_comp, t_hf = (statistics.median(t) for t in (t_ours, t_comp, t_hf))
+            peer = {}
+            if args.compile_peer:
+                # the same module converted to another dtype would still pass dynamo's guards and run the graph
+                # with the previous row's frozen weights: start every row from empty compile caches
+                torch._dynamo.reset()
+                hf.forward = torch.compile(hf.forward, dynamic=False)  # one graph per shape, as ours
+                first = time_it(run_hf_compiled, 0, 1, sync)
+                same_peer = torch.equal(run_hf_compiled(), reference)
+                t_peer = statistics.median(time_it(run_hf_compiled, 0, 1, sync) for _ in range(args.iters))
+                del hf.forward  # back to the class's eager forward for the next row
+                peer = {"transformers compiled tok/s": b * args.new / t_peer, "compiled vs compiled": t_peer / t_comp,
+                        "peer same tokens": same_peer, "peer first call s": first}
         tok = b * args.new
         rows.append({"dtype": dtype_name, "batch": b, "nanogpt4 tok/s": tok / t_ours,
                      "compiled tok/s": tok / t_comp, "transformers tok/s": tok / t_hf, "speedup": t_hf / t_ours,
                      "compiled speedup": t_hf / t_comp, "same tokens": same and same_compiled,
-                     "first compiled call s": compile_s})
+                     "first compiled call s": compile_s, **peer})
     print(f"greedy cached generation, {args.layers} layers x {args.dim} wide, vocab {args.vocab}, prompt "
           f"{args.prompt} + {args.new} new tokens, {device}, {torch.get_num_threads()} threads")
     print_table(rows, ["dtype", "batch", "nanogpt4 tok/s", "compiled tok/s", "transformers tok/s", "speedup",
                        "compiled speedup", "same tokens", "first compiled call s"])
+    if args.compile_peer:
+        print_table(rows, ["dtype", "batch", "compiled tok/s", "transformers compiled tok/s", "compiled vs compiled",
+                           "peer same tokens", "peer first call s"])
     name = "generate" if (args.layers, args.dim) == (4, 192) else f"generate_{args.layers}x{args.dim}"
     path = save_result(name, {"args": vars(args), "rows": rows})
     print(f"wrote {path}")
