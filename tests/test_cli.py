@@ -178,3 +178,17 @@ def test_scaling_fit_cli_and_errors(tmp_path, capsys):
     sweep.write_text('{"flops": 1}\n')
     code, _, err = cli(capsys, "scaling", "fit", "--sweep", sweep)
     assert_one_line_error(code, err, "needs 'flops' and 'val_loss'")
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(prepared, trained_run, tmp_path, capsys, monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    code, _, err = cli(capsys, "sample", "--run", trained_run, "--compile")
+    assert_one_line_error(code, err, "needs a C++ compiler")
+    code, _, err = cli(capsys, "pretrain", "--out", tmp_path / "r", *prepared[0], "training.compile=true")
+    assert_one_line_error(code, err, "needs a C++ compiler")
+    assert not (tmp_path / "r" / "checkpoints").exists()  # failed before training: nothing half-written

@@ -221,6 +221,11 @@ def test_compiled_decoding_equals_eager_and_follows_weight_updates(variant, monk
     kw = dict(temperature=0, attention_mask=mask, stop_tokens=[7])
     compiled = m.generate(x, 25, compile=True, **kw)  # 6 + 25 > max_seq_len 24: the window slides too
     assert torch.equal(compiled, m.generate(x, 25, **kw))
+    if variant == "gpt2":  # an embedding prefix (image tokens): prefilled eagerly, then decoded compiled
+        prefix = m.token_embed(x).detach() + 0.5 * torch.randn(3, 6, 128)
+        with_prefix = m.generate(x, 12, temperature=0, inputs_embeds=prefix, compile=True)
+        assert torch.equal(with_prefix, m.generate(x, 12, temperature=0, inputs_embeds=prefix))
+        assert not torch.equal(with_prefix, m.generate(x, 12, temperature=0))
     # an optimizer step changes the weights in place: the compiled step (weights frozen in) must not go stale
     opt = torch.optim.SGD(m.parameters(), lr=5.0)
     m(x, labels=x).backward()

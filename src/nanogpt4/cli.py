@@ -77,13 +77,15 @@ def cmd_sample(args) -> int:
     import torch
 
     from nanogpt4.train.checkpoint import load_model
-    from nanogpt4.utils import resolve_device
+    from nanogpt4.utils import require_compiler, resolve_device
 
     if args.num_samples < 1 or args.max_new_tokens < 0 or args.temperature < 0:
         raise UserError("--num-samples must be >= 1, --max-new-tokens and --temperature >= 0")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     device = resolve_device(args.device or "auto")
+    if args.compile:
+        require_compiler(device, "--compile")
     model, cfg, tok = load_model(args.run, device)
     if tok is None:
         raise UserError(f"'{args.run}' has no tokenizer.json; sample from a run made by `nanogpt4 pretrain`")

@@ -130,6 +130,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
+def require_compiler(device: torch.device, what: str) -> None:
+    """``torch.compile`` on CPU generates C++; without a compiler it fails deep inside inductor at the first
+    call, so check up front and say what to do."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - inductor raises several types for "no compiler"
+        raise UserError(f"{what} needs a C++ compiler for torch.compile on CPU ({e}); install g++ or clang++, "
+                        f"or run without it") from None
+
+
 def autocast_ctx(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     if dtype == torch.float32:
         return contextlib.nullcontext()

@@ -33,7 +33,7 @@ from nanogpt4.train.distributed import (
     unwrap,
 )
 from nanogpt4.train.metrics import MetricsLogger, peak_flops
-from nanogpt4.utils import autocast_ctx, resolve_dtype
+from nanogpt4.utils import autocast_ctx, require_compiler, resolve_dtype
 
 
 class BatchSource(Protocol):
@@ -120,6 +120,7 @@ class Trainer:
         else:
             self.step_model = model
         if self.tc.compile:
+            require_compiler(device, "training.compile=true")
             self.step_model = torch.compile(self.step_model)
         self.optimizer = unwrap(model).configure_optimizers(
             self.tc.weight_decay, self.tc.learning_rate, (self.tc.beta1, self.tc.beta2), self.tc.eps, device.type) \
