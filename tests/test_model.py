@@ -197,6 +197,20 @@ def test_generated_ids_can_enter_autograd():
     assert m.token_embed.weight.grad is not None
 
 
+@pytest.mark.parametrize("variant", [*VARIANTS, "mup"])
+def test_static_cache_decoding_equals_cached_generation(variant, monkeypatch):
+    # compile=True's step run eagerly (no compiler): the static cache, its slot mask and write index, left
+    # padding and the sliding window must reproduce the normal cached path exactly
+    monkeypatch.setattr(Transformer, "compiled_decode_step", lambda self: self.decode_step)
+    m = make("gpt2", **{"parametrization": "mup", "mup_base_dim": 32}) if variant == "mup" else make(variant)
+    x = torch.randint(0, 101, (3, 7))
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    for kw in ({}, {"attention_mask": mask}):
+        static = m.generate(x, 30, temperature=0, compile=True, **kw)  # 7 + 30 > 24: slides as well
+        assert torch.equal(static, m.generate(x, 30, temperature=0, **kw))
+
+
 def test_kv_cache_starts_zeroed():
     from nanogpt4.model.transformer import KVCache
 
