@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: seconds to compile, then 2-5x faster per token")
+                   help="decode through torch.compile: 20-30 s to compile per shape, then 2-3.5x faster per token")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sample)
 
