@@ -163,6 +163,9 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             from nanogpt4.report import plot_training_curves
 
             plot_training_curves(run_dir)
+        # the other ranks wait for rank 0's summary and plot: a gloo peer that tears down while rank 0 is still
+        # connected can abort at exit ("terminate called without an active exception", about 1 run in 12)
+        barrier(info)
         return summary
     finally:
         shutdown_distributed()
