@@ -60,8 +60,11 @@ def test_response_mask_stops_after_end_of_text(setup):
 
 
 @pytest.mark.slow
-def test_ppo_raises_a_simple_reward(setup):
-    """Reward = how often one token appears in the response; PPO must raise it within a few dozen steps."""
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ppo_raises_a_simple_reward(setup, seed):
+    """Reward = 4 x how often one token appears in the response; from a random policy that samples it ~1% of
+    the time, PPO must make it the usual token (12 of 12 seeds reach >= 3.0 by step 80; the rise starts anywhere
+    from step 15 to 60, which is why 30 steps passed or failed on the critic's initial head)."""
     cfg, tok, policy = setup
     prompts = ["def f(x):\n", "import os\n", "class A:\n", "    return"] * 4
     # the target: a token the initial policy samples now and then (the 3rd most frequent in its responses)
@@ -75,9 +78,20 @@ def test_ppo_raises_a_simple_reward(setup):
         resp = ids[:, -cfg.rlhf.max_new_tokens:]
         return (resp == target).float().mean(1) * 4
 
-    ppo = PPOTrainer(policy, score, tok, cfg.rlhf, learning_rate=3e-3, no_eos_penalty=0.0)
-    history = [ppo.step(prompts)[0]["reward"] for _ in range(30)]
-    assert sum(history[-5:]) / 5 > sum(history[:5]) / 5 + 0.5, history
+    ppo = PPOTrainer(policy, score, tok, cfg.rlhf, learning_rate=3e-3, no_eos_penalty=0.0, seed=seed)
+    history = [ppo.step(prompts)[0]["reward"] for _ in range(80)]
+    assert sum(history[-5:]) / 5 > sum(history[:5]) / 5 + 2.0, history
+
+
+def test_critic_head_comes_from_the_trainer_seed_not_the_global_rng(setup):
+    cfg, tok, policy = setup
+
+    def head(seed):
+        torch.rand(1000)  # what earlier work in the same process would draw
+        return PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf,
+                          seed=seed).value.reward_head.weight.detach()
+
+    assert torch.equal(head(3), head(3)) and not torch.equal(head(3), head(4))
 
 
 @pytest.mark.slow

@@ -94,6 +94,14 @@ def test_reward_model_reads_the_last_real_token(tiny):
     assert last_token_index(torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])).tolist() == [1, 3]
 
 
+def test_reward_head_init_ignores_the_global_rng(tiny):
+    _, _, base = tiny
+    a = RewardModel(base, seed=3).reward_head.weight.detach().clone()
+    torch.rand(1000)  # what an earlier stage in the same process would draw
+    b = RewardModel(base, seed=3).reward_head.weight.detach()
+    assert torch.equal(a, b) and not torch.equal(a, RewardModel(base, seed=4).reward_head.weight.detach())
+
+
 def test_sft_then_reward_model_learns_a_judge(tiny, corpus_dir, tmp_path):
     cfg, tok, base = tiny
     docs = [p.read_text() for p in sorted(corpus_dir.glob("*.py"))]

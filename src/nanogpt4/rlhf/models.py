@@ -13,13 +13,16 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class ScalarHeadModel(nn.Module):
-    def __init__(self, base_model: nn.Module, freeze_base: bool = False):
+    def __init__(self, base_model: nn.Module, freeze_base: bool = False, seed: int = 0):
         super().__init__()
         self.transformer = base_model
         self.config = base_model.config
         dim = base_model.cfg.dim
         self.reward_head = nn.Linear(dim, 1)
-        nn.init.normal_(self.reward_head.weight, std=1 / (dim + 1) ** 0.5)
+        # a seeded stream of its own: the head must not depend on how much of the global RNG earlier work in this
+        # process drew (`nanogpt4 rlhf` alone and the pipeline's RLHF stage must train the same reward model)
+        nn.init.normal_(self.reward_head.weight, std=1 / (dim + 1) ** 0.5,
+                        generator=torch.Generator().manual_seed(seed))
         nn.init.zeros_(self.reward_head.bias)
         if freeze_base:
             for p in self.transformer.parameters():
@@ -36,8 +39,8 @@ class RewardModel(ScalarHeadModel):
     fine-tuned unless ``freeze_base=True``.
     """
 
-    def __init__(self, base_model: nn.Module, freeze_base: bool = False):
-        super().__init__(base_model, freeze_base)
+    def __init__(self, base_model: nn.Module, freeze_base: bool = False, seed: int = 0):
+        super().__init__(base_model, freeze_base, seed)
         self.register_buffer("reward_offset", torch.zeros(()))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -95,7 +95,7 @@ class PPOTrainer:
         self.policy = policy
         self.ref = ref_policy if ref_policy is not None else copy.deepcopy(policy)
         self.ref.eval().requires_grad_(False)
-        self.value = value_model if value_model is not None else ValueModel(copy.deepcopy(policy))
+        self.value = value_model if value_model is not None else ValueModel(copy.deepcopy(policy), seed=seed)
         self.score_fn = score_fn
         self.tok = tokenizer
         self.c = rlhf_cfg

@@ -191,7 +191,7 @@ def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, 
         variants.append(("_fine_tuned" if r.freeze_base else "_frozen_base", not r.freeze_base))
     rm = None
     for suffix, freeze in variants:
-        model = RewardModel(copy.deepcopy(sft), freeze_base=freeze).to(device)
+        model = RewardModel(copy.deepcopy(sft), freeze_base=freeze, seed=cfg.seed).to(device)
         run_dir = out / suffix.lstrip("_") if suffix else out
         train_reward(cfg, model, tok, train_pairs, val_pairs, run_dir, device, log=quiet)
         stats[f"rm_val_accuracy{suffix}"] = reward_accuracy(model, val_enc, tok.pad_id, device)
