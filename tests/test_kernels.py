@@ -42,6 +42,30 @@ def test_linear_cross_entropy_under_bf16_autocast():
     assert (g_ours - g_ref).abs().max() < 0.02 * g_ref.abs().max()
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])  # a negative upstream gradient takes the unfolded path
+@pytest.mark.parametrize("chunk", [1 << 20, 200 * 7])
+def test_bf16_logit_gradient_is_rounded_once(chunk, sign, monkeypatch):
+    """With h = identity, grad W^T is exactly the bf16 gradient of the logits, so it can be checked entry by
+    entry against (softmax - onehot) / N computed in float64 from the same bf16 logits: every entry, including
+    the label entries of a confident model where softmax and onehot nearly cancel, within one bf16 rounding."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    n, vocab = 64, 200
+    h = torch.eye(n, requires_grad=True)
+    w = (torch.randn(vocab, n) * 3).requires_grad_()
+    logits = w.detach().t().to(torch.bfloat16).double()  # what the bf16 head computes for h = I
+    y = logits.argmax(1)  # mostly confident and right: softmax at the label is close to 1
+    y[::5] = torch.randint(0, vocab, (len(y[::5]),))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sign * linear_cross_entropy(h, w, y)
+    loss.backward()
+    ref_loss = F.cross_entropy(logits, y)
+    assert abs(loss.item() - sign * ref_loss.item()) < 1e-5
+    ref = sign * (logits.softmax(1) - F.one_hot(y, vocab).double()) / n
+    ours = w.grad.t().double()
+    assert ((ours - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-30).all(), (ours - ref).abs().max()
+
+
 def test_all_ignored_labels_give_zero_loss_and_grad():
     h = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(11, 8, requires_grad=True)

@@ -128,8 +128,8 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
                     device_type: str = "cpu", checkpointing: bool = False,
                     loss_chunk_elements: int | None = None) -> MemoryEstimate:
     """Peak bytes of one training step (fp32 master weights, AdamW moments, grads, activations, and the fused
-    loss's buffers: its kept (N, vocab) logits, which become their own gradient, one fp32 chunk, and the head's
-    weight gradient).
+    loss's buffers: its kept (N, vocab) logits, which become their own gradient, one chunk of softmax, and the
+    head's weight gradient).
 
     On CPU (foreach AdamW), fp32 grads and activations peak together; in bf16 the loss's backward is the peak,
     before most grads exist. With checkpointing only each block's fp32 input survives the forward, and the
@@ -146,9 +146,10 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
     bf16 = dtype == "bfloat16"
     if bf16:
         rows = min(N, max(1, (loss_chunk_elements or chunk_elements(device_type)) // V))
-        # the (N, vocab) gradient (on CPU: the kept logits, counted in the activations), one chunk of logits
-        # (recomputed in bf16 on CUDA, fp32), and the head's weight gradient (bf16, then fp32)
-        transient = rows * V * 4 + V * c.dim * (4 + 2)
+        # the (N, vocab) gradient (on CPU: the kept logits, counted in the activations), one bf16 chunk of
+        # softmax (plus, on CUDA, the chunk's recomputed bf16 logits), and the head's weight gradient (bf16,
+        # then fp32)
+        transient = rows * V * 2 + V * c.dim * (4 + 2)
         if device_type == "cuda":
             transient += N * V * 2 + rows * V * 2
     else:  # the kept fp32 logits become their gradient: the backward adds grad_h and the head's weight gradient
