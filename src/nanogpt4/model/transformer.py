@@ -462,7 +462,8 @@ class Transformer(nn.Module):
         decode = self.compiled_decode_step() if compile and use_cache else None
         for step in range(max_new_tokens):
             logits = None
-            if decode is not None and cache is not None and cache.length < cache.capacity:
+            has_room = cache is not None and cache.length < cache.capacity  # else re-prefill the sliding window
+            if decode is not None and has_room:
                 if key_mask is None:
                     key_mask = torch.zeros(B, cache.capacity, dtype=torch.bool, device=device)
                     filled = slice(win_start, win_start + cache.length)
@@ -472,7 +473,7 @@ class Transformer(nn.Module):
                 logits = decode(out[:, n - 1:n], next_pos, key_mask, cache)
                 cache.write_index = None
                 cache.length += 1
-            elif use_cache and cache is not None and cache.length < cache.capacity:
+            elif use_cache and has_room:
                 hidden = self(out[:, n - 1:n], return_hidden=True, kv_cache=cache, position_ids=next_pos,
                               attention_mask=mask[:, win_start:n] if padded else None)
             else:
