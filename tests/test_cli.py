@@ -64,6 +64,31 @@ def test_bad_data_files_write_nothing(content, needle, tmp_path, capsys):
     assert not data.exists() or not any(data.iterdir())
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["rlhf", "--pretrained", "/does/not/exist"], "neither a checkpoint nor a run"),
+    (["multimodal", "multimodal.data=jsonl:/does/not/exist.jsonl"], "not found"),
+    (["pipeline", "training.learning_rate=-1"], "must be positive"),
+])
+def test_bad_stage_input_creates_no_output_directory(argv, needle, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, *argv, "--out", out)
+    assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
+def test_sweep_with_no_runnable_budget_creates_no_output_directory(prepared, tmp_path, capsys):
+    ov, _ = prepared
+    out = tmp_path / "sweep"
+    code, _, err = cli(capsys, "scaling", "sweep", "--out", out, "--dims", "16", "--budgets", "1e3", *ov)
+    assert_one_line_error(code, err, "too small for one step")
+    assert not out.exists()
+
+
+def test_scaling_plan_rejects_a_nonpositive_time_budget(capsys):
+    code, _, err = cli(capsys, "scaling", "plan", "--config", "tiny", "--minutes", "-3")
+    assert_one_line_error(code, err, "--minutes must be positive")
+
+
 def test_wrong_checkpoint_for_resume(trained_run, capsys):
     code, _, err = cli(capsys, "pretrain", "--out", trained_run, "--resume", "model.dim=64")
     assert_one_line_error(code, err, "cannot change model")

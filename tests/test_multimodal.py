@@ -171,6 +171,25 @@ def test_pretrained_vision_encoder_from_a_local_directory(tmp_path):
         make_model(**{"multimodal.pretrained_encoder": str(tmp_path / "missing")})
 
 
+def test_hub_vision_encoder_offline_uses_the_cache_only(monkeypatch):
+    """Offline, a Hub name is looked up in the local cache only (no ~30 s of client retries), and a miss is
+    one clear error."""
+    transformers = pytest.importorskip("transformers")
+    import nanogpt4.data.sources as sources
+
+    calls = []
+
+    def fake_from_pretrained(name, **kwargs):
+        calls.append(kwargs)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(sources, "network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(UserError, match="cannot load vision encoder 'org/some-vit'.*offline"):
+        make_model(**{"multimodal.pretrained_encoder": "org/some-vit"})
+    assert calls == [{"local_files_only": True}]
+
+
 # ------------------------------------------------------------------------------------------- data
 def test_scenes_are_a_function_of_their_seed_and_held_out_seeds_are_disjoint():
     a, b = scene_items(123, 32), scene_items(123, 32)

@@ -84,8 +84,8 @@ def _ci_line(rl: dict) -> str:
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print) -> dict:
     t0 = time.time()
     out_dir = Path(out_dir)
+    cfg = load_config(config, overrides)  # a bad config fails before anything is created
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(config, overrides)
     log(f"pipeline: config {config}, data {cfg.data.source}, output {out_dir}")
 
     pre = _pretrain_stage(cfg, out_dir / "pretrain", progress, log)

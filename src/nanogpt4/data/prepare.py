@@ -69,7 +69,6 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
                 and meta.get("requested_vocab_size") == cfg.model.vocab_size):
             log(f"data: {out} is up to date ({meta['train_tokens']:,} train tokens)")
             return meta
-    out.mkdir(parents=True, exist_ok=True)
     if d.tokenizer == "gpt2":
         tok: Tokenizer = TiktokenTokenizer.load("gpt2")
     else:
@@ -80,6 +79,7 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
         raise UserError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
                         f"set model.vocab_size >= {tok.vocab_size}")
     dtype = token_dtype(tok.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)  # only once the tokenizer exists: a failure leaves no empty directory
     counts = {}
     for split, docs in (("train", corpus.train), ("val", corpus.val)):
         counts[split] = _encode_split(tok, docs, out / f"{split}.bin", dtype, f"encode {split}", progress)

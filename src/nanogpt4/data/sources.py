@@ -177,7 +177,8 @@ def _load_shakespeare(cache_dir: Path, max_bytes: int | None) -> list[tuple[str,
     return _cap([("tinyshakespeare", _read_utf8(path))], max_bytes)
 
 
-def _network_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+def network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """One TCP connect, so offline code fails in seconds instead of in a client library's retry loop."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -195,7 +196,7 @@ def hf_rows(spec: str, what: str = "data.source"):
     except ImportError:
         raise UserError(f"{what} 'hf:' needs the datasets package: pip install 'nanogpt4[hf]'") from None
     local = Path(os.path.expanduser(name)).exists()
-    if not local and not _network_reachable("huggingface.co"):
+    if not local and not network_reachable("huggingface.co"):
         raise UserError(f"cannot reach huggingface.co to stream '{name}'; you seem to be offline: "
                         f"use a local dataset directory (hf:/path) or a local file")
     try:

@@ -282,8 +282,8 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
     """SFT -> judge labels -> reward model -> PPO, DPO and best-of-n -> held-out judge scores."""
     t_start = time.time()
     device = resolve_device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
     policy, cfg, tok = load_policy(cfg, pretrained, device)
+    out.mkdir(parents=True, exist_ok=True)  # after the pretrained run loaded: a bad path leaves nothing
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     r = cfg.rlhf
     judge = load_judge(r.judge)

@@ -28,6 +28,8 @@ def cmd_plan(args, cfg) -> dict:
     result = plan(cfg, args.batch_size, args.dtype, args.device_type)
     budget = args.budget_flops
     if args.minutes is not None:
+        if not (args.minutes > 0 and math.isfinite(args.minutes)) or not 0 < args.mfu <= 1:
+            raise UserError(f"--minutes must be positive and --mfu in (0, 1]; got {args.minutes} and {args.mfu}")
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(args.dtype, device)
         peak = peak_flops(device, dtype)

@@ -152,7 +152,6 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
           log=print, tokens_per_param: float | None = None) -> list[dict]:
     from nanogpt4.data.prepare import default_data_dir, prepare_data
 
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "sweep.jsonl"
     previous = read_jsonl(path) if path.exists() else []
     kinds = {r.get("tokens_per_param") for r in previous}
@@ -162,6 +161,7 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
                         f"two designs")
     meta = prepare_data(base, default_data_dir(base), progress=False, log=lambda _m: None)
     runs, skipped = plan_runs(base, dims, budgets, meta["train_tokens"], tokens_per_param)
+    out.mkdir(parents=True, exist_ok=True)  # after the plan is known to hold at least one run
     for s in skipped:
         log(f"skip {s}")
     done = {r["name"] for r in previous}

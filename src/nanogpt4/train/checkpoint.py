@@ -133,7 +133,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is not None:
         return latest
     raise UserError(f"'{path}' is neither a checkpoint nor a run with checkpoints; "
-                    f"pass --run runs/NAME (after `nanogpt4 pretrain`) or a checkpoints/step_N directory")
+                    f"pass a run directory (runs/NAME, after `nanogpt4 pretrain`) or a checkpoints/step_N directory")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu"):

@@ -282,10 +282,10 @@ def build_model(cfg: DictConfig, pretrained: Path | None, source: VQASource, dev
 def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=print, progress: bool = True) -> dict:
     t_start = time.time()
     device = resolve_device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
     mm = cfg.multimodal
     source = VQASource(mm, mm.image_size, mm.channels, cfg.seed)
     model, tok, cfg = build_model(cfg, pretrained, source, device)
+    out.mkdir(parents=True, exist_ok=True)  # after the data and the model loaded: bad input leaves nothing
     if (model.image_size, model.channels) != (source.size, source.channels):  # a pretrained encoder's own input
         source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
     codec = TextCodec(tok, model)
