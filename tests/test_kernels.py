@@ -42,13 +42,15 @@ def test_linear_cross_entropy_under_bf16_autocast():
     assert (g_ours - g_ref).abs().max() < 0.02 * g_ref.abs().max()
 
 
-@pytest.mark.parametrize("sign", [1.0, -1.0])  # a negative upstream gradient takes the unfolded path
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])  # recomputed: CUDA's bf16 path
+@pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("chunk", [1 << 20, 200 * 7])
-def test_bf16_logit_gradient_is_rounded_once(chunk, sign, monkeypatch):
+def test_bf16_logit_gradient_is_rounded_once(chunk, sign, keep, monkeypatch):
     """With h = identity, grad W^T is exactly the bf16 gradient of the logits, so it can be checked entry by
     entry against (softmax - onehot) / N computed in float64 from the same bf16 logits: every entry, including
     the label entries of a confident model where softmax and onehot nearly cancel, within one bf16 rounding."""
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(losses, "keeps_logits", lambda dtype, device_type: keep)
     torch.manual_seed(0)
     n, vocab = 64, 200
     h = torch.eye(n, requires_grad=True)
