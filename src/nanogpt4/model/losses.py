@@ -87,7 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # nearly cancel, p - 1 is computed in fp32 and rounded once. The common scale multiplies the two
                 # small matmul outputs below instead of this (N, vocab) buffer.
                 at_label = (logits.gather(1, safe[s:e, None]).squeeze(1).float() - lse[s:e]).exp_().sub_(1.0)
-                if logits.dtype == torch.float32:  # a view of the kept logits: in place, no chunk buffer
+                if keep is not None and keep.dtype == torch.float32:  # in place in the kept logits: no buffer
                     logits.sub_(lse[s:e, None]).exp_()
                 else:
                     grad_logits[s:e] = torch.softmax(logits, -1)
