@@ -9,9 +9,11 @@ from nanogpt4.model.losses import linear_cross_entropy
 from nanogpt4.model.transformer import attention_mask_4d, matmul_attention
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("chunk", [1 << 20, 97 * 7])  # one chunk, and several uneven chunks
-def test_linear_cross_entropy_matches_reference(chunk, monkeypatch):
+def test_linear_cross_entropy_matches_reference(chunk, keep, monkeypatch):
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(losses, "keeps_logits", lambda dtype, device_type: keep)
     torch.manual_seed(0)
     h = torch.randn(3, 40, 16, requires_grad=True)
     w = torch.randn(97, 16, requires_grad=True)
