@@ -1,16 +1,14 @@
 import json
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 
 from nanogpt4.config import load_config
 from nanogpt4.model.losses import CHUNK_ELEMENTS
 from nanogpt4.model.transformer import Transformer
 from nanogpt4.scaling.accounting import (
+    LiveBytes,
     activation_bytes,
     analytic_params,
     kv_cache_bytes_per_token,
@@ -83,34 +81,6 @@ def test_activation_bytes_match_what_autograd_saves(variant, dtype):
         measured = saved_activation_bytes(c, 4, getattr(torch, dtype))
         predicted = activation_bytes(c, 4, T, dtype, "cpu")
         assert abs(predicted - measured) / measured < 0.02, (variant, dtype, d, predicted, measured)
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages alive at once (created inside the mode): the CPU stand-in for
-    torch.cuda.max_memory_allocated."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
-
-    def _track(self, t):
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-            st = t.untyped_storage()
-            key = st.data_ptr()
-            if key and key not in self.live:
-                self.live[key] = st.nbytes()
-                self.current += st.nbytes()
-                self.peak = max(self.peak, self.current)
-                weakref.finalize(st, self._free, key)
-        return t
-
-    def _free(self, key):
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tree_map(self._track, out)
-        return out
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

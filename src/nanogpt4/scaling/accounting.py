@@ -20,9 +20,12 @@ of every tensor storage alive during a step (a ``TorchDispatchMode``), on CUDA b
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from nanogpt4.model.transformer import Transformer, model_section, swiglu_hidden
 
@@ -203,3 +206,37 @@ def plan(config, batch_size: int | None = None, dtype: str = "bfloat16", device_
         "train_memory_bytes_checkpointed": mem_ckpt.total,
         "inference_kv_bytes_per_token": kv_cache_bytes_per_token(config, 2 if dtype == "bfloat16" else 4),
     }
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of CPU tensor storages alive at once among those created inside the mode: the CPU stand-in for
+    ``torch.cuda.max_memory_allocated`` that the memory model is checked against.
+
+        with LiveBytes() as m:
+            step()
+        m.peak
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _track(self, t):
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key and key not in self.live:
+                self.live[key] = st.nbytes()
+                self.current += st.nbytes()
+                self.peak = max(self.peak, self.current)
+                weakref.finalize(st, self._free, key)
+        return t
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map(self._track, out)
+        return out
