@@ -218,7 +218,7 @@ def cmd_ppo(args) -> int:
 
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy, load_reward_model, ppo_kl, ppo_stage
-    from nanogpt4.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+    from nanogpt4.train.distributed import DistInfo, init_distributed, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -242,9 +242,7 @@ def cmd_ppo(args) -> int:
         atomic_write_json(out / "summary.json", summary)
         return _finish(args, summary)
     finally:
-        # the other ranks wait for rank 0's evaluation: a gloo peer that tears down early can abort
-        barrier(info)
-        shutdown_distributed()
+        shutdown_distributed(wait_for=info)  # the other ranks wait for rank 0's evaluation
 
 
 def cmd_dpo(args) -> int:

@@ -15,7 +15,7 @@ from nanogpt4.data.tokenizer import BPETokenizer
 from nanogpt4.model.transformer import Transformer
 from nanogpt4.rlhf.models import ValueModel
 from nanogpt4.rlhf.ppo import PPOTrainer
-from nanogpt4.train.distributed import barrier, init_distributed, shutdown_distributed
+from nanogpt4.train.distributed import init_distributed, shutdown_distributed
 
 ROWS, P, R = 4, 5, 7
 
@@ -54,8 +54,7 @@ def main(out: Path) -> None:
     tensors["moved"] = sum((p.detach() - b).abs().sum() for p, b in zip(policy.parameters(), before, strict=True))
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / f"rank{info.rank}.safetensors"))
-    barrier(info)  # a gloo peer that tears down while the other rank still works can abort at exit
-    shutdown_distributed()
+    shutdown_distributed(wait_for=info)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,13 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for: DistInfo | None = None) -> None:
+    """Leave the process group. With ``wait_for`` (a clean exit) the ranks first meet at a barrier: a gloo peer
+    that tears down while another rank is still connected (rank 0 writing its summary, say) can abort at exit
+    ("terminate called without an active exception"). Without it (an error) leave at once, rather than wait for
+    ranks that may never arrive."""
+    if wait_for is not None:
+        barrier(wait_for)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -97,6 +97,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
     run_dir = Path(run_dir)
     info, device = init_distributed(resolve_device(cfg.device))
     log = log if info.is_main else (lambda _m: None)
+    wait_for = None  # set on success only: a failed rank must not leave the others waiting at a barrier
     try:
         if info.is_main:
             init_run_dir(run_dir, cfg, resume)
@@ -163,9 +164,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             from nanogpt4.report import plot_training_curves
 
             plot_training_curves(run_dir)
-        # the other ranks wait for rank 0's summary and plot: a gloo peer that tears down while rank 0 is still
-        # connected can abort at exit ("terminate called without an active exception", about 1 run in 12)
-        barrier(info)
+        wait_for = info  # the other ranks wait for rank 0's summary and plot before teardown
         return summary
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait_for)
