@@ -183,7 +183,7 @@ def test_hub_vision_encoder_offline_uses_the_cache_only(monkeypatch):
         calls.append(kwargs)
         raise OSError("not in the cache")
 
-    monkeypatch.setattr(sources, "network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(sources, "_network_reachable", lambda *a, **k: False)
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", fake_from_pretrained)
     with pytest.raises(UserError, match="cannot load vision encoder 'org/some-vit'.*offline"):
         make_model(**{"multimodal.pretrained_encoder": "org/some-vit"})

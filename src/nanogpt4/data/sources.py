@@ -177,13 +177,18 @@ def _load_shakespeare(cache_dir: Path, max_bytes: int | None) -> list[tuple[str,
     return _cap([("tinyshakespeare", _read_utf8(path))], max_bytes)
 
 
-def network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
-    """One TCP connect, so offline code fails in seconds instead of in a client library's retry loop."""
+def _network_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def hub_unreachable(name: str) -> bool:
+    """``name`` is a Hugging Face Hub id, not a local path, and huggingface.co cannot be reached: one TCP connect,
+    so offline code fails in seconds instead of in a client library's retry loop."""
+    return not Path(os.path.expanduser(name)).exists() and not _network_reachable("huggingface.co")
 
 
 def hf_rows(spec: str, what: str = "data.source"):
@@ -195,8 +200,7 @@ def hf_rows(spec: str, what: str = "data.source"):
         import datasets
     except ImportError:
         raise UserError(f"{what} 'hf:' needs the datasets package: pip install 'nanogpt4[hf]'") from None
-    local = Path(os.path.expanduser(name)).exists()
-    if not local and not network_reachable("huggingface.co"):
+    if hub_unreachable(name):
         raise UserError(f"cannot reach huggingface.co to stream '{name}'; you seem to be offline: "
                         f"use a local dataset directory (hf:/path) or a local file")
     try:

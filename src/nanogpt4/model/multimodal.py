@@ -9,8 +9,6 @@ exactly as for text. Several images per row are allowed: images fill the ``<|ima
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -107,12 +105,10 @@ class PretrainedEncoder(nn.Module):
             from transformers import AutoModel
         except ImportError:
             raise UserError("multimodal.pretrained_encoder needs `transformers`; pip install 'nanogpt4[hf]'") from None
-        from nanogpt4.data.sources import network_reachable
+        from nanogpt4.data.sources import hub_unreachable
 
-        # offline, a Hub name can still come from the local cache; asking the Hub would retry for ~30 s
-        offline = not Path(os.path.expanduser(name)).exists() and not network_reachable("huggingface.co")
-        try:
-            model = AutoModel.from_pretrained(name, local_files_only=offline)
+        try:  # offline, a Hub id can still come from the local cache; asking the Hub would retry for ~30 s
+            model = AutoModel.from_pretrained(name, local_files_only=hub_unreachable(name))
         except Exception as e:
             raise UserError(f"cannot load vision encoder '{name}' ({str(e).splitlines()[0][:160]}); offline, pass "
                             f"a local directory saved with save_pretrained, or drop multimodal.pretrained_encoder") \
