@@ -51,9 +51,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(hc, wc.t(), out=keep)
             # on CPU, log_softmax with a dtype holds an fp32 copy of its input besides its fp32 output: quarter
             # chunks keep the forward within the backward's one bf16 chunk that the memory model counts
-            rows = chunk if dtype == torch.float32 or keep is None else max(1, chunk // 4)
-            for s in range(0, n_rows, rows):
-                e = min(s + rows, n_rows)
+            span = chunk if dtype == torch.float32 or keep is None else max(1, chunk // 4)
+            for s in range(0, n_rows, span):
+                e = min(s + span, n_rows)
                 logits = keep[s:e] if keep is not None else hc[s:e] @ wc.t()
                 at_label = logits.gather(1, safe[s:e, None]).squeeze(1).float()
                 if logits.dtype == torch.float32:
