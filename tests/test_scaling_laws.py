@@ -73,3 +73,18 @@ def test_pass_rate_fit():
     assert fit.b == pytest.approx(-0.3, abs=1e-6)
     with pytest.raises(UserError, match="pass rates"):
         fit_pass_rate(C, np.zeros_like(C))
+
+
+def test_steep_bootstrap_resamples_keep_the_interval_finite():
+    # six real sweep runs (one-epoch widths 8-64): some resamples fit b near -30, where a = a'·C_ref^(-b)
+    # overflows; the interval and the parameter intervals must stay finite and bracket the fit
+    C = np.array([5.82e11, 1.213e12, 1.894e12, 2.623e12, 4.230e12, 6.034e12])
+    L = np.array([5.3414, 4.9403, 4.7330, 4.5721, 4.7008, 4.3584])
+    fit = fit_power_law(C, L, bootstrap=30, seed=7)  # a seed whose resamples include one
+    assert any(b < -25 for _, b, _ in fit.bootstrap)  # the case this test is about does occur
+    for target in (1.9e13, 4e13):
+        lo, hi = fit.interval(target)
+        assert np.isfinite([lo, hi]).all() and lo <= float(fit.predict(target)) <= hi
+    ci = fit.param_intervals()
+    assert all(np.isfinite(ci[k]).all() for k in "bc") and ci["a"][0] <= ci["a"][1]
+    assert np.isfinite(fit.predict(C)).all()

@@ -53,8 +53,20 @@ def _lbfgs(loss_fn, params: torch.Tensor, iters: int = 200) -> tuple[torch.Tenso
     return p.detach(), final, converged
 
 
+def _exp_or_inf(log_value: float) -> float:
+    return math.exp(log_value) if log_value < 709.0 else math.inf
+
+
+def _unscaled_a(a_scaled: float, b: float, c_ref: float) -> float:
+    """a in a·C^b from a'·(C/C_ref)^b; inf where it overflows (a resample with a near-vertical b)."""
+    return _exp_or_inf(math.log(a_scaled) - b * math.log(c_ref))
+
+
 @dataclass
 class PowerLawFit:
+    """L(C) = a·C^b + c. Predictions use the rescaled form a'·(C/C_ref)^b + c, which stays finite where a alone
+    does not: a bootstrap resample of a few runs can fit b = -30, and then a = a'·C_ref^30 overflows."""
+
     a: float
     b: float
     c: float
@@ -62,17 +74,23 @@ class PowerLawFit:
     loss: float
     converged: bool
     n_points: int
-    bootstrap: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
+    a_scaled: float = math.nan  # a' = a·C_ref^b; derived from a when not given
+    bootstrap: list[tuple[float, float, float]] = field(default_factory=list, repr=False)  # (a', b, c) samples
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.a_scaled):
+            self.a_scaled = self.a * self.c_ref ** self.b
 
     def predict(self, compute: float | np.ndarray) -> np.ndarray:
-        return self.a * np.asarray(compute, dtype=np.float64) ** self.b + self.c
+        return self.a_scaled * (np.asarray(compute, dtype=np.float64) / self.c_ref) ** self.b + self.c
 
     def interval(self, compute: float, level: float = 0.95) -> tuple[float, float]:
         """Bootstrap percentile interval of the prediction at ``compute``."""
         if not self.bootstrap:
             v = float(self.predict(compute))
             return v, v
-        preds = np.array([a * compute**b + c for a, b, c in self.bootstrap])
+        x = compute / self.c_ref
+        preds = np.array([a * x**b + c for a, b, c in self.bootstrap])
         lo, hi = np.percentile(preds, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
         return float(lo), float(hi)
 
@@ -81,7 +99,11 @@ class PowerLawFit:
             return {}
         arr = np.array(self.bootstrap)
         q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
-        return {name: tuple(float(v) for v in np.percentile(arr[:, i], q)) for i, name in enumerate("abc")}
+        out = {name: tuple(float(v) for v in np.percentile(arr[:, i], q)) for i, name in ((1, "b"), (2, "c"))}
+        # a's percentiles taken on log a (finite for every sample), then mapped back
+        log_a = np.log(arr[:, 0]) - arr[:, 1] * math.log(self.c_ref)
+        out["a"] = tuple(_exp_or_inf(v) for v in np.percentile(log_a, q))
+        return {k: out[k] for k in "abc"}
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -125,7 +147,6 @@ def fit_power_law(compute, loss, bootstrap: int = 200, seed: int = 0) -> PowerLa
     _check_points(x, y)
     c_ref = float(np.exp(np.mean(np.log(x))))
     (a_s, b, c), value, ok, raw = _fit_power_law_once(x, y, c_ref)
-    a = a_s * c_ref ** (-b)  # a_s (C/c_ref)^b = a C^b
     samples = []
     rng = np.random.default_rng(seed)
     for _ in range(bootstrap):
@@ -134,8 +155,9 @@ def fit_power_law(compute, loss, bootstrap: int = 200, seed: int = 0) -> PowerLa
             continue
         # resampled fits start from the full fit's optimum (and one generic start, in case it is far off)
         (bs_a, bs_b, bs_c), _, _, _ = _fit_power_law_once(x[idx], y[idx], c_ref, [raw, (0.0, -1.0, 0.0)])
-        samples.append((bs_a * c_ref ** (-bs_b), bs_b, bs_c))
-    return PowerLawFit(a=a, b=b, c=c, c_ref=c_ref, loss=value, converged=ok, n_points=len(x), bootstrap=samples)
+        samples.append((bs_a, bs_b, bs_c))
+    return PowerLawFit(a=_unscaled_a(a_s, b, c_ref), b=b, c=c, c_ref=c_ref, loss=value, converged=ok,
+                       n_points=len(x), a_scaled=a_s, bootstrap=samples)
 
 
 # --------------------------------------------------------------------------- Chinchilla approach 3
@@ -206,18 +228,20 @@ def fit_pass_rate(compute, pass_rate, bootstrap: int = 200, seed: int = 0) -> Po
         raise UserError("pass rates must be in (0, 1]; a run that never passes has an infinite -log pass rate")
     y = -np.log(p)
     _check_points(x, np.maximum(y, 1e-12))
-    lx, ly = np.log(x), np.log(np.maximum(y, 1e-12))
+    c_ref = float(np.exp(np.mean(np.log(x))))
+    lx, ly = np.log(x / c_ref), np.log(np.maximum(y, 1e-12))
 
-    def fit(ix):
+    def fit(ix):  # (α', slope, 0) with α' = α·C_ref^slope, as fit_power_law keeps its samples
         slope, intercept = np.polyfit(lx[ix], ly[ix], 1)
         return math.exp(intercept), slope, 0.0
 
-    a, b, c = fit(np.arange(len(x)))
+    a_s, b, c = fit(np.arange(len(x)))
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(bootstrap):
         idx = rng.integers(0, len(x), len(x))
         if len(np.unique(x[idx])) >= 2:
             samples.append(fit(idx))
-    resid = float(np.mean((np.log(a * x**b) - ly) ** 2))
-    return PowerLawFit(a=a, b=b, c=c, c_ref=1.0, loss=resid, converged=True, n_points=len(x), bootstrap=samples)
+    resid = float(np.mean((np.log(a_s) + b * lx - ly) ** 2))
+    return PowerLawFit(a=_unscaled_a(a_s, b, c_ref), b=b, c=c, c_ref=c_ref, loss=resid, converged=True,
+                       n_points=len(x), a_scaled=a_s, bootstrap=samples)
