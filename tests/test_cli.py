@@ -197,6 +197,22 @@ def test_scaling_fit_cli_and_errors(tmp_path, capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["prediction"]["compute_ratio"] == pytest.approx(30.0)
     assert (tmp_path / "scaling_fit.png").exists()
+    assert result["warnings"] == [] and abs(result["hindcast"]["rel_error"]) < 1e-3  # an exact law hindcasts
+    # an IsoFLOP grid: the fit uses each budget's best run, as `scaling predict` does, not every run
+    grid = [{"flops": r["flops"], "budget": r["flops"], "val_loss": r["val_loss"] + extra}
+            for r in rows for extra in (0.0, 0.3)]
+    sweep.write_text("".join(json.dumps(r) + "\n" for r in grid))
+    code, out, _ = cli(capsys, "scaling", "fit", "--sweep", sweep, "--bootstrap", "0", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert (result["n_runs"], result["n_rows"]) == (6, 12) and result["fit"]["c"] == pytest.approx(2.0, abs=1e-3)
+    # runs that curve downward in log-log (small models before the power law sets in): the hindcast warns
+    bent = [{"flops": float(c), "val_loss": float(6.0 - 0.05 * np.log(c / 1e12) ** 2)} for c in np.logspace(12, 14, 6)]
+    sweep.write_text("".join(json.dumps(r) + "\n" for r in bent))
+    code, out, _ = cli(capsys, "scaling", "fit", "--sweep", sweep, "--bootstrap", "0")
+    assert code == 0 and "warning: hindcast" in out
+    sweep.write_text("".join(json.dumps(r) + "\n" for r in grid[:-1] + [{**grid[-1], "val_loss": None}]))
+    code, _, err = cli(capsys, "scaling", "fit", "--sweep", sweep)
+    assert_one_line_error(code, err, "non-finite")
     sweep.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     code, _, err = cli(capsys, "scaling", "fit", "--sweep", sweep)
     assert_one_line_error(code, err, "at least 3 runs")

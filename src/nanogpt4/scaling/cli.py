@@ -68,43 +68,55 @@ def load_runs(path: Path) -> list[dict]:
 
 
 def cmd_fit(args) -> dict:
-    from nanogpt4.scaling.laws import fit_chinchilla, fit_power_law
+    from nanogpt4.scaling.laws import check_points, fit_chinchilla, fit_power_law, hindcast, hindcast_warning
+    from nanogpt4.scaling.sweep import frontier
 
     rows = load_runs(args.sweep)
-    compute = np.array([r["flops"] for r in rows], dtype=np.float64)
-    loss = np.array([r["val_loss"] if r["val_loss"] is not None else np.nan for r in rows], dtype=np.float64)
+    # every row, not only the minima the fit uses: a diverged run is an error, not a silently skipped point
+    check_points(np.array([r["flops"] for r in rows], dtype=np.float64),
+                 np.array([np.nan if r["val_loss"] is None else r["val_loss"] for r in rows], dtype=np.float64))
+    compute, loss, chosen = frontier(rows)  # an IsoFLOP grid's minima, as `scaling predict` fits
     fit = fit_power_law(compute, loss, bootstrap=args.bootstrap)
-    result = {"fit": fit.as_dict(), "n_runs": len(rows)}
+    check = hindcast(compute, loss)
+    warnings = [w for w in [hindcast_warning(check)] if w]
+    result = {"fit": fit.as_dict(), "n_runs": len(chosen), "n_rows": len(rows), "hindcast": check,
+              "warnings": warnings}
     if args.target_flops:
         lo, hi = fit.interval(args.target_flops)
         result["prediction"] = {"flops": args.target_flops, "loss": float(fit.predict(args.target_flops)),
                                 "ci95": [lo, hi], "compute_ratio": args.target_flops / compute.max()}
-    if all("mean_log_pass_rate" in r for r in rows):
+    if all("mean_log_pass_rate" in r for r in chosen):
         from nanogpt4.scaling.laws import fit_pass_rate
 
-        cap = fit_pass_rate(compute, [math.exp(r["mean_log_pass_rate"]) for r in rows], bootstrap=args.bootstrap)
-        result["capability"] = {"alpha": cap.a, "k": -cap.b, "n_runs": len(rows)}
+        cap = fit_pass_rate(compute, [math.exp(r["mean_log_pass_rate"]) for r in chosen], bootstrap=args.bootstrap)
+        result["capability"] = {"alpha": cap.a, "k": -cap.b, "n_runs": len(chosen)}
         if args.target_flops:
             lo, hi = cap.interval(args.target_flops)
             result["capability"]["prediction"] = {"neg_log_pass_rate": float(cap.predict(args.target_flops)),
                                                   "ci95": [lo, hi]}
         if args.out:
-            y = np.array([-r["mean_log_pass_rate"] for r in rows])
+            y = np.array([-r["mean_log_pass_rate"] for r in chosen])
             plot_capability(compute, y, cap, args.out / "capability_fit.png", args.target_flops)
     if all("params" in r and "tokens" in r for r in rows) and len(rows) >= 5:
-        law = fit_chinchilla([r["params"] for r in rows], [r["tokens"] for r in rows], loss)
+        law = fit_chinchilla([r["params"] for r in rows], [r["tokens"] for r in rows], [r["val_loss"] for r in rows])
         result["chinchilla"] = {"E": law.E, "A": law.A, "B": law.B, "alpha": law.alpha, "beta": law.beta}
     if args.out:
         plot_fit(compute, loss, fit, args.out / "scaling_fit.png", args.target_flops)
         result["plot"] = str(args.out / "scaling_fit.png")
     if not args.json:
-        print(f"L(C) = {fit.a:.4g} * C^{fit.b:.4f} + {fit.c:.4f}   ({len(rows)} runs, converged={fit.converged})")
+        on = f"{len(chosen)} IsoFLOP minima of {len(rows)} runs" if len(chosen) < len(rows) else f"{len(rows)} runs"
+        print(f"L(C) = {fit.a:.4g} * C^{fit.b:.4f} + {fit.c:.4f}   ({on}, converged={fit.converged})")
         for k, (lo, hi) in fit.param_intervals().items():
             print(f"  {k}: 95% [{lo:.4g}, {hi:.4g}]")
         if "prediction" in result:
             p = result["prediction"]
             print(f"prediction at {p['flops']:.3g} FLOPs ({p['compute_ratio']:.1f}x the largest run): "
                   f"{p['loss']:.4f}  95% [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]")
+        if check:
+            print(f"hindcast (largest run held out, {check['compute_ratio']:.1f}x): predicted "
+                  f"{check['predicted_loss']:.4f}, measured {check['actual_loss']:.4f} ({check['rel_error']:+.1%})")
+        for w in warnings:
+            print(f"warning: {w}")
     return result
 
 

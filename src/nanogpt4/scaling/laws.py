@@ -23,7 +23,7 @@ import torch
 from nanogpt4.errors import UserError
 
 
-def _check_points(x: np.ndarray, y: np.ndarray, min_points: int = 3) -> None:
+def check_points(x: np.ndarray, y: np.ndarray, min_points: int = 3) -> None:
     if len(x) < min_points:
         raise UserError(f"a scaling fit needs at least {min_points} runs, got {len(x)}; run a larger sweep")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
@@ -144,7 +144,7 @@ def fit_power_law(compute, loss, bootstrap: int = 200, seed: int = 0) -> PowerLa
     """Fit L(C) = a·C^b + c; ``bootstrap`` resamples runs with replacement for the intervals."""
     x = np.asarray(compute, dtype=np.float64)
     y = np.asarray(loss, dtype=np.float64)
-    _check_points(x, y)
+    check_points(x, y)
     c_ref = float(np.exp(np.mean(np.log(x))))
     (a_s, b, c), value, ok, raw = _fit_power_law_once(x, y, c_ref)
     samples = []
@@ -158,6 +158,31 @@ def fit_power_law(compute, loss, bootstrap: int = 200, seed: int = 0) -> PowerLa
         samples.append((bs_a, bs_b, bs_c))
     return PowerLawFit(a=_unscaled_a(a_s, b, c_ref), b=b, c=c, c_ref=c_ref, loss=value, converged=ok,
                        n_points=len(x), a_scaled=a_s, bootstrap=samples)
+
+
+HINDCAST_TOLERANCE = 0.03
+
+
+def hindcast(compute, loss) -> dict | None:
+    """Fit L(C) without the largest run and predict that run: the one extrapolation check a sweep can make on
+    itself before any target is trained. None with fewer than 4 runs (3 are needed to fit)."""
+    x, y = np.asarray(compute, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    if len(x) < 4 or len(np.unique(x[:-1])) < 3 or x[-1] <= x[-2]:
+        return None
+    predicted = float(fit_power_law(x[:-1], y[:-1], bootstrap=0).predict(x[-1]))
+    return {"held_out_flops": float(x[-1]), "compute_ratio": float(x[-1] / x[-2]), "predicted_loss": predicted,
+            "actual_loss": float(y[-1]), "rel_error": (predicted - float(y[-1])) / float(y[-1])}
+
+
+def hindcast_warning(h: dict | None) -> str | None:
+    if h is None or abs(h["rel_error"]) <= HINDCAST_TOLERANCE:
+        return None
+    return (f"hindcast: fitted without its largest run, the law misses that run by {h['rel_error']:+.1%} at "
+            f"{h['compute_ratio']:.1f}x extrapolation, so a longer extrapolation will likely miss by more; these runs "
+            f"do not follow a·C^b + c yet (small runs often curve downward in log-log before the power law sets in: "
+            f"fit on larger runs)")
 
 
 # --------------------------------------------------------------------------- Chinchilla approach 3
@@ -193,7 +218,7 @@ def fit_chinchilla(n_params, n_tokens, loss, delta: float = 1e-3) -> ChinchillaL
     N = torch.tensor(np.asarray(n_params, dtype=np.float64))
     D = torch.tensor(np.asarray(n_tokens, dtype=np.float64))
     y = np.asarray(loss, dtype=np.float64)
-    _check_points(N.numpy(), y, min_points=5)
+    check_points(N.numpy(), y, min_points=5)
     ly = torch.tensor(np.log(y))
     logN, logD = torch.log(N), torch.log(D)
 
@@ -227,7 +252,7 @@ def fit_pass_rate(compute, pass_rate, bootstrap: int = 200, seed: int = 0) -> Po
     if np.any((p <= 0) | (p > 1)):
         raise UserError("pass rates must be in (0, 1]; a run that never passes has an infinite -log pass rate")
     y = -np.log(p)
-    _check_points(x, np.maximum(y, 1e-12))
+    check_points(x, np.maximum(y, 1e-12))
     c_ref = float(np.exp(np.mean(np.log(x))))
     lx, ly = np.log(x / c_ref), np.log(np.maximum(y, 1e-12))
 

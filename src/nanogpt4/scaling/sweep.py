@@ -195,8 +195,8 @@ def family_ratio(rows: list[dict]) -> float | None:
 
 def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """The points L(C) is fitted to: for an IsoFLOP grid, each budget's best run (the IsoFLOP minimum); for a
-    recipe-matched family, every run."""
-    if family_ratio(rows) is not None:
+    recipe-matched family (or pretrain summaries from elsewhere), every run."""
+    if family_ratio(rows) is not None or not all("budget" in r for r in rows):  # a family, or plain summaries
         chosen = sorted(rows, key=lambda r: r["flops"])
     else:
         best: dict[float, dict] = {}
@@ -214,7 +214,7 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
     the target is the family's member at ``target_dim`` (its budget follows from the recipe)."""
     from nanogpt4.data.prepare import default_data_dir, load_meta
     from nanogpt4.scaling.capability import evaluate_capability
-    from nanogpt4.scaling.laws import fit_chinchilla, fit_pass_rate, fit_power_law
+    from nanogpt4.scaling.laws import fit_chinchilla, fit_pass_rate, fit_power_law, hindcast, hindcast_warning
     from nanogpt4.train.checkpoint import latest_checkpoint, load_model
     from nanogpt4.train.pretrain import pretrain, resume_config
 
@@ -249,7 +249,13 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
             raise UserError(f"the target needs {steps * base.training.batch_size * base.model.max_seq_len:,} "
                             f"tokens, more than one epoch of the training data ({meta['train_tokens']:,}); {fix}")
         lo, hi = fit.interval(target_budget)
+        check = hindcast(compute, loss)
+        warnings = [w for w in (hindcast_warning(check),
+                                _data_limited_warning(cfg, steps, base, chosen, meta["train_tokens"], ratio)) if w]
+        for w in warnings:
+            log(f"warning: {w}")
         pred = {"predicted_loss": float(fit.predict(target_budget)), "ci95": [lo, hi], "fit": fit.as_dict(),
+                "hindcast": check, "warnings": warnings,
                 "target_flops": target_budget, "target_dim": target_dim, "target_steps": steps,
                 "fit_runs": [{"name": r["name"], "flops": r["flops"], "val_loss": r["val_loss"]} for r in chosen],
                 "compute_ratio": target_budget / float(compute.max()), "tokens_per_param": ratio,
@@ -288,9 +294,27 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
               "rel_error": abs(pred["predicted_loss"] - actual) / actual, "covered": lo <= actual <= hi,
               "compute_ratio": summary["flops"] / max(r["flops"] for r in pred["fit_runs"]),
               "fit": {k: pred["fit"][k] for k in ("a", "b", "c")}, "target_flops": summary["flops"],
-              "target_dim": pred["target_dim"], "fit_runs": pred["fit_runs"], "capability": capability}
+              "target_dim": pred["target_dim"], "fit_runs": pred["fit_runs"], "capability": capability,
+              "hindcast": pred.get("hindcast"), "warnings": pred.get("warnings", [])}
     atomic_write_json(out / "result.json", result)
     return result
+
+
+def _data_limited_warning(cfg: DictConfig, steps: int, base: DictConfig, chosen: list[dict], train_tokens: int,
+                          ratio: float | None) -> str | None:
+    """An IsoFLOP frontier describes compute-optimal runs; a target given far fewer tokens per parameter than the
+    frontier's largest run (the usual way to fit a big target into one epoch) lies above that frontier."""
+    last = chosen[-1]
+    if ratio is not None or not {"tokens", "params"} <= last.keys():
+        return None
+    target = steps * base.training.batch_size * base.model.max_seq_len / meta_model(cfg).num_parameters()
+    frontier_ratio = last["tokens"] / last["params"]
+    if target >= frontier_ratio / 4:
+        return None
+    return (f"the target trains on {target:.1f} tokens per parameter, the largest frontier run on "
+            f"{frontier_ratio:.1f}: L(C) was fitted to compute-optimal runs, and a target this far off the "
+            f"frontier will likely land above the prediction (one epoch holds {train_tokens:,} tokens); pick a "
+            f"smaller --target-dim, or more data")
 
 
 def _best_dim(base: DictConfig, law, budget: float, candidates: list[int]) -> int:
