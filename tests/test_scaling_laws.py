@@ -36,6 +36,7 @@ def test_power_law_noise_free_is_exact():
     ([1e12, 1e13], [3.0, 2.5], "at least 3 runs"),
     ([1e12, 1e13, 1e14], [3.0, float("nan"), 2.2], "non-finite"),
     ([1e12, 0.0, 1e14], [3.0, 2.5, 2.2], "positive"),
+    ([1e12, 1e12, 1e13, 1e13], [3.0, 2.9, 2.5, 2.6], "3 or more different compute values"),
 ])
 def test_bad_sweeps_are_refused(compute, loss, needle):
     with pytest.raises(UserError, match=needle):

@@ -33,6 +33,12 @@ def check_points(x: np.ndarray, y: np.ndarray, min_points: int = 3) -> None:
         raise UserError("compute and loss must be positive for a power-law fit")
 
 
+def _check_distinct(compute: np.ndarray) -> None:
+    if len(np.unique(compute)) < 3:
+        raise UserError(f"a curve in compute needs runs at 3 or more different compute values, got "
+                        f"{len(np.unique(compute))}; add budgets to the sweep")
+
+
 # --------------------------------------------------------------------------- L(C) = a C^b + c
 def _lbfgs(loss_fn, params: torch.Tensor, iters: int = 200) -> tuple[torch.Tensor, float, bool]:
     p = params.clone().requires_grad_(True)
@@ -145,6 +151,7 @@ def fit_power_law(compute, loss, bootstrap: int = 200, seed: int = 0) -> PowerLa
     x = np.asarray(compute, dtype=np.float64)
     y = np.asarray(loss, dtype=np.float64)
     check_points(x, y)
+    _check_distinct(x)
     c_ref = float(np.exp(np.mean(np.log(x))))
     (a_s, b, c), value, ok, raw = _fit_power_law_once(x, y, c_ref)
     samples = []
@@ -179,10 +186,12 @@ def hindcast(compute, loss) -> dict | None:
 def hindcast_warning(h: dict | None) -> str | None:
     if h is None or abs(h["rel_error"]) <= HINDCAST_TOLERANCE:
         return None
+    why = ("the runs improve faster with compute than the law allows: small runs often curve downward in log-log "
+           "before the power law sets in, so fit on larger runs" if h["rel_error"] > 0 else
+           "the largest run improved less than the law expects: check its learning rate and that it did not run out "
+           "of data")
     return (f"hindcast: fitted without its largest run, the law misses that run by {h['rel_error']:+.1%} at "
-            f"{h['compute_ratio']:.1f}x extrapolation, so a longer extrapolation will likely miss by more; these runs "
-            f"do not follow a·C^b + c yet (small runs often curve downward in log-log before the power law sets in: "
-            f"fit on larger runs)")
+            f"{h['compute_ratio']:.1f}x extrapolation, so a longer extrapolation will likely miss by more; {why}")
 
 
 # --------------------------------------------------------------------------- Chinchilla approach 3
@@ -253,6 +262,7 @@ def fit_pass_rate(compute, pass_rate, bootstrap: int = 200, seed: int = 0) -> Po
         raise UserError("pass rates must be in (0, 1]; a run that never passes has an infinite -log pass rate")
     y = -np.log(p)
     check_points(x, np.maximum(y, 1e-12))
+    _check_distinct(x)
     c_ref = float(np.exp(np.mean(np.log(x))))
     lx, ly = np.log(x / c_ref), np.log(np.maximum(y, 1e-12))
 
