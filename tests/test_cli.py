@@ -94,12 +94,24 @@ def test_wrong_checkpoint_for_resume(trained_run, capsys):
     assert_one_line_error(code, err, "cannot change model")
 
 
+def test_sample_reads_the_prompt_as_the_start_of_a_file(trained_run, capsys, monkeypatch):
+    from nanogpt4.model.transformer import Transformer
+    from nanogpt4.train.checkpoint import load_model
+
+    seen, generate = [], Transformer.generate
+    monkeypatch.setattr(Transformer, "generate", lambda self, x, *a, **k: seen.append(x) or generate(self, x, *a, **k))
+    code, out, _ = cli(capsys, "sample", "--run", trained_run, "--prompt", "import", "--max-new-tokens", 4, "--json")
+    tok = load_model(trained_run)[2]
+    assert code == 0 and seen[0][0].tolist() == [tok.eot_id] + tok.encode("import")
+    assert json.loads(out.strip().splitlines()[-1])["samples"][0].startswith("import")
+
+
 def test_sample_and_long_prompt_warning(trained_run, capsys):
     code, out, err = cli(capsys, "sample", "--run", trained_run, "--prompt", "def f(x):", "--max-new-tokens", 5,
                          "--json", "--seed", 1)
     assert code == 0
     samples = json.loads(out.strip().splitlines()[-1])["samples"]
-    assert samples[0].startswith("def f(x):")
+    assert samples[0].startswith("def f(x):") and "<|endoftext|>" not in samples[0]
     code, out, err = cli(capsys, "sample", "--run", trained_run, "--prompt", "x = 1\n" * 200,
                          "--max-new-tokens", 3, "--json")
     assert code == 0 and "longer than the context" in err and "keeping the last 32" in err

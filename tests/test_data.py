@@ -138,6 +138,17 @@ def test_bpe_roundtrip_and_specials(corpus_dir):
         BPETokenizer.train(texts, 200)
 
 
+def test_prompts_start_a_document_and_samples_end_at_its_end(corpus_dir):
+    # prepare puts EOT between documents, so EOT + prompt is how a file starts in training; the text shown
+    # carries neither that EOT nor anything after the model's own EOT
+    tok = BPETokenizer.train([p.read_text() for p in sorted(corpus_dir.glob("*.py"))], 400)
+    ids = tok.prompt_ids("def f(x):")
+    assert ids == [tok.eot_id] + tok.encode("def f(x):") and tok.prompt_ids("") == [tok.eot_id]
+    row = ids + tok.encode("\n    return x") + [tok.eot_id] + tok.encode("import os")
+    assert tok.continuation_text(ids, row) == "def f(x):\n    return x"
+    assert tok.continuation_text(ids[-3:], ids[-3:] + tok.encode(" pass")) == tok.decode(ids[-3:]) + " pass"
+
+
 def test_tiktoken_wrapper_on_a_local_encoding():
     tiktoken = pytest.importorskip("tiktoken")
     ranks = {bytes([i]): i for i in range(256)}

@@ -89,11 +89,10 @@ def cmd_sample(args) -> int:
     model, cfg, tok = load_model(args.run, device)
     if tok is None:
         raise UserError(f"'{args.run}' has no tokenizer.json; sample from a run made by `nanogpt4 pretrain`")
-    ids = tok.encode(args.prompt) if args.prompt else []
-    ids = ids or [tok.eot_id]
+    ids = tok.prompt_ids(args.prompt)
     L = cfg.model.max_seq_len
     if len(ids) > L:
-        print(f"warning: prompt is {len(ids)} tokens, longer than the context ({L}); keeping the last {L}",
+        print(f"warning: prompt is {len(ids) - 1} tokens, longer than the context ({L}); keeping the last {L}",
               file=sys.stderr)
         ids = ids[-L:]
     g = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 0)
@@ -101,12 +100,7 @@ def cmd_sample(args) -> int:
     out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, stop_tokens=[tok.eot_id], generator=g, pad_token_id=tok.pad_id,
                          compile=args.compile)
-    samples = []
-    for row in out.tolist():
-        new = row[len(ids):]
-        if tok.eot_id in new:
-            new = new[:new.index(tok.eot_id)]
-        samples.append(tok.decode(ids + new) if args.prompt else tok.decode(new))
+    samples = [tok.continuation_text(ids, row) for row in out.tolist()]
     for i, s in enumerate(samples):
         if len(samples) > 1:
             print(f"--- sample {i}")

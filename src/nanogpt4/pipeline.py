@@ -41,13 +41,11 @@ def _samples(run_dir: Path, n_tokens: int = 120) -> list[tuple[str, str]]:
     model, _, tok = load_model(run_dir)
     out = []
     for i, prompt in enumerate(SAMPLE_PROMPTS):
-        ids = tok.encode(prompt)
+        ids = tok.prompt_ids(prompt)
         g = torch.Generator().manual_seed(i)
-        gen = model.generate(torch.tensor([ids]), n_tokens, temperature=0.8, top_k=50, generator=g,
-                             stop_tokens=[tok.eot_id])[0, len(ids):].tolist()
-        if tok.eot_id in gen:
-            gen = gen[:gen.index(tok.eot_id)]
-        out.append((prompt, tok.decode(ids + gen)))
+        row = model.generate(torch.tensor([ids]), n_tokens, temperature=0.8, top_k=50, generator=g,
+                             stop_tokens=[tok.eot_id])[0].tolist()
+        out.append((prompt, tok.continuation_text(ids, row)))
     return out
 
 

@@ -38,6 +38,20 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A prompt as the start of a document: EOT first, as `prepare` puts it between documents. Without it the
+        model reads the prompt's first token as an arbitrary position inside a file (training windows start
+        anywhere): the tiny preset's greedy continuation of a bare "def" is "def", after EOT it is " test"."""
+        return [self.eot_id] + self.encode(prompt)
+
+    def continuation_text(self, prompt_ids: list[int], row: list[int]) -> str:
+        """The prompt and what the model wrote after it, up to the document's end (the next EOT)."""
+        new = list(row[len(prompt_ids):])
+        if self.eot_id in new:
+            new = new[:new.index(self.eot_id)]
+        start = 1 if prompt_ids[:1] == [self.eot_id] else 0
+        return self.decode(list(prompt_ids[start:]) + new)
+
     def token_id(self, token: str) -> int | None:
         raise NotImplementedError
 

@@ -58,12 +58,11 @@ def make_lm_evaluator(val: TokenWindows, iters: int, batch_size: int, bytes_per_
 
 def make_sampler(tokenizer: Tokenizer, prompt: str, n_tokens: int, device: torch.device, seed: int):
     def sample(model) -> str:
-        ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-        ids = ids[-(model.cfg.max_seq_len - 1):]
+        ids = tokenizer.prompt_ids(prompt)[-(model.cfg.max_seq_len - 1):]
         g = torch.Generator(device=device).manual_seed(seed)  # own stream: training RNG is untouched
         out = model.generate(torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50,
                              generator=g, stop_tokens=[tokenizer.eot_id])
-        return tokenizer.decode(out[0].tolist())
+        return tokenizer.continuation_text(ids, out[0].tolist())
 
     return sample
 
