@@ -376,6 +376,26 @@ def test_multimodal_command_from_a_pretrained_run(prepared, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert {"question", "answer", "model", "blank_image"} <= rows[0].keys()
 
+    # `nanogpt4 ask`: a user's image file through the trained model, the same greedy answer as the API gives
+    from PIL import Image
+
+    from nanogpt4.data.vision import eval_scene_items, load_image
+    from nanogpt4.train.multimodal import greedy_answers, load_multimodal
+
+    item = eval_scene_items(1, 16, 3)[0]
+    png = tmp_path / "scene.png"
+    Image.fromarray(np.rint((item.image.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)).save(png)
+    assert np.array_equal(load_image(png, 16, 3, "test"), item.image)  # a saved scene reads back exactly
+    capsys.readouterr()
+    assert main(["ask", "--run", str(out), "--image", str(png), "--question", item.question, "--json"]) == 0
+    asked = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, codec = load_multimodal(out, "cpu")
+    assert asked["answer"] == greedy_answers(model, codec, [item.question], item.image[None], 24)[0]
+    assert main(["ask", "--run", str(tmp_path / "pre"), "--image", str(png)]) == 2
+    assert "text-only model" in capsys.readouterr().err
+    assert main(["ask", "--run", str(out), "--image", str(tmp_path / "none.png")]) == 2
+    assert "not found" in capsys.readouterr().err
+
 
 def test_multimodal_command_bad_input(tmp_path, capsys):
     from nanogpt4.cli import main

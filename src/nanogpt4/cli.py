@@ -1,4 +1,4 @@
-"""The ``nanogpt4`` command: one subcommand per stage.
+"""The nanogpt4 command: one subcommand per stage.
 
 User mistakes raise :class:`UserError` and end as one ``error: ...`` line with exit code 2.
 """
@@ -280,6 +280,23 @@ def cmd_multimodal(args) -> int:
     return _finish(args, summary)
 
 
+def cmd_ask(args) -> int:
+    import torch
+
+    from nanogpt4.data.vision import load_image
+    from nanogpt4.train.multimodal import greedy_answers, load_multimodal
+    from nanogpt4.utils import resolve_device
+
+    if args.max_new_tokens < 1 or not args.question.strip():
+        raise UserError("--question must not be empty and --max-new-tokens must be >= 1")
+    model, codec = load_multimodal(args.run, resolve_device(args.device or "auto"))
+    image = load_image(args.image, model.image_size, model.channels, "--image", fix="check the path")
+    with torch.no_grad():
+        answer = greedy_answers(model, codec, [args.question], image[None], args.max_new_tokens)[0]
+    print(answer)
+    return _finish(args, {"question": args.question, "answer": answer, "image": str(args.image)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanogpt4", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -351,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", type=Path, default=None,
                    help="start the language model from a `nanogpt4 pretrain` run (default: from scratch)")
     p.set_defaults(func=cmd_multimodal)
+
+    p = sub.add_parser("ask", help="ask a trained vision-language model about an image (greedy answer)")
+    p.add_argument("--run", required=True, type=Path, help="a `nanogpt4 multimodal` run or one of its checkpoints")
+    p.add_argument("--image", required=True, type=Path, help="any image Pillow reads; resized to the model's input")
+    p.add_argument("--question", default="describe the image.",
+                   help="default: %(default)r (the captioning prompt the model was trained on)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("scaling", help="accounting, law fits and compute-optimal planning")
     ssub = p.add_subparsers(dest="scaling_command", required=True, metavar="SUBCOMMAND")

@@ -229,11 +229,12 @@ def digit_items(pixels: np.ndarray, label: int, size: int, channels: int,
 
 
 # ------------------------------------------------------------------------------------------- user data
-def load_image(path: Path, size: int, channels: int, where: str) -> np.ndarray:
+def load_image(path: Path, size: int, channels: int, where: str,
+               fix: str = "paths are relative to the jsonl file") -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise UserError(f"{where}: image '{path}' not found; paths are relative to the jsonl file")
+        raise UserError(f"{where}: image '{path}' not found; {fix}")
     try:
         with Image.open(path) as img:
             return to_array(img.resize((size, size), Image.BICUBIC), channels)

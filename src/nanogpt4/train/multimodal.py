@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 
+from nanogpt4.config import config_from_yaml_text
 from nanogpt4.data.tokenizer import BPETokenizer, Tokenizer
 from nanogpt4.data.vision import (
     EVAL_SEED_BASE,
@@ -32,7 +34,7 @@ from nanogpt4.data.vision import (
 from nanogpt4.errors import UserError
 from nanogpt4.model.multimodal import MultimodalTransformer
 from nanogpt4.rlhf.data import pad_left, pad_right
-from nanogpt4.train.checkpoint import load_model
+from nanogpt4.train.checkpoint import latest_checkpoint, load_model, load_weights, resolve_checkpoint
 from nanogpt4.train.distributed import DistInfo
 from nanogpt4.train.trainer import Trainer, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -163,25 +165,58 @@ def vqa_loss(model, batch: dict) -> torch.Tensor:
 def answer_questions(model: MultimodalTransformer, codec: TextCodec, items: list[VQAItem], blank: bool = False,
                      batch_size: int = 128, max_new_tokens: int = 24) -> list[str]:
     """Greedy answers; ``blank`` replaces every image by an empty (black) one: the text-only control."""
-    device = next(model.parameters()).device
-    stops = [codec.end_id, codec.tok.eot_id]
     # short answers first: a batch decodes until its longest answer ends
     order = sorted(range(len(items)), key=lambda i: items[i].kind == "caption")
     out: dict[int, str] = {}
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        ids, mask = pad_left([codec.prompt(items[i].question) for i in idx], codec.tok.pad_id, device)
-        images = torch.from_numpy(np.stack([items[i].image for i in idx])).to(device)
+        images = np.stack([items[i].image for i in idx])
         if blank:
-            images = torch.full_like(images, -1.0)
+            images = np.full_like(images, -1.0)
         limit = max_new_tokens if any(items[i].kind == "caption" for i in idx) else 6
-        gen = model.generate(ids, images, limit, temperature=0, attention_mask=mask, stop_tokens=stops,
-                             pad_token_id=codec.tok.pad_id)
-        for row, i in enumerate(idx):
-            new = gen[row, ids.size(1):].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-            out[i] = codec.tok.decode(new[:cut]).strip()
+        out.update(zip(idx, greedy_answers(model, codec, [items[i].question for i in idx], images, limit),
+                       strict=True))
     return [out[i] for i in range(len(items))]
+
+
+@torch.no_grad()
+def greedy_answers(model: MultimodalTransformer, codec: TextCodec, questions: list[str], images: np.ndarray,
+                   max_new_tokens: int) -> list[str]:
+    """One greedy answer per (question, image), each cut at its end token."""
+    device = next(model.parameters()).device
+    stops = [codec.end_id, codec.tok.eot_id]
+    ids, mask = pad_left([codec.prompt(q) for q in questions], codec.tok.pad_id, device)
+    gen = model.generate(ids, torch.from_numpy(images).to(device), max_new_tokens, temperature=0,
+                         attention_mask=mask, stop_tokens=stops, pad_token_id=codec.tok.pad_id)
+    answers = []
+    for row in gen[:, ids.size(1):].tolist():
+        cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+        answers.append(codec.tok.decode(row[:cut]).strip())
+    return answers
+
+
+def load_multimodal(path: str | Path, device) -> tuple[MultimodalTransformer, TextCodec]:
+    """The trained vision-language model of a `nanogpt4 multimodal` run (its last stage's latest checkpoint), or
+    of one checkpoint directory."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"'{path}' does not exist; give the --out directory of a `nanogpt4 multimodal` run")
+    stage = next((p / s for s in ("tune", "align") if latest_checkpoint(p / s) is not None), p)
+    ckpt = resolve_checkpoint(stage)
+    try:
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            names = list(f.keys())
+    except Exception as e:
+        raise UserError(f"cannot read weights '{ckpt / 'model.safetensors'}': {str(e).splitlines()[0]}") from None
+    if not any(k.startswith("projector.") for k in names):
+        raise UserError(f"'{path}' holds a text-only model; give a run of `nanogpt4 multimodal` "
+                        f"(`nanogpt4 sample` is for text runs)")
+    cfg = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    model = MultimodalTransformer(cfg)
+    load_weights(model, ckpt / "model.safetensors")
+    tok = Tokenizer.from_file(ckpt / "tokenizer.json")
+    model = model.to(device).eval()
+    return model, TextCodec(tok, model)
 
 
 def bleu(candidate: str, reference: str, max_n: int = 4) -> float:
