@@ -104,6 +104,10 @@ def test_sample_reads_the_prompt_as_the_start_of_a_file(trained_run, capsys, mon
     tok = load_model(trained_run)[2]
     assert code == 0 and seen[0][0].tolist() == [tok.eot_id] + tok.encode("import")
     assert json.loads(out.strip().splitlines()[-1])["samples"][0].startswith("import")
+    code, out, _ = cli(capsys, "sample", "--run", trained_run, "--prompt", "import", "--max-new-tokens", 4,
+                       "--raw-prompt", "--json")
+    assert code == 0 and seen[1][0].tolist() == tok.encode("import")  # an RLHF policy's prompts start mid-file
+    assert json.loads(out.strip().splitlines()[-1])["samples"][0].startswith("import")
 
 
 def test_sample_and_long_prompt_warning(trained_run, capsys):

@@ -157,6 +157,12 @@ def test_rlhf_end_to_end_writes_the_summary(prepared, tmp_path, capsys):
     assert (tmp_path / "rlhf" / "report.md").exists() and (tmp_path / "rlhf" / "plots" / "rlhf.png").exists()
     rows = [json.loads(line) for line in (tmp_path / "rlhf" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "judge", "kl", "entropy", "clipfrac", "approx_kl", "vf_loss", "response_length"} <= rows[0].keys()
+    # the aligned policies are kept, each with its tokenizer, and `sample` reads them
+    for name in ("ppo", "dpo"):
+        capsys.readouterr()
+        assert main(["sample", "--run", str(tmp_path / "rlhf" / name), "--prompt", "def f(", "--raw-prompt",
+                     "--max-new-tokens", "4", "--json"]) == 0, name
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"][0].startswith("def f(")
 
 
 @pytest.mark.slow

@@ -89,7 +89,7 @@ def cmd_sample(args) -> int:
     model, cfg, tok = load_model(args.run, device)
     if tok is None:
         raise UserError(f"'{args.run}' has no tokenizer.json; sample from a run made by `nanogpt4 pretrain`")
-    ids = tok.prompt_ids(args.prompt)
+    ids = (tok.encode(args.prompt) or [tok.eot_id]) if args.raw_prompt else tok.prompt_ids(args.prompt)
     L = cfg.model.max_seq_len
     if len(ids) > L:
         print(f"warning: prompt is {len(ids) - 1} tokens, longer than the context ({L}); keeping the last {L}",
@@ -145,14 +145,6 @@ def cmd_rlhf(args) -> int:
 
 def _stage_out(args, name: str) -> Path:
     return args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
-
-
-def _save_policy(out: Path, step: int, policy, cfg, tok) -> None:
-    """A trained policy as a normal checkpoint (with its tokenizer), so `sample` and later stages read it."""
-    from nanogpt4.train.checkpoint import save_checkpoint
-
-    tok.save(out / "tokenizer.json")
-    save_checkpoint(out, step, policy, cfg, out / "tokenizer.json", {}, keep_last=1)
 
 
 def cmd_sft(args) -> int:
@@ -211,7 +203,7 @@ def cmd_ppo(args) -> int:
     import copy
 
     from nanogpt4.rlhf.judges import load_judge
-    from nanogpt4.rlhf.run import evaluate_policies, load_policy, load_reward_model, ppo_kl, ppo_stage
+    from nanogpt4.rlhf.run import evaluate_policies, load_policy, load_reward_model, ppo_kl, ppo_stage, save_policy
     from nanogpt4.train.distributed import DistInfo, init_distributed, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
@@ -232,7 +224,7 @@ def cmd_ppo(args) -> int:
         results, prompts, _ = evaluate_policies(cfg, {"sft": sft, "ppo": policy}, tok, judge, device)
         summary = {**results, "kl_ppo": ppo_kl(ppo, prompts), "processes": info.world_size, "device": str(device),
                    "wall_s": time.time() - t0}
-        _save_policy(out, cfg.rlhf.ppo_steps, policy, cfg, tok)
+        save_policy(out, cfg.rlhf.ppo_steps, policy, cfg, tok)
         atomic_write_json(out / "summary.json", summary)
         return _finish(args, summary)
     finally:
@@ -245,7 +237,7 @@ def cmd_dpo(args) -> int:
     from nanogpt4.rlhf.data import load_preferences
     from nanogpt4.rlhf.dpo import train_dpo
     from nanogpt4.rlhf.judges import load_judge
-    from nanogpt4.rlhf.run import evaluate_policies, load_policy
+    from nanogpt4.rlhf.run import evaluate_policies, load_policy, save_policy
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -260,7 +252,7 @@ def cmd_dpo(args) -> int:
     if not args.no_eval:
         summary.update(evaluate_policies(cfg, {"sft": sft, "dpo": policy}, tok, load_judge(cfg.rlhf.judge),
                                          device)[0])
-    _save_policy(out, cfg.rlhf.dpo_steps, policy, cfg, tok)
+    save_policy(out, cfg.rlhf.dpo_steps, policy, cfg, tok)
     summary["wall_s"] = time.time() - t0
     atomic_write_json(out / "summary.json", summary)
     return _finish(args, summary)
@@ -322,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: 20-30 s to compile per shape, then 2-3.5x faster per token")
+    p.add_argument("--raw-prompt", action="store_true",
+                   help="do not start the prompt as a new file (<|endoftext|> first): for policies tuned on "
+                        "mid-file prompts, as `nanogpt4 rlhf`'s code prompts and chat templates are")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sample)
 

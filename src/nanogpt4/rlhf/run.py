@@ -278,6 +278,12 @@ def ppo_kl(ppo: PPOTrainer, prompts: list[str]) -> float:
     return float(((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1).mean())
 
 
+def save_policy(out: Path, step: int, policy, cfg, tok) -> None:
+    """A trained policy as a normal checkpoint with its tokenizer, so `sample` and later stages read it."""
+    tok.save(out / "tokenizer.json")
+    save_checkpoint(out, step, policy, cfg, out / "tokenizer.json", {}, keep_last=1)
+
+
 def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
     """SFT -> judge labels -> reward model -> PPO, DPO and best-of-n -> held-out judge scores."""
     t_start = time.time()
@@ -304,6 +310,10 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
                                                   device, rm=rm, best_of_base=sft)
     summary.update(results)
     summary["kl_ppo"] = ppo_kl(ppo, prompts)
+    # the aligned policies, readable by `nanogpt4 sample --raw-prompt` (saved before the summary: a finished
+    # summary is what marks this stage done)
+    save_policy(out / "ppo", r.ppo_steps, policy, cfg, tok)
+    save_policy(out / "dpo", r.dpo_steps, dpo_policy, cfg, tok)
     summary["wall_s"] = time.time() - t_start
     atomic_write_json(out / "summary.json", summary)
     write_rlhf_report(out, summary, history, prompts, samples)
