@@ -176,6 +176,19 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     assert (p / "plots" / "pretrain_loss.png").stat().st_size > 1000
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["pretrain_val_loss"] < 6.0
+    # every command the report offers under "Use the results" works on this run (a random picture for `ask`)
+    import shlex
+
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    commands = [line.split("  #")[0] for line in report.split("## Use the results")[1].splitlines()
+                if line.startswith("nanogpt4 ")]
+    assert [c.split()[1] for c in commands] == ["sample", "sample", "sample", "ask", "export-hf"]
+    for command in commands:
+        argv = [a if a != "photo.png" else str(tmp_path / "p.png") for a in shlex.split(command)[1:]]
+        assert cli(capsys, *argv)[0] == 0, command
     # re-running reuses the finished stage instead of training again
     code, out, _ = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov)
     assert code == 0 and "reusing finished run" in out

@@ -79,6 +79,18 @@ def _ci_line(rl: dict) -> str:
     return "Held-out judge score, 95% interval: " + "; ".join(parts)
 
 
+def _next_steps(out_dir: Path) -> str:
+    """The commands that read this run's outputs (a policy dir is listed only where its checkpoint exists)."""
+    lines = [f'nanogpt4 sample --run {out_dir / "pretrain"} --prompt "def parse("      # the pretrained model']
+    for name in ("ppo", "dpo"):
+        if (out_dir / "rlhf" / name / "checkpoints").exists():
+            lines.append(f'nanogpt4 sample --run {out_dir / "rlhf" / name} --raw-prompt --prompt "def area(r):"  '
+                         f'# the {name.upper()} policy')
+    lines += [f'nanogpt4 ask --run {out_dir / "multimodal"} --image photo.png --question "how many objects are there?"',
+              f"nanogpt4 export-hf --run {out_dir / 'pretrain'} --out {out_dir / 'hf'}  # a transformers model"]
+    return "```bash\n" + "\n".join(lines) + "\n```"
+
+
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print) -> dict:
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -114,6 +126,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
             "caption_bleu", "examples_eval", "image_tokens", "train_s"]) + "\n\n" + per_type_table(mm)
          + "\n\n![held-out examples](plots/multimodal_examples.png)\n\nDetails: "
          "[multimodal/report.md](multimodal/report.md)"),
+        ("Use the results", _next_steps(out_dir)),
     ]
     summary = {
         "pretrain_val_loss": pre.get("val_loss"),
