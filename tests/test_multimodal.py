@@ -395,6 +395,9 @@ def test_multimodal_command_from_a_pretrained_run(prepared, tmp_path, capsys):
     assert "text-only model" in capsys.readouterr().err
     assert main(["ask", "--run", str(out), "--image", str(tmp_path / "none.png")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["ask", "--run", str(out), "--image", str(png), "--question", "why? " * 60]) == 2
+    assert "shorten the question" in capsys.readouterr().err
+    assert main(["sample", "--run", str(out)]) == 2 and "nanogpt4 ask" in capsys.readouterr().err
 
 
 def test_multimodal_command_bad_input(tmp_path, capsys):

@@ -86,13 +86,17 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device or "auto")
     if args.compile:
         require_compiler(device, "--compile")
+    if any((Path(args.run) / stage / "checkpoints").is_dir() for stage in ("tune", "align")):
+        raise UserError(f"'{args.run}' is a `nanogpt4 multimodal` run: ask it about an image with "
+                        f"`nanogpt4 ask --run {args.run} --image FILE`")
     model, cfg, tok = load_model(args.run, device)
     if tok is None:
         raise UserError(f"'{args.run}' has no tokenizer.json; sample from a run made by `nanogpt4 pretrain`")
     ids = (tok.encode(args.prompt) or [tok.eot_id]) if args.raw_prompt else tok.prompt_ids(args.prompt)
     L = cfg.model.max_seq_len
     if len(ids) > L:
-        print(f"warning: prompt is {len(ids) - 1} tokens, longer than the context ({L}); keeping the last {L}",
+        n_prompt = len(ids) - (0 if args.raw_prompt else 1)  # not counting the file-start EOT
+        print(f"warning: prompt is {n_prompt} tokens, longer than the context ({L}); keeping the last {L}",
               file=sys.stderr)
         ids = ids[-L:]
     g = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 0)
@@ -273,8 +277,6 @@ def cmd_multimodal(args) -> int:
 
 
 def cmd_ask(args) -> int:
-    import torch
-
     from nanogpt4.data.vision import load_image
     from nanogpt4.train.multimodal import greedy_answers, load_multimodal
     from nanogpt4.utils import resolve_device
@@ -282,9 +284,13 @@ def cmd_ask(args) -> int:
     if args.max_new_tokens < 1 or not args.question.strip():
         raise UserError("--question must not be empty and --max-new-tokens must be >= 1")
     model, codec = load_multimodal(args.run, resolve_device(args.device or "auto"))
+    n_prompt, L = len(codec.prompt(args.question)), model.cfg.max_seq_len
+    if n_prompt + args.max_new_tokens > L:  # past the context the window would slide off the image tokens
+        raise UserError(f"the question with its {model.image_tokens} image tokens is {n_prompt} tokens; with "
+                        f"--max-new-tokens {args.max_new_tokens} that passes the model's context ({L}): shorten "
+                        f"the question or lower --max-new-tokens")
     image = load_image(args.image, model.image_size, model.channels, "--image", fix="check the path")
-    with torch.no_grad():
-        answer = greedy_answers(model, codec, [args.question], image[None], args.max_new_tokens)[0]
+    answer = greedy_answers(model, codec, [args.question], image[None], args.max_new_tokens)[0]
     print(answer)
     return _finish(args, {"question": args.question, "answer": answer, "image": str(args.image)})
 
