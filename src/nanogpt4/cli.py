@@ -272,7 +272,8 @@ def cmd_multimodal(args) -> int:
     out = _stage_out(args, "multimodal")
     summary = run_multimodal(cfg, args.pretrained, out, progress=_progress())
     print(f"multimodal: scenes {summary['scenes_accuracy']}, digits {summary['digits_accuracy']}, "
-          f"text-only control {summary['text_only_accuracy']}; report: {out / 'report.md'}")
+          f"text-only control {summary['text_only_accuracy']}; report: {out / 'report.md'}; "
+          f"ask it: nanogpt4 ask --run {out} --image FILE")
     return _finish(args, summary)
 
 

@@ -442,5 +442,7 @@ def write_multimodal_report(out: Path, summary: dict, examples) -> None:
               f"- digits accuracy: {fmt(summary['digits_accuracy'])}",
               f"- text-only control (blank image): {fmt(summary['text_only_accuracy'])}",
               f"- caption exact match: {fmt(summary['caption_exact_match'])}, BLEU {fmt(summary['caption_bleu'])}",
-              "", "![examples](plots/examples.png)", ""]
+              "", "![examples](plots/examples.png)", "",
+              f"Ask it about your own image: `nanogpt4 ask --run {out} --image FILE --question \"what colour is the "
+              f"circle?\"` (without `--question` it captions).", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
