@@ -86,7 +86,10 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device or "auto")
     if args.compile:
         require_compiler(device, "--compile")
-    if any((Path(args.run) / stage / "checkpoints").is_dir() for stage in ("tune", "align")):
+    from nanogpt4.train.checkpoint import is_multimodal, resolve_checkpoint
+
+    if (any((Path(args.run) / stage / "checkpoints").is_dir() for stage in ("tune", "align"))
+            or is_multimodal(resolve_checkpoint(args.run))):
         raise UserError(f"'{args.run}' is a `nanogpt4 multimodal` run: ask it about an image with "
                         f"`nanogpt4 ask --run {args.run} --image FILE`")
     model, cfg, tok = load_model(args.run, device)

@@ -40,6 +40,22 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     save_file(model_tensors(model), str(path), metadata=metadata or {})
 
 
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise UserError(f"cannot read weights '{path}': {str(e).splitlines()[0]}") from None
+
+
+def is_multimodal(ckpt: Path) -> bool:
+    """A vision-language checkpoint (`nanogpt4 multimodal`): it carries the image projector."""
+    return any(k.startswith("projector.") for k in tensor_names(Path(ckpt) / "model.safetensors"))
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load safetensors weights, naming the first missing/unexpected/mis-shaped tensor on mismatch."""
     try:

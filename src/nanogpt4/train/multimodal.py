@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 
 from nanogpt4.config import config_from_yaml_text
 from nanogpt4.data.tokenizer import BPETokenizer, Tokenizer
@@ -34,7 +33,7 @@ from nanogpt4.data.vision import (
 from nanogpt4.errors import UserError
 from nanogpt4.model.multimodal import MultimodalTransformer
 from nanogpt4.rlhf.data import pad_left, pad_right
-from nanogpt4.train.checkpoint import latest_checkpoint, load_model, load_weights, resolve_checkpoint
+from nanogpt4.train.checkpoint import is_multimodal, latest_checkpoint, load_model, load_weights, resolve_checkpoint
 from nanogpt4.train.distributed import DistInfo
 from nanogpt4.train.trainer import Trainer, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -203,12 +202,7 @@ def load_multimodal(path: str | Path, device) -> tuple[MultimodalTransformer, Te
         raise UserError(f"'{path}' does not exist; give the --out directory of a `nanogpt4 multimodal` run")
     stage = next((p / s for s in ("tune", "align") if latest_checkpoint(p / s) is not None), p)
     ckpt = resolve_checkpoint(stage)
-    try:
-        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-            names = list(f.keys())
-    except Exception as e:
-        raise UserError(f"cannot read weights '{ckpt / 'model.safetensors'}': {str(e).splitlines()[0]}") from None
-    if not any(k.startswith("projector.") for k in names):
+    if not is_multimodal(ckpt):
         raise UserError(f"'{path}' holds a text-only model; give a run of `nanogpt4 multimodal` "
                         f"(`nanogpt4 sample` is for text runs)")
     cfg = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
