@@ -86,10 +86,9 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device or "auto")
     if args.compile:
         require_compiler(device, "--compile")
-    from nanogpt4.train.checkpoint import is_multimodal, resolve_checkpoint
+    from nanogpt4.train.multimodal import multimodal_checkpoint
 
-    if (any((Path(args.run) / stage / "checkpoints").is_dir() for stage in ("tune", "align"))
-            or is_multimodal(resolve_checkpoint(args.run))):
+    if multimodal_checkpoint(args.run) is not None:
         raise UserError(f"'{args.run}' is a `nanogpt4 multimodal` run: ask it about an image with "
                         f"`nanogpt4 ask --run {args.run} --image FILE`")
     model, cfg, tok = load_model(args.run, device)

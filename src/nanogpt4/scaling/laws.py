@@ -63,29 +63,24 @@ def _exp_or_inf(log_value: float) -> float:
     return math.exp(log_value) if log_value < 709.0 else math.inf
 
 
-def _unscaled_a(a_scaled: float, b: float, c_ref: float) -> float:
-    """a in a·C^b from a'·(C/C_ref)^b; inf where it overflows (a resample with a near-vertical b)."""
-    return _exp_or_inf(math.log(a_scaled) - b * math.log(c_ref))
-
-
 @dataclass
 class PowerLawFit:
-    """L(C) = a·C^b + c. Predictions use the rescaled form a'·(C/C_ref)^b + c, which stays finite where a alone
-    does not: a bootstrap resample of a few runs can fit b = -30, and then a = a'·C_ref^30 overflows."""
+    """L(C) = a·C^b + c, held as a'·(C/C_ref)^b + c: that form stays finite where a alone does not (a bootstrap
+    resample of a few runs can fit b = -30, and then a = a'·C_ref^30 overflows)."""
 
-    a: float
+    a_scaled: float  # a' = a·C_ref^b
     b: float
     c: float
     c_ref: float
     loss: float
     converged: bool
     n_points: int
-    a_scaled: float = math.nan  # a' = a·C_ref^b; derived from a when not given
     bootstrap: list[tuple[float, float, float]] = field(default_factory=list, repr=False)  # (a', b, c) samples
 
-    def __post_init__(self) -> None:
-        if math.isnan(self.a_scaled):
-            self.a_scaled = self.a * self.c_ref ** self.b
+    @property
+    def a(self) -> float:
+        """a in the caller's units; inf where it overflows."""
+        return _exp_or_inf(math.log(self.a_scaled) - self.b * math.log(self.c_ref))
 
     def predict(self, compute: float | np.ndarray) -> np.ndarray:
         return self.a_scaled * (np.asarray(compute, dtype=np.float64) / self.c_ref) ** self.b + self.c
@@ -114,6 +109,7 @@ class PowerLawFit:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("bootstrap")
+        d["a"] = self.a
         d["ci95"] = self.param_intervals()
         return d
 
@@ -163,8 +159,8 @@ def fit_power_law(compute, loss, bootstrap: int = 200, seed: int = 0) -> PowerLa
         # resampled fits start from the full fit's optimum (and one generic start, in case it is far off)
         (bs_a, bs_b, bs_c), _, _, _ = _fit_power_law_once(x[idx], y[idx], c_ref, [raw, (0.0, -1.0, 0.0)])
         samples.append((bs_a, bs_b, bs_c))
-    return PowerLawFit(a=_unscaled_a(a_s, b, c_ref), b=b, c=c, c_ref=c_ref, loss=value, converged=ok,
-                       n_points=len(x), a_scaled=a_s, bootstrap=samples)
+    return PowerLawFit(a_scaled=a_s, b=b, c=c, c_ref=c_ref, loss=value, converged=ok, n_points=len(x),
+                       bootstrap=samples)
 
 
 HINDCAST_TOLERANCE = 0.03
@@ -278,5 +274,5 @@ def fit_pass_rate(compute, pass_rate, bootstrap: int = 200, seed: int = 0) -> Po
         if len(np.unique(x[idx])) >= 2:
             samples.append(fit(idx))
     resid = float(np.mean((np.log(a_s) + b * lx - ly) ** 2))
-    return PowerLawFit(a=_unscaled_a(a_s, b, c_ref), b=b, c=c, c_ref=c_ref, loss=resid, converged=True,
-                       n_points=len(x), a_scaled=a_s, bootstrap=samples)
+    return PowerLawFit(a_scaled=a_s, b=b, c=c, c_ref=c_ref, loss=resid, converged=True, n_points=len(x),
+                       bootstrap=samples)

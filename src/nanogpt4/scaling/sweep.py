@@ -240,18 +240,22 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
                                  [r["val_loss"] for r in rows]) if len(rows) >= 5 else None
             target_dim = _best_dim(base, law, target_budget, [r["dim"] for r in chosen])
         cfg = size_config(base, target_dim)
-        fpt = meta_model(cfg).flops_per_token(cfg.model.max_seq_len)
-        steps = math.floor(target_budget / (fpt * base.training.batch_size * base.model.max_seq_len) + 1e-9)
+        target_model = meta_model(cfg)
+        tokens_per_step = base.training.batch_size * base.model.max_seq_len
+        steps = math.floor(target_budget / (target_model.flops_per_token(cfg.model.max_seq_len) * tokens_per_step)
+                           + 1e-9)
+        target_tokens = steps * tokens_per_step
         meta = load_meta(default_data_dir(base))
-        if steps * base.training.batch_size * base.model.max_seq_len > meta["train_tokens"]:
+        if target_tokens > meta["train_tokens"]:
             fix = ("pick a smaller --target-dim (the family's recipe fixes its tokens)" if ratio is not None
                    else "lower --target-flops or pick a larger --target-dim")
-            raise UserError(f"the target needs {steps * base.training.batch_size * base.model.max_seq_len:,} "
-                            f"tokens, more than one epoch of the training data ({meta['train_tokens']:,}); {fix}")
+            raise UserError(f"the target needs {target_tokens:,} tokens, more than one epoch of the training data "
+                            f"({meta['train_tokens']:,}); {fix}")
         lo, hi = fit.interval(target_budget)
         check = hindcast(compute, loss)
         warnings = [w for w in (hindcast_warning(check),
-                                _data_limited_warning(cfg, steps, base, chosen, meta["train_tokens"], ratio)) if w]
+                                _data_limited_warning(target_tokens / target_model.num_parameters(), chosen,
+                                                      meta["train_tokens"], ratio)) if w]
         for w in warnings:
             log(f"warning: {w}")
         pred = {"predicted_loss": float(fit.predict(target_budget)), "ci95": [lo, hi], "fit": fit.as_dict(),
@@ -300,14 +304,13 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
     return result
 
 
-def _data_limited_warning(cfg: DictConfig, steps: int, base: DictConfig, chosen: list[dict], train_tokens: int,
-                          ratio: float | None) -> str | None:
-    """An IsoFLOP frontier describes compute-optimal runs; a target given far fewer tokens per parameter than the
-    frontier's largest run (the usual way to fit a big target into one epoch) lies above that frontier."""
+def _data_limited_warning(target: float, chosen: list[dict], train_tokens: int, ratio: float | None) -> str | None:
+    """An IsoFLOP frontier describes compute-optimal runs; a target given far fewer tokens per parameter
+    (``target``) than the frontier's largest run (the usual way to fit a big target into one epoch) lies above
+    that frontier."""
     last = chosen[-1]
     if ratio is not None or not {"tokens", "params"} <= last.keys():
         return None
-    target = steps * base.training.batch_size * base.model.max_seq_len / meta_model(cfg).num_parameters()
     frontier_ratio = last["tokens"] / last["params"]
     if target >= frontier_ratio / 4:
         return None

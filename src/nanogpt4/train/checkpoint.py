@@ -40,6 +40,10 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     save_file(model_tensors(model), str(path), metadata=metadata or {})
 
 
+def _unreadable(path: Path, e: Exception) -> UserError:
+    return UserError(f"cannot read weights '{path}': {str(e).splitlines()[0]}")
+
+
 def tensor_names(path: Path) -> list[str]:
     """The tensor names in a safetensors file, read from its header only."""
     from safetensors import safe_open
@@ -48,7 +52,7 @@ def tensor_names(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except Exception as e:
-        raise UserError(f"cannot read weights '{path}': {str(e).splitlines()[0]}") from None
+        raise _unreadable(path, e) from None
 
 
 def is_multimodal(ckpt: Path) -> bool:
@@ -61,7 +65,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         tensors = load_file(str(path))
     except Exception as e:
-        raise UserError(f"cannot read weights '{path}': {str(e).splitlines()[0]}") from None
+        raise _unreadable(path, e) from None
     expected = model_tensors(model)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]

@@ -194,15 +194,21 @@ def greedy_answers(model: MultimodalTransformer, codec: TextCodec, questions: li
     return answers
 
 
-def load_multimodal(path: str | Path, device) -> tuple[MultimodalTransformer, TextCodec]:
-    """The trained vision-language model of a `nanogpt4 multimodal` run (its last stage's latest checkpoint), or
-    of one checkpoint directory."""
+def multimodal_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint a `nanogpt4 multimodal` run (its last stage's latest), one of its stages or a checkpoint
+    directory holds; None when ``path`` holds a text-only model."""
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"'{path}' does not exist; give the --out directory of a `nanogpt4 multimodal` run")
     stage = next((p / s for s in ("tune", "align") if latest_checkpoint(p / s) is not None), p)
     ckpt = resolve_checkpoint(stage)
-    if not is_multimodal(ckpt):
+    return ckpt if is_multimodal(ckpt) else None
+
+
+def load_multimodal(path: str | Path, device) -> tuple[MultimodalTransformer, TextCodec]:
+    """The trained vision-language model of a `nanogpt4 multimodal` run, stage or checkpoint directory."""
+    if not Path(path).exists():
+        raise UserError(f"'{path}' does not exist; give the --out directory of a `nanogpt4 multimodal` run")
+    ckpt = multimodal_checkpoint(path)
+    if ckpt is None:
         raise UserError(f"'{path}' holds a text-only model; give a run of `nanogpt4 multimodal` "
                         f"(`nanogpt4 sample` is for text runs)")
     cfg = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
