@@ -211,6 +211,22 @@ def test_static_cache_decoding_equals_cached_generation(variant, monkeypatch):
         assert torch.equal(static, m.generate(x, 30, temperature=0, **kw))
 
 
+def test_static_cache_is_reused_clean(monkeypatch):
+    # a CUDA graph writes its cache at fixed addresses, so calls of one shape share a cache: the second call
+    # must not see the first call's keys and values
+    monkeypatch.setattr(Transformer, "compiled_decode_step", lambda self: self.decode_step)
+    m = make()
+    x, y = torch.randint(0, 101, (2, 5)), torch.randint(0, 101, (2, 5))
+    m.generate(x, 10, temperature=0, compile=True)
+    with torch.inference_mode():  # generate made the cache there
+        first = m.static_cache(2, 15, "cpu", torch.float32)
+        first.k[0].fill_(float("nan"))  # what a stale cache would leak into masked slots
+    out = m.generate(y, 10, temperature=0, compile=True)
+    with torch.inference_mode():
+        assert m.static_cache(2, 15, "cpu", torch.float32) is first
+    assert torch.equal(out, m.generate(y, 10, temperature=0))
+
+
 def test_kv_cache_starts_zeroed():
     from nanogpt4.model.transformer import KVCache
 

@@ -10,6 +10,7 @@ import contextlib
 import math
 import types
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -357,9 +358,32 @@ class Transformer(nn.Module):
             # torch.compile caches per code object: a copy of decode_step's code gets a cache of its own (a
             # bound method, so the weights are the module's attributes, which freezing needs)
             fn = types.FunctionType(Transformer.decode_step.__code__.replace(), globals(), "decode_step")
-            compiled = torch.compile(types.MethodType(fn, self), fullgraph=True, dynamic=False)
+            # on CUDA a decode step is a few hundred small kernels: replaying them as one CUDA graph removes the
+            # launch overhead that dominates batch-1 decoding
+            mode = "reduce-overhead" if self.head.weight.device.type == "cuda" else None
+            compiled = torch.compile(types.MethodType(fn, self), fullgraph=True, dynamic=False, mode=mode)
             cached = self.__dict__["_compiled_decode"] = (weights, compiled)
+            self.__dict__.pop("_static_cache", None)
         return cached[1]
+
+    def static_cache(self, batch: int, capacity: int, device, dtype) -> KVCache:
+        """The compiled step's KV cache, zeroed and reused while its shape holds: a CUDA graph may only write
+        into inputs that keep their address from call to call (marked static, so it neither copies them in nor
+        skips the graph)."""
+        key = (batch, capacity, torch.device(device), dtype)
+        kept = self.__dict__.get("_static_cache")
+        if kept is not None and kept[0] == key:
+            for t in (*kept[1].k, *kept[1].v):
+                t.zero_()
+            kept[1].length, kept[1].write_index = 0, None
+            return kept[1]
+        self.__dict__.pop("_static_cache", None)  # free the old shape's cache before allocating the new one
+        cache = KVCache.allocate(self.cfg, batch, capacity, device, dtype)
+        if cache.k[0].is_cuda:
+            for t in (*cache.k, *cache.v):
+                torch._dynamo.mark_static_address(t)
+        self.__dict__["_static_cache"] = (key, cache)
+        return cache
 
     # ---------------------------------------------------------------- accounting
     def num_parameters(self, non_embedding: bool = False) -> int:
@@ -470,6 +494,8 @@ class Transformer(nn.Module):
                     key_mask[:, :cache.length] = mask[:, filled].bool() if padded else True
                 key_mask[:, cache.length] = True
                 cache.write_index = torch.tensor(cache.length, device=device)
+                if device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
                 logits = decode(out[:, n - 1:n], next_pos, key_mask, cache)
                 cache.write_index = None
                 cache.length += 1
@@ -481,7 +507,8 @@ class Transformer(nn.Module):
                 window_mask = mask[:, win_start:n] if padded else torch.ones(B, n - win_start, device=device)
                 if use_cache:
                     capacity = min(L, n - win_start + max_new_tokens - step)
-                    cache, key_mask = KVCache.allocate(self.cfg, B, capacity, device, dtype), None
+                    allocate = self.static_cache if decode is not None else partial(KVCache.allocate, self.cfg)
+                    cache, key_mask = allocate(B, capacity, device, dtype), None
                 hidden = self(out[:, win_start:n], return_hidden=True, kv_cache=cache,
                               attention_mask=window_mask if padded else None,
                               position_ids=position_ids_from_mask(window_mask),
