@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from nanogpt4.config import load_config
-from nanogpt4.model.losses import CHUNK_ELEMENTS
 from nanogpt4.model.transformer import Transformer
 from nanogpt4.scaling.accounting import (
     LiveBytes,
@@ -138,19 +137,22 @@ def test_plan_fields():
     assert p["train_memory_bytes_checkpointed"] < p["train_memory_bytes"]
 
 
-CUDA_RECORD = Path(__file__).parent / "data" / "cuda_memory_h200.json"
+CUDA_RECORDS = {gpu: json.loads((Path(__file__).parent / "data" / f"cuda_memory_{gpu}.json").read_text())
+                for gpu in ("h200", "h100")}
 
 
-@pytest.mark.parametrize("row", json.loads(CUDA_RECORD.read_text())["rows"], ids=lambda r: f"{r['shape']}-{r['dtype']}"
-                         f"{'-ckpt' if r['ckpt'] else ''}")
-def test_cuda_memory_model_matches_recorded_h200_peaks(row):
-    """Peaks measured with torch.cuda.max_memory_allocated on an H200 (benchmarks/cuda_check.py, recorded in
-    tests/data): the CUDA branch of the memory model predicts each step's peak within 10%, and the activations a
-    forward saves within 3%."""
+@pytest.mark.parametrize(("gpu", "row"), [(gpu, r) for gpu, rec in CUDA_RECORDS.items() for r in rec["rows"]],
+                         ids=lambda x: x if isinstance(x, str) else f"{x['shape']}-{x['dtype']}"
+                         f"{'-ckpt' if x['ckpt'] else ''}")
+def test_cuda_memory_model_matches_recorded_gpu_peaks(gpu, row):
+    """Peaks measured with torch.cuda.max_memory_allocated on an H200 and an H100 (benchmarks/cuda_check.py,
+    recorded in tests/data): the CUDA branch of the memory model predicts each step's peak within 10%, and the
+    activations a forward saves within 3%."""
     d, L, H, V, T, B = row["shape"]
     c = cfg("gpt2", d, L, H, V, T)
-    # recorded before the loss's CUDA chunk size grew: those runs used the CPU chunk
-    est = training_memory(c, B, T, row["dtype"], "cuda", checkpointing=row["ckpt"], loss_chunk_elements=CHUNK_ELEMENTS)
+    # each record names the loss chunk it ran with (the H200's predates the CUDA chunk)
+    est = training_memory(c, B, T, row["dtype"], "cuda", checkpointing=row["ckpt"],
+                          loss_chunk_elements=CUDA_RECORDS[gpu]["loss_chunk_elements"])
     static = est.weights + est.optimizer
     measured = static + row["measured"] - row["static"]
     assert abs(est.total - measured) / measured < 0.10, (est.total, measured)

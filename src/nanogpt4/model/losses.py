@@ -64,6 +64,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     logp = torch.log_softmax(logits, -1, dtype=torch.float32)
                     nll[s:e] = -logp.gather(1, safe[s:e, None]).squeeze(1)
                     lse[s:e] = at_label + nll[s:e]
+                    del logp  # one chunk's temporaries at a time: the next chunk's are made before rebinding
+                del logits
         n_valid = valid.sum().clamp(min=1)
         loss = (nll * valid).sum() / n_valid
         ctx.save_for_backward(hc, wc, safe, valid, lse, n_valid, keep)
@@ -94,6 +96,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits[s:e][rows[: e - s], safe[s:e]] = at_label.to(grad_logits.dtype)
                 if not all_valid:  # ignored rows carry no gradient (linear_cross_entropy drops them unless all are)
                     grad_logits[s:e].mul_(valid[s:e, None])
+                del logits
             scale = (grad_out / n_valid).float()
             grad_h = (grad_logits @ wc).float().mul_(scale).to(ctx.h_dtype)
             grad_w = (grad_logits.t() @ hc).float().mul_(scale).to(ctx.w_dtype)

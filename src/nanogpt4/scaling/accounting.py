@@ -138,8 +138,8 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
     before most grads exist. With checkpointing only each block's fp32 input survives the forward, and the
     peak is either the loss's backward or a recomputed block's backward: in fp32 its activations plus their
     gradients (about as large again) and the residual-stream gradient, with the grads alive; in bf16 its
-    activations beside the grads. The CUDA branch follows peaks measured on an H200. Both are checked against
-    measured peaks within 10% in the tests (CPU: live tensor bytes; CUDA: recorded max_memory_allocated)."""
+    activations beside the grads. The CUDA branch follows peaks measured on an H200 and an H100. Both are checked
+    against measured peaks within 10% in the tests (CPU: live tensor bytes; CUDA: recorded max_memory_allocated)."""
     from nanogpt4.model.losses import chunk_elements
 
     c = model_section(config)
@@ -147,8 +147,8 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
     T = seq_len or c.max_seq_len
     N, V = batch_size * T, c.vocab_size
     bf16 = dtype == "bfloat16"
+    rows = min(N, max(1, (loss_chunk_elements or chunk_elements(device_type)) // V))  # the loss's chunk
     if bf16:
-        rows = min(N, max(1, (loss_chunk_elements or chunk_elements(device_type)) // V))
         # the (N, vocab) gradient (on CPU: the kept logits, counted in the activations), one bf16 chunk of
         # softmax (plus, on CUDA, the chunk's recomputed bf16 logits), and the head's weight gradient (bf16,
         # then fp32)
@@ -165,13 +165,16 @@ def training_memory(config, batch_size: int, seq_len: int | None = None, dtype: 
         # Measured with max_memory_allocated (benchmarks/cuda_check.py): the peak is the loss's backward on
         # top of everything saved (grads arrive as activations are freed, and fused AdamW adds no temporaries),
         # or, with checkpointing, a recomputed block beside the grads.
+        # The loss's forward adds one chunk's temporaries to everything saved: fp32, logsumexp's exp; bf16 (the
+        # logits are recomputed per chunk), the bf16 logits, log_softmax's fp32 copy of them and its fp32 output.
+        loss_forward = rows * V * (10 if bf16 else 4)
         if checkpointing:
             # the recomputed block's backward: its saved tensors, plus (bf16, empirical) half as much again in
             # activation gradients and flash attention's fp32 accumulators
             recompute = per_layer * 3 // 2 if bf16 else per_layer
-            peak = max(inputs + head + transient, inputs + recompute + grads)
+            peak = max(inputs + head + max(transient, loss_forward), inputs + recompute + grads)
         else:
-            peak = max(acts + transient, grads)
+            peak = max(acts + max(transient, loss_forward), grads)
     elif checkpointing:
         if bf16:
             peak = inputs + max(head + transient, grads + per_layer)
