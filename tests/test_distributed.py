@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,14 @@ def test_fsdp_two_processes_trains_and_checkpoints(prepared, tmp_path):
         assert abs(single[step] - fsdp[step]) < 1e-4, (step, single[step], fsdp[step])
     m, _, _ = load_model(tmp_path / "fsdp")  # gathered full weights load into a plain model
     assert m.num_parameters() > 0
+
+
+def test_shutdown_leaves_no_communication_threads():
+    """Leaving the group must free it: gloo threads that outlive destroy_process_group die with the interpreter,
+    and a rank could then abort at exit after its work was done (the model's torch._dynamo import, made after
+    init, used to keep the group alive)."""
+    worker = Path(__file__).parent / "workers" / "teardown.py"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(worker)], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.count("threads left []") == 2, res.stdout

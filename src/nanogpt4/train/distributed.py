@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,8 +36,28 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # torch._dynamo, imported for the first time while a process group exists, keeps references to it (the
+        # model module imports it through torch.compiler): destroy_process_group then cannot free the group,
+        # its gloo threads outlive the interpreter, and a rank could abort at exit ("terminate called without
+        # an active exception") after its work was done
+        importlib.import_module("torch._dynamo")
+
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device
+
+
+def comm_threads() -> list[str]:
+    """Names of this process's communication threads (gloo's, c10d's) still alive; Linux only (else [])."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for t in tasks.iterdir():
+        try:
+            names.append((t / "comm").read_text().strip())
+        except OSError:  # the thread ended while we looked
+            continue
+    return [n for n in names if "gloo" in n or n.startswith("pt_")]
 
 
 def shutdown_distributed(wait_for: DistInfo | None = None) -> None:
