@@ -136,7 +136,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
         result = trainer.fit()
         train_s = time.time() - t_train
         tokens_run = result["steps_this_run"] * trainer.batches.tokens_per_step
-        tok_per_s = tokens_run / max(train_s, 1e-9)
+        tok_per_s = result["steady_tok_per_s"]  # training steps after the first (compiling) one
         summary = {
             "final_train_loss": result["final_train_loss"],
             "val_loss": result.get("val_loss"),
@@ -149,6 +149,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             "flops": fpt * result["tokens"],
             "tok_per_s": tok_per_s,
             "mfu": fpt * tok_per_s / trainer.peak if trainer.peak else None,
+            "tok_per_s_wall": tokens_run / max(train_s, 1e-9),  # with evals, samples, checkpoints and compiling
+            "first_step_s": result["first_step_s"],
             "peak_flops": trainer.peak,
             "dtype": str(dtype).replace("torch.", ""),
             "world_size": info.world_size,
