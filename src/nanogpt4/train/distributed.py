@@ -61,10 +61,10 @@ def comm_threads() -> list[str]:
 
 
 def shutdown_distributed(wait_for: DistInfo | None = None) -> None:
-    """Leave the process group. With ``wait_for`` (a clean exit) the ranks first meet at a barrier: a gloo peer
-    that tears down while another rank is still connected (rank 0 writing its summary, say) can abort at exit
-    ("terminate called without an active exception"). Without it (an error) leave at once, rather than wait for
-    ranks that may never arrive."""
+    """Leave the process group. With ``wait_for`` (a clean exit) the ranks first meet at a barrier, so no rank
+    tears its connections down while another is still working (rank 0 evaluating and writing alone, say).
+    Without it (an error) leave at once, rather than wait for ranks that may never arrive. The group is freed
+    here, threads included, as long as ``init_distributed`` made it (see the import there)."""
     if wait_for is not None:
         barrier(wait_for)
     if dist.is_available() and dist.is_initialized():
