@@ -214,7 +214,7 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0)
         window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
         last_loss = math.nan
-        step_times: list[float] = []  # this run's optimizer steps alone (no eval, sample or checkpoint)
+        step_times: list[tuple[float, int]] = []  # (seconds, tokens) of this run's optimizer steps alone
         try:
             done = self._should_stop(t_start)
             while not done:
@@ -244,7 +244,7 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
-                step_times.append(dt)
+                step_times.append((dt, self.batches.tokens_per_step))  # batches may vary (padded VQA rows)
                 self.step += 1
                 self.tokens += self.batches.tokens_per_step
                 loss_val = all_reduce_mean(loss_sum, info).item()
@@ -289,8 +289,8 @@ class Trainer:
         # it out when there is more than one
         steady = step_times[1:] or step_times
         return {"final_train_loss": last_loss, "steps": self.step, "tokens": self.tokens,
-                "steps_this_run": steps_run, "first_step_s": step_times[0] if step_times else 0.0,
-                "steady_tok_per_s": len(steady) * self.batches.tokens_per_step / max(sum(steady), 1e-9),
+                "steps_this_run": steps_run, "first_step_s": step_times[0][0] if step_times else 0.0,
+                "steady_tok_per_s": sum(n for _, n in steady) / max(sum(t for t, _ in steady), 1e-9),
                 **{k: v for k, v in self.last_eval.items() if k != "sample"}}
 
     def _evaluate_and_log(self, bar) -> None:
