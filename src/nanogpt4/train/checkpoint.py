@@ -156,14 +156,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
                     f"pass a run directory (runs/NAME, after `nanogpt4 pretrain`) or a checkpoints/step_N directory")
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu"):
-    """(model, config, tokenizer) from a run or checkpoint directory."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", model_cls: type[nn.Module] | None = None):
+    """(model, config, tokenizer) from a run or checkpoint directory; ``model_cls`` (default ``Transformer``)
+    is built from the checkpoint's config."""
     from nanogpt4.data.tokenizer import Tokenizer
     from nanogpt4.model.transformer import Transformer
 
     ckpt = resolve_checkpoint(path)
     cfg = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    model = Transformer(cfg)
+    model = (model_cls or Transformer)(cfg)
     load_weights(model, ckpt / "model.safetensors")
     tok_path = ckpt / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tok_path) if tok_path.exists() else None

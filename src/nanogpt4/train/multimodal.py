@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt4.config import config_from_yaml_text
 from nanogpt4.data.tokenizer import BPETokenizer, Tokenizer
 from nanogpt4.data.vision import (
     EVAL_SEED_BASE,
@@ -33,7 +32,7 @@ from nanogpt4.data.vision import (
 from nanogpt4.errors import UserError
 from nanogpt4.model.multimodal import MultimodalTransformer
 from nanogpt4.rlhf.data import pad_left, pad_right
-from nanogpt4.train.checkpoint import is_multimodal, latest_checkpoint, load_model, load_weights, resolve_checkpoint
+from nanogpt4.train.checkpoint import is_multimodal, latest_checkpoint, load_model, resolve_checkpoint
 from nanogpt4.train.distributed import DistInfo
 from nanogpt4.train.trainer import Trainer, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -211,11 +210,9 @@ def load_multimodal(path: str | Path, device) -> tuple[MultimodalTransformer, Te
     if ckpt is None:
         raise UserError(f"'{path}' holds a text-only model; give a run of `nanogpt4 multimodal` "
                         f"(`nanogpt4 sample` is for text runs)")
-    cfg = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    model = MultimodalTransformer(cfg)
-    load_weights(model, ckpt / "model.safetensors")
-    tok = Tokenizer.from_file(ckpt / "tokenizer.json")
-    model = model.to(device).eval()
+    model, _, tok = load_model(ckpt, device, model_cls=MultimodalTransformer)
+    if tok is None:
+        raise UserError(f"'{ckpt}' has no tokenizer.json; give the --out directory of a `nanogpt4 multimodal` run")
     return model, TextCodec(tok, model)
 
 
