@@ -3,11 +3,24 @@ Exits 3 if communication threads outlive shutdown_distributed (they then die wit
 abort a rank at exit)."""
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nanogpt4.train.distributed import comm_threads, init_distributed, shutdown_distributed
+from nanogpt4.train.distributed import init_distributed, shutdown_distributed
+
+
+def comm_threads() -> list[str]:
+    """Names of this process's communication threads (gloo's, c10d's) still alive (Linux's /proc)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended while we looked
+            continue
+    return [n for n in names if "gloo" in n or n.startswith("pt_")]
+
 
 info, _ = init_distributed(torch.device("cpu"))
 from nanogpt4.model.transformer import Transformer  # noqa: E402,F401  (after init, as the CLI's lazy imports)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,20 +43,6 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
 
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device
-
-
-def comm_threads() -> list[str]:
-    """Names of this process's communication threads (gloo's, c10d's) still alive; Linux only (else [])."""
-    tasks = Path("/proc/self/task")
-    if not tasks.is_dir():
-        return []
-    names = []
-    for t in tasks.iterdir():
-        try:
-            names.append((t / "comm").read_text().strip())
-        except OSError:  # the thread ended while we looked
-            continue
-    return [n for n in names if "gloo" in n or n.startswith("pt_")]
 
 
 def shutdown_distributed(wait_for: DistInfo | None = None) -> None:
