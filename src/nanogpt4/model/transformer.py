@@ -10,7 +10,6 @@ import contextlib
 import math
 import types
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -507,8 +506,9 @@ class Transformer(nn.Module):
                 window_mask = mask[:, win_start:n] if padded else torch.ones(B, n - win_start, device=device)
                 if use_cache:
                     capacity = min(L, n - win_start + max_new_tokens - step)
-                    allocate = self.static_cache if decode is not None else partial(KVCache.allocate, self.cfg)
-                    cache, key_mask = allocate(B, capacity, device, dtype), None
+                    cache = (self.static_cache(B, capacity, device, dtype) if decode is not None
+                             else KVCache.allocate(self.cfg, B, capacity, device, dtype))
+                    key_mask = None
                 hidden = self(out[:, win_start:n], return_hidden=True, kv_cache=cache,
                               attention_mask=window_mask if padded else None,
                               position_ids=position_ids_from_mask(window_mask),
