@@ -169,6 +169,27 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared, tmp_path):
     assert full == resumed
 
 
+def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(prepared, tmp_path):
+    ov, _ = prepared
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "nanogpt4", "pretrain", "--out", str(out), *ov, "training.max_steps=5000",
+           "training.checkpoint_interval=5", "training.eval_interval=1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: list_checkpoints(out), 120), "the run never wrote a checkpoint"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted; ") and f"nanogpt4 pretrain --out {out} --resume" in last
+    kept = list_checkpoints(out)[-1][1]
+    assert str(kept) in last
+    resumed = subprocess.run([*cmd[:6], "--resume", f"training.max_steps={list_checkpoints(out)[-1][0] + 3}"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+
 def test_tensorboard_is_optional(prepared, tmp_path):
     try:
         import tensorboard  # noqa: F401

@@ -58,7 +58,14 @@ def cmd_pretrain(args) -> int:
     else:
         cfg = _load(args)
     out = args.out or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
-    summary = pretrain(cfg, out, resume=args.resume, progress=_progress())
+    try:
+        summary = pretrain(cfg, out, resume=args.resume, progress=_progress())
+    except KeyboardInterrupt:
+        from nanogpt4.train.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(Path(out))
+        raise KeyboardInterrupt(f"; {last} is kept, continue with: nanogpt4 pretrain --out {out} --resume" if last
+                                else "; no checkpoint was written yet") from None
     print(f"pretrain: val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}, "
           f"{summary['tok_per_s']:,.0f} tok/s, run in {out}")
     return _finish(args, summary)
@@ -438,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("interrupted" + "".join(map(str, e.args)), file=sys.stderr)
         return 130
 
 
