@@ -262,3 +262,16 @@ def test_compile_without_a_cpp_compiler_is_a_one_line_error(prepared, trained_ru
     code, _, err = cli(capsys, "pretrain", "--out", tmp_path / "r", *prepared[0], "training.compile=true")
     assert_one_line_error(code, err, "needs a C++ compiler")
     assert not (tmp_path / "r" / "checkpoints").exists()  # failed before training: nothing half-written
+
+
+def test_ctrl_c_in_the_pipeline_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    import nanogpt4.pipeline
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nanogpt4.pipeline, "run_pipeline", interrupted)
+    code, _, err = cli(capsys, "pipeline", "--out", tmp_path / "p")
+    assert code == 130
+    assert err.strip() == ("interrupted; finished stages are kept and pretraining resumes from its last "
+                           "checkpoint: run the same command again to continue")

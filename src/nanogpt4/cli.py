@@ -134,8 +134,12 @@ def cmd_export_hf(args) -> int:
 def cmd_pipeline(args) -> int:
     from nanogpt4.pipeline import run_pipeline
 
-    summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
-                           progress=_progress())
+    try:
+        summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
+                               progress=_progress())
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("; finished stages are kept and pretraining resumes from its last checkpoint: "
+                                "run the same command again to continue") from None
     return _finish(args, summary)
 
 
