@@ -176,6 +176,9 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     assert (p / "plots" / "pretrain_loss.png").stat().st_size > 1000
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["pretrain_val_loss"] < 6.0
+    stages = [summary[f"{name}_wall_s"] for name in ("pretrain", "rlhf", "multimodal")]
+    assert all(t > 0 for t in stages) and sum(stages) <= summary["wall_s"]
+    assert f"- **pretrain_val_loss**: {summary['pretrain_val_loss']:.4g}\n" in report  # rounded, not 17 digits
     # every command the report offers under "Use the results" works on this run (a random picture for `ask`)
     import shlex
 

@@ -137,6 +137,9 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
                                         "kl_ppo")},
         **{f"multimodal_{k}": mm[k] for k in ("scenes_accuracy", "digits_accuracy", "text_only_accuracy",
                                               "caption_exact_match")},
+        # each stage's own time; a stage reused from an earlier invocation keeps the time it took then
+        **{f"{name}_wall_s": part.get("wall_s") for name, part in (("pretrain", pre), ("rlhf", rl),
+                                                                   ("multimodal", mm))},
         "wall_s": time.time() - t0,
         "device": pre.get("device"),
     }

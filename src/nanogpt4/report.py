@@ -59,7 +59,7 @@ def summary_table(summary: dict, keys: list[str]) -> str:
 def write_pipeline_report(out_dir: Path, sections: list[tuple[str, str]], header: dict) -> Path:
     """``report.md``: a header table, then one markdown section per stage."""
     parts = ["# nanogpt4 pipeline report", ""]
-    parts += [f"- **{k}**: {v}" for k, v in header.items()]
+    parts += [f"- **{k}**: {_fmt(v)}" for k, v in header.items()]
     for title, body in sections:
         parts += ["", f"## {title}", "", body]
     path = out_dir / "report.md"
