@@ -126,3 +126,12 @@ def test_two_process_ppo_update_equals_one_process(tmp_path):
         torch.testing.assert_close(r0[k], v, atol=1e-4, rtol=1e-3)  # and equal to one process (steps are ~1e-2)
         moved += 1
     assert moved > 10
+
+
+def test_a_diverging_update_stops_with_a_clear_error(setup):
+    from nanogpt4.errors import TrainingDiverged
+
+    cfg, tok, policy = setup
+    ppo = PPOTrainer(policy, lambda ids, mask: torch.full((ids.size(0),), float("nan")), tok, cfg.rlhf)
+    with pytest.raises(TrainingDiverged, match="gradient became nan in update 1;.*rewards are finite"):
+        ppo.step(["def f(x):\n"] * 16)

@@ -115,3 +115,22 @@ def test_a_target_far_off_the_frontier_is_flagged_before_it_runs():
     assert "tokens per parameter" in warning(1.0) and "8.0" in warning(1.0)
     assert warning(4.0) is None  # within 4x of the frontier's ratio
     assert warning(1.0, ratio=20.0) is None  # a recipe-matched family fixes tokens per parameter by design
+
+
+def test_a_diverged_run_is_recorded_and_every_fit_refuses_it(prepared, tmp_path):
+    base = load_config("tiny", prepared[0] + ["training.warmup_steps=1", "training.grad_clip=0",
+                                              "training.learning_rate=1e5"])
+    logs = []
+    rows = sweep(base, tmp_path / "sweep", [16], [5e8, 1.5e9, 4e9], eval_iters=1, log=logs.append)
+    assert len(rows) == 3 and all(r["val_loss"] is None for r in rows)  # recorded (as null), not dropped
+    assert all("training loss became" in r["diverged"] for r in rows)
+    assert sum("non-finite loss" in m and "dropped from sweep.jsonl" in m for m in logs) == 3
+    assert rows[0]["flops"] > 0 and rows[0]["steps"] < 20  # stopped where it diverged
+    with pytest.raises(UserError, match="non-finite"):
+        frontier(rows)
+    with pytest.raises(UserError, match="non-finite"):  # predict fits the same rows: it refuses them too
+        predict_and_check(base, tmp_path / "sweep" / "sweep.jsonl", 1e10, None, tmp_path / "p", log=quiet)
+    # an IsoFLOP minimum never hides a diverged run behind a finite one at the same budget
+    fine = [{"flops": c, "budget": c, "val_loss": 5.0 - i} for i, c in enumerate([1e9, 1e10, 1e11])]
+    with pytest.raises(UserError, match="1 run"):
+        frontier(fine + [{**fine[-1], "val_loss": float("nan")}])

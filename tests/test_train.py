@@ -190,6 +190,16 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(prepared, tmp_p
     assert resumed.returncode == 0, resumed.stderr
 
 
+def test_a_diverging_run_stops_with_a_one_line_error_and_writes_no_checkpoint(prepared, tmp_path):
+    from nanogpt4.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="training loss became nan at step .*lower training.learning_rate"):
+        run(prepared, tmp_path / "nan", "training.learning_rate=1e5", "training.grad_clip=0",
+            "training.max_steps=30", "training.checkpoint_interval=100")
+    assert not list_checkpoints(tmp_path / "nan")
+    assert issubclass(TrainingDiverged, UserError)  # the CLI prints it as one line and exits 2
+
+
 def test_tensorboard_is_optional(prepared, tmp_path):
     try:
         import tensorboard  # noqa: F401

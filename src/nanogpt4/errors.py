@@ -6,3 +6,11 @@ class UserError(Exception):
 
     The message names the problem and the fix; the CLI prints ``error: <message>`` and exits 2.
     """
+
+
+class TrainingDiverged(UserError):
+    """The training loss became non-finite: a setting to change (learning rate, precision), not a bug."""
+
+    def __init__(self, message: str, step: int, tokens: int):
+        super().__init__(message)
+        self.step, self.tokens = step, tokens

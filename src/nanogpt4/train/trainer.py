@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from nanogpt4.errors import UserError
+from nanogpt4.errors import TrainingDiverged, UserError
 from nanogpt4.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from nanogpt4.train.distributed import (
     DistInfo,
@@ -232,9 +232,13 @@ class Trainer:
                             loss = self.loss_fn(self.step_model, batch) / accum
                         loss.backward()
                     loss_sum += loss.detach()
-                if not torch.isfinite(loss_sum):
-                    raise RuntimeError(f"loss became {loss_sum.item()} at step {self.step}; lower "
-                                       f"training.learning_rate or use training.dtype=float32")
+                # every rank checks the mean, so all of them stop together (a NaN on one rank poisons it)
+                loss_val = all_reduce_mean(loss_sum, info).item()
+                if not math.isfinite(loss_val):
+                    raise TrainingDiverged(
+                        f"the training loss became {loss_val} at step {self.step + 1}; lower training.learning_rate"
+                        f" (now {tc.learning_rate:g}), keep training.grad_clip > 0, or use training.dtype=float32",
+                        self.step, self.tokens)
                 if tc.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.step_model.parameters(), tc.grad_clip)
                 else:
@@ -247,7 +251,6 @@ class Trainer:
                 step_times.append((dt, self.batches.tokens_per_step))  # batches may vary (padded VQA rows)
                 self.step += 1
                 self.tokens += self.batches.tokens_per_step
-                loss_val = all_reduce_mean(loss_sum, info).item()
                 last_loss = loss_val
                 window_loss += loss_val
                 window_steps += 1
