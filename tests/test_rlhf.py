@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -243,3 +244,16 @@ def test_hh_rlhf_rows_that_do_not_share_a_prefix_are_rejected(tmp_path):
     f.write_text(json.dumps({"chosen": "no turns here", "rejected": "none"}) + "\n")
     with pytest.raises(UserError, match=r"bad.jsonl:1: not in the HH-RLHF layout"):
         load_preferences(f)
+
+
+def test_a_diverging_stage_names_its_own_learning_rate_setting(tiny, corpus_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    from nanogpt4.errors import TrainingDiverged
+
+    cfg, tok, base = tiny
+    cfg = OmegaConf.merge(cfg, {"rlhf": {"sft_learning_rate": 1e5}, "training": {"grad_clip": 0.0}})
+    examples = code_completion_examples([p.read_text() for p in sorted(corpus_dir.glob("*.py"))], 64, seed=0)
+    with pytest.raises(TrainingDiverged, match=r"lower rlhf\.sft_learning_rate \(now 100000\)"):
+        # a copy: the module's shared model must not be left with broken weights
+        train_sft(cfg, copy.deepcopy(base), tok, examples, tmp_path / "sft", torch.device("cpu"), log=lambda _m: None)

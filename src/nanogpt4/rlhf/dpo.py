@@ -72,5 +72,5 @@ def train_dpo(cfg: DictConfig, policy, tok: Tokenizer, prefs: list[Preference], 
                             dtype="float32")
     batches = DPOBatches(prefs, ref, tok, cfg.model.max_seq_len, tc.batch_size, cfg.seed)
     trainer = Trainer(cfg, policy, batches, run_dir, DistInfo(), device, loss_fn=make_dpo_loss(cfg.rlhf.dpo_beta),
-                      train_cfg=tc, progress=False, log=log)
+                      train_cfg=tc, progress=False, log=log, lr_setting="rlhf.dpo_learning_rate")
     return trainer.fit()

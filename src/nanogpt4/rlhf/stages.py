@@ -111,7 +111,7 @@ def train_sft(cfg: DictConfig, model, tok: Tokenizer, examples: list[Example], r
                             eval_interval=cfg.rlhf.sft_steps, checkpoint_interval=cfg.rlhf.sft_steps)
     batches = SFTBatches(examples, tok, cfg.model.max_seq_len, tc.batch_size, cfg.seed)
     trainer = Trainer(cfg, model, batches, run_dir, DistInfo(), device, train_cfg=tc, progress=False, log=log,
-                      tokenizer_path=tokenizer_path)
+                      tokenizer_path=tokenizer_path, lr_setting="rlhf.sft_learning_rate")
     return trainer.fit()
 
 
@@ -126,7 +126,7 @@ def train_reward(cfg: DictConfig, rm: RewardModel, tok: Tokenizer, train: list[P
     batches = PreferenceBatches(train, tok, max_len, tc.batch_size, cfg.seed)
     trainer = Trainer(cfg, rm, batches, run_dir, DistInfo(), device, loss_fn=reward_loss, train_cfg=tc,
                       evaluate=lambda m: {"rm_val_accuracy": reward_accuracy(m, val_pairs, tok.pad_id, device)},
-                      progress=False, log=log)
+                      progress=False, log=log, lr_setting="rlhf.reward_model_lr")
     return trainer.fit()
 
 

@@ -349,7 +349,7 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
         log(f"multimodal: stage {name} ({'all weights' if lm_trains else 'LM frozen'}), {steps} steps")
         trainer = Trainer(cfg, model, batches, out / name, DistInfo(), device, loss_fn=vqa_loss,
                           evaluate=quick_eval, train_cfg=stage_cfg(cfg, steps), tokenizer_path=out / "tokenizer.json",
-                          progress=progress, log=log)
+                          progress=progress, log=log, lr_setting="multimodal.learning_rate")
         result = trainer.fit()
         summary[f"{name}_train_loss"] = result["final_train_loss"]
         summary[f"{name}_s"] = time.time() - t0

@@ -90,9 +90,10 @@ class Trainer:
                  evaluate: Callable[[nn.Module], dict] | None = None,
                  sample: Callable[[nn.Module], str] | None = None, tokenizer_path: Path | None = None,
                  flops_per_token: float | None = None, train_cfg=None, progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, lr_setting: str = "training.learning_rate"):
         self.cfg = cfg
         self.tc = train_cfg if train_cfg is not None else cfg.training
+        self.lr_setting = lr_setting  # the config key a user changes to change this stage's learning rate
         self.model = model  # the plain model; self.step_model is what runs forward/backward
         self.batches = batches
         self.run_dir = Path(run_dir)
@@ -236,8 +237,8 @@ class Trainer:
                 loss_val = all_reduce_mean(loss_sum, info).item()
                 if not math.isfinite(loss_val):
                     raise TrainingDiverged(
-                        f"the training loss became {loss_val} at step {self.step + 1}; lower training.learning_rate"
-                        f" (now {tc.learning_rate:g}), keep training.grad_clip > 0, or use training.dtype=float32",
+                        f"the training loss became {loss_val} at step {self.step + 1}; lower {self.lr_setting} (now"
+                        f" {tc.learning_rate:g}), keep training.grad_clip > 0, or use training.dtype=float32",
                         self.step, self.tokens)
                 if tc.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.step_model.parameters(), tc.grad_clip)
