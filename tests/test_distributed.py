@@ -14,11 +14,12 @@ def losses(run_dir):
     return {r["step"]: r["step_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step_loss" in r}
 
 
-def torchrun(out, overrides, nproc=2):
+def torchrun(out, overrides, nproc=2, expect_rc=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "nanogpt4", "pretrain", "--out", str(out), *overrides]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert (res.returncode == 0) == (expect_rc == 0), res.stderr[-3000:]
+    return res
 
 
 @pytest.mark.slow
@@ -50,6 +51,16 @@ def test_fsdp_two_processes_trains_and_checkpoints(prepared, tmp_path):
         assert abs(single[step] - fsdp[step]) < 1e-4, (step, single[step], fsdp[step])
     m, _, _ = load_model(tmp_path / "fsdp")  # gathered full weights load into a plain model
     assert m.num_parameters() > 0
+
+
+@pytest.mark.slow
+def test_a_diverging_ddp_run_stops_every_rank_with_the_same_error(prepared, tmp_path):
+    ov, _ = prepared
+    res = torchrun(tmp_path / "nan", ov + ["training.max_steps=30", "training.learning_rate=1e5",
+                                           "training.grad_clip=0"], expect_rc=1)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "training loss became nan" in errors[0], res.stderr[-3000:]
+    assert "exitcode  : 2" in res.stderr and "Signal" not in res.stderr  # both ranks exited 2, none aborted
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
