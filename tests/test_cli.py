@@ -278,3 +278,14 @@ def test_ctrl_c_in_the_pipeline_says_how_to_continue(tmp_path, capsys, monkeypat
     assert code == 130
     assert err.strip() == ("interrupted; finished stages are kept and pretraining resumes from its last "
                            "checkpoint: run the same command again to continue")
+
+
+def test_every_install_hint_names_an_extra_that_exists():
+    import re
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    hinted = {(p.name, m) for p in (root / "src" / "nanogpt4").rglob("*.py")
+              for m in re.findall(r"nanogpt4\[(\w+)\]", p.read_text())}
+    assert hinted and all(extra in extras for _, extra in hinted), sorted(hinted)

@@ -191,8 +191,8 @@ def load_digits_split(held_out: float = 0.2, seed: int = 0) -> Digits:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise UserError("the digits set needs scikit-learn: pip install 'nanogpt4[vision]' "
-                        "(or set multimodal.data=scenes)") from None
+        raise UserError("the digits set needs scikit-learn (a nanogpt4 dependency that is missing here): "
+                        "pip install scikit-learn, or set multimodal.data=scenes") from None
     d = load_digits()
     order = np.random.default_rng(seed).permutation(len(d.target))
     n_test = int(len(order) * held_out)
