@@ -289,3 +289,28 @@ def test_every_install_hint_names_an_extra_that_exists():
     hinted = {(p.name, m) for p in (root / "src" / "nanogpt4").rglob("*.py")
               for m in re.findall(r"nanogpt4\[(\w+)\]", p.read_text())}
     assert hinted and all(extra in extras for _, extra in hinted), sorted(hinted)
+
+
+def test_every_command_in_the_readme_parses_and_its_overrides_are_valid_config():
+    """Documentation rot check: each `nanogpt4 ...` line of the README's bash blocks names real subcommands
+    and flags, and its dotted overrides are keys and values the config accepts (nothing is run)."""
+    import re
+    import shlex
+
+    from nanogpt4.cli import build_parser
+    from nanogpt4.config import load_config
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+             for line in block.replace("\\\n", " ").splitlines() if "nanogpt4 " in line]
+    checked = 0
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        if "pip" in words:  # the set-up commands at the top; the pipeline part is checked by its own test
+            continue
+        argv = words[words.index("nanogpt4") + 1:]
+        args = build_parser().parse_args(argv)  # an unknown flag or subcommand exits 2 here
+        overrides = [o for o in getattr(args, "overrides", []) if "=" in o]
+        load_config(getattr(args, "config", None) or "tiny", overrides)
+        checked += 1
+    assert checked >= 15, checked
