@@ -314,3 +314,15 @@ def test_every_command_in_the_readme_parses_and_its_overrides_are_valid_config()
         load_config(getattr(args, "config", None) or "tiny", overrides)
         checked += 1
     assert checked >= 15, checked
+
+
+def test_the_readme_python_blocks_run(trained_run, capsys):
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    for code in blocks:
+        exec(compile(code.replace('"runs/tiny"', repr(str(trained_run))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert int(printed[1]) > 124e6  # the seed's 124M GPT scaled by 2 (then the trained run's continuation)
