@@ -58,9 +58,10 @@ def test_a_diverging_ddp_run_stops_every_rank_with_the_same_error(prepared, tmp_
     ov, _ = prepared
     res = torchrun(tmp_path / "nan", ov + ["training.max_steps=30", "training.learning_rate=1e5",
                                            "training.grad_clip=0"], expect_rc=1)
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and errors[0] == errors[1] and "training loss became nan" in errors[0], res.stderr[-3000:]
-    assert "exitcode  : 2" in res.stderr and "Signal" not in res.stderr  # both ranks exited 2, none aborted
+    # the two ranks write to one stderr at the same moment, so their lines may interleave: count, not split
+    assert res.stderr.count("error: the training loss became nan at step ") == 2, res.stderr[-3000:]
+    # the first rank out exits 2; torchrun then SIGTERMs a rank still tearing down, which is its rule, not a crash
+    assert "exitcode  : 2" in res.stderr and "SIGABRT" not in res.stderr and "SIGSEGV" not in res.stderr
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
