@@ -179,6 +179,8 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     stages = [summary[f"{name}_wall_s"] for name in ("pretrain", "rlhf", "multimodal")]
     assert all(t > 0 for t in stages) and sum(stages) <= summary["wall_s"]
     assert f"- **pretrain_val_loss**: {summary['pretrain_val_loss']:.4g}\n" in report  # rounded, not 17 digits
+    assert f"- **pretrain_params**: {summary['pretrain_params']:,}\n" in report
+    assert f"| tok_per_s | {summary['pretrain_tok_per_s']:,.0f} |" in report  # not 2.757e+04
     # every command the report offers under "Use the results" works on this run (a random picture for `ask`)
     import shlex
 

@@ -46,7 +46,9 @@ def plot_training_curves(run_dir: str | Path) -> Path | None:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"  # 27,571 tok/s, not 2.757e+04
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
     return str(v)
 
 
