@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from nanogpt4.cli import main
+from nanogpt4.errors import TrainingStopped
 
 from .conftest import small_overrides
 
@@ -269,16 +270,19 @@ def test_compile_without_a_cpp_compiler_is_a_one_line_error(prepared, trained_ru
     assert not (tmp_path / "r" / "checkpoints").exists()  # failed before training: nothing half-written
 
 
-def test_ctrl_c_in_the_pipeline_says_how_to_continue(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stop, code, said", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (TrainingStopped("SIGTERM at step 3 of 10"), 143, "stopped: SIGTERM at step 3 of 10")], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_pipeline_says_how_to_continue(tmp_path, capsys, monkeypatch, stop, code, said):
     import nanogpt4.pipeline
 
-    def interrupted(*_args, **_kwargs):
-        raise KeyboardInterrupt
+    def stopped(*_args, **_kwargs):
+        raise stop
 
-    monkeypatch.setattr(nanogpt4.pipeline, "run_pipeline", interrupted)
-    code, _, err = cli(capsys, "pipeline", "--out", tmp_path / "p")
-    assert code == 130
-    assert err.strip() == ("interrupted; finished stages are kept and pretraining resumes from its last "
+    monkeypatch.setattr(nanogpt4.pipeline, "run_pipeline", stopped)
+    got, _, err = cli(capsys, "pipeline", "--out", tmp_path / "p")
+    assert got == code
+    assert err.strip() == (f"{said}; finished stages are kept and pretraining resumes from its last "
                            "checkpoint: run the same command again to continue")
 
 

@@ -169,7 +169,10 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared, tmp_path):
     assert full == resumed
 
 
-def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(prepared, tmp_path):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted; "),
+                                             (signal.SIGTERM, 143, "stopped: SIGTERM at step ")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared, tmp_path, sig, code, said):
     ov, _ = prepared
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "nanogpt4", "pretrain", "--out", str(out), *ov, "training.max_steps=5000",
@@ -178,16 +181,20 @@ def test_ctrl_c_names_the_kept_checkpoint_and_the_resume_command(prepared, tmp_p
     try:
         assert _wait_for(lambda: list_checkpoints(out), 120), "the run never wrote a checkpoint"
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == code
     last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted; ") and f"nanogpt4 pretrain --out {out} --resume" in last
-    kept = list_checkpoints(out)[-1][1]
+    assert last.startswith(said) and f"nanogpt4 pretrain --out {out} --resume" in last
+    step, kept = list_checkpoints(out)[-1]
     assert str(kept) in last
-    resumed = subprocess.run([*cmd[:6], "--resume", f"training.max_steps={list_checkpoints(out)[-1][0] + 3}"],
-                             capture_output=True, text=True)
+    if sig == signal.SIGTERM:  # a scheduler's preemption: the step in flight finishes and is checkpointed
+        assert last.startswith(f"stopped: SIGTERM at step {step} of 5000;")
+    assert not (out / "summary.json").exists()  # cut short, not finished: the pipeline and sweeps rerun it
+    resumed = subprocess.run([*cmd[:6], "--resume", f"training.max_steps={step + 3}"], capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 3
 
 
 def test_a_diverging_run_stops_with_a_one_line_error_and_writes_no_checkpoint(prepared, tmp_path):

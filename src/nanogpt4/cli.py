@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanogpt4.errors import UserError
+from nanogpt4.errors import TrainingStopped, UserError
 
 
 def _common(p: argparse.ArgumentParser, config_default: str | None = "tiny") -> None:
@@ -60,12 +60,13 @@ def cmd_pretrain(args) -> int:
     out = args.out or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
     try:
         summary = pretrain(cfg, out, resume=args.resume, progress=_progress())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingStopped) as e:
         from nanogpt4.train.checkpoint import latest_checkpoint
 
         last = latest_checkpoint(Path(out))
-        raise KeyboardInterrupt(f"; {last} is kept, continue with: nanogpt4 pretrain --out {out} --resume" if last
-                                else "; no checkpoint was written yet") from None
+        hint = (f"; {last} is kept, continue with: nanogpt4 pretrain --out {out} --resume" if last
+                else "; no checkpoint was written yet")
+        raise type(e)("".join(map(str, e.args)) + hint) from None
     print(f"pretrain: val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}, "
           f"{summary['tok_per_s']:,.0f} tok/s, run in {out}")
     return _finish(args, summary)
@@ -137,9 +138,9 @@ def cmd_pipeline(args) -> int:
     try:
         summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
                                progress=_progress())
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt("; finished stages are kept and pretraining resumes from its last checkpoint: "
-                                "run the same command again to continue") from None
+    except (KeyboardInterrupt, TrainingStopped) as e:
+        raise type(e)("".join(map(str, e.args)) + "; finished stages are kept and pretraining resumes from its "
+                      "last checkpoint: run the same command again to continue") from None
     return _finish(args, summary)
 
 
@@ -149,7 +150,13 @@ def cmd_scaling(args) -> int:
     run = {"plan": lambda: scaling_cli.cmd_plan(args, _load(args)), "fit": lambda: scaling_cli.cmd_fit(args),
            "sweep": lambda: scaling_cli.cmd_sweep(args, _load(args)),
            "predict": lambda: scaling_cli.cmd_predict(args, _load(args))}
-    return _finish(args, run[args.scaling_command]())
+    try:
+        return _finish(args, run[args.scaling_command]())
+    except (KeyboardInterrupt, TrainingStopped) as e:
+        if args.scaling_command not in ("sweep", "predict"):
+            raise
+        raise type(e)("".join(map(str, e.args)) + "; finished runs are kept: run the same command again to "
+                      "continue") from None
 
 
 def cmd_rlhf(args) -> int:
@@ -452,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print("interrupted" + "".join(map(str, e.args)), file=sys.stderr)
         return 130
+    except TrainingStopped as e:  # SIGTERM (a scheduler's preemption): 128 + 15, as if the signal had ended us
+        print(f"stopped: {e}", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -14,3 +14,8 @@ class TrainingDiverged(UserError):
     def __init__(self, message: str, step: int, tokens: int):
         super().__init__(message)
         self.step, self.tokens = step, tokens
+
+
+class TrainingStopped(Exception):
+    """SIGTERM ended a run before its budget: the last checkpoint is kept and the run is not finished (no
+    summary), so callers stop too instead of treating a cut-short run as a result. The CLI exits 143."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from nanogpt4.errors import TrainingDiverged, UserError
+from nanogpt4.errors import TrainingDiverged, TrainingStopped, UserError
 from nanogpt4.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from nanogpt4.train.distributed import (
     DistInfo,
@@ -133,6 +133,7 @@ class Trainer:
         self.best_val = math.inf
         self.last_eval: dict = {}
         self._stop_signal = False
+        self._cut_short = False  # stopped by SIGTERM before the budget was spent
         self._start_step = 0
 
     def _default_optimizer(self) -> torch.optim.Optimizer:
@@ -184,11 +185,14 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _should_stop(self, t_start: float) -> bool:
         tc = self.tc
-        stop = self.step >= tc.max_steps or self._stop_signal
-        stop |= tc.max_tokens is not None and self.tokens >= tc.max_tokens
-        stop |= (tc.max_time_s is not None and self.step > self._start_step  # always run at least one step
-                 and self.train_time + (time.time() - t_start) >= tc.max_time_s)
-        return broadcast_flag(stop, self.info, self.device)
+        budget_spent = self.step >= tc.max_steps
+        budget_spent |= tc.max_tokens is not None and self.tokens >= tc.max_tokens
+        budget_spent |= (tc.max_time_s is not None and self.step > self._start_step  # always run at least one step
+                         and self.train_time + (time.time() - t_start) >= tc.max_time_s)
+        stop = broadcast_flag(budget_spent or self._stop_signal, self.info, self.device)
+        if stop:  # rank 0's view of why, on every rank
+            self._cut_short = broadcast_flag(self._stop_signal and not budget_spent, self.info, self.device)
+        return stop
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_signal = True  # finish the step, checkpoint, exit cleanly (preemptible clusters)
@@ -288,6 +292,8 @@ class Trainer:
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
         self.train_time += time.time() - t_start
+        if self._cut_short:  # checkpointed above; an unfinished run must not pass for a result
+            raise TrainingStopped(f"SIGTERM at step {self.step} of {tc.max_steps}")
         steps_run = max(1, self.step - start_step)
         # the first step carries torch.compile's tracing and the allocator's warm-up: steady throughput leaves
         # it out when there is more than one
