@@ -332,3 +332,19 @@ def test_the_readme_python_blocks_run(trained_run, capsys):
         exec(compile(code.replace('"runs/tiny"', repr(str(trained_run))), "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert int(printed[1]) > 124e6  # the seed's 124M GPT scaled by 2 (then the trained run's continuation)
+
+
+@pytest.mark.parametrize("command", ["sweep", "predict"])
+def test_a_stopped_sweep_or_prediction_says_that_finished_runs_are_kept(command, tmp_path, capsys, monkeypatch):
+    from nanogpt4.scaling import cli as scaling_cli
+
+    def stopped(*_args, **_kwargs):
+        raise TrainingStopped("SIGTERM at step 7 of 40")
+
+    monkeypatch.setattr(scaling_cli, f"cmd_{command}", stopped)
+    argv = ["scaling", command, "--out", tmp_path / "s"] + (["--sweep", tmp_path / "x.jsonl"] if command == "predict"
+                                                             else ["--dims", "16", "--budgets", "1e9"])
+    got, _, err = cli(capsys, *argv)
+    assert got == 143
+    assert err.strip() == ("stopped: SIGTERM at step 7 of 40; finished runs are kept: run the same command again "
+                           "to continue")
