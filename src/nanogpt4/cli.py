@@ -40,6 +40,15 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
+def _stop_reason(e: BaseException) -> str:
+    return "".join(map(str, e.args))
+
+
+def _with_hint(e: BaseException, hint: str) -> BaseException:
+    """The same stop (Ctrl-C or SIGTERM), its message extended by how to continue; ``main`` prints it."""
+    return type(e)(_stop_reason(e) + hint)
+
+
 def cmd_prepare(args) -> int:
     from nanogpt4.data.prepare import prepare_data
 
@@ -66,7 +75,7 @@ def cmd_pretrain(args) -> int:
         last = latest_checkpoint(Path(out))
         hint = (f"; {last} is kept, continue with: nanogpt4 pretrain --out {out} --resume" if last
                 else "; no checkpoint was written yet")
-        raise type(e)("".join(map(str, e.args)) + hint) from None
+        raise _with_hint(e, hint) from None
     print(f"pretrain: val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}, "
           f"{summary['tok_per_s']:,.0f} tok/s, run in {out}")
     return _finish(args, summary)
@@ -139,8 +148,8 @@ def cmd_pipeline(args) -> int:
         summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
                                progress=_progress())
     except (KeyboardInterrupt, TrainingStopped) as e:
-        raise type(e)("".join(map(str, e.args)) + "; finished stages are kept and pretraining resumes from its "
-                      "last checkpoint: run the same command again to continue") from None
+        raise _with_hint(e, "; finished stages are kept and pretraining resumes from its last checkpoint: run "
+                            "the same command again to continue") from None
     return _finish(args, summary)
 
 
@@ -155,8 +164,7 @@ def cmd_scaling(args) -> int:
     except (KeyboardInterrupt, TrainingStopped) as e:
         if args.scaling_command not in ("sweep", "predict"):
             raise
-        raise type(e)("".join(map(str, e.args)) + "; finished runs are kept: run the same command again to "
-                      "continue") from None
+        raise _with_hint(e, "; finished runs are kept: run the same command again to continue") from None
 
 
 def cmd_rlhf(args) -> int:
@@ -457,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print("interrupted" + "".join(map(str, e.args)), file=sys.stderr)
+        print("interrupted" + _stop_reason(e), file=sys.stderr)
         return 130
     except TrainingStopped as e:  # SIGTERM (a scheduler's preemption): 128 + 15, as if the signal had ended us
         print(f"stopped: {e}", file=sys.stderr)
