@@ -49,6 +49,8 @@ def test_pretrain_json_summary_is_last_line(prepared, tmp_path, capsys):
     (["prepare", "data.source=text:/does/not/exist/*.txt"], "no file matches"),
     (["sample", "--run", "/does/not/exist"], "neither a checkpoint nor a run"),
     (["pretrain", "--resume"], "--resume needs --out"),
+    (["pipeline", "--scale", "0"], "--scale must be in (0, 1]"),
+    (["pipeline", "--minutes", "-1"], "--minutes must be a positive number"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
     code, _, err = cli(capsys, *argv)
@@ -198,6 +200,9 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     # re-running reuses the finished stage instead of training again
     code, out, _ = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov)
     assert code == 0 and "reusing finished run" in out
+    # ... but never for a command that asks for other training (here: a quarter of the steps)
+    code, _, err = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov, "--scale", "0.25")
+    assert_one_line_error(code, err, "training.checkpoint_interval 6 -> 2; training.eval_interval 10 -> 2")
 
 
 def test_cuda_requested_without_cuda(capsys):

@@ -146,7 +146,7 @@ def cmd_pipeline(args) -> int:
 
     try:
         summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
-                               progress=_progress())
+                               progress=_progress(), scale=args.scale, minutes=args.minutes)
     except (KeyboardInterrupt, TrainingStopped) as e:
         raise _with_hint(e, "; finished stages are kept and pretraining resumes from its last checkpoint: run "
                             "the same command again to continue") from None
@@ -450,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="the main job: every stage on the offline default, one report")
     _common(p)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--scale", type=float, default=None,
+                        help="multiply every stage's training steps by this (0 < scale <= 1; evaluations keep "
+                             "their size)")
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="pick the scale that fits this many minutes on this machine (timed with one "
+                             "training step of each model first)")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

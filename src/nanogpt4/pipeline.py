@@ -2,8 +2,9 @@
 
 Stages: prepare (stdlib) -> pretrain (tiny) -> sample -> RLHF (SFT, reward model, PPO, DPO) -> multimodal
 (the pretrained LM given eyes: scenes + digits VQA).
-Each stage writes its own run directory under ``OUT/``; a stage that already finished is reused, an
-interrupted pretraining is resumed.
+Each stage writes its own run directory under ``OUT/``; a stage that already finished with the same settings
+is reused, an interrupted pretraining is resumed. ``--scale``/``--minutes`` shorten every stage's training
+(:mod:`nanogpt4.plan`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from nanogpt4.config import load_config
+from nanogpt4.errors import UserError
+from nanogpt4.plan import pipeline_plan, save_plan, scaled
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 from nanogpt4.train.multimodal import per_type_table
@@ -24,10 +28,35 @@ from nanogpt4.train.multimodal import per_type_table
 SAMPLE_PROMPTS = ["def", "class", "import os\n", "    for i in range("]
 
 
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def _check_same_settings(run_dir: Path, cfg, sections: tuple[str, ...], ignore: tuple[str, ...] = ()) -> None:
+    """A stage is reused or resumed only with the settings it was trained with: reusing a 1000-step run for a
+    command that now asks for 300 steps (or another scale) would report numbers that command did not produce."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(path))
+    now = OmegaConf.to_container(cfg)
+    old = _flat({k: saved.get(k) for k in sections})
+    new = _flat({k: now.get(k) for k in sections})
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in ignore]
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise UserError(f"{run_dir} was trained with other settings ({'; '.join(changed[:3])}{more}); pass a new "
+                        f"--out, or delete {run_dir} to train that stage again")
+
+
 def _pretrain_stage(cfg, run_dir: Path, progress: bool, log) -> dict:
     from nanogpt4.train.pretrain import pretrain, resume_config
 
     summary_path = run_dir / "summary.json"
+    _check_same_settings(run_dir, cfg, ("model", "data", "training", "seed"))
     if summary_path.exists():
         log(f"pretrain: reusing finished run {run_dir}")
         return json.loads(summary_path.read_text())
@@ -49,10 +78,11 @@ def _samples(run_dir: Path, n_tokens: int = 120) -> list[tuple[str, str]]:
     return out
 
 
-def _finished_or_fresh(name: str, run_dir: Path, log) -> dict | None:
+def _finished_or_fresh(name: str, run_dir: Path, cfg, log) -> dict | None:
     """A finished stage's summary (reused), else None after clearing an interrupted run (these stages are
     minutes long and start again rather than resume)."""
     if (run_dir / "summary.json").exists():
+        _check_same_settings(run_dir, cfg, (name, "seed"), ignore=("multimodal.image_token_id",))
         log(f"{name}: reusing finished run {run_dir}")
         return json.loads((run_dir / "summary.json").read_text())
     if run_dir.exists():
@@ -63,13 +93,13 @@ def _finished_or_fresh(name: str, run_dir: Path, log) -> dict | None:
 def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
     from nanogpt4.rlhf.run import run_rlhf
 
-    return _finished_or_fresh("rlhf", run_dir, log) or run_rlhf(cfg, pretrained, run_dir, log=log)
+    return _finished_or_fresh("rlhf", run_dir, cfg, log) or run_rlhf(cfg, pretrained, run_dir, log=log)
 
 
 def _multimodal_stage(cfg, pretrained: Path, run_dir: Path, progress: bool, log) -> dict:
     from nanogpt4.train.multimodal import run_multimodal
 
-    return (_finished_or_fresh("multimodal", run_dir, log)
+    return (_finished_or_fresh("multimodal", run_dir, cfg, log)
             or run_multimodal(cfg, pretrained, run_dir, log=log, progress=progress))
 
 
@@ -91,12 +121,18 @@ def _next_steps(out_dir: Path) -> str:
     return "```bash\n" + "\n".join(lines) + "\n```"
 
 
-def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print) -> dict:
+def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print,
+                 scale: float | None = None, minutes: float | None = None) -> dict:
     t0 = time.time()
     out_dir = Path(out_dir)
     cfg = load_config(config, overrides)  # a bad config fails before anything is created
+    plan = pipeline_plan(cfg, out_dir, scale, minutes, log)
+    cfg = scaled(cfg, plan.scale)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log(f"pipeline: config {config}, data {cfg.data.source}, output {out_dir}")
+    if minutes is not None:
+        save_plan(plan, out_dir)
+    log(f"pipeline: config {config}, data {cfg.data.source}, output {out_dir}"
+        + (f", scale {plan.scale:g} of every stage's steps" if plan.scale != 1 else ""))
 
     pre = _pretrain_stage(cfg, out_dir / "pretrain", progress, log)
     samples = _samples(out_dir / "pretrain")
@@ -142,9 +178,13 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
                                                                    ("multimodal", mm))},
         "wall_s": time.time() - t0,
         "device": pre.get("device"),
+        "scale": plan.scale,
+        "budget_minutes": plan.minutes,
+        "estimate_s": plan.estimate_s,
     }
     header = {"config": config, "data": cfg.data.source, "python": platform.python_version(),
-              "torch": torch.__version__, "machine": platform.machine(), **summary}
+              "torch": torch.__version__, "machine": platform.machine(),
+              **{k: v for k, v in summary.items() if v is not None}}
     report = write_pipeline_report(out_dir, sections, header)
     from nanogpt4.utils import atomic_write_json
 

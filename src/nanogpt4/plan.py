@@ -1,0 +1,164 @@
+"""Fitting ``nanogpt4 pipeline`` to a time budget: ``--scale`` multiplies every stage's step counts,
+``--minutes`` picks the scale from this machine's measured speed.
+
+The same recipe takes 25 minutes on a 2-core CPU with native bf16 and about four times longer on one without
+(fp32 matmuls). A budget keeps every stage and scales how long each trains; the evaluations keep their size, so
+the numbers stay comparable with the full run's. The estimate is a cost model: one training step of the
+pipeline's language model and one of its vision-language model are timed here (a few seconds), and each
+stage's time is a fixed part plus a part proportional to the scale, in units of those steps, as measured on
+the tiny preset (``COSTS``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nanogpt4.errors import UserError
+from nanogpt4.utils import atomic_write_json, autocast_ctx, resolve_device, resolve_dtype
+
+# Settings that count training work; a scale multiplies each (at least 1, or the floor given here).
+SCALED_STEPS: dict[str, int] = {
+    "training.max_steps": 1, "training.warmup_steps": 1, "training.eval_interval": 1,
+    "training.checkpoint_interval": 1,
+    "rlhf.sft_steps": 1, "rlhf.label_prompts": 64, "rlhf.reward_steps": 1, "rlhf.ppo_steps": 1,
+    "rlhf.dpo_steps": 1, "multimodal.align_steps": 1, "multimodal.tune_steps": 1,
+}
+MIN_SCALE = 0.02
+
+# Each stage's time = (fixed + scale * variable) probe steps: the language model's step for setup, pretraining
+# and RLHF, the vision-language model's for the multimodal stage. Fitted to the tiny preset's pipeline at
+# scale 1 and 0.1 on a 2-core CPU without native bf16 (see the README's timing section).
+COSTS: dict[str, tuple[str, float, float]] = {
+    "setup": ("lm", 60.0, 0.0),  # tokenizer training + encoding, samples, report
+    "pretrain": ("lm", 15.0, 1030.0),
+    "rlhf": ("lm", 300.0, 1500.0),
+    "multimodal": ("vlm", 150.0, 3650.0),
+}
+
+
+@dataclass
+class Plan:
+    scale: float
+    minutes: float | None = None
+    lm_step_s: float | None = None
+    vlm_step_s: float | None = None
+    estimate_s: float | None = None
+
+
+def scaled(cfg: DictConfig, scale: float) -> DictConfig:
+    """``cfg`` with every training-work count multiplied by ``scale`` (evaluation sizes unchanged)."""
+    if not (0 < scale <= 1 and math.isfinite(scale)):
+        raise UserError(f"--scale must be in (0, 1], got {scale}; 1 is the full recipe, 0.25 a quarter of its steps")
+    if scale == 1:
+        return cfg
+    changes: dict[str, int] = {}
+    for key, floor in SCALED_STEPS.items():
+        value = OmegaConf.select(cfg, key)
+        if value:  # 0 (a stage switched off) stays 0
+            changes[key] = max(floor if value >= floor else value, round(value * scale))
+    out = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        OmegaConf.update(out, key, value)
+    return out
+
+
+def _time_steps(step, n: int = 3) -> float:
+    step()  # allocator and kernel warm-up
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t) / n
+
+
+def probe(cfg: DictConfig) -> tuple[float, float]:
+    """Seconds per training step (forward, backward, AdamW) of the pipeline's language model at the pretraining
+    batch, and of its vision-language model at the multimodal batch, on random weights and data."""
+    from nanogpt4.model.multimodal import MultimodalTransformer
+    from nanogpt4.model.transformer import Transformer
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.training.dtype, device)
+    m, mm = cfg.model, cfg.multimodal
+    with torch.random.fork_rng(devices=[]):  # the probe must not move the run's random streams
+        torch.manual_seed(0)
+
+        def timed(model, batch_size: int, images: bool) -> float:
+            model = model.to(device).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            ids = torch.randint(3, m.vocab_size, (batch_size, m.max_seq_len), device=device)
+            kwargs = {}
+            if images:
+                n = model.image_tokens
+                ids[:, 1:1 + n] = mm.image_token_id
+                kwargs["image_input"] = torch.randn(batch_size, mm.channels, mm.image_size, mm.image_size,
+                                                    device=device)
+
+            def step():
+                with autocast_ctx(device, dtype):
+                    loss = model(ids, labels=ids, **kwargs)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+
+            return _time_steps(step)
+
+        lm = timed(Transformer(cfg), cfg.training.batch_size, images=False)
+        vlm_cfg = OmegaConf.merge(cfg, {"multimodal": {"image_token_id": 2}})
+        vlm = timed(MultimodalTransformer(vlm_cfg), mm.batch_size, images=True)
+    return lm, vlm
+
+
+def estimate_s(scale: float, lm_step_s: float, vlm_step_s: float) -> float:
+    unit = {"lm": lm_step_s, "vlm": vlm_step_s}
+    return sum((fixed + scale * variable) * unit[kind] for kind, fixed, variable in COSTS.values())
+
+
+def plan_for_minutes(cfg: DictConfig, minutes: float, log=print) -> Plan:
+    if not (minutes > 0 and math.isfinite(minutes)):
+        raise UserError(f"--minutes must be a positive number, got {minutes}")
+    log("pipeline: timing one training step of each model to fit the budget")
+    lm, vlm = probe(cfg)
+    budget = minutes * 60
+    full, fixed = estimate_s(1.0, lm, vlm), estimate_s(0.0, lm, vlm)
+    scale = min(1.0, (budget - fixed) / (full - fixed))
+    if scale < MIN_SCALE:
+        need = estimate_s(MIN_SCALE, lm, vlm) / 60
+        raise UserError(f"--minutes {minutes:g} is too short on this machine: the evaluations and set-up alone take "
+                        f"about {fixed / 60:.0f} minutes; give at least --minutes {math.ceil(need)}")
+    scale = math.floor(scale * 1000) / 1000  # a readable number that reruns reproduce exactly
+    plan = Plan(scale, minutes, lm, vlm, estimate_s(scale, lm, vlm))
+    log(f"pipeline: the full recipe would take about {full / 60:.0f} minutes here; scale {scale:g} of its steps "
+        f"fits {minutes:g} (estimate {plan.estimate_s / 60:.1f} minutes)")
+    return plan
+
+
+def pipeline_plan(cfg: DictConfig, out_dir: Path, scale: float | None, minutes: float | None, log=print) -> Plan:
+    """The plan for this pipeline directory. A ``--minutes`` plan is stored in ``OUT/plan.json`` and reused by
+    the same command, so a rerun (after Ctrl-C) continues with the scale its finished stages were trained at."""
+    if scale is not None and minutes is not None:
+        raise UserError("give --scale or --minutes, not both")
+    path = out_dir / "plan.json"
+    if minutes is not None:
+        if path.exists():
+            stored = Plan(**json.loads(path.read_text()))
+            if stored.minutes == minutes:
+                log(f"pipeline: scale {stored.scale:g} from {path} (planned for {minutes:g} minutes)")
+                return stored
+        return plan_for_minutes(cfg, minutes, log)
+    if scale is not None:
+        scaled(cfg, scale)  # validates
+    return Plan(1.0 if scale is None else scale)
+
+
+def save_plan(plan: Plan, out_dir: Path) -> None:
+    atomic_write_json(out_dir / "plan.json", asdict(plan))

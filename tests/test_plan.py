@@ -1,0 +1,85 @@
+"""Fitting the pipeline to a budget: scaled step counts, the minutes -> scale plan, and stage reuse rules."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import nanogpt4.plan as plan_mod
+from nanogpt4.config import load_config
+from nanogpt4.errors import UserError
+from nanogpt4.pipeline import _check_same_settings
+from nanogpt4.plan import MIN_SCALE, estimate_s, pipeline_plan, plan_for_minutes, probe, save_plan, scaled
+
+
+def test_scale_multiplies_training_work_and_keeps_evaluations():
+    cfg = load_config("tiny", ["multimodal.align_steps=0"])
+    s = scaled(cfg, 0.1)
+    assert (s.training.max_steps, s.training.warmup_steps, s.training.eval_interval) == (100, 5, 10)
+    assert (s.rlhf.sft_steps, s.rlhf.reward_steps, s.rlhf.ppo_steps, s.rlhf.dpo_steps) == (20, 30, 3, 15)
+    assert s.rlhf.label_prompts == 320 and s.multimodal.tune_steps == 350
+    assert s.multimodal.align_steps == 0  # a stage switched off stays off
+    assert s.rlhf.eval_prompts == cfg.rlhf.eval_prompts and s.multimodal.eval_scenes == cfg.multimodal.eval_scenes
+    assert cfg.training.max_steps == 1000  # the input is not modified
+    tiny = scaled(cfg, 0.001)
+    assert tiny.rlhf.ppo_steps == 1 and tiny.training.max_steps == 1 and tiny.rlhf.label_prompts == 64
+    assert scaled(cfg, 1.0) == cfg
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan")])
+def test_bad_scale_is_refused(bad):
+    with pytest.raises(UserError, match="--scale must be in"):
+        scaled(load_config("tiny"), bad)
+
+
+def test_minutes_pick_the_largest_scale_that_fits(monkeypatch):
+    monkeypatch.setattr(plan_mod, "probe", lambda cfg: (0.1, 0.2))
+    cfg = load_config("tiny")
+    full = estimate_s(1.0, 0.1, 0.2)
+    plan = plan_for_minutes(cfg, full / 60 / 3, log=lambda _m: None)
+    assert 0 < plan.scale < 1 and plan.estimate_s <= full / 3 + 1e-6
+    assert estimate_s(plan.scale + 0.002, 0.1, 0.2) > full / 3  # not a smaller scale than the budget allows
+    assert plan_for_minutes(cfg, full / 60 * 2, log=lambda _m: None).scale == 1.0  # never above the recipe
+    with pytest.raises(UserError, match="give at least --minutes"):
+        plan_for_minutes(cfg, estimate_s(MIN_SCALE / 2, 0.1, 0.2) / 60, log=lambda _m: None)
+    with pytest.raises(UserError, match="--minutes must be a positive"):
+        plan_for_minutes(cfg, -1, log=lambda _m: None)
+
+
+def test_a_minutes_plan_is_reused_by_the_same_command(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(plan_mod, "probe", lambda cfg: calls.append(1) or (0.1, 0.2))
+    cfg = load_config("tiny")
+    first = pipeline_plan(cfg, tmp_path, None, 30.0, log=lambda _m: None)
+    save_plan(first, tmp_path)
+    again = pipeline_plan(cfg, tmp_path, None, 30.0, log=lambda _m: None)
+    assert again == first and len(calls) == 1  # a rerun keeps the scale its finished stages used
+    pipeline_plan(cfg, tmp_path, None, 45.0, log=lambda _m: None)
+    assert len(calls) == 2
+    assert json.loads((tmp_path / "plan.json").read_text())["minutes"] == 30.0
+    with pytest.raises(UserError, match="not both"):
+        pipeline_plan(cfg, tmp_path, 0.5, 30.0)
+
+
+def test_probe_times_both_models_without_moving_the_random_streams():
+    cfg = load_config("tiny", ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=40",
+                               "training.batch_size=2", "multimodal.batch_size=2", "multimodal.image_size=16",
+                               "multimodal.patch_size=8", "multimodal.encoder_dim=16", "multimodal.encoder_heads=2",
+                               "training.dtype=float32", "device=cpu"])
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    lm, vlm = probe(cfg)
+    assert lm > 0 and vlm > 0
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
+    cfg = load_config("tiny")
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    _check_same_settings(tmp_path, cfg, ("model", "training", "seed"))
+    _check_same_settings(tmp_path, load_config("tiny", ["rlhf.ppo_steps=3"]), ("model", "training", "seed"))
+    with pytest.raises(UserError, match=r"training.eval_interval 100 -> 10; training.max_steps 1000 -> 100 and 1 more"):
+        _check_same_settings(tmp_path, scaled(cfg, 0.1), ("model", "training", "seed"))
+    with pytest.raises(UserError, match="seed 1337 -> 7"):
+        _check_same_settings(tmp_path, load_config("tiny", ["seed=7"]), ("model", "training", "seed"))
