@@ -10,7 +10,7 @@ import nanogpt4.plan as plan_mod
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
 from nanogpt4.pipeline import _check_same_settings
-from nanogpt4.plan import MIN_SCALE, estimate_s, pipeline_plan, plan_for_minutes, probe, save_plan, scaled
+from nanogpt4.plan import MIN_SCALE, _work, estimate_s, pipeline_plan, plan_for_minutes, probe, save_plan, scaled
 
 
 def test_scale_multiplies_training_work_and_keeps_evaluations():
@@ -27,6 +27,16 @@ def test_scale_multiplies_training_work_and_keeps_evaluations():
     assert scaled(cfg, 1.0) == cfg
 
 
+def test_estimate_follows_the_configured_step_counts():
+    tiny = load_config("tiny")
+    assert [_work(tiny, stage) for stage in ("setup", "pretrain", "rlhf", "multimodal")] == [0.0, 1.0, 1.0, 1.0]
+    double = load_config("tiny", ["training.max_steps=2000", "multimodal.tune_steps=7100"])
+    assert _work(double, "pretrain") == 2.0 and _work(double, "multimodal") == 2.0
+    assert estimate_s(double, 1.0, 0.1, 0.2) > estimate_s(tiny, 1.0, 0.1, 0.2)
+    # a scaled config costs what the scaled estimate says (up to rounding of the step counts)
+    assert estimate_s(scaled(tiny, 0.3), 1.0, 0.1, 0.2) == pytest.approx(estimate_s(tiny, 0.3, 0.1, 0.2), rel=0.01)
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan")])
 def test_bad_scale_is_refused(bad):
     with pytest.raises(UserError, match="--scale must be in"):
@@ -36,13 +46,13 @@ def test_bad_scale_is_refused(bad):
 def test_minutes_pick_the_largest_scale_that_fits(monkeypatch):
     monkeypatch.setattr(plan_mod, "probe", lambda cfg: (0.1, 0.2))
     cfg = load_config("tiny")
-    full = estimate_s(1.0, 0.1, 0.2)
+    full = estimate_s(cfg, 1.0, 0.1, 0.2)
     plan = plan_for_minutes(cfg, full / 60 / 3, log=lambda _m: None)
     assert 0 < plan.scale < 1 and plan.estimate_s <= full / 3 + 1e-6
-    assert estimate_s(plan.scale + 0.002, 0.1, 0.2) > full / 3  # not a smaller scale than the budget allows
+    assert estimate_s(cfg, plan.scale + 0.002, 0.1, 0.2) > full / 3  # not a smaller scale than the budget allows
     assert plan_for_minutes(cfg, full / 60 * 2, log=lambda _m: None).scale == 1.0  # never above the recipe
     with pytest.raises(UserError, match="give at least --minutes"):
-        plan_for_minutes(cfg, estimate_s(MIN_SCALE / 2, 0.1, 0.2) / 60, log=lambda _m: None)
+        plan_for_minutes(cfg, estimate_s(cfg, MIN_SCALE / 2, 0.1, 0.2) / 60, log=lambda _m: None)
     with pytest.raises(UserError, match="--minutes must be a positive"):
         plan_for_minutes(cfg, -1, log=lambda _m: None)
 

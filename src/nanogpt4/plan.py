@@ -12,6 +12,7 @@ the tiny preset (``COSTS``).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -21,27 +22,48 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
 from nanogpt4.utils import atomic_write_json, autocast_ctx, resolve_device, resolve_dtype
 
 # Settings that count training work; a scale multiplies each (at least 1, or the floor given here).
 SCALED_STEPS: dict[str, int] = {
     "training.max_steps": 1, "training.warmup_steps": 1, "training.eval_interval": 1,
-    "training.checkpoint_interval": 1,
+    "training.checkpoint_interval": 1, "training.max_tokens": 1, "training.lr_decay_steps": 1,
     "rlhf.sft_steps": 1, "rlhf.label_prompts": 64, "rlhf.reward_steps": 1, "rlhf.ppo_steps": 1,
     "rlhf.dpo_steps": 1, "multimodal.align_steps": 1, "multimodal.tune_steps": 1,
 }
 MIN_SCALE = 0.02
 
-# Each stage's time = (fixed + scale * variable) probe steps: the language model's step for setup, pretraining
-# and RLHF, the vision-language model's for the multimodal stage. Fitted to the tiny preset's pipeline at
-# scale 1 and 0.1 on a 2-core CPU without native bf16 (see the README's timing section).
+# Each stage's time = fixed + variable probe steps at the tiny preset's step counts: the language model's step for
+# set-up, pretraining and RLHF, the vision-language model's for the multimodal stage. The variable part follows
+# the configured step counts (``_work``). Fitted to the tiny preset's pipeline at scale 1 and 0.1 on a 2-core CPU
+# without native bf16 (see the README's timing section).
 COSTS: dict[str, tuple[str, float, float]] = {
-    "setup": ("lm", 60.0, 0.0),  # tokenizer training + encoding, samples, report
-    "pretrain": ("lm", 15.0, 1030.0),
+    "setup": ("lm", 60.0, 0.0),  # samples, report
+    "pretrain": ("lm", 75.0, 1030.0),  # fixed: tokenizer training + encoding, evaluations
     "rlhf": ("lm", 300.0, 1500.0),
     "multimodal": ("vlm", 150.0, 3650.0),
 }
+# the settings whose counts make up each stage's training work (the variable part's reference: the tiny preset)
+STAGE_WORK = {"pretrain": ("training.max_steps",), "multimodal": ("multimodal.align_steps", "multimodal.tune_steps"),
+              "rlhf": ("rlhf.sft_steps", "rlhf.label_prompts", "rlhf.reward_steps", "rlhf.ppo_steps",
+                       "rlhf.dpo_steps")}
+
+
+@functools.cache
+def _reference(key: str) -> int:
+    return OmegaConf.select(load_config("tiny"), key)
+
+
+def _work(cfg: DictConfig, stage: str) -> float:
+    """A stage's training work relative to the tiny preset's (1.0 there): the mean ratio of its step counts."""
+    keys = STAGE_WORK.get(stage, ())
+    if not keys:
+        return 0.0
+    if stage == "multimodal":  # one loop over both LLaVA stages: their steps add up
+        return sum(OmegaConf.select(cfg, k) for k in keys) / sum(_reference(k) for k in keys)
+    return sum(OmegaConf.select(cfg, k) / _reference(k) for k in keys) / len(keys)
 
 
 @dataclass
@@ -118,9 +140,11 @@ def probe(cfg: DictConfig) -> tuple[float, float]:
     return lm, vlm
 
 
-def estimate_s(scale: float, lm_step_s: float, vlm_step_s: float) -> float:
+def estimate_s(cfg: DictConfig, scale: float, lm_step_s: float, vlm_step_s: float) -> float:
+    """Estimated pipeline seconds for ``cfg`` at ``scale``, given the probe's step times."""
     unit = {"lm": lm_step_s, "vlm": vlm_step_s}
-    return sum((fixed + scale * variable) * unit[kind] for kind, fixed, variable in COSTS.values())
+    return sum((fixed + scale * _work(cfg, stage) * variable) * unit[kind]
+               for stage, (kind, fixed, variable) in COSTS.items())
 
 
 def plan_for_minutes(cfg: DictConfig, minutes: float, log=print) -> Plan:
@@ -129,14 +153,14 @@ def plan_for_minutes(cfg: DictConfig, minutes: float, log=print) -> Plan:
     log("pipeline: timing one training step of each model to fit the budget")
     lm, vlm = probe(cfg)
     budget = minutes * 60
-    full, fixed = estimate_s(1.0, lm, vlm), estimate_s(0.0, lm, vlm)
+    full, fixed = estimate_s(cfg, 1.0, lm, vlm), estimate_s(cfg, 0.0, lm, vlm)
     scale = min(1.0, (budget - fixed) / (full - fixed))
     if scale < MIN_SCALE:
-        need = estimate_s(MIN_SCALE, lm, vlm) / 60
+        need = estimate_s(cfg, MIN_SCALE, lm, vlm) / 60
         raise UserError(f"--minutes {minutes:g} is too short on this machine: the evaluations and set-up alone take "
                         f"about {fixed / 60:.0f} minutes; give at least --minutes {math.ceil(need)}")
     scale = math.floor(scale * 1000) / 1000  # a readable number that reruns reproduce exactly
-    plan = Plan(scale, minutes, lm, vlm, estimate_s(scale, lm, vlm))
+    plan = Plan(scale, minutes, lm, vlm, estimate_s(cfg, scale, lm, vlm))
     log(f"pipeline: the full recipe would take about {full / 60:.0f} minutes here; scale {scale:g} of its steps "
         f"fits {minutes:g} (estimate {plan.estimate_s / 60:.1f} minutes)")
     return plan
@@ -155,9 +179,14 @@ def pipeline_plan(cfg: DictConfig, out_dir: Path, scale: float | None, minutes: 
                 log(f"pipeline: scale {stored.scale:g} from {path} (planned for {minutes:g} minutes)")
                 return stored
         return plan_for_minutes(cfg, minutes, log)
-    if scale is not None:
-        scaled(cfg, scale)  # validates
-    return Plan(1.0 if scale is None else scale)
+    plan = Plan(1.0 if scale is None else scale)
+    scaled(cfg, plan.scale)  # validates
+    if not (out_dir / "pretrain").exists():  # a fresh pipeline says up front how long it will take here
+        plan.lm_step_s, plan.vlm_step_s = probe(cfg)
+        plan.estimate_s = estimate_s(cfg, plan.scale, plan.lm_step_s, plan.vlm_step_s)
+        log(f"pipeline: about {plan.estimate_s / 60:.0f} minutes on this machine (estimated from one timed training "
+            f"step of each model); --minutes N fits a budget")
+    return plan
 
 
 def save_plan(plan: Plan, out_dir: Path) -> None:
