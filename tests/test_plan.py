@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 import nanogpt4.plan as plan_mod
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
-from nanogpt4.pipeline import _check_same_settings
-from nanogpt4.plan import MIN_SCALE, _work, estimate_s, pipeline_plan, plan_for_minutes, probe, save_plan, scaled
+from nanogpt4.pipeline import _check_same_settings, shortened_note
+from nanogpt4.plan import MIN_SCALE, Plan, _work, estimate_s, pipeline_plan, plan_for_minutes, probe, save_plan, scaled
 
 
 def test_scale_multiplies_training_work_and_keeps_evaluations():
@@ -93,3 +93,8 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
         _check_same_settings(tmp_path, scaled(cfg, 0.1), ("model", "training", "seed"))
     with pytest.raises(UserError, match="seed 1337 -> 7"):
         _check_same_settings(tmp_path, load_config("tiny", ["seed=7"]), ("model", "training", "seed"))
+
+
+def test_a_shortened_report_says_so():
+    assert shortened_note(Plan(0.25)).startswith("Every stage trained for 0.25 of the full recipe's steps;")
+    assert "(the largest that fits the 15-minute budget here)" in shortened_note(Plan(0.137, 15.0))

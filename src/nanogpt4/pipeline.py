@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
-from nanogpt4.plan import pipeline_plan, save_plan, scaled
+from nanogpt4.plan import Plan, pipeline_plan, save_plan, scaled
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 from nanogpt4.train.multimodal import per_type_table
@@ -121,6 +121,13 @@ def _next_steps(out_dir: Path) -> str:
     return "```bash\n" + "\n".join(lines) + "\n```"
 
 
+def shortened_note(plan: Plan) -> str:
+    budget = f" (the largest that fits the {plan.minutes:g}-minute budget here)" if plan.minutes else ""
+    return (f"Every stage trained for {plan.scale:g} of the full recipe's steps{budget}; the evaluations are the full "
+            f"run's, so the numbers below measure the same things for models that trained less. The full recipe's "
+            f"results are in the README.")
+
+
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print,
                  scale: float | None = None, minutes: float | None = None) -> dict:
     t0 = time.time()
@@ -164,6 +171,8 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
          "[multimodal/report.md](multimodal/report.md)"),
         ("Use the results", _next_steps(out_dir)),
     ]
+    if plan.scale != 1:
+        sections.insert(0, ("Shortened run", shortened_note(plan)))
     summary = {
         "pretrain_val_loss": pre.get("val_loss"),
         "pretrain_val_bpb": pre.get("val_bpb"),

@@ -15,6 +15,7 @@ import copy
 import functools
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,11 +94,14 @@ def scaled(cfg: DictConfig, scale: float) -> DictConfig:
 
 
 def _time_steps(step, n: int = 3) -> float:
-    step()  # allocator and kernel warm-up
-    t = time.perf_counter()
+    """Median seconds of ``n`` steps after a warm-up step (allocator, kernels): one hiccup does not move it."""
+    step()
+    times = []
     for _ in range(n):
+        t = time.perf_counter()
         step()
-    return (time.perf_counter() - t) / n
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def probe(cfg: DictConfig) -> tuple[float, float]:
