@@ -113,7 +113,8 @@ def probe(cfg: DictConfig) -> tuple[float, float]:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.training.dtype, device)
     m, mm = cfg.model, cfg.multimodal
-    with torch.random.fork_rng(devices=[]):  # the probe must not move the run's random streams
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the probe must not move the run's random streams
         torch.manual_seed(0)
 
         def timed(model, batch_size: int, images: bool) -> float:
@@ -123,9 +124,9 @@ def probe(cfg: DictConfig) -> tuple[float, float]:
             kwargs = {}
             if images:
                 n = model.image_tokens
-                ids[:, 1:1 + n] = mm.image_token_id
-                kwargs["image_input"] = torch.randn(batch_size, mm.channels, mm.image_size, mm.image_size,
-                                                    device=device)
+                ids[:, 1:1 + n] = model.image_token_id
+                size = model.image_size  # a pretrained encoder's own input size
+                kwargs["image_input"] = torch.randn(batch_size, model.channels, size, size, device=device)
 
             def step():
                 with autocast_ctx(device, dtype):
