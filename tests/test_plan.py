@@ -15,15 +15,16 @@ from nanogpt4.plan import MIN_SCALE, Plan, _work, estimate_s, pipeline_plan, pla
 
 def test_scale_multiplies_training_work_and_keeps_evaluations():
     cfg = load_config("tiny", ["multimodal.align_steps=0"])
-    s = scaled(cfg, 0.1)
-    assert (s.training.max_steps, s.training.warmup_steps, s.training.eval_interval) == (100, 5, 10)
-    assert (s.rlhf.sft_steps, s.rlhf.reward_steps, s.rlhf.ppo_steps, s.rlhf.dpo_steps) == (20, 30, 3, 15)
-    assert s.rlhf.label_prompts == 320 and s.multimodal.tune_steps == 350
+    s = scaled(cfg, 0.09)
+    # pretraining keeps the square root of the scale: every later stage starts from its model
+    assert (s.training.max_steps, s.training.warmup_steps, s.training.eval_interval) == (300, 15, 30)
+    assert (s.rlhf.sft_steps, s.rlhf.reward_steps, s.rlhf.ppo_steps, s.rlhf.dpo_steps) == (18, 27, 3, 14)
+    assert s.rlhf.label_prompts == 288 and s.multimodal.tune_steps == 315
     assert s.multimodal.align_steps == 0  # a stage switched off stays off
     assert s.rlhf.eval_prompts == cfg.rlhf.eval_prompts and s.multimodal.eval_scenes == cfg.multimodal.eval_scenes
     assert cfg.training.max_steps == 1000  # the input is not modified
     tiny = scaled(cfg, 0.001)
-    assert tiny.rlhf.ppo_steps == 1 and tiny.training.max_steps == 1 and tiny.rlhf.label_prompts == 64
+    assert tiny.rlhf.ppo_steps == 1 and tiny.training.max_steps == 32 and tiny.rlhf.label_prompts == 64
     assert scaled(cfg, 1.0) == cfg
 
 
@@ -49,7 +50,7 @@ def test_minutes_pick_the_largest_scale_that_fits(monkeypatch):
     full = estimate_s(cfg, 1.0, 0.1, 0.2)
     plan = plan_for_minutes(cfg, full / 60 / 3, log=lambda _m: None)
     assert 0 < plan.scale < 1 and plan.estimate_s <= full / 3 + 1e-6
-    assert estimate_s(cfg, plan.scale + 0.002, 0.1, 0.2) > full / 3  # not a smaller scale than the budget allows
+    assert estimate_s(cfg, plan.scale + 0.001, 0.1, 0.2) > full / 3  # not a smaller scale than the budget allows
     assert plan_for_minutes(cfg, full / 60 * 2, log=lambda _m: None).scale == 1.0  # never above the recipe
     with pytest.raises(UserError, match="give at least --minutes"):
         plan_for_minutes(cfg, estimate_s(cfg, MIN_SCALE / 2, 0.1, 0.2) / 60, log=lambda _m: None)
@@ -59,14 +60,16 @@ def test_minutes_pick_the_largest_scale_that_fits(monkeypatch):
 
 def test_a_minutes_plan_is_reused_by_the_same_command(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(plan_mod, "probe", lambda cfg: calls.append(1) or (0.1, 0.2))
+    monkeypatch.setattr(plan_mod, "probe", lambda cfg: calls.append(1) or (0.2, 0.4))
     cfg = load_config("tiny")
+    default = pipeline_plan(cfg, tmp_path, None, None, log=lambda _m: None)
+    assert default.minutes == 15.0 and 0 < default.scale < 1  # no flag: the 15-minute budget
     first = pipeline_plan(cfg, tmp_path, None, 30.0, log=lambda _m: None)
     save_plan(first, tmp_path)
     again = pipeline_plan(cfg, tmp_path, None, 30.0, log=lambda _m: None)
-    assert again == first and len(calls) == 1  # a rerun keeps the scale its finished stages used
+    assert again == first and len(calls) == 2  # a rerun keeps the scale its finished stages used
     pipeline_plan(cfg, tmp_path, None, 45.0, log=lambda _m: None)
-    assert len(calls) == 2
+    assert len(calls) == 3
     assert json.loads((tmp_path / "plan.json").read_text())["minutes"] == 30.0
     with pytest.raises(UserError, match="not both"):
         pipeline_plan(cfg, tmp_path, 0.5, 30.0)
@@ -89,12 +92,13 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     _check_same_settings(tmp_path, cfg, ("model", "training", "seed"))
     _check_same_settings(tmp_path, load_config("tiny", ["rlhf.ppo_steps=3"]), ("model", "training", "seed"))
-    with pytest.raises(UserError, match=r"training.eval_interval 100 -> 10; training.max_steps 1000 -> 100 and 1 more"):
-        _check_same_settings(tmp_path, scaled(cfg, 0.1), ("model", "training", "seed"))
+    with pytest.raises(UserError, match=r"training.eval_interval 100 -> 25; training.max_steps 1000 -> 250 and 1 more"):
+        _check_same_settings(tmp_path, scaled(cfg, 0.0625), ("model", "training", "seed"))
     with pytest.raises(UserError, match="seed 1337 -> 7"):
         _check_same_settings(tmp_path, load_config("tiny", ["seed=7"]), ("model", "training", "seed"))
 
 
 def test_a_shortened_report_says_so():
-    assert shortened_note(Plan(0.25)).startswith("Every stage trained for 0.25 of the full recipe's steps;")
+    assert shortened_note(Plan(0.25)).startswith("Scale 0.25 (as asked): pretraining trained for 0.5 of the full "
+                                                 "recipe's steps, RLHF and the multimodal stage for 0.25 of theirs.")
     assert "(the largest that fits the 15-minute budget here)" in shortened_note(Plan(0.137, 15.0))

@@ -453,11 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--scale", type=float, default=None,
-                        help="multiply every stage's training steps by this (0 < scale <= 1; evaluations keep "
-                             "their size)")
+                        help="shorten training: RLHF and multimodal train this fraction of their steps, pretraining "
+                             "its square root (0 < scale <= 1; 1 is the full recipe; evaluations keep their size)")
     budget.add_argument("--minutes", type=float, default=None,
-                        help="pick the scale that fits this many minutes on this machine (timed with one "
-                             "training step of each model first)")
+                        help="pick the largest scale that fits this many minutes on this machine, timed with one "
+                             "training step of each model first (default: 15)")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
-from nanogpt4.plan import Plan, pipeline_plan, save_plan, scaled
+from nanogpt4.plan import Plan, pipeline_plan, save_plan, scaled, stage_scale
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 from nanogpt4.train.multimodal import per_type_table
@@ -122,10 +122,11 @@ def _next_steps(out_dir: Path) -> str:
 
 
 def shortened_note(plan: Plan) -> str:
-    budget = f" (the largest that fits the {plan.minutes:g}-minute budget here)" if plan.minutes else ""
-    return (f"Every stage trained for {plan.scale:g} of the full recipe's steps{budget}; the evaluations are the full "
-            f"run's, so the numbers below measure the same things for models that trained less. The full recipe's "
-            f"results are in the README.")
+    budget = f"the largest that fits the {plan.minutes:g}-minute budget here" if plan.minutes else "as asked"
+    return (f"Scale {plan.scale:g} ({budget}): pretraining trained for {stage_scale(plan.scale, 'pretrain'):.3g} of "
+            f"the full recipe's steps, RLHF and the multimodal stage for {plan.scale:g} of theirs. The evaluations "
+            f"are the full run's, so the numbers below measure the same things for models that trained less. "
+            f"`--scale 1` runs the full recipe; its results are in the README.")
 
 
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print,
@@ -136,10 +137,10 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     plan = pipeline_plan(cfg, out_dir, scale, minutes, log)
     cfg = scaled(cfg, plan.scale)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if minutes is not None:
+    if plan.minutes is not None:
         save_plan(plan, out_dir)
     log(f"pipeline: config {config}, data {cfg.data.source}, output {out_dir}"
-        + (f", scale {plan.scale:g} of every stage's steps" if plan.scale != 1 else ""))
+        + (f", scale {plan.scale:g}" if plan.scale != 1 else ""))
 
     pre = _pretrain_stage(cfg, out_dir / "pretrain", progress, log)
     samples = _samples(out_dir / "pretrain")
