@@ -179,6 +179,10 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     assert (p / "plots" / "pretrain_loss.png").stat().st_size > 1000
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["pretrain_val_loss"] < 6.0
+    # no flag: the 15-minute budget, which this small configuration fits whole, the last stage refitted too
+    plan = json.loads((p / "plan.json").read_text())
+    assert (plan["minutes"], plan["scale"], plan["multimodal_scale"]) == (15.0, 1.0, 1.0)
+    assert summary["scale"] == summary["multimodal_scale"] == 1.0 and "## Shortened run" not in report
     stages = [summary[f"{name}_wall_s"] for name in ("pretrain", "rlhf", "multimodal")]
     assert all(t > 0 for t in stages) and sum(stages) <= summary["wall_s"]
     assert f"- **pretrain_val_loss**: {summary['pretrain_val_loss']:.4g}\n" in report  # rounded, not 17 digits

@@ -102,3 +102,23 @@ def test_a_shortened_report_says_so():
     assert shortened_note(Plan(0.25)).startswith("Scale 0.25 (as asked): pretraining trained for 0.5 of the full "
                                                  "recipe's steps, RLHF and the multimodal stage for 0.25 of theirs.")
     assert "(the largest that fits the 15-minute budget here)" in shortened_note(Plan(0.137, 15.0))
+
+
+def test_the_multimodal_stage_is_fitted_to_the_time_left():
+    cfg = load_config("tiny")
+    plan = Plan(0.1, 15.0, 0.1, 0.2)
+    quiet = {"log": lambda _m: None}
+    _, fixed, variable = plan_mod.COSTS["multimodal"]
+
+    def cost(scale, speed=1.0):  # the stage's estimate at this machine speed
+        return (fixed + scale * variable) * 0.2 * speed
+
+    s = plan_mod.multimodal_scale(cfg, plan, 300.0, 0.1, **quiet)
+    assert 300 + cost(s) <= 900 * plan_mod.LAST_STAGE_SHARE < 300 + cost(s + 0.001)
+    # pretraining ran 1.5x slower than the probe said: the last stage expects the same and trains less
+    slow = plan_mod.multimodal_scale(cfg, plan, 300.0, 0.15, **quiet)
+    assert slow < s and 300 + cost(slow, 1.5) <= 900 * plan_mod.LAST_STAGE_SHARE
+    assert plan_mod.multimodal_scale(cfg, plan, 100.0, 0.1, **quiet) == 1.0  # never above the recipe
+    said = []
+    assert plan_mod.multimodal_scale(cfg, plan, 950.0, 0.1, log=said.append) == MIN_SCALE
+    assert "the run will overrun it" in said[0]

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
-from nanogpt4.plan import Plan, pipeline_plan, save_plan, scaled, stage_scale
+from nanogpt4.plan import Plan, multimodal_scale, pipeline_plan, save_plan, scaled, stage_scale
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 from nanogpt4.train.multimodal import per_type_table
@@ -123,19 +123,22 @@ def _next_steps(out_dir: Path) -> str:
 
 def shortened_note(plan: Plan) -> str:
     budget = f"the largest that fits the {plan.minutes:g}-minute budget here" if plan.minutes else "as asked"
+    mm = plan.multimodal_scale or plan.scale
+    stages = (f"RLHF for {plan.scale:g} of theirs and the multimodal stage for {mm:g} (fitted to the time left "
+              f"after RLHF)" if mm != plan.scale else f"RLHF and the multimodal stage for {plan.scale:g} of theirs")
     return (f"Scale {plan.scale:g} ({budget}): pretraining trained for {stage_scale(plan.scale, 'pretrain'):.3g} of "
-            f"the full recipe's steps, RLHF and the multimodal stage for {plan.scale:g} of theirs. The evaluations "
-            f"are the full run's, so the numbers below measure the same things for models that trained less. "
-            f"`--scale 1` runs the full recipe; its results are in the README.")
+            f"the full recipe's steps, {stages}. The evaluations are the full run's, so the numbers below measure "
+            f"the same things for models that trained less. `--scale 1` runs the full recipe; its results are in "
+            f"the README.")
 
 
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print,
                  scale: float | None = None, minutes: float | None = None) -> dict:
     t0 = time.time()
     out_dir = Path(out_dir)
-    cfg = load_config(config, overrides)  # a bad config fails before anything is created
-    plan = pipeline_plan(cfg, out_dir, scale, minutes, log)
-    cfg = scaled(cfg, plan.scale)
+    base = load_config(config, overrides)  # a bad config fails before anything is created
+    plan = pipeline_plan(base, out_dir, scale, minutes, log)
+    cfg = scaled(base, plan.scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     if plan.minutes is not None:
         save_plan(plan, out_dir)
@@ -145,6 +148,14 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     pre = _pretrain_stage(cfg, out_dir / "pretrain", progress, log)
     samples = _samples(out_dir / "pretrain")
     rl = _rlhf_stage(cfg, out_dir / "pretrain", out_dir / "rlhf", log)
+    if plan.minutes is not None:
+        if plan.multimodal_scale is None:  # a rerun keeps the scale a stopped multimodal stage started with
+            spent = max(time.time() - t0, pre.get("wall_s", 0.0) + rl.get("wall_s", 0.0))
+            step_s = cfg.training.batch_size * cfg.model.max_seq_len / pre["tok_per_s"] if pre.get("tok_per_s") \
+                else plan.lm_step_s
+            plan.multimodal_scale = multimodal_scale(base, plan, spent, step_s, log)
+            save_plan(plan, out_dir)
+        cfg = OmegaConf.merge(cfg, {"multimodal": scaled(base, plan.multimodal_scale).multimodal})
     mm = _multimodal_stage(cfg, out_dir / "pretrain", out_dir / "multimodal", progress, log)
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
@@ -172,7 +183,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
          "[multimodal/report.md](multimodal/report.md)"),
         ("Use the results", _next_steps(out_dir)),
     ]
-    if plan.scale != 1:
+    if plan.scale != 1 or plan.multimodal_scale not in (None, 1):
         sections.insert(0, ("Shortened run", shortened_note(plan)))
     summary = {
         "pretrain_val_loss": pre.get("val_loss"),
@@ -189,6 +200,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
         "wall_s": time.time() - t0,
         "device": pre.get("device"),
         "scale": plan.scale,
+        "multimodal_scale": plan.multimodal_scale or plan.scale,
         "budget_minutes": plan.minutes,
         "estimate_s": plan.estimate_s,
     }

@@ -37,6 +37,7 @@ SCALED_STEPS: dict[str, int] = {
 }
 MIN_SCALE = 0.02
 DEFAULT_MINUTES = 15.0
+LAST_STAGE_SHARE = 0.98  # the last stage is fitted to 98% of the budget: its estimate is good to about 2%
 
 # Each stage's time = fixed + variable probe steps at the tiny preset's step counts: the language model's step for
 # set-up, pretraining and RLHF, the vision-language model's for the multimodal stage. The variable part follows
@@ -76,6 +77,7 @@ class Plan:
     lm_step_s: float | None = None
     vlm_step_s: float | None = None
     estimate_s: float | None = None
+    multimodal_scale: float | None = None  # --minutes: refitted to the time left once RLHF is done
 
 
 def stage_scale(scale: float, stage: str) -> float:
@@ -192,6 +194,25 @@ def plan_for_minutes(cfg: DictConfig, minutes: float, log=print) -> Plan:
     else:
         log(f"pipeline: the full recipe fits {minutes:g} minutes here (estimate {full / 60:.1f} minutes)")
     return plan
+
+
+def multimodal_scale(cfg: DictConfig, plan: Plan, spent_s: float, lm_step_s: float, log=print) -> float:
+    """The last stage's scale, fitted to what is left of ``plan``'s budget after the earlier stages took
+    ``spent_s``. The probe's vision-language step time is corrected by how fast pretraining really ran
+    (``lm_step_s`` against the probe's): a shared 2-core VM's speed drifts by 10% between the probe and the
+    training, and without this the pipeline overran or left a tenth of its budget unused. The multimodal stage
+    is half the time of a budgeted run, so fitting it last absorbs the earlier stages' errors too."""
+    assert plan.minutes is not None and plan.lm_step_s and plan.vlm_step_s
+    _, fixed, variable = COSTS["multimodal"]
+    step_s = plan.vlm_step_s * lm_step_s / plan.lm_step_s
+    left = plan.minutes * 60 * LAST_STAGE_SHARE - spent_s
+    full = _work(cfg, "multimodal") * variable * step_s
+    fitted = (left - fixed * step_s) / full if full > 0 else 1.0
+    scale = min(1.0, max(MIN_SCALE, math.floor(fitted * 1000) / 1000))
+    log(f"pipeline: {spent_s / 60:.1f} of {plan.minutes:g} minutes spent, training runs at "
+        f"{lm_step_s / plan.lm_step_s:.2f}x the timed step; the multimodal stage gets scale {scale:g}"
+        + (" (the budget is spent: the run will overrun it)" if fitted < MIN_SCALE else ""))
+    return scale
 
 
 def pipeline_plan(cfg: DictConfig, out_dir: Path, scale: float | None, minutes: float | None, log=print) -> Plan:
