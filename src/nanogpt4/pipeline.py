@@ -150,10 +150,9 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     rl = _rlhf_stage(cfg, out_dir / "pretrain", out_dir / "rlhf", log)
     if plan.minutes is not None:
         if plan.multimodal_scale is None:  # a rerun keeps the scale a stopped multimodal stage started with
+            # this command's time so far, or the stages' own times where an earlier command trained them
             spent = max(time.time() - t0, pre.get("wall_s", 0.0) + rl.get("wall_s", 0.0))
-            step_s = cfg.training.batch_size * cfg.model.max_seq_len / pre["tok_per_s"] if pre.get("tok_per_s") \
-                else plan.lm_step_s
-            plan.multimodal_scale = multimodal_scale(base, plan, spent, step_s, log)
+            plan.multimodal_scale = multimodal_scale(base, plan, spent, log)
             save_plan(plan, out_dir)
         cfg = OmegaConf.merge(cfg, {"multimodal": scaled(base, plan.multimodal_scale).multimodal})
     mm = _multimodal_stage(cfg, out_dir / "pretrain", out_dir / "multimodal", progress, log)
