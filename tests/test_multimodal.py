@@ -430,3 +430,20 @@ def test_training_conversations_teach_vertical_order():
                 yb = next(s.y for s in shapes if s.name == b)
                 assert it.answer == ("yes" if ya < yb else "no")
     assert found > 20
+
+
+def test_a_deadline_stops_training_and_keeps_the_evaluation(tmp_path):
+    """A time-budgeted pipeline's last stage: past its deadline it trains one step, says so, and still
+    evaluates everything."""
+    import time
+
+    from nanogpt4.train.multimodal import run_multimodal
+
+    cfg = small_cfg(**dict(o.split("=") for o in MM_SMALL), **{"multimodal.data": "scenes", "model.vocab_size": 512,
+                                                           "model.max_seq_len": 64})
+    said = []
+    summary = run_multimodal(cfg, None, tmp_path / "mm", log=said.append, progress=False, deadline=time.time() - 1)
+    assert summary["tune_steps"] == 1 and "align_steps" not in summary  # no pretrained LM: no align stage
+    assert any("stopped at step 1 of 6: the time budget is spent" in line for line in said)
+    assert summary["scenes_accuracy"] is not None and summary["examples_eval"] > 0
+    assert (tmp_path / "mm" / "summary.json").exists()

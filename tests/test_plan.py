@@ -115,6 +115,8 @@ def test_the_multimodal_stage_is_fitted_to_the_time_left():
 
     s = plan_mod.multimodal_scale(cfg, plan, 300.0, **quiet)
     assert 300 + cost(s) <= 900 * plan_mod.LAST_STAGE_SHARE < 300 + cost(s + 0.001)
+    # the hard stop behind the refit leaves a stage that trains as estimated alone, and its evaluation time
+    assert s * variable * 0.2 < plan_mod.training_time_left(plan, 300.0) < 600 - fixed * 0.2
     # the earlier stages ran slower than planned: the last stage trains less
     late = plan_mod.multimodal_scale(cfg, plan, 400.0, **quiet)
     assert late < s and 400 + cost(late) <= 900 * plan_mod.LAST_STAGE_SHARE

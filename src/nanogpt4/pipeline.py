@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
-from nanogpt4.plan import Plan, multimodal_scale, pipeline_plan, save_plan, scaled, stage_scale
+from nanogpt4.plan import Plan, multimodal_scale, pipeline_plan, save_plan, scaled, stage_scale, training_time_left
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 from nanogpt4.train.multimodal import per_type_table
@@ -96,11 +96,11 @@ def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
     return _finished_or_fresh("rlhf", run_dir, cfg, log) or run_rlhf(cfg, pretrained, run_dir, log=log)
 
 
-def _multimodal_stage(cfg, pretrained: Path, run_dir: Path, progress: bool, log) -> dict:
+def _multimodal_stage(cfg, pretrained: Path, run_dir: Path, progress: bool, log, deadline: float | None) -> dict:
     from nanogpt4.train.multimodal import run_multimodal
 
     return (_finished_or_fresh("multimodal", run_dir, cfg, log)
-            or run_multimodal(cfg, pretrained, run_dir, log=log, progress=progress))
+            or run_multimodal(cfg, pretrained, run_dir, log=log, progress=progress, deadline=deadline))
 
 
 def _ci_line(rl: dict) -> str:
@@ -148,14 +148,16 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     pre = _pretrain_stage(cfg, out_dir / "pretrain", progress, log)
     samples = _samples(out_dir / "pretrain")
     rl = _rlhf_stage(cfg, out_dir / "pretrain", out_dir / "rlhf", log)
+    deadline = None
     if plan.minutes is not None:
+        # this command's time so far, or the stages' own times where an earlier command trained them
+        spent = max(time.time() - t0, pre.get("wall_s", 0.0) + rl.get("wall_s", 0.0))
         if plan.multimodal_scale is None:  # a rerun keeps the scale a stopped multimodal stage started with
-            # this command's time so far, or the stages' own times where an earlier command trained them
-            spent = max(time.time() - t0, pre.get("wall_s", 0.0) + rl.get("wall_s", 0.0))
             plan.multimodal_scale = multimodal_scale(base, plan, spent, log)
             save_plan(plan, out_dir)
         cfg = OmegaConf.merge(cfg, {"multimodal": scaled(base, plan.multimodal_scale).multimodal})
-    mm = _multimodal_stage(cfg, out_dir / "pretrain", out_dir / "multimodal", progress, log)
+        deadline = time.time() + training_time_left(plan, spent)
+    mm = _multimodal_stage(cfg, out_dir / "pretrain", out_dir / "multimodal", progress, log, deadline)
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     if (out_dir / "pretrain" / "plots" / "loss.png").exists():

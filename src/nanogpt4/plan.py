@@ -216,6 +216,14 @@ def multimodal_scale(cfg: DictConfig, plan: Plan, spent_s: float, log=print) -> 
     return scale
 
 
+def training_time_left(plan: Plan, spent_s: float) -> float:
+    """Seconds the multimodal stage may train before the budget ends, leaving its evaluation half again the
+    time it is estimated at: a hard stop behind the refit, for a machine that slows down after the probe (a
+    run's last stage took 14% longer than the probe said and the pipeline ended at 915 of 900 s)."""
+    assert plan.minutes is not None and plan.vlm_step_s
+    return plan.minutes * 60 - spent_s - 1.5 * COSTS["multimodal"][1] * plan.vlm_step_s
+
+
 def pipeline_plan(cfg: DictConfig, out_dir: Path, scale: float | None, minutes: float | None, log=print) -> Plan:
     """The plan for this pipeline directory: ``--scale`` as given, else the scale that fits ``--minutes``
     (``DEFAULT_MINUTES`` when neither is given). A minutes plan is stored in ``OUT/plan.json`` and reused by the

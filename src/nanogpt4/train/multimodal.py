@@ -311,7 +311,11 @@ def build_model(cfg: DictConfig, pretrained: Path | None, source: VQASource, dev
     return model, tok, cfg
 
 
-def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=print, progress: bool = True) -> dict:
+def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=print, progress: bool = True,
+                   deadline: float | None = None) -> dict:
+    """Train (LLaVA's align then tune), evaluate and report. ``deadline`` (a ``time.time()``) stops training
+    there even if steps are left, so that a time-budgeted pipeline keeps its budget when the machine slows down;
+    the evaluation still runs in full."""
     t_start = time.time()
     device = resolve_device(cfg.device)
     mm = cfg.multimodal
@@ -347,10 +351,16 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
         model.lm.requires_grad_(lm_trains)
         t0 = time.time()
         log(f"multimodal: stage {name} ({'all weights' if lm_trains else 'LM frozen'}), {steps} steps")
+        train_cfg = stage_cfg(cfg, steps)
+        if deadline is not None:
+            train_cfg.max_time_s = max(0.0, deadline - time.time())  # the trainer runs at least one step
         trainer = Trainer(cfg, model, batches, out / name, DistInfo(), device, loss_fn=vqa_loss,
-                          evaluate=quick_eval, train_cfg=stage_cfg(cfg, steps), tokenizer_path=out / "tokenizer.json",
+                          evaluate=quick_eval, train_cfg=train_cfg, tokenizer_path=out / "tokenizer.json",
                           progress=progress, log=log, lr_setting="multimodal.learning_rate")
         result = trainer.fit()
+        if result["steps"] < steps:
+            log(f"multimodal: stage {name} stopped at step {result['steps']} of {steps}: the time budget is spent")
+        summary[f"{name}_steps"] = result["steps"]
         summary[f"{name}_train_loss"] = result["final_train_loss"]
         summary[f"{name}_s"] = time.time() - t0
         train_s += time.time() - t0
