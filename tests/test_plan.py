@@ -94,6 +94,8 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
     _check_same_settings(tmp_path, load_config("tiny", ["rlhf.ppo_steps=3"]), ("model", "training", "seed"))
     with pytest.raises(UserError, match=r"training.eval_interval 100 -> 25; training.max_steps 1000 -> 250 and 1 more"):
         _check_same_settings(tmp_path, scaled(cfg, 0.0625), ("model", "training", "seed"))
+    with pytest.raises(UserError, match="give the --scale/--minutes it ran with"):
+        _check_same_settings(tmp_path, scaled(cfg, 0.5), ("model", "training", "seed"))
     with pytest.raises(UserError, match="seed 1337 -> 7"):
         _check_same_settings(tmp_path, load_config("tiny", ["seed=7"]), ("model", "training", "seed"))
 
