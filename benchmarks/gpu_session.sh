@@ -22,7 +22,7 @@ TORCH_LOGS=perf_hints run generate 150 $PY benchmarks/generate.py --layers 12 --
     --ctx 1024 --dtypes bfloat16 --iters 3
 # correctness (flash SDPA, causality, cache, left padding) and the memory model against max_memory_allocated
 run check 150 $PY benchmarks/cuda_check.py
-run pipeline 170 $PY -m nanogpt4 pipeline --device cuda --out /tmp/gpu_pipeline data.max_bytes=20000000 \
+run pipeline 170 $PY -m nanogpt4 pipeline --device cuda --scale 1 --out /tmp/gpu_pipeline data.max_bytes=20000000 \
     training.max_steps=300 rlhf.sft_steps=60 rlhf.reward_steps=60 rlhf.ppo_steps=8 rlhf.dpo_steps=20 \
     rlhf.label_prompts=200 rlhf.eval_prompts=64 multimodal.align_steps=20 multimodal.tune_steps=300 \
     multimodal.eval_scenes=40
