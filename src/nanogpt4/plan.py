@@ -178,11 +178,11 @@ def plan_for_minutes(cfg: DictConfig, minutes: float, log=print) -> Plan:
     log("pipeline: timing one training step of each model to fit the budget")
     lm, vlm = probe(cfg)
     budget = minutes * 60
-    full, fixed = estimate_s(cfg, 1.0, lm, vlm), estimate_s(cfg, 0.0, lm, vlm)
-    if estimate_s(cfg, MIN_SCALE, lm, vlm) > budget:
-        need = estimate_s(cfg, MIN_SCALE, lm, vlm) / 60
-        raise UserError(f"--minutes {minutes:g} is too short on this machine: the evaluations and set-up alone take "
-                        f"about {fixed / 60:.0f} minutes; give at least --minutes {math.ceil(need)}")
+    full, need = estimate_s(cfg, 1.0, lm, vlm), estimate_s(cfg, MIN_SCALE, lm, vlm) / 60
+    if need * 60 > budget:
+        raise UserError(f"--minutes {minutes:g} is too short on this machine: the shortest plan (scale {MIN_SCALE:g}, "
+                        f"{stage_scale(MIN_SCALE, 'pretrain'):.0%} of pretraining, the full evaluations) takes about "
+                        f"{need:.1f} minutes; give at least --minutes {math.ceil(need)}")
     # the largest scale on a 0.001 grid (a readable number that reruns reproduce exactly) whose estimate fits;
     # the estimate grows with the scale, so bisect
     lo, hi = round(MIN_SCALE * 1000), 1000
