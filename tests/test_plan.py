@@ -104,6 +104,10 @@ def test_a_shortened_report_says_so():
     assert shortened_note(Plan(0.25)).startswith("Scale 0.25 (as asked): pretraining trained for 0.5 of the full "
                                                  "recipe's steps, RLHF and the multimodal stage for 0.25 of theirs.")
     assert "(the largest that fits the 15-minute budget here)" in shortened_note(Plan(0.137, 15.0))
+    refitted = Plan(1.0, 15.0, multimodal_scale=0.5)  # only the last stage was cut to the time left
+    assert refitted.shortened and refitted.vlm_scale == 0.5
+    assert "the multimodal stage for 0.5 (fitted to the time left" in shortened_note(refitted)
+    assert not Plan(1.0, 15.0, multimodal_scale=1.0).shortened and not Plan(1.0).shortened
 
 
 def test_the_multimodal_stage_is_fitted_to_the_time_left():

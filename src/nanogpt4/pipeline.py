@@ -124,7 +124,7 @@ def _next_steps(out_dir: Path) -> str:
 
 def shortened_note(plan: Plan) -> str:
     budget = f"the largest that fits the {plan.minutes:g}-minute budget here" if plan.minutes else "as asked"
-    mm = plan.multimodal_scale or plan.scale
+    mm = plan.vlm_scale
     stages = (f"RLHF for {plan.scale:g} of theirs and the multimodal stage for {mm:g} (fitted to the time left "
               f"after RLHF)" if mm != plan.scale else f"RLHF and the multimodal stage for {plan.scale:g} of theirs")
     return (f"Scale {plan.scale:g} ({budget}): pretraining trained for {stage_scale(plan.scale, 'pretrain'):.3g} of "
@@ -185,7 +185,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
          "[multimodal/report.md](multimodal/report.md)"),
         ("Use the results", _next_steps(out_dir)),
     ]
-    if plan.scale != 1 or plan.multimodal_scale not in (None, 1):
+    if plan.shortened:
         sections.insert(0, ("Shortened run", shortened_note(plan)))
     summary = {
         "pretrain_val_loss": pre.get("val_loss"),
@@ -202,7 +202,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
         "wall_s": time.time() - t0,
         "device": pre.get("device"),
         "scale": plan.scale,
-        "multimodal_scale": plan.multimodal_scale or plan.scale,
+        "multimodal_scale": plan.vlm_scale,
         "budget_minutes": plan.minutes,
         "estimate_s": plan.estimate_s,
     }

@@ -81,6 +81,15 @@ class Plan:
     estimate_s: float | None = None
     multimodal_scale: float | None = None  # --minutes: refitted to the time left once RLHF is done
 
+    @property
+    def vlm_scale(self) -> float:
+        """The scale the multimodal stage trains at: its refitted one where a budget set it."""
+        return self.scale if self.multimodal_scale is None else self.multimodal_scale
+
+    @property
+    def shortened(self) -> bool:
+        return self.scale != 1 or self.vlm_scale != 1
+
 
 def stage_scale(scale: float, stage: str) -> float:
     """The fraction of its steps ``stage`` trains for at pipeline scale ``scale``. Pretraining gets the square
@@ -200,16 +209,23 @@ def plan_for_minutes(cfg: DictConfig, minutes: float, log=print) -> Plan:
     return plan
 
 
+def _multimodal_costs_s(plan: Plan) -> tuple[float, float]:
+    """The multimodal stage's fixed seconds (its evaluation) and seconds per unit of training work, from the probe
+    of a budgeted plan."""
+    assert plan.minutes is not None and plan.vlm_step_s, "only a --minutes plan has a budget to fit"
+    _, fixed, variable = COSTS["multimodal"]
+    return fixed * plan.vlm_step_s, variable * plan.vlm_step_s
+
+
 def multimodal_scale(cfg: DictConfig, plan: Plan, spent_s: float, log=print) -> float:
     """The last stage's scale, fitted to what is left of ``plan``'s budget after the earlier stages took
     ``spent_s`` (measured, so their estimates' errors do not add up). The multimodal stage is about half the time
     of a budgeted run, and on a shared 2-core VM the probe's timing of the earlier stages is off by up to 10%:
     a run planned once finished at 101% of its budget, another at 89%."""
-    assert plan.minutes is not None and plan.vlm_step_s
-    _, fixed, variable = COSTS["multimodal"]
+    fixed_s, variable_s = _multimodal_costs_s(plan)
     left = plan.minutes * 60 * LAST_STAGE_SHARE - spent_s
-    full = _work(cfg, "multimodal") * variable * plan.vlm_step_s
-    fitted = (left - fixed * plan.vlm_step_s) / full if full > 0 else 1.0
+    full = _work(cfg, "multimodal") * variable_s
+    fitted = (left - fixed_s) / full if full > 0 else 1.0
     scale = min(1.0, max(MIN_SCALE, math.floor(fitted * 1000) / 1000))
     log(f"pipeline: {spent_s / 60:.1f} of {plan.minutes:g} minutes spent; the multimodal stage gets scale {scale:g}"
         + (" (the budget is spent: the run will overrun it)" if fitted < MIN_SCALE else ""))
@@ -220,8 +236,8 @@ def training_time_left(plan: Plan, spent_s: float) -> float:
     """Seconds the multimodal stage may train before the budget ends, leaving its evaluation half again the
     time it is estimated at: a hard stop behind the refit, for a machine that slows down after the probe (a
     run's last stage took 14% longer than the probe said and the pipeline ended at 915 of 900 s)."""
-    assert plan.minutes is not None and plan.vlm_step_s
-    return plan.minutes * 60 - spent_s - 1.5 * COSTS["multimodal"][1] * plan.vlm_step_s
+    fixed_s, _ = _multimodal_costs_s(plan)
+    return plan.minutes * 60 - spent_s - 1.5 * fixed_s
 
 
 def pipeline_plan(cfg: DictConfig, out_dir: Path, scale: float | None, minutes: float | None, log=print) -> Plan:

@@ -271,12 +271,12 @@ def summarise(items: list[VQAItem], answers: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the stage
-def stage_cfg(cfg: DictConfig, steps: int) -> DictConfig:
+def stage_cfg(cfg: DictConfig, steps: int, max_time_s: float | None = None) -> DictConfig:
     mm = cfg.multimodal
     return OmegaConf.merge(cfg.training, {  # type: ignore[return-value]
         "max_steps": steps, "learning_rate": mm.learning_rate, "batch_size": mm.batch_size,
         "warmup_steps": min(100, steps // 10 + 1), "eval_interval": max(1, steps // 4),
-        "checkpoint_interval": steps, "sample_tokens": 0, "max_tokens": None, "max_time_s": None,
+        "checkpoint_interval": steps, "sample_tokens": 0, "max_tokens": None, "max_time_s": max_time_s,
         "lr_decay_steps": None, "grad_accum_steps": 1})
 
 
@@ -351,9 +351,8 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
         model.lm.requires_grad_(lm_trains)
         t0 = time.time()
         log(f"multimodal: stage {name} ({'all weights' if lm_trains else 'LM frozen'}), {steps} steps")
-        train_cfg = stage_cfg(cfg, steps)
-        if deadline is not None:
-            train_cfg.max_time_s = max(0.0, deadline - time.time())  # the trainer runs at least one step
+        # the trainer runs at least one step, even past the deadline
+        train_cfg = stage_cfg(cfg, steps, None if deadline is None else max(0.0, deadline - time.time()))
         trainer = Trainer(cfg, model, batches, out / name, DistInfo(), device, loss_fn=vqa_loss,
                           evaluate=quick_eval, train_cfg=train_cfg, tokenizer_path=out / "tokenizer.json",
                           progress=progress, log=log, lr_setting="multimodal.learning_rate")
