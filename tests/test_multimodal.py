@@ -22,7 +22,15 @@ from nanogpt4.data.vision import (
 )
 from nanogpt4.errors import UserError
 from nanogpt4.model.multimodal import MultimodalTransformer
-from nanogpt4.train.multimodal import TextCodec, VQABatches, VQASource, bleu, question_only_prior, summarise
+from nanogpt4.train.multimodal import (
+    TextCodec,
+    VQABatches,
+    VQASource,
+    bleu,
+    question_only_prior,
+    stage_cfg,
+    summarise,
+)
 
 IMG = 2  # <|image|> id of the BPE tokenizer
 
@@ -447,3 +455,10 @@ def test_a_deadline_stops_training_and_keeps_the_evaluation(tmp_path):
     assert any("stopped at step 1 of 6: the time budget is spent" in line for line in said)
     assert summary["scenes_accuracy"] is not None and summary["examples_eval"] > 0
     assert (tmp_path / "mm" / "summary.json").exists()
+
+
+def test_stage_probe_evaluations_are_at_most_four_and_not_more_often_than_every_25_steps():
+    cfg = load_config("tiny")
+    # the full recipe's stages keep four; a shortened one evaluates at its end only
+    assert [stage_cfg(cfg, n).eval_interval for n in (3500, 308, 100, 40, 9)] == [875, 77, 25, 25, 9]
+    assert stage_cfg(cfg, 9).max_time_s is None and stage_cfg(cfg, 9, 12.5).max_time_s == 12.5
