@@ -17,7 +17,9 @@ def test_scale_multiplies_training_work_and_keeps_evaluations():
     cfg = load_config("tiny", ["multimodal.align_steps=0"])
     s = scaled(cfg, 0.09)
     # pretraining keeps the square root of the scale: every later stage starts from its model
-    assert (s.training.max_steps, s.training.warmup_steps, s.training.eval_interval) == (300, 15, 30)
+    assert (s.training.max_steps, s.training.eval_interval) == (300, 30)
+    # ... on the full run's learning-rate schedule (test_a_shortened_pretraining_is_the_full_one_stopped_early)
+    assert (s.training.warmup_steps, s.training.lr_decay_steps) == (50, 1000)
     assert (s.rlhf.sft_steps, s.rlhf.reward_steps, s.rlhf.ppo_steps, s.rlhf.dpo_steps) == (18, 27, 3, 14)
     assert s.rlhf.label_prompts == 288 and s.multimodal.tune_steps == 315
     assert s.multimodal.align_steps == 0  # a stage switched off stays off
@@ -26,6 +28,21 @@ def test_scale_multiplies_training_work_and_keeps_evaluations():
     tiny = scaled(cfg, 0.001)
     assert tiny.rlhf.ppo_steps == 1 and tiny.training.max_steps == 32 and tiny.rlhf.label_prompts == 64
     assert scaled(cfg, 1.0) == cfg
+
+
+def test_a_shortened_pretraining_is_the_full_one_stopped_early(prepared, tmp_path):
+    from nanogpt4.train.pretrain import pretrain
+    from nanogpt4.utils import read_jsonl
+
+    def step_losses(cfg, out):
+        pretrain(cfg, out, progress=False, log=lambda _m: None)
+        return {r["step"]: r["step_loss"] for r in read_jsonl(out / "metrics.jsonl") if "step_loss" in r}
+
+    full_cfg = load_config("tiny", prepared[0] + ["training.max_steps=12", "training.warmup_steps=3"])
+    short_cfg = scaled(full_cfg, 0.25)
+    assert short_cfg.training.max_steps == 6  # the square root of the scale
+    full, short = step_losses(full_cfg, tmp_path / "full"), step_losses(short_cfg, tmp_path / "short")
+    assert short == {s: full[s] for s in range(1, 7)}  # exact, every step
 
 
 def test_estimate_follows_the_configured_step_counts():
@@ -92,7 +109,7 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     _check_same_settings(tmp_path, cfg, ("model", "training", "seed"))
     _check_same_settings(tmp_path, load_config("tiny", ["rlhf.ppo_steps=3"]), ("model", "training", "seed"))
-    with pytest.raises(UserError, match=r"training.eval_interval 100 -> 25; training.max_steps 1000 -> 250 and 1 more"):
+    with pytest.raises(UserError, match=r"training.eval_interval 100 -> 25; training.lr_decay_steps None -> 1000 and 1 more"):
         _check_same_settings(tmp_path, scaled(cfg, 0.0625), ("model", "training", "seed"))
     with pytest.raises(UserError, match="give the --scale/--minutes it ran with"):
         _check_same_settings(tmp_path, scaled(cfg, 0.5), ("model", "training", "seed"))
