@@ -109,7 +109,8 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     _check_same_settings(tmp_path, cfg, ("model", "training", "seed"))
     _check_same_settings(tmp_path, load_config("tiny", ["rlhf.ppo_steps=3"]), ("model", "training", "seed"))
-    with pytest.raises(UserError, match=r"training.eval_interval 100 -> 25; training.lr_decay_steps None -> 1000 and 1 more"):
+    changed = r"training.eval_interval 100 -> 25; training.lr_decay_steps None -> 1000 and 1 more"
+    with pytest.raises(UserError, match=changed):
         _check_same_settings(tmp_path, scaled(cfg, 0.0625), ("model", "training", "seed"))
     with pytest.raises(UserError, match="give the --scale/--minutes it ran with"):
         _check_same_settings(tmp_path, scaled(cfg, 0.5), ("model", "training", "seed"))
@@ -118,8 +119,9 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
 
 
 def test_a_shortened_report_says_so():
-    assert shortened_note(Plan(0.25)).startswith("Scale 0.25 (as asked): pretraining trained for 0.5 of the full "
-                                                 "recipe's steps, RLHF and the multimodal stage for 0.25 of theirs.")
+    assert shortened_note(Plan(0.25)).startswith(
+        "Scale 0.25 (as asked): pretraining trained for 0.5 of the full recipe's steps (the full run's first steps, "
+        "on its learning-rate schedule), RLHF and the multimodal stage for 0.25 of theirs.")
     assert "(the largest that fits the 15-minute budget here)" in shortened_note(Plan(0.137, 15.0))
     refitted = Plan(1.0, 15.0, multimodal_scale=0.5)  # only the last stage was cut to the time left
     assert refitted.shortened and refitted.vlm_scale == 0.5

@@ -128,7 +128,8 @@ def shortened_note(plan: Plan) -> str:
     stages = (f"RLHF for {plan.scale:g} of theirs and the multimodal stage for {mm:g} (fitted to the time left "
               f"after RLHF)" if mm != plan.scale else f"RLHF and the multimodal stage for {plan.scale:g} of theirs")
     return (f"Scale {plan.scale:g} ({budget}): pretraining trained for {stage_scale(plan.scale, 'pretrain'):.3g} of "
-            f"the full recipe's steps, {stages}. The evaluations are the full run's, so the numbers below measure "
+            f"the full recipe's steps (the full run's first steps, on its learning-rate schedule), {stages}. "
+            f"The evaluations are the full run's, so the numbers below measure "
             f"the same things for models that trained less. `--scale 1` runs the full recipe; its results are in "
             f"the README.")
 
