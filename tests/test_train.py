@@ -87,6 +87,15 @@ def test_resume_reproduces_losses_bitwise(prepared, tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_a_short_run_on_a_longer_schedule_extends_exactly(prepared, tmp_path):
+    """`max_steps=6 lr_decay_steps=12`, resumed later with `max_steps=12`, is the 12-step run (the README's way to
+    train a short run that can be extended, and what the pipeline's budgets do)."""
+    run(prepared, tmp_path / "full", "training.max_steps=12")
+    run(prepared, tmp_path / "short", "training.max_steps=6", "training.lr_decay_steps=12")
+    run(prepared, tmp_path / "short", "training.max_steps=12", resume=True)
+    assert step_losses(tmp_path / "full") == step_losses(tmp_path / "short")
+
+
 def test_resume_with_dropout_restores_rng(prepared, tmp_path):
     common = ("model.dropout=0.2", "training.max_steps=8", "training.checkpoint_interval=4")
     run(prepared, tmp_path / "full", *common)
