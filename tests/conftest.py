@@ -10,6 +10,13 @@ CORPUS_FILES = ["textwrap.py", "shlex.py", "fractions.py", "heapq.py", "bisect.p
                 "fnmatch.py", "keyword.py", "string.py", "numbers.py", "this.py", "types.py", "copy.py"]
 
 
+def step_losses(run_dir) -> dict[int, float]:
+    """Each training step's own loss from a run's metrics.jsonl, by step."""
+    from nanogpt4.utils import read_jsonl
+
+    return {r["step"]: r["step_loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "step_loss" in r}
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """A small real-Python corpus (a few stdlib modules), built offline on any machine."""

@@ -7,11 +7,8 @@ import pytest
 from nanogpt4.config import load_config
 from nanogpt4.train.checkpoint import load_model
 from nanogpt4.train.pretrain import pretrain
-from nanogpt4.utils import read_jsonl
 
-
-def losses(run_dir):
-    return {r["step"]: r["step_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step_loss" in r}
+from .conftest import step_losses
 
 
 def torchrun(out, overrides, nproc=2, expect_rc=0):
@@ -29,7 +26,7 @@ def test_two_process_ddp_reproduces_single_process(prepared, tmp_path, extra):
     ov = ov + ["training.max_steps=8", "training.eval_interval=4", "training.checkpoint_interval=4"] + extra
     pretrain(load_config("tiny", ov), tmp_path / "single", progress=False, log=lambda _m: None)
     torchrun(tmp_path / "ddp", ov)
-    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    single, ddp = step_losses(tmp_path / "single"), step_losses(tmp_path / "ddp")
     assert list(ddp) == list(range(1, 9))
     for step in single:
         assert abs(single[step] - ddp[step]) < 1e-5, (step, single[step], ddp[step])
@@ -46,7 +43,7 @@ def test_fsdp_two_processes_trains_and_checkpoints(prepared, tmp_path):
                "training.fsdp=true"]
     pretrain(load_config("tiny", ov[:-1]), tmp_path / "single", progress=False, log=lambda _m: None)
     torchrun(tmp_path / "fsdp", ov)
-    single, fsdp = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    single, fsdp = step_losses(tmp_path / "single"), step_losses(tmp_path / "fsdp")
     for step in single:
         assert abs(single[step] - fsdp[step]) < 1e-4, (step, single[step], fsdp[step])
     m, _, _ = load_model(tmp_path / "fsdp")  # gathered full weights load into a plain model

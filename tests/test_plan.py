@@ -12,6 +12,8 @@ from nanogpt4.errors import UserError
 from nanogpt4.pipeline import _check_same_settings, shortened_note
 from nanogpt4.plan import MIN_SCALE, Plan, _work, estimate_s, pipeline_plan, plan_for_minutes, probe, save_plan, scaled
 
+from .conftest import step_losses
+
 
 def test_scale_multiplies_training_work_and_keeps_evaluations():
     cfg = load_config("tiny", ["multimodal.align_steps=0"])
@@ -32,16 +34,13 @@ def test_scale_multiplies_training_work_and_keeps_evaluations():
 
 def test_a_shortened_pretraining_is_the_full_one_stopped_early(prepared, tmp_path):
     from nanogpt4.train.pretrain import pretrain
-    from nanogpt4.utils import read_jsonl
-
-    def step_losses(cfg, out):
-        pretrain(cfg, out, progress=False, log=lambda _m: None)
-        return {r["step"]: r["step_loss"] for r in read_jsonl(out / "metrics.jsonl") if "step_loss" in r}
 
     full_cfg = load_config("tiny", prepared[0] + ["training.max_steps=12", "training.warmup_steps=3"])
     short_cfg = scaled(full_cfg, 0.25)
     assert short_cfg.training.max_steps == 6  # the square root of the scale
-    full, short = step_losses(full_cfg, tmp_path / "full"), step_losses(short_cfg, tmp_path / "short")
+    for cfg, name in ((full_cfg, "full"), (short_cfg, "short")):
+        pretrain(cfg, tmp_path / name, progress=False, log=lambda _m: None)
+    full, short = step_losses(tmp_path / "full"), step_losses(tmp_path / "short")
     assert short == {s: full[s] for s in range(1, 7)}  # exact, every step
 
 

@@ -3,7 +3,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ from nanogpt4.train.pretrain import pretrain
 from nanogpt4.train.trainer import lr_at, rank_rows
 from nanogpt4.utils import read_jsonl
 
+from .conftest import step_losses
+
 
 def quiet(_msg):
     pass
@@ -25,10 +26,6 @@ def run(prepared, out, *extra, resume=False):
     ov, _ = prepared
     cfg = load_config("tiny", ov + list(extra))
     return pretrain(cfg, out, resume=resume, progress=False, log=quiet)
-
-
-def step_losses(run_dir):
-    return {r["step"]: r["step_loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "step_loss" in r}
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
