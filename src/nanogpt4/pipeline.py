@@ -129,9 +129,8 @@ def shortened_note(plan: Plan) -> str:
               f"after RLHF)" if mm != plan.scale else f"RLHF and the multimodal stage for {plan.scale:g} of theirs")
     return (f"Scale {plan.scale:g} ({budget}): pretraining trained for {stage_scale(plan.scale, 'pretrain'):.3g} of "
             f"the full recipe's steps (the full run's first steps, on its learning-rate schedule), {stages}. "
-            f"The evaluations are the full run's, so the numbers below measure "
-            f"the same things for models that trained less. `--scale 1` runs the full recipe; its results are in "
-            f"the README.")
+            f"The evaluations are the full run's, so the numbers below measure the same things for models that "
+            f"trained less. `--scale 1` runs the full recipe; its results are in the README.")
 
 
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print,
