@@ -28,6 +28,23 @@ def test_stdlib_source_excludes_tests_and_site_packages():
     assert sum(len(d) for d in corpus.train + corpus.val) <= 200_000
 
 
+def test_stdlib_all_adds_the_test_suite_without_its_broken_fixtures():
+    base = sources.stdlib_files()
+    every = sources.stdlib_files(with_tests=True)
+    if sum(f.name.startswith("test_") for f in every) < 50:
+        with pytest.raises(UserError, match="no test suite"):
+            load_corpus("stdlib:all", max_bytes=10_000)
+        pytest.skip("this interpreter ships without its test suite")
+    assert set(base) < set(every) and len(every) > 2 * len(base)
+    names = {f.name for f in every}
+    assert "test_grammar.py" in names
+    assert not any(n.startswith(("badsyntax_", "bad_coding")) for n in names)
+    assert not any("lib2to3/tests/data" in f.as_posix() for f in every)
+    assert "site-packages" not in {p for f in every for p in f.parts}
+    with pytest.raises(UserError, match="stdlib:all"):
+        load_corpus("stdlib:tests")
+
+
 def test_split_is_deterministic_and_disjoint(corpus_dir):
     a = load_corpus(f"text:{corpus_dir}/*.py", val_fraction=0.3)
     b = load_corpus(f"text:{corpus_dir}/*.py", val_fraction=0.3)

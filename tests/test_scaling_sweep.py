@@ -117,6 +117,27 @@ def test_a_target_far_off_the_frontier_is_flagged_before_it_runs():
     assert warning(1.0, ratio=20.0) is None  # a recipe-matched family fixes tokens per parameter by design
 
 
+def test_the_chosen_target_width_fits_in_one_epoch():
+    # a law fitted on small runs favours tiny widths trained on many tokens; the width picked for the target must
+    # still train within one epoch (it once picked a width needing 40M tokens of an 8M-token corpus, after minutes
+    # of fitting)
+    from nanogpt4.scaling.accounting import meta_model
+    from nanogpt4.scaling.laws import ChinchillaLaw
+    from nanogpt4.scaling.sweep import _best_dim, size_config
+
+    cfg = load_config("tiny", ["training.batch_size=8"])
+    law = ChinchillaLaw(E=1.0, A=5.0, B=400.0, alpha=0.3, beta=0.4)  # data-hungry: the free optimum is tiny
+    budget = 4e13
+
+    def tokens(d):
+        return budget / meta_model(size_config(cfg, d)).flops_per_token(cfg.model.max_seq_len)
+
+    capped = _best_dim(cfg, law, budget, [16], train_tokens=8_000_000)
+    assert tokens(capped) <= 8_000_000 < tokens(capped - 16)  # the narrowest width that fits: this law's choice
+    with pytest.raises(UserError, match="one epoch"):
+        _best_dim(cfg, law, 1e20, [16], train_tokens=1000)
+
+
 def test_a_diverged_run_is_recorded_and_every_fit_refuses_it(prepared, tmp_path):
     base = load_config("tiny", prepared[0] + ["training.warmup_steps=1", "training.grad_clip=0",
                                               "training.learning_rate=1e5"])

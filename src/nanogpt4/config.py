@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | text:PATH_OR_GLOB | jsonl:PATH | shakespeare | hf:NAME[:CONFIG]
+    source: str = "stdlib"  # stdlib | stdlib:all | text:PATH_OR_GLOB | jsonl:PATH | shakespeare | hf:NAME[:CONFIG]
     tokenizer: str = "bpe"  # bpe (trained on the train split, size = model.vocab_size) | gpt2 (tiktoken)
     dir: str | None = None  # where prepared shards live; None = runs/data/<source>-<tokenizer>-<vocab>
     val_fraction: float = 0.05

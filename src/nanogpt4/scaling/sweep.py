@@ -248,18 +248,18 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
                 raise UserError("give --target-flops (an IsoFLOP sweep), or --target-dim for a sweep run with "
                                 "--tokens-per-param (the target is then the family's member of that width)")
             target_budget = family_budget(base, target_dim, ratio)
-        fit = fit_power_law(compute, loss, bootstrap=bootstrap)
+        meta = load_meta(default_data_dir(base))
         if target_dim is None:
             law = fit_chinchilla([r["non_embedding_params"] for r in rows], [r["tokens"] for r in rows],
                                  [r["val_loss"] for r in rows]) if len(rows) >= 5 else None
-            target_dim = _best_dim(base, law, target_budget, [r["dim"] for r in chosen])
+            target_dim = _best_dim(base, law, target_budget, [r["dim"] for r in chosen], meta["train_tokens"])
+        fit = fit_power_law(compute, loss, bootstrap=bootstrap)
         cfg = size_config(base, target_dim)
         target_model = meta_model(cfg)
         tokens_per_step = base.training.batch_size * base.model.max_seq_len
         steps = math.floor(target_budget / (target_model.flops_per_token(cfg.model.max_seq_len) * tokens_per_step)
                            + 1e-9)
         target_tokens = steps * tokens_per_step
-        meta = load_meta(default_data_dir(base))
         if target_tokens > meta["train_tokens"]:
             fix = ("pick a smaller --target-dim (the family's recipe fixes its tokens)" if ratio is not None
                    else "lower --target-flops or pick a larger --target-dim")
@@ -330,19 +330,24 @@ def _data_limited_warning(target: float, chosen: list[dict], train_tokens: int, 
         return None
     return (f"the target trains on {target:.1f} tokens per parameter, the largest frontier run on "
             f"{frontier_ratio:.1f}: L(C) was fitted to compute-optimal runs, and a target this far off the "
-            f"frontier will likely land above the prediction (one epoch holds {train_tokens:,} tokens); pick a "
+            f"frontier may land above the prediction (one epoch holds {train_tokens:,} tokens); pick a "
             f"smaller --target-dim, or more data")
 
 
-def _best_dim(base: DictConfig, law, budget: float, candidates: list[int]) -> int:
-    """The width minimising the fitted L(N, D) under the exact budget (D = C / FLOPs-per-token of that width);
-    without a law, the widest model on the frontier."""
+def _best_dim(base: DictConfig, law, budget: float, candidates: list[int], train_tokens: int) -> int:
+    """The width minimising the fitted L(N, D) under the exact budget (D = C / FLOPs-per-token of that width)
+    among the widths whose D fits in one epoch; without a law, the widest model on the frontier."""
     if law is None:
         return max(candidates)
 
-    def predicted(d: int) -> float:
+    sizes = {}  # width -> (non-embedding params, tokens the budget buys)
+    for d in range(1024, HEAD_DIM - 1, -HEAD_DIM):
         m = meta_model(size_config(base, d))
         tokens = budget / m.flops_per_token(base.model.max_seq_len)
-        return float(law.loss(m.num_parameters(non_embedding=True), tokens))
-
-    return min(range(HEAD_DIM, 1025, HEAD_DIM), key=predicted)
+        if tokens > train_tokens:
+            break  # narrower models buy more tokens still: none of them fits
+        sizes[d] = (m.num_parameters(non_embedding=True), tokens)
+    if not sizes:
+        raise UserError(f"no width up to 1024 trains on {budget:.3g} FLOPs within one epoch "
+                        f"({train_tokens:,} tokens); lower --target-flops or prepare more data")
+    return min(sizes, key=lambda d: float(law.loss(*sizes[d])))
