@@ -117,6 +117,19 @@ def test_a_target_far_off_the_frontier_is_flagged_before_it_runs():
     assert warning(1.0, ratio=20.0) is None  # a recipe-matched family fixes tokens per parameter by design
 
 
+def test_predict_prints_the_fit_runs_and_the_target_as_a_table():
+    from nanogpt4.scaling.cli import prediction_table
+
+    result = {"fit_runs": [{"name": "d8_c4.30e+09", "flops": 4.24e9, "val_loss": 7.0876},
+                           {"name": "d16_c4.30e+11", "flops": 4.3e11, "val_loss": 5.3059}],
+              "target_dim": 128, "target_flops": 1.3e13, "actual_loss": 4.3291, "predicted_loss": 4.2675,
+              "ci95": [4.1437, 4.7570], "rel_error": 0.0142, "compute_ratio": 30.2}
+    lines = prediction_table(result).splitlines()
+    assert len(lines) == 4 and lines[1].split() == ["d8_c4.30e+09", "4.24e+09", "7.0876"]
+    assert lines[-1].split()[:7] == ["target", "d128", "1.30e+13", "4.3291", "4.2675", "[4.1437,", "4.7570]"]
+    assert "1.42%" in lines[-1] and "30.2x" in lines[-1]
+
+
 def test_the_chosen_target_width_fits_in_one_epoch():
     # a law fitted on small runs favours tiny widths trained on many tokens; the width picked for the target must
     # still train within one epoch (it once picked a width needing 40M tokens of an 8M-token corpus, after minutes

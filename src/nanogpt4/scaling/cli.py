@@ -179,6 +179,17 @@ def cmd_sweep(args, cfg) -> dict:
     return {"runs": len(rows), "sweep": str(out / "sweep.jsonl")}
 
 
+def prediction_table(result: dict) -> str:
+    """The runs the law was fitted to, then the held-out target: what was predicted, what it reached."""
+    lines = [f"{'run':<18} {'FLOPs':>9} {'val loss':>9}  {'predicted (95%)':<26} {'error':>6}"]
+    lines += [f"{r['name']:<18} {r['flops']:>9.2e} {r['val_loss']:>9.4f}" for r in result["fit_runs"]]
+    lo, hi = result["ci95"]
+    lines.append(f"{'target d' + str(result['target_dim']):<18} {result['target_flops']:>9.2e} "
+                 f"{result['actual_loss']:>9.4f}  {result['predicted_loss']:.4f} [{lo:.4f}, {hi:.4f}]  "
+                 f"{result['rel_error']:>6.2%}  ({result['compute_ratio']:.1f}x the largest fitted run)")
+    return "\n".join(lines)
+
+
 def cmd_predict(args, cfg) -> dict:
     from nanogpt4.scaling.laws import fit_power_law
     from nanogpt4.scaling.sweep import predict_and_check
@@ -186,6 +197,7 @@ def cmd_predict(args, cfg) -> dict:
 
     out = args.out or args.sweep.parent / "predict"
     result = predict_and_check(cfg, args.sweep, args.target_flops, args.target_dim, out, args.bootstrap)
+    print(prediction_table(result))
     print(f"predicted {result['predicted_loss']:.4f} 95% [{result['ci95'][0]:.4f}, {result['ci95'][1]:.4f}], "
           f"actual {result['actual_loss']:.4f}: relative error {result['rel_error']:.2%}, "
           f"{'covered' if result['covered'] else 'NOT covered'}, compute ratio {result['compute_ratio']:.1f}x")
