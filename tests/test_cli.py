@@ -188,6 +188,9 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     assert f"- **pretrain_val_loss**: {summary['pretrain_val_loss']:.4g}\n" in report  # rounded, not 17 digits
     assert f"- **pretrain_params**: {summary['pretrain_params']:,}\n" in report
     assert f"| tok_per_s | {summary['pretrain_tok_per_s']:,.0f} |" in report  # not 2.757e+04
+    # part 4 on this run: the accounting's exact count is the trained model's
+    assert "## Scaling accounting" in report and f"| params | {summary['pretrain_params']:,} |" in report
+    assert "| train_flops_per_token |" in report and "nanogpt4 scaling predict" in report
     # every command the report offers under "Use the results" works on this run (a random picture for `ask`)
     import shlex
 

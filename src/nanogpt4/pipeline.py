@@ -1,6 +1,7 @@
 """``nanogpt4 pipeline``: every stage on the offline default, one report.
 
 Stages: prepare (stdlib) -> pretrain (tiny) -> sample -> RLHF (SFT, reward model, PPO, DPO) -> multimodal
+-> report (with the pretrained model's scaling accounting)
 (the pretrained LM given eyes: scenes + digits VQA).
 Each stage writes its own run directory under ``OUT/``; a stage that already finished with the same settings
 is reused, an interrupted pretraining is resumed. ``--scale``/``--minutes`` shorten every stage's training
@@ -122,6 +123,29 @@ def _next_steps(out_dir: Path) -> str:
     return "```bash\n" + "\n".join(lines) + "\n```"
 
 
+def _scaling_section(cfg, pre: dict) -> str:
+    """Part 4 on this run's model: its exact size, FLOPs and memory (``nanogpt4 scaling plan``, instant). The
+    checked 30x prediction needs a sweep of its own (about 10 CPU-minutes), so the report gives its commands."""
+    from nanogpt4.scaling.accounting import plan as account
+    from nanogpt4.utils import resolve_device
+
+    a = account(cfg, None, pre.get("dtype") or "float32", resolve_device(cfg.device).type)
+    rows = {**{k: a[k] for k in ("params", "non_embedding_params", "train_flops_per_token",
+                                 "inference_flops_per_token")},
+            "train_memory_MiB": a["train_memory_bytes"] / 2**20,
+            "train_memory_MiB_checkpointed": a["train_memory_bytes_checkpointed"] / 2**20,
+            "inference_kv_bytes_per_token": a["inference_kv_bytes_per_token"],
+            "pretraining_flops": f"{pre['flops']:.3g}" if pre.get("flops") else None}
+    sweep = ("nanogpt4 scaling sweep --config tiny --out runs/sweep training.batch_size=4 \\\n"
+             "    --dims 8,16,32,48,64,96,128 --budgets 4.3e9,1.36e10,4.3e10,1.36e11,4.3e11\n"
+             "nanogpt4 scaling predict --config tiny training.batch_size=4 --sweep runs/sweep/sweep.jsonl \\\n"
+             "    --target-flops 1.3e13 --target-dim 128")
+    return (summary_table(rows, list(rows)) + f"\n\nTraining memory is predicted for micro-batch "
+            f"{a['micro_batch_size']} x {a['seq_len']} in {a['dtype']} (weights, grads, AdamW moments, the "
+            f"activations autograd saves). A loss predicted from runs with 30x less compute, then checked against "
+            f"the real run (about 10 minutes on 2 CPU cores; README, Predictable scaling):\n\n```bash\n{sweep}\n```")
+
+
 def shortened_note(plan: Plan) -> str:
     budget = f"the largest that fits the {plan.minutes:g}-minute budget here" if plan.minutes else "as asked"
     mm = plan.vlm_scale
@@ -183,6 +207,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
             "caption_bleu", "examples_eval", "image_tokens", "train_s"]) + "\n\n" + per_type_table(mm)
          + "\n\n![held-out examples](plots/multimodal_examples.png)\n\nDetails: "
          "[multimodal/report.md](multimodal/report.md)"),
+        ("Scaling accounting (the pretrained model)", _scaling_section(cfg, pre)),
         ("Use the results", _next_steps(out_dir)),
     ]
     if plan.shortened:
