@@ -1,8 +1,7 @@
 """``nanogpt4 pipeline``: every stage on the offline default, one report.
 
 Stages: prepare (stdlib) -> pretrain (tiny) -> sample -> RLHF (SFT, reward model, PPO, DPO) -> multimodal
--> report (with the pretrained model's scaling accounting)
-(the pretrained LM given eyes: scenes + digits VQA).
+(the pretrained LM given eyes: scenes + digits VQA) -> report (with the pretrained model's scaling accounting).
 Each stage writes its own run directory under ``OUT/``; a stage that already finished with the same settings
 is reused, an interrupted pretraining is resumed. ``--scale``/``--minutes`` shorten every stage's training
 (:mod:`nanogpt4.plan`).
