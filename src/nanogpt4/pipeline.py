@@ -126,14 +126,15 @@ def _scaling_section(cfg, pre: dict) -> str:
     """Part 4 on this run's model: its exact size, FLOPs and memory (``nanogpt4 scaling plan``, instant). The
     checked 30x prediction needs a sweep of its own (about 10 CPU-minutes), so the report gives its commands."""
     from nanogpt4.scaling.accounting import plan as account
+    from nanogpt4.scaling.cli import _fmt_bytes
     from nanogpt4.utils import resolve_device
 
     a = account(cfg, None, pre.get("dtype") or "float32", resolve_device(cfg.device).type)
     rows = {**{k: a[k] for k in ("params", "non_embedding_params", "train_flops_per_token",
                                  "inference_flops_per_token")},
-            "train_memory_MiB": a["train_memory_bytes"] / 2**20,
-            "train_memory_MiB_checkpointed": a["train_memory_bytes_checkpointed"] / 2**20,
-            "inference_kv_bytes_per_token": a["inference_kv_bytes_per_token"],
+            "train_memory": _fmt_bytes(a["train_memory_bytes"]),
+            "train_memory_checkpointed": _fmt_bytes(a["train_memory_bytes_checkpointed"]),
+            "inference_kv_per_token": _fmt_bytes(a["inference_kv_bytes_per_token"]),
             "pretraining_flops": f"{pre['flops']:.3g}" if pre.get("flops") else None}
     sweep = ("nanogpt4 scaling sweep --config tiny --out runs/sweep training.batch_size=4 \\\n"
              "    --dims 8,16,32,48,64,96,128 --budgets 4.3e9,1.36e10,4.3e10,1.36e11,4.3e11\n"

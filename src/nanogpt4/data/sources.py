@@ -114,10 +114,9 @@ def stdlib_files(with_tests: bool = False) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skip)
-        for name in sorted(filenames):
-            rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            if name.endswith(".py") and not any(fnmatch.fnmatch(rel, g) for g in BROKEN_FIXTURES):
-                files.append(Path(dirpath) / name)
+        for path in (Path(dirpath) / name for name in sorted(filenames) if name.endswith(".py")):
+            if not any(fnmatch.fnmatch(path.relative_to(root).as_posix(), g) for g in BROKEN_FIXTURES):
+                files.append(path)
     return files
 
 

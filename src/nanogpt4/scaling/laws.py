@@ -117,7 +117,8 @@ class PowerLawFit:
 
 
 def _fit_power_law_once(x: np.ndarray, y: np.ndarray, c_ref: float,
-                        starts: list[tuple[float, float, float]] | None = None) -> tuple[np.ndarray, float, bool]:
+                        starts: list[tuple[float, float, float]] | None = None,
+                        ) -> tuple[np.ndarray, float, bool, tuple[float, float, float]]:
     """Parameters (a', b, c) in scaled units, minimising squared log residuals; also the raw optimum.
 
     Raw parameters p keep the constraints (a = e^p0 > 0, b = -softplus(p1) < 0, 0 < c = ymin·sigmoid(p2) <
