@@ -209,7 +209,7 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     assert code == 0 and "reusing finished run" in out
     # ... but never for a command that asks for other training (here: a quarter of the steps)
     code, _, err = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov, "--scale", "0.25")
-    assert_one_line_error(code, err, "training.checkpoint_interval 6 -> 3; training.eval_interval 10 -> 5")
+    assert_one_line_error(code, err, "training.checkpoint_interval 6 -> 3; training.cooldown_steps 0 -> 3")
 
 
 def test_cuda_requested_without_cuda(capsys):

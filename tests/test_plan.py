@@ -10,7 +10,18 @@ import nanogpt4.plan as plan_mod
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
 from nanogpt4.pipeline import _check_same_settings, shortened_note
-from nanogpt4.plan import MIN_SCALE, Plan, _work, estimate_s, pipeline_plan, plan_for_minutes, probe, save_plan, scaled
+from nanogpt4.plan import (
+    MIN_SCALE,
+    Plan,
+    _work,
+    estimate_s,
+    pipeline_plan,
+    plan_for_minutes,
+    probe,
+    save_plan,
+    scaled,
+    shortened_pretraining,
+)
 
 from .conftest import step_losses
 
@@ -18,30 +29,46 @@ from .conftest import step_losses
 def test_scale_multiplies_training_work_and_keeps_evaluations():
     cfg = load_config("tiny", ["multimodal.align_steps=0"])
     s = scaled(cfg, 0.09)
-    # pretraining keeps the square root of the scale: every later stage starts from its model
-    assert (s.training.max_steps, s.training.eval_interval) == (300, 30)
-    # ... on the full run's learning-rate schedule (test_a_shortened_pretraining_is_the_full_one_stopped_early)
-    assert (s.training.warmup_steps, s.training.lr_decay_steps) == (50, 1000)
     assert (s.rlhf.sft_steps, s.rlhf.reward_steps, s.rlhf.ppo_steps, s.rlhf.dpo_steps) == (18, 27, 3, 14)
     assert s.rlhf.label_prompts == 288 and s.multimodal.tune_steps == 315
     assert s.multimodal.align_steps == 0  # a stage switched off stays off
     assert s.rlhf.eval_prompts == cfg.rlhf.eval_prompts and s.multimodal.eval_scenes == cfg.multimodal.eval_scenes
-    assert cfg.training.max_steps == 1000  # the input is not modified
+    assert s.training == cfg.training  # pretraining is shortened its own way; SFT and the reward model read its batch
+    assert cfg.rlhf.sft_steps == 200  # the input is not modified
     tiny = scaled(cfg, 0.001)
-    assert tiny.rlhf.ppo_steps == 1 and tiny.training.max_steps == 32 and tiny.rlhf.label_prompts == 64
+    assert tiny.rlhf.ppo_steps == 1 and tiny.rlhf.label_prompts == 64
     assert scaled(cfg, 1.0) == cfg
 
 
-def test_a_shortened_pretraining_is_the_full_one_stopped_early(prepared, tmp_path):
+def test_a_short_pretraining_takes_the_square_root_of_the_tokens_at_half_the_batch():
+    cfg = load_config("tiny")
+    t = shortened_pretraining(cfg, 0.09).training
+    # sqrt(0.09) = 0.3 of the recipe's tokens: under half, so twice the steps of half the batch
+    assert (t.batch_size, t.max_steps) == (16, 600) and t.max_steps * t.batch_size == 0.3 * 1000 * 32
+    # the full run's learning-rate curve in steps of the new size, annealed over the last 30% of steps
+    assert (t.warmup_steps, t.lr_decay_steps, t.cooldown_steps) == (100, 2000, 180)
+    # as many evaluations as 0.3 of the full run's, on the same held-out windows
+    assert (t.eval_interval, t.eval_batch_size, t.eval_iters) == (60, 32, cfg.training.eval_iters)
+    assert cfg.training.max_steps == 1000  # the input is not modified
+    longer = shortened_pretraining(cfg, 0.36).training  # 0.6 of the tokens: the batch stays
+    assert (longer.batch_size, longer.max_steps, longer.cooldown_steps, longer.lr_decay_steps) == (32, 600, 180, 1000)
+    odd = shortened_pretraining(load_config("tiny", ["training.batch_size=5"]), 0.09).training
+    assert (odd.batch_size, odd.max_steps) == (5, 300)  # an odd batch cannot halve
+    assert shortened_pretraining(cfg, 0.001).training.max_steps == 64
+    assert shortened_pretraining(cfg, 1.0) == cfg
+
+
+def test_a_shortened_pretraining_follows_the_full_run_until_its_cooldown(prepared, tmp_path):
     from nanogpt4.train.pretrain import pretrain
 
-    full_cfg = load_config("tiny", prepared[0] + ["training.max_steps=12", "training.warmup_steps=3"])
-    short_cfg = scaled(full_cfg, 0.25)
-    assert short_cfg.training.max_steps == 6  # the square root of the scale
+    full_cfg = load_config("tiny", prepared[0] + ["training.max_steps=20", "training.warmup_steps=3"])
+    short_cfg = shortened_pretraining(full_cfg, 0.36)  # 12 steps, the last 4 annealed
+    assert (short_cfg.training.max_steps, short_cfg.training.cooldown_steps) == (12, 4)
     for cfg, name in ((full_cfg, "full"), (short_cfg, "short")):
         pretrain(cfg, tmp_path / name, progress=False, log=lambda _m: None)
     full, short = step_losses(tmp_path / "full"), step_losses(tmp_path / "short")
-    assert short == {s: full[s] for s in range(1, 7)}  # exact, every step
+    assert short == {s: full[s] for s in range(1, 10)} | {s: short[s] for s in range(10, 13)}  # exact until then
+    assert all(short[s] != full[s] for s in range(10, 13))
 
 
 def test_estimate_follows_the_configured_step_counts():
@@ -50,8 +77,10 @@ def test_estimate_follows_the_configured_step_counts():
     double = load_config("tiny", ["training.max_steps=2000", "multimodal.tune_steps=7100"])
     assert _work(double, "pretrain") == 2.0 and _work(double, "multimodal") == 2.0
     assert estimate_s(double, 1.0, 0.1, 0.2) > estimate_s(tiny, 1.0, 0.1, 0.2)
-    # a scaled config costs what the scaled estimate says (up to rounding of the step counts)
-    assert estimate_s(scaled(tiny, 0.3), 1.0, 0.1, 0.2) == pytest.approx(estimate_s(tiny, 0.3, 0.1, 0.2), rel=0.01)
+    # a scaled config costs what the scaled estimate says (up to rounding of the step counts); a pretraining at
+    # half the batch counts its tokens
+    short = shortened_pretraining(scaled(tiny, 0.09), 0.09)
+    assert estimate_s(short, 1.0, 0.1, 0.2) == pytest.approx(estimate_s(tiny, 0.09, 0.1, 0.2), rel=0.01)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan")])
@@ -108,23 +137,26 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     _check_same_settings(tmp_path, cfg, ("model", "training", "seed"))
     _check_same_settings(tmp_path, load_config("tiny", ["rlhf.ppo_steps=3"]), ("model", "training", "seed"))
-    changed = r"training.eval_interval 100 -> 25; training.lr_decay_steps None -> 1000 and 1 more"
+    changed = (r"training.batch_size 32 -> 16; training.checkpoint_interval 250 -> 124; "
+               r"training.cooldown_steps 0 -> 150 and 5 more")
     with pytest.raises(UserError, match=changed):
-        _check_same_settings(tmp_path, scaled(cfg, 0.0625), ("model", "training", "seed"))
+        _check_same_settings(tmp_path, shortened_pretraining(cfg, 0.0625), ("model", "training", "seed"))
     with pytest.raises(UserError, match="give the --scale/--minutes it ran with"):
-        _check_same_settings(tmp_path, scaled(cfg, 0.5), ("model", "training", "seed"))
+        _check_same_settings(tmp_path, shortened_pretraining(cfg, 0.5), ("model", "training", "seed"))
     with pytest.raises(UserError, match="seed 1337 -> 7"):
         _check_same_settings(tmp_path, load_config("tiny", ["seed=7"]), ("model", "training", "seed"))
 
 
 def test_a_shortened_report_says_so():
-    assert shortened_note(Plan(0.25)).startswith(
-        "Scale 0.25 (as asked): pretraining trained for 0.5 of the full recipe's steps (the full run's first steps, "
-        "on its learning-rate schedule), RLHF and the multimodal stage for 0.25 of theirs.")
-    assert "(the largest that fits the 15-minute budget here)" in shortened_note(Plan(0.137, 15.0))
+    tiny = load_config("tiny")
+    assert shortened_note(Plan(0.09), shortened_pretraining(tiny, 0.09)).startswith(
+        "Scale 0.09 (as asked): pretraining trained on 0.3 of the full recipe's tokens (600 steps of batch 16, on "
+        "the full run's learning-rate curve, annealed over the last 180), RLHF and the multimodal stage for 0.09 of "
+        "theirs.")
+    assert "(the largest that fits the 15-minute budget here)" in shortened_note(Plan(0.137, 15.0), tiny)
     refitted = Plan(1.0, 15.0, multimodal_scale=0.5)  # only the last stage was cut to the time left
     assert refitted.shortened and refitted.vlm_scale == 0.5
-    assert "the multimodal stage for 0.5 (fitted to the time left" in shortened_note(refitted)
+    assert "the multimodal stage for 0.5 (fitted to the time left" in shortened_note(refitted, tiny)
     assert not Plan(1.0, 15.0, multimodal_scale=1.0).shortened and not Plan(1.0).shortened
 
 

@@ -36,6 +36,20 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111], strict=True))
 
 
+def test_a_cooldown_leaves_the_curve_and_reaches_the_floor_on_the_last_step():
+    plain = [lr_at(s, 1.0, 10, 110, 0.1) for s in range(60)]
+    cooled = [lr_at(s, 1.0, 10, 110, 0.1, max_steps=60, cooldown=20) for s in range(60)]
+    assert cooled[:40] == plain[:40]  # the full run's schedule until the cooldown starts
+    down = (plain[40] - 0.1) / 20  # then 20 equal steps down from where the curve was ...
+    assert cooled[40:] == pytest.approx([plain[40] - (i + 1) * down for i in range(20)])
+    assert cooled[59] == pytest.approx(0.1)  # ... to the floor, reached by the last step
+    assert [lr_at(s, 1.0, 10, 110, 0.1, max_steps=60) for s in range(60)] == plain  # no cooldown: unchanged
+    with pytest.raises(UserError, match="cooldown_steps must be in"):
+        load_config("tiny", ["training.max_steps=10", "training.cooldown_steps=11"])
+    with pytest.raises(UserError, match="eval_batch_size must be positive"):
+        load_config("tiny", ["training.eval_batch_size=0"])
+
+
 def test_rank_rows_cover_the_global_batch_once():
     for accum, world in [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)]:
         rows = sorted(i for m in range(accum) for r in range(world)
@@ -86,7 +100,7 @@ def test_resume_reproduces_losses_bitwise(prepared, tmp_path):
 
 def test_a_short_run_on_a_longer_schedule_extends_exactly(prepared, tmp_path):
     """`max_steps=6 lr_decay_steps=12`, resumed later with `max_steps=12`, is the 12-step run (the README's way to
-    train a short run that can be extended, and what the pipeline's budgets do)."""
+    train a short run that can be extended)."""
     run(prepared, tmp_path / "full", "training.max_steps=12")
     run(prepared, tmp_path / "short", "training.max_steps=6", "training.lr_decay_steps=12")
     run(prepared, tmp_path / "short", "training.max_steps=12", resume=True)

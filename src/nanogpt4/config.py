@@ -64,6 +64,7 @@ class TrainingConfig:
     max_tokens: int | None = None  # stop once this many training tokens were seen
     max_time_s: float | None = None  # stop after this much wall time
     lr_decay_steps: int | None = None  # cosine length; None = max_steps
+    cooldown_steps: int = 0  # the last N steps fall linearly to the floor (anneals a run stopped on a long cosine)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -72,6 +73,7 @@ class TrainingConfig:
     grad_accum_steps: int = 1
     eval_interval: int = 100
     eval_iters: int = 10
+    eval_batch_size: int | None = None  # windows per eval batch; None = min(batch_size, 32)
     log_interval: int = 10
     checkpoint_interval: int = 500
     keep_last: int = 2
@@ -255,6 +257,8 @@ def validate(cfg: DictConfig) -> None:
                 "training.checkpoint_interval", "training.keep_last"):
         if OmegaConf.select(cfg, key) <= 0:
             raise UserError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if t.eval_batch_size is not None and t.eval_batch_size <= 0:
+        raise UserError(f"training.eval_batch_size must be positive (or null), got {t.eval_batch_size}")
     if m.dim % m.n_heads:
         raise UserError(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
     kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
@@ -275,6 +279,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0:
         raise UserError("training.warmup_steps, weight_decay and grad_clip must be >= 0")
+    if not 0 <= t.cooldown_steps <= t.max_steps:
+        raise UserError(f"training.cooldown_steps must be in [0, max_steps={t.max_steps}], got {t.cooldown_steps}")
     if t.batch_size % t.grad_accum_steps:
         raise UserError(f"training.batch_size={t.batch_size} must be divisible by "
                         f"training.grad_accum_steps={t.grad_accum_steps}")

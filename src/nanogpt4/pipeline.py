@@ -16,11 +16,20 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
-from nanogpt4.plan import Plan, multimodal_scale, pipeline_plan, save_plan, scaled, stage_scale, training_time_left
+from nanogpt4.plan import (
+    Plan,
+    multimodal_scale,
+    pipeline_plan,
+    save_plan,
+    scaled,
+    shortened_pretraining,
+    stage_scale,
+    training_time_left,
+)
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 from nanogpt4.train.multimodal import per_type_table
@@ -146,15 +155,18 @@ def _scaling_section(cfg, pre: dict) -> str:
             f"the real run (about 10 minutes on 2 CPU cores; README, Predictable scaling):\n\n```bash\n{sweep}\n```")
 
 
-def shortened_note(plan: Plan) -> str:
+def shortened_note(plan: Plan, pretraining: DictConfig) -> str:
+    """The report's opening for a shortened run; ``pretraining`` is its pretraining's settings."""
     budget = f"the largest that fits the {plan.minutes:g}-minute budget here" if plan.minutes else "as asked"
     mm = plan.vlm_scale
     stages = (f"RLHF for {plan.scale:g} of theirs and the multimodal stage for {mm:g} (fitted to the time left "
               f"after RLHF)" if mm != plan.scale else f"RLHF and the multimodal stage for {plan.scale:g} of theirs")
-    return (f"Scale {plan.scale:g} ({budget}): pretraining trained for {stage_scale(plan.scale, 'pretrain'):.3g} of "
-            f"the full recipe's steps (the full run's first steps, on its learning-rate schedule), {stages}. "
-            f"The evaluations are the full run's, so the numbers below measure the same things for models that "
-            f"trained less. `--scale 1` runs the full recipe; its results are in the README.")
+    t = pretraining.training
+    return (f"Scale {plan.scale:g} ({budget}): pretraining trained on {stage_scale(plan.scale, 'pretrain'):.3g} of "
+            f"the full recipe's tokens ({t.max_steps} steps of batch {t.batch_size}, on the full run's learning-rate "
+            f"curve, annealed over the last {t.cooldown_steps}), {stages}. The evaluations are the full run's, so the "
+            f"numbers below measure the same things for models that trained less. `--scale 1` runs the full "
+            f"recipe; its results are in the README.")
 
 
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print,
@@ -170,7 +182,8 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     log(f"pipeline: config {config}, data {cfg.data.source}, output {out_dir}"
         + (f", scale {plan.scale:g}" if plan.scale != 1 else ""))
 
-    pre = _pretrain_stage(cfg, out_dir / "pretrain", progress, log)
+    pre_cfg = shortened_pretraining(base, plan.scale)
+    pre = _pretrain_stage(pre_cfg, out_dir / "pretrain", progress, log)
     samples = _samples(out_dir / "pretrain")
     rl = _rlhf_stage(cfg, out_dir / "pretrain", out_dir / "rlhf", log)
     deadline = None
@@ -207,11 +220,11 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
             "caption_bleu", "examples_eval", "image_tokens", "train_s"]) + "\n\n" + per_type_table(mm)
          + "\n\n![held-out examples](plots/multimodal_examples.png)\n\nDetails: "
          "[multimodal/report.md](multimodal/report.md)"),
-        ("Scaling accounting (the pretrained model)", _scaling_section(cfg, pre)),
+        ("Scaling accounting (the pretrained model)", _scaling_section(pre_cfg, pre)),
         ("Use the results", _next_steps(out_dir)),
     ]
     if plan.shortened:
-        sections.insert(0, ("Shortened run", shortened_note(plan)))
+        sections.insert(0, ("Shortened run", shortened_note(plan, pre_cfg)))
     summary = {
         "pretrain_val_loss": pre.get("val_loss"),
         "pretrain_val_bpb": pre.get("val_bpb"),

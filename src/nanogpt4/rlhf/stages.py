@@ -18,7 +18,7 @@ from nanogpt4.train.trainer import Trainer, rank_rows
 
 def stage_training_cfg(cfg: DictConfig, **overrides) -> DictConfig:
     """The run's training section with a stage's own steps / learning rate (no sampling, short warmup)."""
-    base = {"sample_tokens": 0, "max_tokens": None, "max_time_s": None, "lr_decay_steps": None}
+    base = {"sample_tokens": 0, "max_tokens": None, "max_time_s": None, "lr_decay_steps": None, "cooldown_steps": 0}
     return OmegaConf.merge(cfg.training, base, overrides)  # type: ignore[return-value]
 
 

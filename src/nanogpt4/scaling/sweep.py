@@ -119,7 +119,7 @@ def run_config(base: DictConfig, spec: RunSpec, eval_iters: int) -> DictConfig:
         "warmup_steps": max(1, min(cfg.training.warmup_steps, spec.steps // 10)),
         "eval_interval": spec.steps, "checkpoint_interval": max(spec.steps, 1), "eval_iters": eval_iters,
         "log_interval": max(1, spec.steps // 10), "sample_tokens": 0, "max_tokens": None, "max_time_s": None,
-        "keep_last": 1}})  # type: ignore[return-value]
+        "cooldown_steps": 0, "keep_last": 1}})  # type: ignore[return-value]
 
 
 def run_one(cfg: DictConfig, run_dir: Path, log, problems=None) -> dict:

@@ -279,7 +279,7 @@ def stage_cfg(cfg: DictConfig, steps: int, max_time_s: float | None = None) -> D
         "max_steps": steps, "learning_rate": mm.learning_rate, "batch_size": mm.batch_size,
         "warmup_steps": min(100, steps // 10 + 1), "eval_interval": max(min(steps, 25), steps // 4),
         "checkpoint_interval": steps, "sample_tokens": 0, "max_tokens": None, "max_time_s": max_time_s,
-        "lr_decay_steps": None, "grad_accum_steps": 1})
+        "lr_decay_steps": None, "cooldown_steps": 0, "grad_accum_steps": 1})
 
 
 def text_tokenizer(cfg: DictConfig, source: VQASource) -> BPETokenizer:

@@ -125,7 +125,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
         trainer = Trainer(
             cfg, model, LMBatches(train, tc.batch_size), run_dir, info, device,
-            evaluate=make_lm_evaluator(val, tc.eval_iters, min(tc.batch_size, 32),
+            evaluate=make_lm_evaluator(val, tc.eval_iters, tc.eval_batch_size or min(tc.batch_size, 32),
                                        meta["val_bytes"] / meta["val_tokens"], device, dtype),
             sample=make_sampler(tokenizer, tc.sample_prompt, tc.sample_tokens, device, cfg.seed)
             if tc.sample_tokens > 0 else None,

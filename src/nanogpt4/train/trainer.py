@@ -60,8 +60,16 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
 
 
-def lr_at(step: int, base_lr: float, warmup: int, decay_steps: int, min_ratio: float) -> float:
-    """Linear warmup to ``base_lr``, then cosine to ``base_lr * min_ratio`` at ``decay_steps``."""
+def lr_at(step: int, base_lr: float, warmup: int, decay_steps: int, min_ratio: float,
+          max_steps: int = 0, cooldown: int = 0) -> float:
+    """Linear warmup to ``base_lr``, then cosine to ``base_lr * min_ratio`` at ``decay_steps``. With
+    ``cooldown`` > 0 the last ``cooldown`` of ``max_steps`` leave that curve and fall linearly from where it is to
+    the floor, reached on the last step: a run stopped early on a long cosine still anneals (WSD-style)."""
+    start = max_steps - cooldown
+    if cooldown > 0 and step >= start:
+        at_start = lr_at(start, base_lr, warmup, decay_steps, min_ratio)
+        floor = base_lr * min_ratio
+        return at_start + (floor - at_start) * min(1.0, (step - start + 1) / cooldown)
     if step < warmup:
         return base_lr * (step + 1) / warmup
     if step >= decay_steps:
@@ -224,7 +232,8 @@ class Trainer:
             done = self._should_stop(t_start)
             while not done:
                 t0 = time.perf_counter()
-                lr = lr_at(self.step, tc.learning_rate, tc.warmup_steps, decay_steps, tc.min_lr_ratio)
+                lr = lr_at(self.step, tc.learning_rate, tc.warmup_steps, decay_steps, tc.min_lr_ratio, tc.max_steps,
+                           tc.cooldown_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss_sum = torch.zeros((), device=self.device)
