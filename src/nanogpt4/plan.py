@@ -131,10 +131,10 @@ def shortened_pretraining(cfg: DictConfig, scale: float) -> DictConfig:
     as the full run is (same warmup, same learning-rate curve) until its last ``PRETRAIN_COOLDOWN`` of steps,
     which fall linearly to the floor. Under ``HALF_BATCH_BELOW`` of the tokens it takes half the batch for twice
     the steps. Measured on the tiny preset's 324-step budget (val loss, 1,536 fixed held-out windows, same 245 s):
-    the full run stopped early 4.40; with the cooldown 4.34; with it at batch 16 4.20 (batch 8 4.28). A cosine
-    compressed into the short run is worse than stopping (4.65 at 305 steps): it lowers the learning rate while
-    the loss still falls fast; the cooldown lowers it only at the end. The evaluation keeps the full run's
-    windows, so the val losses compare."""
+    the full run stopped early 4.40; with the cooldown 4.34; with it at batch 16 4.21 (batch 8: 4.25, and
+    slower; a 50% cooldown: 4.24). A cosine compressed into the short run is worse than stopping (4.65 at 305
+    steps): it lowers the learning rate while the loss still falls fast; the cooldown lowers it only at the end.
+    The evaluation keeps the full run's windows, so the val losses compare."""
     _check_scale(scale)
     if scale == 1:
         return cfg
