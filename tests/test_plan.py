@@ -150,9 +150,9 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
 def test_a_shortened_report_says_so():
     tiny = load_config("tiny")
     assert shortened_note(Plan(0.09), shortened_pretraining(tiny, 0.09)).startswith(
-        "Scale 0.09 (as asked): pretraining trained on 0.3 of the full recipe's tokens (600 steps of batch 16, on "
-        "the full run's learning-rate curve, annealed over the last 180), RLHF and the multimodal stage for 0.09 of "
-        "theirs.")
+        "Scale 0.09 (as asked): pretraining trained on 0.3 of the full recipe's tokens (600 steps of batch 16 on "
+        "the full run's learning-rate curve, the last 180 falling linearly to its floor), RLHF and the multimodal "
+        "stage for 0.09 of theirs.")
     assert "(the largest that fits the 15-minute budget here)" in shortened_note(Plan(0.137, 15.0), tiny)
     refitted = Plan(1.0, 15.0, multimodal_scale=0.5)  # only the last stage was cut to the time left
     assert refitted.shortened and refitted.vlm_scale == 0.5

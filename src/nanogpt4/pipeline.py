@@ -163,10 +163,10 @@ def shortened_note(plan: Plan, pretraining: DictConfig) -> str:
               f"after RLHF)" if mm != plan.scale else f"RLHF and the multimodal stage for {plan.scale:g} of theirs")
     t = pretraining.training
     return (f"Scale {plan.scale:g} ({budget}): pretraining trained on {stage_scale(plan.scale, 'pretrain'):.3g} of "
-            f"the full recipe's tokens ({t.max_steps} steps of batch {t.batch_size}, on the full run's learning-rate "
-            f"curve, annealed over the last {t.cooldown_steps}), {stages}. The evaluations are the full run's, so the "
-            f"numbers below measure the same things for models that trained less. `--scale 1` runs the full "
-            f"recipe; its results are in the README.")
+            f"the full recipe's tokens ({t.max_steps} steps of batch {t.batch_size} on the full run's learning-rate "
+            f"curve, the last {t.cooldown_steps} falling linearly to its floor), {stages}. The evaluations are the "
+            f"full run's, so the numbers below measure the same things for models that trained less. `--scale 1` "
+            f"runs the full recipe; its results are in the README.")
 
 
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print,

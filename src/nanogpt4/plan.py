@@ -235,7 +235,7 @@ def plan_for_minutes(cfg: DictConfig, minutes: float, log=print) -> Plan:
     plan = Plan(scale, minutes, lm, vlm, estimate_s(cfg, scale, lm, vlm))
     if scale < 1:
         log(f"pipeline: the full recipe would take about {full / 60:.0f} minutes here; {minutes:g} minutes fit scale "
-            f"{scale:g} (pretraining {stage_scale(scale, 'pretrain'):.3g} of its steps, RLHF and multimodal "
+            f"{scale:g} (pretraining {stage_scale(scale, 'pretrain'):.3g} of its tokens, RLHF and multimodal "
             f"{scale:g}; estimate {plan.estimate_s / 60:.1f} minutes); --scale 1 runs the full recipe")
     else:
         log(f"pipeline: the full recipe fits {minutes:g} minutes here (estimate {full / 60:.1f} minutes)")
