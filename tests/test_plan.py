@@ -47,7 +47,7 @@ def test_a_short_pretraining_takes_the_square_root_of_the_tokens_at_half_the_bat
     assert (t.batch_size, t.max_steps) == (16, 600) and t.max_steps * t.batch_size == 0.3 * 1000 * 32
     # the full run's learning-rate curve in steps of the new size, annealed over the last 30% of steps
     assert (t.warmup_steps, t.lr_decay_steps, t.cooldown_steps) == (100, 2000, 180)
-    # as many evaluations as 0.3 of the full run's, on the same held-out windows
+    # as many evaluations as the full run (every 60 of 600 steps), on the same held-out windows
     assert (t.eval_interval, t.eval_batch_size, t.eval_iters) == (60, 32, cfg.training.eval_iters)
     assert cfg.training.max_steps == 1000  # the input is not modified
     longer = shortened_pretraining(cfg, 0.36).training  # 0.6 of the tokens: the batch stays
