@@ -123,11 +123,12 @@ def test_predict_prints_the_fit_runs_and_the_target_as_a_table():
     result = {"fit_runs": [{"name": "d8_c4.30e+09", "flops": 4.24e9, "val_loss": 7.0876},
                            {"name": "d16_c4.30e+11", "flops": 4.3e11, "val_loss": 5.3059}],
               "target_dim": 128, "target_flops": 1.3e13, "actual_loss": 4.3291, "predicted_loss": 4.2675,
-              "ci95": [4.1437, 4.7570], "rel_error": 0.0142, "compute_ratio": 30.2}
+              "ci95": [4.1437, 4.7570], "rel_error": 0.0142, "compute_ratio": 30.2, "covered": True}
     lines = prediction_table(result).splitlines()
     assert len(lines) == 4 and lines[1].split() == ["d8_c4.30e+09", "4.24e+09", "7.0876"]
     assert lines[-1].split()[:7] == ["target", "d128", "1.30e+13", "4.3291", "4.2675", "[4.1437,", "4.7570]"]
-    assert "1.42%" in lines[-1] and "30.2x" in lines[-1]
+    assert "1.42%" in lines[-1] and "30.2x" in lines[-1] and "; covered by the interval" in lines[-1]
+    assert "NOT covered" in prediction_table({**result, "covered": False})
 
 
 def test_the_chosen_target_width_fits_in_one_epoch():

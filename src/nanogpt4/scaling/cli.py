@@ -186,7 +186,8 @@ def prediction_table(result: dict) -> str:
     lo, hi = result["ci95"]
     lines.append(f"{'target d' + str(result['target_dim']):<18} {result['target_flops']:>9.2e} "
                  f"{result['actual_loss']:>9.4f}  {result['predicted_loss']:.4f} [{lo:.4f}, {hi:.4f}]  "
-                 f"{result['rel_error']:>6.2%}  ({result['compute_ratio']:.1f}x the largest fitted run)")
+                 f"{result['rel_error']:>6.2%}  ({result['compute_ratio']:.1f}x the largest fitted run; "
+                 f"{'covered' if result['covered'] else 'NOT covered'} by the interval)")
     return "\n".join(lines)
 
 
@@ -198,9 +199,6 @@ def cmd_predict(args, cfg) -> dict:
     out = args.out or args.sweep.parent / "predict"
     result = predict_and_check(cfg, args.sweep, args.target_flops, args.target_dim, out, args.bootstrap)
     print(prediction_table(result))
-    print(f"predicted {result['predicted_loss']:.4f} 95% [{result['ci95'][0]:.4f}, {result['ci95'][1]:.4f}], "
-          f"actual {result['actual_loss']:.4f}: relative error {result['rel_error']:.2%}, "
-          f"{'covered' if result['covered'] else 'NOT covered'}, compute ratio {result['compute_ratio']:.1f}x")
     flops = np.array([r["flops"] for r in result["fit_runs"]])
     losses = np.array([r["val_loss"] for r in result["fit_runs"]])
     plot_fit(flops, losses, fit_power_law(flops, losses, bootstrap=200), out / "scaling_predict.png",
