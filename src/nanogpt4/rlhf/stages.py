@@ -13,13 +13,12 @@ from nanogpt4.rlhf.data import Example, Preference, encode_example, pad_left, pa
 from nanogpt4.rlhf.models import RewardModel
 from nanogpt4.rlhf.ops import bradley_terry_loss
 from nanogpt4.train.distributed import DistInfo
-from nanogpt4.train.trainer import Trainer, rank_rows
+from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows
 
 
 def stage_training_cfg(cfg: DictConfig, **overrides) -> DictConfig:
     """The run's training section with a stage's own steps / learning rate (no sampling, short warmup)."""
-    base = {"sample_tokens": 0, "max_tokens": None, "max_time_s": None, "lr_decay_steps": None, "cooldown_steps": 0}
-    return OmegaConf.merge(cfg.training, base, overrides)  # type: ignore[return-value]
+    return OmegaConf.merge(cfg.training, STAGE_RESET, overrides)  # type: ignore[return-value]
 
 
 class SFTBatches:

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanogpt4.errors import TrainingDiverged, UserError
 from nanogpt4.scaling.accounting import meta_model
+from nanogpt4.train.trainer import STAGE_RESET
 from nanogpt4.utils import atomic_write_json, read_jsonl
 
 HEAD_DIM = 16
@@ -114,12 +115,11 @@ def plan_runs(base: DictConfig, dims: list[int], budgets: list[float], train_tok
 
 def run_config(base: DictConfig, spec: RunSpec, eval_iters: int) -> DictConfig:
     cfg = size_config(base, spec.dim)
-    return OmegaConf.merge(cfg, {"training": {
+    return OmegaConf.merge(cfg, {"training": STAGE_RESET}, {"training": {
         "max_steps": spec.steps, "lr_decay_steps": spec.steps, "learning_rate": spec.lr,
         "warmup_steps": max(1, min(cfg.training.warmup_steps, spec.steps // 10)),
         "eval_interval": spec.steps, "checkpoint_interval": max(spec.steps, 1), "eval_iters": eval_iters,
-        "log_interval": max(1, spec.steps // 10), "sample_tokens": 0, "max_tokens": None, "max_time_s": None,
-        "cooldown_steps": 0, "keep_last": 1}})  # type: ignore[return-value]
+        "log_interval": max(1, spec.steps // 10), "keep_last": 1}})  # type: ignore[return-value]
 
 
 def run_one(cfg: DictConfig, run_dir: Path, log, problems=None) -> dict:

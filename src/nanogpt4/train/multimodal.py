@@ -34,7 +34,7 @@ from nanogpt4.model.multimodal import MultimodalTransformer
 from nanogpt4.rlhf.data import pad_left, pad_right
 from nanogpt4.train.checkpoint import is_multimodal, latest_checkpoint, load_model, resolve_checkpoint
 from nanogpt4.train.distributed import DistInfo
-from nanogpt4.train.trainer import Trainer, rank_rows
+from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
 
 USER, ASSISTANT, END, IMAGE = "<|user|>", "<|assistant|>", "<|end|>", "<|image|>"
@@ -275,11 +275,10 @@ def stage_cfg(cfg: DictConfig, steps: int, max_time_s: float | None = None) -> D
     """The trainer settings of one LLaVA stage: four probe evaluations, but none more often than every 25 steps
     (each answers 256 questions, ~2 s on 2 cores: a shortened 9-step align stage spent half its time on them)."""
     mm = cfg.multimodal
-    return OmegaConf.merge(cfg.training, {  # type: ignore[return-value]
+    return OmegaConf.merge(cfg.training, STAGE_RESET, {  # type: ignore[return-value]
         "max_steps": steps, "learning_rate": mm.learning_rate, "batch_size": mm.batch_size,
         "warmup_steps": min(100, steps // 10 + 1), "eval_interval": max(min(steps, 25), steps // 4),
-        "checkpoint_interval": steps, "sample_tokens": 0, "max_tokens": None, "max_time_s": max_time_s,
-        "lr_decay_steps": None, "cooldown_steps": 0, "grad_accum_steps": 1})
+        "checkpoint_interval": steps, "max_time_s": max_time_s, "grad_accum_steps": 1})
 
 
 def text_tokenizer(cfg: DictConfig, source: VQASource) -> BPETokenizer:

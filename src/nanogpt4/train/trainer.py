@@ -60,6 +60,11 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
 
 
+# A run's own length, stop rules and samples: a stage that builds its settings on ``cfg.training`` (SFT, the reward
+# model, DPO, the multimodal stages, a sweep's runs) sets its own length and must not inherit the pretraining's
+STAGE_RESET = {"sample_tokens": 0, "max_tokens": None, "max_time_s": None, "lr_decay_steps": None, "cooldown_steps": 0}
+
+
 def lr_at(step: int, base_lr: float, warmup: int, decay_steps: int, min_ratio: float,
           max_steps: int = 0, cooldown: int = 0) -> float:
     """Linear warmup to ``base_lr``, then cosine to ``base_lr * min_ratio`` at ``decay_steps``. With
