@@ -130,21 +130,25 @@ def _fit_power_law_once(x: np.ndarray, y: np.ndarray, c_ref: float,
     ly = np.log(y)
     ymin = float(np.min(y))
 
-    def parts(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Residuals log L̂ - log L and their Jacobian."""
-        b = -np.logaddexp(0.0, p[1])
-        u = p[0] + b * lx  # log(a·x^b)
-        v = math.log(ymin) - np.logaddexp(0.0, -p[2])  # log c
+    def logs(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """log(a·x^b) and log c."""
+        return p[0] - np.logaddexp(0.0, p[1]) * lx, math.log(ymin) - np.logaddexp(0.0, -p[2])
+
+    def residuals(p: np.ndarray) -> np.ndarray:
+        """log L̂ - log L."""
+        return np.logaddexp(*logs(p)) - ly
+
+    def jacobian(p: np.ndarray) -> np.ndarray:
+        u, v = logs(p)
         w = expit(u - v)  # d logaddexp(u, v) / du
-        jac = np.stack([w, w * lx * -expit(p[1]), (1 - w) * expit(-p[2])], axis=1)
-        return np.logaddexp(u, v) - ly, jac
+        return np.stack([w, w * lx * -expit(p[1]), (1 - w) * expit(-p[2])], axis=1)
 
     best = None
     grid = starts or list(itertools.product([-2.0, 0.0, 2.0], [-3.0, -1.0, 0.5], [-2.0, 0.0, 2.0]))
     for start in grid:
-        res = least_squares(lambda p: parts(p)[0], np.asarray(start, dtype=np.float64), jac=lambda p: parts(p)[1],
+        res = least_squares(residuals, np.asarray(start, dtype=np.float64), jac=jacobian,
                             method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=2000)
-        r, jac = parts(res.x)
+        r, jac = res.fun, res.jac
         value, grad = float(np.mean(r**2)), 2.0 * jac.T @ r / len(r)
         ok = bool(np.isfinite(grad).all()) and float(np.abs(grad).max()) < 1e-6 * max(1.0, abs(value)) + 1e-9
         if math.isfinite(value) and (best is None or value < best[1]):
