@@ -72,9 +72,8 @@ def _work(cfg: DictConfig, stage: str) -> float:
     keys = STAGE_WORK.get(stage, ())
     if not keys:
         return 0.0
-    if stage == "pretrain":
-        tokens = cfg.training.max_steps * cfg.training.batch_size
-        return tokens / (_reference("training.max_steps") * _reference("training.batch_size"))
+    if stage == "pretrain":  # tokens: steps x batch
+        return math.prod(OmegaConf.select(cfg, k) for k in keys) / math.prod(_reference(k) for k in keys)
     if stage == "multimodal":  # one loop over both LLaVA stages: their steps add up
         return sum(OmegaConf.select(cfg, k) for k in keys) / sum(_reference(k) for k in keys)
     return sum(OmegaConf.select(cfg, k) / _reference(k) for k in keys) / len(keys)
