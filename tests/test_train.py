@@ -50,6 +50,42 @@ def test_a_cooldown_leaves_the_curve_and_reaches_the_floor_on_the_last_step():
         load_config("tiny", ["training.eval_batch_size=0"])
 
 
+def test_the_evaluation_batch_is_a_setting_of_its_own(prepared, tmp_path):
+    """``training.eval_batch_size`` picks the evaluation's windows whatever the training batch (the pipeline's
+    half-batch pretraining is scored on the full run's windows)."""
+    from nanogpt4.data.loader import TokenWindows
+    from nanogpt4.data.prepare import load_meta
+    from nanogpt4.train.pretrain import make_lm_evaluator
+
+    _, data_dir = prepared
+    summary = run(prepared, tmp_path / "r", "training.batch_size=4", "training.eval_batch_size=8",
+                  "training.max_steps=2", "training.eval_interval=2")
+    model, cfg, _ = load_model(tmp_path / "r", "cpu")
+    val = TokenWindows(data_dir / "val.bin", cfg.model.max_seq_len, load_meta(data_dir)["dtype"], cfg.seed + 1)
+
+    def val_loss(windows_per_batch: int) -> float:
+        evaluate = make_lm_evaluator(val, cfg.training.eval_iters, windows_per_batch, 1.0, torch.device("cpu"),
+                                     torch.float32)
+        return evaluate(model)["val_loss"]
+
+    assert summary["val_loss"] == pytest.approx(val_loss(8), abs=1e-6)
+    assert val_loss(4) != pytest.approx(val_loss(8), abs=1e-6)  # the training batch's windows would differ
+
+
+def test_stages_built_on_the_training_section_do_not_inherit_its_length():
+    # a pretraining's cooldown, token/time budget, schedule length and samples would corrupt a 20-step SFT
+    from nanogpt4.rlhf.stages import stage_training_cfg
+    from nanogpt4.scaling.sweep import RunSpec, run_config
+    from nanogpt4.train.multimodal import stage_cfg
+
+    cfg = load_config("tiny", ["training.cooldown_steps=300", "training.max_tokens=10000", "training.max_time_s=60",
+                               "training.lr_decay_steps=2000"])
+    spec = RunSpec("d32", 32, 4, 1e10, 40, 1e-3, 1, 1, 1.0)
+    for t in (stage_training_cfg(cfg, max_steps=20), stage_cfg(cfg, 20), run_config(cfg, spec, 2).training):
+        assert (t.cooldown_steps, t.max_tokens, t.max_time_s, t.sample_tokens) == (0, None, None, 0)
+        assert t.lr_decay_steps in (None, t.max_steps)
+
+
 def test_rank_rows_cover_the_global_batch_once():
     for accum, world in [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)]:
         rows = sorted(i for m in range(accum) for r in range(world)
