@@ -239,7 +239,7 @@ def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared
     finally:
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code
+    assert proc.returncode == code, err[-2000:]  # its stderr says where the signal went (a 1-in-many miss)
     last = err.strip().splitlines()[-1]
     assert last.startswith(said) and f"nanogpt4 pretrain --out {out} --resume" in last
     step, kept = list_checkpoints(out)[-1]
