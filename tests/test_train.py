@@ -233,7 +233,10 @@ def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "nanogpt4", "pretrain", "--out", str(out), *ov, "training.max_steps=5000",
            "training.checkpoint_interval=5", "training.eval_interval=1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python then never turns Ctrl-C into
+    # KeyboardInterrupt: give the run the terminal's default, whatever launched pytest
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert _wait_for(lambda: list_checkpoints(out), 120), "the run never wrote a checkpoint"
     finally:
