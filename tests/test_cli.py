@@ -207,8 +207,8 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     # re-running reuses the finished stage instead of training again
     code, out, _ = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov)
     assert code == 0 and "reusing finished run" in out
-    # ... but never for a command that asks for other training (here: a quarter of the steps)
-    code, _, err = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov, "--scale", "0.25")
+    # ... but never for a command that asks for other training (here: half the pretraining's tokens)
+    code, _, err = cli(capsys, "pipeline", "--out", tmp_path / "p", *ov, "--scale", "0.125")
     assert_one_line_error(code, err, "training.checkpoint_interval 6 -> 3; training.cooldown_steps 0 -> 3")
 
 

@@ -40,21 +40,21 @@ def test_scale_multiplies_training_work_and_keeps_evaluations():
     assert scaled(cfg, 1.0) == cfg
 
 
-def test_a_short_pretraining_takes_the_square_root_of_the_tokens_at_half_the_batch():
+def test_a_short_pretraining_takes_the_cube_root_of_the_tokens_at_half_the_batch():
     cfg = load_config("tiny")
-    t = shortened_pretraining(cfg, 0.09).training
-    # sqrt(0.09) = 0.3 of the recipe's tokens: under half, so twice the steps of half the batch
+    t = shortened_pretraining(cfg, 0.027).training
+    # cbrt(0.027) = 0.3 of the recipe's tokens: under half, so twice the steps of half the batch
     assert (t.batch_size, t.max_steps) == (16, 600) and t.max_steps * t.batch_size == 0.3 * 1000 * 32
     # the full run's learning-rate curve in steps of the new size, annealed over the last 30% of steps
     assert (t.warmup_steps, t.lr_decay_steps, t.cooldown_steps) == (100, 2000, 180)
     # as many evaluations as the full run (every 60 of 600 steps), on the same held-out windows
     assert (t.eval_interval, t.eval_batch_size, t.eval_iters) == (60, 32, cfg.training.eval_iters)
     assert cfg.training.max_steps == 1000  # the input is not modified
-    longer = shortened_pretraining(cfg, 0.36).training  # 0.6 of the tokens: the batch stays
+    longer = shortened_pretraining(cfg, 0.216).training  # 0.6 of the tokens: the batch stays
     assert (longer.batch_size, longer.max_steps, longer.cooldown_steps, longer.lr_decay_steps) == (32, 600, 180, 1000)
-    odd = shortened_pretraining(load_config("tiny", ["training.batch_size=5"]), 0.09).training
+    odd = shortened_pretraining(load_config("tiny", ["training.batch_size=5"]), 0.027).training
     assert (odd.batch_size, odd.max_steps) == (5, 300)  # an odd batch cannot halve
-    assert shortened_pretraining(cfg, 0.001).training.max_steps == 64
+    assert shortened_pretraining(cfg, 1e-6).training.max_steps == 20  # 0.01 of the tokens
     assert shortened_pretraining(cfg, 1.0) == cfg
 
 
@@ -62,7 +62,7 @@ def test_a_shortened_pretraining_follows_the_full_run_until_its_cooldown(prepare
     from nanogpt4.train.pretrain import pretrain
 
     full_cfg = load_config("tiny", prepared[0] + ["training.max_steps=20", "training.warmup_steps=3"])
-    short_cfg = shortened_pretraining(full_cfg, 0.36)  # 12 steps, the last 4 annealed
+    short_cfg = shortened_pretraining(full_cfg, 0.216)  # 12 steps, the last 4 annealed
     assert (short_cfg.training.max_steps, short_cfg.training.cooldown_steps) == (12, 4)
     for cfg, name in ((full_cfg, "full"), (short_cfg, "short")):
         pretrain(cfg, tmp_path / name, progress=False, log=lambda _m: None)
@@ -140,7 +140,7 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
     changed = (r"training.batch_size 32 -> 16; training.checkpoint_interval 250 -> 124; "
                r"training.cooldown_steps 0 -> 150 and 5 more")
     with pytest.raises(UserError, match=changed):
-        _check_same_settings(tmp_path, shortened_pretraining(cfg, 0.0625), ("model", "training", "seed"))
+        _check_same_settings(tmp_path, shortened_pretraining(cfg, 0.015625), ("model", "training", "seed"))
     with pytest.raises(UserError, match="give the --scale/--minutes it ran with"):
         _check_same_settings(tmp_path, shortened_pretraining(cfg, 0.5), ("model", "training", "seed"))
     with pytest.raises(UserError, match="seed 1337 -> 7"):
@@ -149,10 +149,10 @@ def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
 
 def test_a_shortened_report_says_so():
     tiny = load_config("tiny")
-    assert shortened_note(Plan(0.09), shortened_pretraining(tiny, 0.09)).startswith(
-        "Scale 0.09 (as asked): pretraining trained on 0.3 of the full recipe's tokens (600 steps of batch 16 on "
+    assert shortened_note(Plan(0.027), shortened_pretraining(tiny, 0.027)).startswith(
+        "Scale 0.027 (as asked): pretraining trained on 0.3 of the full recipe's tokens (600 steps of batch 16 on "
         "the full run's learning-rate curve, the last 180 falling linearly to its floor), RLHF and the multimodal "
-        "stage for 0.09 of theirs.")
+        "stage for 0.027 of theirs.")
     assert "(the largest that fits the 15-minute budget here)" in shortened_note(Plan(0.137, 15.0), tiny)
     refitted = Plan(1.0, 15.0, multimodal_scale=0.5)  # only the last stage was cut to the time left
     assert refitted.shortened and refitted.vlm_scale == 0.5

@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--scale", type=float, default=None,
                         help="shorten training: RLHF and multimodal train this fraction of their steps, pretraining "
-                             "its square root (0 < scale <= 1; 1 is the full recipe; evaluations keep their size)")
+                             "its cube root (0 < scale <= 1; 1 is the full recipe; evaluations keep their size)")
     budget.add_argument("--minutes", type=float, default=None,
                         help="pick the largest scale that fits this many minutes on this machine, timed with one "
                              "training step of each model first (default: 15)")
