@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nanogpt4.train.metrics import measured_matmul_peak
+from nanogpt4.train.metrics import matmul_peak_now
 from nanogpt4.utils import keep_freed_memory_for_reuse
 
 keep_freed_memory_for_reuse()  # process-wide, as `nanogpt4` does: the peer models run with it too
@@ -71,9 +71,10 @@ def time_it(fn: Callable[[], object], warmup: int, iters: int, sync: Callable[[]
 
 
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", sizes=None) -> float:
-    """Best FLOP/s of square matmuls over a few sizes: the measured ceiling MFU is quoted against."""
+    """Best FLOP/s of square matmuls over a few sizes: the measured ceiling MFU is quoted against. Measured at
+    every call (a benchmark measures before and after its runs and keeps the higher)."""
     sizes = sizes or ((4096, 8192) if device == "cuda" else (1024, 2048))
-    return max(measured_matmul_peak(device, dtype, n, seconds=1.0) for n in sizes)
+    return max(matmul_peak_now(device, dtype, n, seconds=1.0) for n in sizes)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
