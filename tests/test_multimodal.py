@@ -462,3 +462,49 @@ def test_stage_probe_evaluations_are_at_most_four_and_not_more_often_than_every_
     # the full recipe's stages keep four; a shortened one evaluates at its end only
     assert [stage_cfg(cfg, n).eval_interval for n in (3500, 308, 100, 40, 9)] == [875, 77, 25, 25, 9]
     assert stage_cfg(cfg, 9).max_time_s is None and stage_cfg(cfg, 9, 12.5).max_time_s == 12.5
+
+
+def test_a_shortened_tune_stage_follows_the_full_runs_curve_and_anneals_at_its_end():
+    from nanogpt4.plan import scaled
+    from nanogpt4.train.trainer import lr_at
+
+    cfg = load_config("tiny")
+    short = scaled(cfg, 0.074)
+    assert (short.multimodal.tune_steps, short.multimodal.lr_decay_steps, short.multimodal.cooldown_steps) == (
+        259, 3500, 78)
+    t, full = stage_cfg(short, 259, tune=True), stage_cfg(cfg, 3500, tune=True)
+    assert (t.warmup_steps, t.lr_decay_steps, t.cooldown_steps) == (100, 3500, 78)
+
+    def lrs(c, n):
+        return [lr_at(s, c.learning_rate, c.warmup_steps, c.lr_decay_steps, c.min_lr_ratio, c.max_steps,
+                      c.cooldown_steps) for s in range(n)]
+
+    assert lrs(t, 181) == lrs(full, 181)  # the full run's curve until the cooldown ...
+    assert lrs(t, 259)[-1] == pytest.approx(t.learning_rate * t.min_lr_ratio)  # ... then down to the floor
+    # the full recipe, the align stage and a stage without a shortened schedule keep their own cosine
+    assert scaled(cfg, 1.0) == cfg and (full.warmup_steps, full.cooldown_steps) == (100, 0)
+    align = stage_cfg(short, 7)
+    assert (align.warmup_steps, align.lr_decay_steps, align.cooldown_steps) == (1, 7, 0)
+
+
+def test_the_tune_stage_trains_on_its_schedule(tmp_path):
+    from nanogpt4.train.multimodal import run_multimodal
+    from nanogpt4.utils import read_jsonl
+
+    settings = dict(o.split("=") for o in MM_SMALL) | {
+        "multimodal.data": "scenes", "model.vocab_size": 512, "model.max_seq_len": 64,
+        "multimodal.lr_decay_steps": 600, "multimodal.cooldown_steps": 2, "training.log_interval": 1}
+    cfg = small_cfg(**settings)
+    run_multimodal(cfg, None, tmp_path / "mm", log=lambda _m: None, progress=False)
+    lr = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "mm" / "tune" / "metrics.jsonl") if "lr" in r}
+    peak = cfg.multimodal.learning_rate
+    assert lr[1] == pytest.approx(peak / 61)  # warming up over 61 steps, as a 600-step stage would
+    assert lr[4] == pytest.approx(peak * 4 / 61) and lr[6] == pytest.approx(peak * cfg.training.min_lr_ratio)
+
+
+@pytest.mark.parametrize("bad, said", [("multimodal.cooldown_steps=-1", "multimodal.cooldown_steps must be in"),
+                                       ("multimodal.cooldown_steps=5000", "multimodal.cooldown_steps must be in"),
+                                       ("multimodal.lr_decay_steps=0", "multimodal.lr_decay_steps must be positive")])
+def test_bad_tune_schedule_settings_are_refused(bad, said):
+    with pytest.raises(UserError, match=said):
+        load_config("tiny", [bad])

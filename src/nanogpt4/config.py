@@ -143,6 +143,8 @@ class MultimodalConfig:
     learning_rate: float = 1e-3
     align_steps: int = 300  # stage 1 (LLaVA): LM frozen, encoder + projector learn to speak its language
     tune_steps: int = 3000  # stage 2: everything trains
+    lr_decay_steps: int | None = None  # stage 2's warmup and cosine as for this many steps; None = tune_steps
+    cooldown_steps: int = 0  # stage 2's last N steps fall linearly to the floor (as training.cooldown_steps)
     eval_scenes: int = 600  # held-out scenes (questions are drawn per scene)
     max_new_tokens: int = 24
     augment: bool = True  # random shifts of training images
@@ -291,6 +293,11 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"multimodal.{key} must be positive, got {mm[key]}")
     if mm.align_steps < 0 or mm.tune_steps < 0 or mm.align_steps + mm.tune_steps == 0:
         raise UserError("multimodal.align_steps and tune_steps must be >= 0 and not both 0")
+    if mm.lr_decay_steps is not None and mm.lr_decay_steps <= 0:
+        raise UserError(f"multimodal.lr_decay_steps must be positive (or null: tune_steps), got {mm.lr_decay_steps}")
+    if not 0 <= mm.cooldown_steps <= mm.tune_steps:
+        raise UserError(f"multimodal.cooldown_steps must be in [0, tune_steps={mm.tune_steps}], got "
+                        f"{mm.cooldown_steps}")
     if mm.image_size % mm.patch_size:
         raise UserError(f"multimodal.image_size={mm.image_size} must be a multiple of patch_size={mm.patch_size}")
     if (mm.image_size // mm.patch_size) % mm.token_merge:

@@ -271,13 +271,18 @@ def summarise(items: list[VQAItem], answers: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the stage
-def stage_cfg(cfg: DictConfig, steps: int, max_time_s: float | None = None) -> DictConfig:
+def stage_cfg(cfg: DictConfig, steps: int, max_time_s: float | None = None, tune: bool = False) -> DictConfig:
     """The trainer settings of one LLaVA stage: four probe evaluations, but none more often than every 25 steps
-    (each answers 256 questions, ~2 s on 2 cores: a shortened 9-step align stage spent half its time on them)."""
+    (each answers 256 questions, ~2 s on 2 cores: a shortened 9-step align stage spent half its time on them).
+    The tune stage (``tune``) takes its warmup and cosine from ``multimodal.lr_decay_steps`` and anneals over
+    ``multimodal.cooldown_steps``: a shortened pipeline's follows the full run's curve, as its pretraining does."""
     mm = cfg.multimodal
+    schedule = (mm.lr_decay_steps or steps) if tune else steps
     return OmegaConf.merge(cfg.training, STAGE_RESET, {  # type: ignore[return-value]
         "max_steps": steps, "learning_rate": mm.learning_rate, "batch_size": mm.batch_size,
-        "warmup_steps": min(100, steps // 10 + 1), "eval_interval": max(min(steps, 25), steps // 4),
+        "warmup_steps": min(100, schedule // 10 + 1), "lr_decay_steps": schedule,
+        "cooldown_steps": mm.cooldown_steps if tune else 0,
+        "eval_interval": max(min(steps, 25), steps // 4),
         "checkpoint_interval": steps, "max_time_s": max_time_s, "grad_accum_steps": 1})
 
 
@@ -340,20 +345,20 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
     summary: dict = {"device": str(device), "data": mm.data, "image_tokens": model.image_tokens,
                      "parameters": sum(p.numel() for p in model.parameters()),
                      "lm_pretrained": str(pretrained) if pretrained else None}
-    stages = []
+    stages = []  # (name, steps, the LM trains, the tune stage's schedule applies)
     if pretrained is not None and mm.align_steps > 0:
-        stages.append(("align", mm.align_steps, False))
+        stages.append(("align", mm.align_steps, False, False))
     if mm.tune_steps > 0:
-        stages.append(("tune", mm.tune_steps, True))
+        stages.append(("tune", mm.tune_steps, True, True))
     if not stages:  # a fresh LM has nothing to align to: its stage 1 would be wasted compute
-        stages.append(("tune", mm.align_steps, True))
+        stages.append(("tune", mm.align_steps, True, False))
     train_s = 0.0
-    for name, steps, lm_trains in stages:
+    for name, steps, lm_trains, tune in stages:
         model.lm.requires_grad_(lm_trains)
         t0 = time.time()
         log(f"multimodal: stage {name} ({'all weights' if lm_trains else 'LM frozen'}), {steps} steps")
         # the trainer runs at least one step, even past the deadline
-        train_cfg = stage_cfg(cfg, steps, None if deadline is None else max(0.0, deadline - time.time()))
+        train_cfg = stage_cfg(cfg, steps, None if deadline is None else max(0.0, deadline - time.time()), tune)
         trainer = Trainer(cfg, model, batches, out / name, DistInfo(), device, loss_fn=vqa_loss,
                           evaluate=quick_eval, train_cfg=train_cfg, tokenizer_path=out / "tokenizer.json",
                           progress=progress, log=log, lr_setting="multimodal.learning_rate")
