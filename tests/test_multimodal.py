@@ -466,7 +466,7 @@ def test_stage_probe_evaluations_are_at_most_four_and_not_more_often_than_every_
 
 def test_a_shortened_tune_stage_follows_the_full_runs_curve_and_anneals_at_its_end():
     from nanogpt4.plan import scaled
-    from nanogpt4.train.trainer import lr_at
+    from nanogpt4.train.trainer import lr_for
 
     cfg = load_config("tiny")
     short = scaled(cfg, 0.074)
@@ -476,8 +476,7 @@ def test_a_shortened_tune_stage_follows_the_full_runs_curve_and_anneals_at_its_e
     assert (t.warmup_steps, t.lr_decay_steps, t.cooldown_steps) == (100, 3500, 78)
 
     def lrs(c, n):
-        return [lr_at(s, c.learning_rate, c.warmup_steps, c.lr_decay_steps, c.min_lr_ratio, c.max_steps,
-                      c.cooldown_steps) for s in range(n)]
+        return [lr_for(c, s) for s in range(n)]
 
     assert lrs(t, 181) == lrs(full, 181)  # the full run's curve until the cooldown ...
     assert lrs(t, 259)[-1] == pytest.approx(t.learning_rate * t.min_lr_ratio)  # ... then down to the floor

@@ -148,7 +148,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             "flops_per_token": fpt,
             "flops": fpt * result["tokens"],
             "tok_per_s": tok_per_s,
-            "mfu": fpt * tok_per_s / trainer.peak if trainer.peak else None,
+            "mfu": trainer.mfu(tok_per_s) if trainer.peak else None,
             "tok_per_s_wall": tokens_run / max(train_s, 1e-9),  # with evals, samples, checkpoints and compiling
             "first_step_s": result["first_step_s"],
             "peak_flops": trainer.peak,

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from nanogpt4.errors import TrainingDiverged, TrainingStopped, UserError
@@ -63,6 +64,13 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 # A run's own length, stop rules and samples: a stage that builds its settings on ``cfg.training`` (SFT, the reward
 # model, DPO, the multimodal stages, a sweep's runs) sets its own length and must not inherit the pretraining's
 STAGE_RESET = {"sample_tokens": 0, "max_tokens": None, "max_time_s": None, "lr_decay_steps": None, "cooldown_steps": 0}
+
+
+def lr_for(tc: DictConfig, step: int) -> float:
+    """The learning rate of ``step`` under a training section's schedule (warmup, cosine over ``lr_decay_steps`` or
+    the run's steps, cooldown)."""
+    return lr_at(step, tc.learning_rate, tc.warmup_steps, tc.lr_decay_steps or tc.max_steps, tc.min_lr_ratio,
+                 tc.max_steps, tc.cooldown_steps)
 
 
 def lr_at(step: int, base_lr: float, warmup: int, decay_steps: int, min_ratio: float,
@@ -197,7 +205,7 @@ class Trainer:
                             state, self.tc.keep_last, best, weights=weights)
 
     # ------------------------------------------------------------------ loop
-    def _mfu(self, tok_s: float) -> float:
+    def mfu(self, tok_s: float) -> float:
         """Model FLOPs utilisation against ``self.peak``. Above 1, the peak was measured while something else held
         the cores (a run started as another exited read 168%): measure it once more and keep the higher."""
         mfu = self.flops_per_token * tok_s / self.peak
@@ -232,7 +240,6 @@ class Trainer:
     def fit(self) -> dict:
         tc, info = self.tc, self.info
         accum = tc.grad_accum_steps
-        decay_steps = tc.lr_decay_steps or tc.max_steps
         old_handler = None
         with contextlib.suppress(ValueError):  # not in the main thread
             old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -248,8 +255,7 @@ class Trainer:
             done = self._should_stop(t_start)
             while not done:
                 t0 = time.perf_counter()
-                lr = lr_at(self.step, tc.learning_rate, tc.warmup_steps, decay_steps, tc.min_lr_ratio, tc.max_steps,
-                           tc.cooldown_steps)
+                lr = lr_for(tc, self.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss_sum = torch.zeros((), device=self.device)
@@ -292,7 +298,7 @@ class Trainer:
                     row = {"step": self.step, "tokens": self.tokens, "loss": window_loss / window_steps,
                            "step_loss": loss_val, "lr": lr, "grad_norm": float(grad_norm), "tok_per_s": tok_s}
                     if self.peak:
-                        row["mfu"] = self._mfu(tok_s)
+                        row["mfu"] = self.mfu(tok_s)
                     self.metrics.log(row)
                     mfu = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}", **mfu)
