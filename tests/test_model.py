@@ -55,6 +55,31 @@ def test_incremental_logits_match_full_forward(variant):
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", [*VARIANTS, "mup"])
+def test_decode_step_logits_match_full_forward(variant):
+    from nanogpt4.model.transformer import KVCache
+
+    # the one-token step that eager and compiled decoding run (the blocks' math without their modules' calls)
+    m = make("gpt2", **{"parametrization": "mup", "mup_base_dim": 32}) if variant == "mup" else make(variant)
+    x = torch.randint(0, 101, (2, 16))
+    full = m(x)
+    cache = KVCache.allocate(m.cfg, 2, 16, "cpu", torch.float32)
+    m(x[:, :9], kv_cache=cache)
+    for i in range(9, 16):
+        logits = m.decode_step(x[:, i], torch.full((2,), i), None, cache)
+        cache.length += 1
+        torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
+    # a key mask hides slots: row 0 may not see its first 4 tokens, as if they were padding
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :4] = 0
+    cache = KVCache.allocate(m.cfg, 2, 16, "cpu", torch.float32)
+    m(x[:, :15], kv_cache=cache, attention_mask=mask[:, :15])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, 15]
+    logits = m.decode_step(x[:, 15], positions, mask.bool(), cache)
+    torch.testing.assert_close(logits, m(x, attention_mask=mask)[:, 15], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[0], m(x[:1, 4:])[0, -1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_left_padded_batch_equals_unpadded_rows(variant):
     m = make(variant)

@@ -161,6 +161,23 @@ class MultiHeadAttention(nn.Module):
                                                scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
+    def decode(self, x: torch.Tensor, cache: KVCache, rope, mask) -> torch.Tensor:
+        """``forward`` for one new token per row, x: (B, C) -> (B, C). Its key and value go into ``cache``; it
+        attends to the cache's filled slots (in static mode to all of them, ``mask`` hiding the unfilled)."""
+        B = x.size(0)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv.forward(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        # one query per row: (B, H * D) already is (B, H, 1, D) in memory, no transposes
+        q, k, v = q.view(B, H, 1, D), k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.update(self.layer, k, v)
+        if cache.write_index is not None:  # compiled: inductor fuses the plain matmuls
+            y = matmul_attention(q, k, v, mask, scale=self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H, scale=self.scale)
+        return self.proj.forward(y.reshape(B, H * D))
+
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -173,13 +190,13 @@ class FeedForward(nn.Module):
         self.proj.residual_scale = True
 
     def forward(self, x):
-        h = self.fc(x)
+        return self.proj(self.activation(self.fc(x)))
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)  # exact (erf) GELU, as the seed's nn.GELU(); ~5x cheaper than tanh on CPU
-        return self.proj(h)
+            return F.silu(gate) * up
+        return F.gelu(h)  # exact (erf) GELU, as the seed's nn.GELU(); ~5x cheaper than tanh on CPU
 
 
 class Block(nn.Module):
@@ -200,6 +217,13 @@ class Block(nn.Module):
         if self.training and self.dropout:
             f = F.dropout(f, self.dropout)
         return x + f
+
+    def decode(self, x: torch.Tensor, cache: KVCache, rope, mask) -> torch.Tensor:
+        """``forward`` for one new token per row (eval mode), x: (B, C). The submodules' ``forward`` is called
+        directly: at decoding's batch sizes ``nn.Module.__call__``'s bookkeeping costs as much as the matmuls
+        (module hooks therefore do not run while decoding)."""
+        x = x + self.attn.decode(self.ln1.forward(x), cache, rope, mask)
+        return x + self.ff.proj.forward(self.ff.activation(self.ff.fc.forward(self.ln2.forward(x))))
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, q_len: int, past: int) -> torch.Tensor:
@@ -325,24 +349,26 @@ class Transformer(nn.Module):
             return linear_cross_entropy(x, self.head.weight, labels)
         return self.head(x)
 
-    def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
+    def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None,
                     cache: KVCache) -> torch.Tensor:
-        """Next-token logits (B, vocab) for one token per row, written into a static cache at
-        ``cache.write_index``; ``key_mask`` (B, capacity) marks the slots each row may attend to, that slot
-        included. Every call has the same shapes, so ``torch.compile`` captures the whole step once."""
-        x = self.token_embed(tokens)
+        """Next-token logits (B, vocab) for one new token per row: ``tokens`` and ``position_ids`` are (B,). The
+        token's keys and values go into ``cache`` (the caller advances ``cache.length``); ``key_mask`` (B, slots
+        attended), when given, marks the slots each row may see, the new one included. In static mode
+        (``cache.write_index`` set: compiled decoding) every slot is attended and the mask is required, so each
+        call has the same shapes and ``torch.compile`` captures the whole step once."""
+        x = self.token_embed.forward(tokens)
         rope = None
         if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids)
+            x = x + self.pos_embed.forward(position_ids)
         else:  # RoPE (read no config here: the compiler cannot trace OmegaConf's attribute access)
-            rope = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])
-        mask = key_mask[:, None, None, :]
+            rope = (self.rope_cos[position_ids][:, None, None], self.rope_sin[position_ids][:, None, None])
+        mask = key_mask[:, None, None, :] if key_mask is not None else None
         for block in self.blocks:
-            x = block(x, rope, mask, False, cache)
-        x = self.ln_f(x[:, -1])
+            x = block.decode(x, cache, rope, mask)
+        x = self.ln_f.forward(x)
         if self.width_mult != 1.0:
             x = x * (1.0 / self.width_mult)
-        return self.head(x)
+        return self.head.forward(x)
 
     def compiled_decode_step(self):
         """``decode_step`` through ``torch.compile``, specialised per batch size, capacity and dtype (the first
@@ -467,8 +493,8 @@ class Transformer(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())
         mask = None
         if padded:
-            mask = torch.ones(B, total, dtype=torch.long, device=device)
-            mask[:, :T0] = attention_mask
+            mask = torch.ones(B, total, dtype=torch.bool, device=device)
+            mask[:, :T0] = attention_mask.bool()
         stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         pad = torch.full((B,), pad_token_id, dtype=torch.long, device=device)
@@ -479,41 +505,42 @@ class Transformer(nn.Module):
         dtype = next(self.parameters()).dtype
         cache: KVCache | None = None
         win_start = 0  # index in ``out`` of the first token held by the cache
-        next_pos = None  # (B, 1) position of the token being decoded
+        next_pos = None  # (B,) position of the token being decoded
         n = T0
         key_mask = None  # static decoding: which cache slots each row attends to
-        decode = self.compiled_decode_step() if compile and use_cache else None
+        compiled = self.compiled_decode_step() if compile and use_cache else None
         for step in range(max_new_tokens):
             logits = None
             has_room = cache is not None and cache.length < cache.capacity  # else re-prefill the sliding window
-            if decode is not None and has_room:
+            if compiled is not None and has_room:
                 if key_mask is None:
                     key_mask = torch.zeros(B, cache.capacity, dtype=torch.bool, device=device)
                     filled = slice(win_start, win_start + cache.length)
-                    key_mask[:, :cache.length] = mask[:, filled].bool() if padded else True
+                    key_mask[:, :cache.length] = mask[:, filled] if padded else True
                 key_mask[:, cache.length] = True
                 cache.write_index = torch.tensor(cache.length, device=device)
                 if device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
-                logits = decode(out[:, n - 1:n], next_pos, key_mask, cache)
+                logits = compiled(out[:, n - 1], next_pos, key_mask, cache)
                 cache.write_index = None
                 cache.length += 1
             elif use_cache and has_room:
-                hidden = self(out[:, n - 1:n], return_hidden=True, kv_cache=cache, position_ids=next_pos,
-                              attention_mask=mask[:, win_start:n] if padded else None)
+                # the window's slots so far and the new one (a padded row must not see its padding)
+                logits = self.decode_step(out[:, n - 1], next_pos, mask[:, win_start:n] if padded else None, cache)
+                cache.length += 1
             else:
                 win_start = max(0, n - L)
                 window_mask = mask[:, win_start:n] if padded else torch.ones(B, n - win_start, device=device)
                 if use_cache:
                     capacity = min(L, n - win_start + max_new_tokens - step)
-                    cache = (self.static_cache(B, capacity, device, dtype) if decode is not None
+                    cache = (self.static_cache(B, capacity, device, dtype) if compiled is not None
                              else KVCache.allocate(self.cfg, B, capacity, device, dtype))
                     key_mask = None
                 hidden = self(out[:, win_start:n], return_hidden=True, kv_cache=cache,
                               attention_mask=window_mask if padded else None,
                               position_ids=position_ids_from_mask(window_mask),
                               inputs_embeds=embeds[:, win_start:n] if embeds is not None else None)
-                next_pos = position_ids_from_mask(window_mask)[:, -1:]
+                next_pos = position_ids_from_mask(window_mask)[:, -1]
             if logits is None:
                 logits = self.head(hidden[:, -1])
             next_tok = sample_next(logits, temperature, top_k, top_p, generator)
