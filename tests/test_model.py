@@ -80,6 +80,25 @@ def test_decode_step_logits_match_full_forward(variant):
     torch.testing.assert_close(logits[0], m(x[:1, 4:])[0, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_a_hooked_model_decodes_through_its_hooks():
+    # decode_step bypasses module calls; FSDP gathers its shards in forward hooks, so a hooked model must not
+    m = make()
+    x = torch.randint(0, 101, (2, 5))
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    plain = [m.generate(x, 8, temperature=0, **kw) for kw in ({}, {"attention_mask": mask})]
+    calls = []
+    handle = m.blocks[1].register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    try:
+        hooked = [m.generate(x, 8, temperature=0, **kw) for kw in ({}, {"attention_mask": mask})]
+        assert calls == [5, *[1] * 7] * 2  # the prompt, then every decoded token
+        assert all(torch.equal(a, b) for a, b in zip(plain, hooked, strict=True))
+        with pytest.raises(ValueError, match="compile=False"):
+            m.generate(x, 8, temperature=0, compile=True)
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_left_padded_batch_equals_unpadded_rows(variant):
     m = make(variant)

@@ -221,7 +221,7 @@ class Block(nn.Module):
     def decode(self, x: torch.Tensor, cache: KVCache, rope, mask) -> torch.Tensor:
         """``forward`` for one new token per row (eval mode), x: (B, C). The submodules' ``forward`` is called
         directly: at decoding's batch sizes ``nn.Module.__call__``'s bookkeeping costs as much as the matmuls
-        (module hooks therefore do not run while decoding)."""
+        (so hooks would not run: ``generate`` decodes a hooked model through ``forward``)."""
         x = x + self.attn.decode(self.ln1.forward(x), cache, rope, mask)
         return x + self.ff.proj.forward(self.ff.activation(self.ff.fc.forward(self.ln2.forward(x))))
 
@@ -508,6 +508,12 @@ class Transformer(nn.Module):
         next_pos = None  # (B,) position of the token being decoded
         n = T0
         key_mask = None  # static decoding: which cache slots each row attends to
+        # decode_step skips nn.Module.__call__, so a model whose modules carry forward hooks (FSDP's parameter
+        # gathers, a user's probes) decodes through forward, as one-token calls of the blocks
+        hooked = any(m._forward_pre_hooks or m._forward_hooks for m in self.modules())
+        if compile and hooked:
+            raise ValueError("generate(compile=True) skips module hooks, and this model has forward hooks (FSDP "
+                             "or registered ones); call it with compile=False")
         compiled = self.compiled_decode_step() if compile and use_cache else None
         for step in range(max_new_tokens):
             logits = None
@@ -524,6 +530,9 @@ class Transformer(nn.Module):
                 logits = compiled(out[:, n - 1], next_pos, key_mask, cache)
                 cache.write_index = None
                 cache.length += 1
+            elif use_cache and has_room and hooked:
+                hidden = self(out[:, n - 1:n], return_hidden=True, kv_cache=cache, position_ids=next_pos[:, None],
+                              attention_mask=mask[:, win_start:n] if padded else None)
             elif use_cache and has_room:
                 # the window's slots so far and the new one (a padded row must not see its padding)
                 logits = self.decode_step(out[:, n - 1], next_pos, mask[:, win_start:n] if padded else None, cache)
