@@ -511,7 +511,7 @@ class Transformer(nn.Module):
         # decode_step skips nn.Module.__call__, so a model whose modules carry forward hooks (FSDP's parameter
         # gathers, a user's probes) decodes through forward, as one-token calls of the blocks
         hooked = any(m._forward_pre_hooks or m._forward_hooks for m in self.modules())
-        if compile and hooked:
+        if compile and use_cache and hooked:
             raise ValueError("generate(compile=True) skips module hooks, and this model has forward hooks (FSDP "
                              "or registered ones); call it with compile=False")
         compiled = self.compiled_decode_step() if compile and use_cache else None
