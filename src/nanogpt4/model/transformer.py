@@ -150,10 +150,8 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        static = cache is not None and cache.write_index is not None  # compiled decoding: let inductor fuse it
-        if static or (q.device.type == "cpu" and q.dtype == torch.bfloat16
-                      and k.size(2) <= CPU_MATMUL_ATTENTION_MAX_LEN
-                      and q.size(2) > 1):  # one eager decoded query: the fused kernel beats two tiny bf16 matmuls
+        if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(2) <= CPU_MATMUL_ATTENTION_MAX_LEN
+                and q.size(2) > 1):  # one eager decoded query: the fused kernel beats two tiny bf16 matmuls
             y = matmul_attention(q, k, v, mask, is_causal and mask is None, dropout, self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
