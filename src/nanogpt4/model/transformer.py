@@ -134,14 +134,15 @@ class MultiHeadAttention(nn.Module):
         # µP: 1/d_head, not 1/sqrt(d_head): after training, q and k are correlated and q·k grows like d_head
         self.scale = 1.0 / self.head_dim if cfg.parametrization == "mup" else None
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.bias)
+        kv_width = self.n_kv_heads * self.head_dim
+        self.qkv_sizes = [self.n_heads * self.head_dim, kv_width, kv_width]  # one matmul, split into q, k, v
+        self.qkv = nn.Linear(cfg.dim, sum(self.qkv_sizes), bias=cfg.bias)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.proj.residual_scale = True
 
     def forward(self, x, rope=None, mask=None, is_causal=True, cache: KVCache | None = None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=2)
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=2)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -164,7 +165,7 @@ class MultiHeadAttention(nn.Module):
         attends to the cache's filled slots (in static mode to all of them, ``mask`` hiding the unfilled)."""
         B = x.size(0)
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv.forward(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = self.qkv.forward(x).split(self.qkv_sizes, dim=-1)
         # one query per row: (B, H * D) already is (B, H, 1, D) in memory, no transposes
         q, k, v = q.view(B, H, 1, D), k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D)
         if rope is not None:
