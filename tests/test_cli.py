@@ -42,6 +42,29 @@ def test_pretrain_json_summary_is_last_line(prepared, tmp_path, capsys):
     assert summary["steps"] == 3 and summary["device"] == "cpu"
 
 
+def test_overrides_may_follow_the_flags(prepared, tmp_path, capsys):
+    ov, _ = prepared  # argparse alone takes one run of positionals: the second run would be refused
+    code, out, _ = cli(capsys, "pretrain", ov[0], "--out", tmp_path / "r", *ov[1:], "training.max_steps=2", "--json")
+    assert code == 0
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 2
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["pretrain", "--max-steps", "3"], "unrecognized arguments: --max-steps (config keys are set as KEY=VALUE, "
+                                       "e.g. training.max_steps=...)"),
+    (["prepare", "--source=text:a.txt"], "e.g. data.source=..."),
+    (["sample", "--run", "r", "training.max_steps=3"], "nanogpt4 sample: error: unrecognized arguments: training"),
+    (["scaling", "fit", "--sweep", "s", "--bogus"], "nanogpt4 scaling fit: error: unrecognized arguments: --bogus"),
+])
+def test_unknown_arguments_are_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["pretrain", "training.max_stpes=3"], "did you mean 'training.max_steps'"),
     (["pretrain", "model.dim=abc"], "bad value for 'model.dim'"),
@@ -316,7 +339,7 @@ def test_every_command_in_the_readme_parses_and_its_overrides_are_valid_config()
     import re
     import shlex
 
-    from nanogpt4.cli import build_parser
+    from nanogpt4.cli import parse_cli
     from nanogpt4.config import load_config
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
@@ -328,7 +351,7 @@ def test_every_command_in_the_readme_parses_and_its_overrides_are_valid_config()
         if "pip" in words:  # the set-up commands at the top; the pipeline part is checked by its own test
             continue
         argv = words[words.index("nanogpt4") + 1:]
-        args = build_parser().parse_args(argv)  # an unknown flag or subcommand exits 2 here
+        args = parse_cli(argv)  # an unknown flag or subcommand exits 2 here
         overrides = [o for o in getattr(args, "overrides", []) if "=" in o]
         load_config(getattr(args, "config", None) or "tiny", overrides)
         checked += 1

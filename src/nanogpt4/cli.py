@@ -462,8 +462,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
+    """``build_parser().parse_args``, but ``KEY=VALUE`` overrides may also come after the flags (argparse takes
+    one run of positionals only: ``pretrain --out r training.max_steps=30`` would be refused). Anything else it
+    does not know ends as one line naming it, exit 2; a ``--flag`` spelling of a config key names the override."""
+    args, extra = build_parser().parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if a not in args.overrides]
+    if extra:
+        prog = " ".join(["nanogpt4", *(c for c in (args.command, getattr(args, "scaling_command", None)) if c)])
+        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}{_flag_hint(extra, args)}; see "
+              f"`{prog} --help`", file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
+def _flag_hint(extra: list[str], args: argparse.Namespace) -> str:
+    """``--max-steps`` or ``--source`` for a config key: name its ``KEY=VALUE`` override."""
+    if not hasattr(args, "overrides"):
+        return ""
+    from omegaconf import OmegaConf
+
+    from nanogpt4.config import Config, _all_keys
+
+    keys = _all_keys(OmegaConf.structured(Config))
+    for flag in extra:
+        leaf = flag.lstrip("-").split("=", 1)[0].replace("-", "_")
+        matches = [k for k in keys if flag.startswith("--") and k.rsplit(".", 1)[-1] == leaf]
+        if matches:
+            return f" (config keys are set as KEY=VALUE, e.g. {matches[0]}=...)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_cli(argv)
     from nanogpt4.utils import keep_freed_memory_for_reuse
 
     keep_freed_memory_for_reuse()
