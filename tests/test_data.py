@@ -1,5 +1,6 @@
 import hashlib
 import json
+import shutil
 import socket
 import time
 
@@ -205,6 +206,31 @@ def test_prepare_writes_shards_and_reuses_them(corpus_dir, tmp_path):
     prepare_data(cfg, tmp_path, progress=False, log=logs.append)
     assert (tmp_path / "train.bin").stat().st_mtime_ns == mtime and "up to date" in logs[-1]
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_an_interrupted_re_prepare_leaves_no_meta_vouching_for_its_shards(corpus_dir, tmp_path, monkeypatch):
+    from nanogpt4.data import prepare
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    cfg = load_config("tiny", small_overrides(corpus, tmp_path / "data"))
+    prepare_data(cfg, tmp_path / "data", progress=False, log=lambda _m: None)
+    (corpus / "more.py").write_text("def more():\n    return 1\n" * 50)  # the source changes
+    encode = prepare._encode_split
+
+    def stop_at_val(tok, docs, path, *a):
+        if path.name == "val.bin":
+            raise KeyboardInterrupt
+        return encode(tok, docs, path, *a)
+
+    monkeypatch.setattr(prepare, "_encode_split", stop_at_val)
+    with pytest.raises(KeyboardInterrupt):  # train.bin is rewritten for the new source, val.bin is not
+        prepare_data(cfg, tmp_path / "data", progress=False, log=lambda _m: None)
+    assert not (tmp_path / "data" / "meta.json").exists()
+    monkeypatch.setattr(prepare, "_encode_split", encode)
+    meta = prepare_data(cfg, tmp_path / "data", progress=False, log=lambda _m: None)
+    train = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16)
+    assert len(train) == meta["train_tokens"]
 
 
 def test_token_dtype_widens_for_large_vocab():

@@ -80,6 +80,8 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
                         f"set model.vocab_size >= {tok.vocab_size}")
     dtype = token_dtype(tok.vocab_size)
     out.mkdir(parents=True, exist_ok=True)  # only once the tokenizer exists: a failure leaves no empty directory
+    # a stale meta.json must not vouch for half-rewritten shards if this is interrupted
+    meta_path.unlink(missing_ok=True)
     counts = {}
     for split, docs in (("train", corpus.train), ("val", corpus.val)):
         counts[split] = _encode_split(tok, docs, out / f"{split}.bin", dtype, f"encode {split}", progress)
