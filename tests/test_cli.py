@@ -291,6 +291,36 @@ def test_scaling_fit_cli_and_errors(tmp_path, capsys):
     assert_one_line_error(code, err, "needs 'flops' and 'val_loss'")
 
 
+def test_scaling_fit_cli_fits_capability_and_chinchilla_when_the_runs_carry_them(tmp_path, capsys):
+    import numpy as np
+
+    # runs from a known Chinchilla law L = E + A/N^alpha + B/D^beta at C = 6ND, each with a capability metric
+    # -E[log pass] = 3 * (C/1e12)^-0.2
+    E, A, B, alpha, beta = 1.7, 400.0, 410.0, 0.34, 0.28
+    rows = []
+    for n in (1e5, 3e5, 1e6):
+        for d in (1e7, 3e7, 1e8):
+            c = 6 * n * d
+            rows.append({"flops": c, "params": n, "tokens": d, "val_loss": E + A / n**alpha + B / d**beta,
+                         "mean_log_pass_rate": -3.0 * (c / 1e12) ** -0.2})
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = cli(capsys, "scaling", "fit", "--sweep", sweep, "--target-flops", "1e16", "--bootstrap", "20",
+                       "--out", tmp_path, "--json")
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    cap = result["capability"]
+    assert cap["k"] == pytest.approx(0.2, rel=1e-6) and cap["n_runs"] == 9
+    want = 3.0 * (1e16 / 1e12) ** -0.2
+    assert cap["prediction"]["neg_log_pass_rate"] == pytest.approx(want, rel=1e-6)
+    lo, hi = cap["prediction"]["ci95"]
+    assert lo <= want <= hi
+    law = result["chinchilla"]
+    assert (law["alpha"], law["beta"], law["E"]) == pytest.approx((alpha, beta, E), rel=1e-3)  # an exact law
+    assert (tmp_path / "capability_fit.png").stat().st_size > 0 and (tmp_path / "scaling_fit.png").exists()
+    assert np.isfinite(result["prediction"]["loss"])
+
+
 def test_compile_without_a_cpp_compiler_is_a_one_line_error(prepared, trained_run, tmp_path, capsys, monkeypatch):
     import torch._inductor.cpp_builder as cpp_builder
 
