@@ -292,15 +292,23 @@ def test_a_diverging_run_stops_with_a_one_line_error_and_writes_no_checkpoint(pr
     assert issubclass(TrainingDiverged, UserError)  # the CLI prints it as one line and exits 2
 
 
-def test_tensorboard_is_optional(prepared, tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        with pytest.raises(UserError, match="pip install tensorboard"):
-            run(prepared, tmp_path / "tb", "training.max_steps=2", "training.tensorboard=true")
-    else:
+def test_tensorboard_without_the_package_is_a_clear_error(prepared, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(UserError, match="pip install tensorboard"):
         run(prepared, tmp_path / "tb", "training.max_steps=2", "training.tensorboard=true")
-        assert list((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_tensorboard_gets_the_logged_scalars(prepared, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(prepared, tmp_path / "tb", "training.max_steps=4", "training.tensorboard=true")
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard")).Reload()
+    logged = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if "loss" in r]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (r["step"], pytest.approx(r["loss"])) for r in train]
+    assert "val_loss" in events.Tags()["scalars"]
 
 
 def test_allocator_tuning_is_applied_on_glibc_and_can_be_turned_off():
