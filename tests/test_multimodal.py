@@ -405,8 +405,10 @@ def test_multimodal_command_from_a_pretrained_run(prepared, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["ask", "--run", str(out), "--image", str(png), "--question", "why? " * 60]) == 2
     assert "shorten the question" in capsys.readouterr().err
-    for run in (out, out / "tune"):  # the run, or one stage of it
+    for run in (out, out / "tune"):  # the run, or one stage of it: sampling or exporting it names `ask`
         assert main(["sample", "--run", str(run)]) == 2 and "nanogpt4 ask" in capsys.readouterr().err
+        assert main(["export-hf", "--run", str(run), "--out", str(tmp_path / "hf")]) == 2
+        assert "nanogpt4 ask" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
 def test_multimodal_command_bad_input(tmp_path, capsys):

@@ -204,6 +204,12 @@ def test_stage_commands_chain_sft_reward_ppo_dpo(prepared, tmp_path, capsys):
     assert dpo["preference_pairs"] > 0
     # the PPO policy is a normal checkpoint: `sample` reads it
     assert main(["sample", "--run", str(tmp_path / "ppo"), "--prompt", "def", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    # the reward model is not a language model: sampling or exporting it says so, and writes nothing
+    for argv in (["sample"], ["export-hf", "--out", str(tmp_path / "rm-hf")]):
+        assert main([*argv, "--run", str(tmp_path / "rm")]) == 2
+        assert "is a reward model" in capsys.readouterr().err
+    assert not (tmp_path / "rm-hf").exists()
 
 
 def test_stage_commands_report_bad_input(tmp_path, capsys):

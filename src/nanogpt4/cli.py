@@ -103,12 +103,7 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device or "auto")
     if args.compile:
         require_compiler(device, "--compile")
-    from nanogpt4.train.multimodal import multimodal_checkpoint
-
-    if multimodal_checkpoint(args.run) is not None:
-        raise UserError(f"'{args.run}' is a `nanogpt4 multimodal` run: ask it about an image with "
-                        f"`nanogpt4 ask --run {args.run} --image FILE`")
-    model, cfg, tok = load_model(args.run, device)
+    model, cfg, tok = load_model(args.run, device)  # a vision-language or reward model is refused by name
     if tok is None:
         raise UserError(f"'{args.run}' has no tokenizer.json; sample from a run made by `nanogpt4 pretrain`")
     ids = (tok.encode(args.prompt) or [tok.eot_id]) if args.raw_prompt else tok.prompt_ids(args.prompt)

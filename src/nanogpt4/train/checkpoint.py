@@ -156,12 +156,36 @@ def resolve_checkpoint(path: str | Path) -> Path:
                     f"pass a run directory (runs/NAME, after `nanogpt4 pretrain`) or a checkpoints/step_N directory")
 
 
+def resolve_stage_checkpoint(path: str | Path) -> Path:
+    """``resolve_checkpoint``, and for a `nanogpt4 multimodal` run's directory its last stage's latest checkpoint."""
+    p = Path(path)
+    stage = next((p / s for s in ("tune", "align") if latest_checkpoint(p / s) is not None), p)
+    return resolve_checkpoint(stage)
+
+
+def refuse_other_models(path: str | Path) -> None:
+    """A language model is wanted: name what ``path`` holds instead (a vision-language or reward model), where the
+    tensor-name mismatch would say little."""
+    try:
+        ckpt = resolve_stage_checkpoint(path)
+    except UserError:
+        return  # resolve_checkpoint says it again, with the fix
+    if is_multimodal(ckpt):
+        raise UserError(f"'{path}' is a `nanogpt4 multimodal` run (a vision-language model): ask it about an image "
+                        f"with `nanogpt4 ask --run {path} --image FILE`")
+    if "reward_head.weight" in tensor_names(ckpt / "model.safetensors"):
+        raise UserError(f"'{path}' is a reward model (`nanogpt4 reward`): it scores text and does not generate; "
+                        f"use the SFT, PPO or DPO run next to it")
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", model_cls: type[nn.Module] | None = None):
     """(model, config, tokenizer) from a run or checkpoint directory; ``model_cls`` (default ``Transformer``)
     is built from the checkpoint's config."""
     from nanogpt4.data.tokenizer import Tokenizer
     from nanogpt4.model.transformer import Transformer
 
+    if model_cls is None:
+        refuse_other_models(path)
     ckpt = resolve_checkpoint(path)
     cfg = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
     model = (model_cls or Transformer)(cfg)

@@ -32,7 +32,7 @@ from nanogpt4.data.vision import (
 from nanogpt4.errors import UserError
 from nanogpt4.model.multimodal import MultimodalTransformer
 from nanogpt4.rlhf.data import pad_left, pad_right
-from nanogpt4.train.checkpoint import is_multimodal, latest_checkpoint, load_model, resolve_checkpoint
+from nanogpt4.train.checkpoint import is_multimodal, load_model, resolve_stage_checkpoint
 from nanogpt4.train.distributed import DistInfo
 from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -196,9 +196,7 @@ def greedy_answers(model: MultimodalTransformer, codec: TextCodec, questions: li
 def multimodal_checkpoint(path: str | Path) -> Path | None:
     """The checkpoint a `nanogpt4 multimodal` run (its last stage's latest), one of its stages or a checkpoint
     directory holds; None when ``path`` holds a text-only model."""
-    p = Path(path)
-    stage = next((p / s for s in ("tune", "align") if latest_checkpoint(p / s) is not None), p)
-    ckpt = resolve_checkpoint(stage)
+    ckpt = resolve_stage_checkpoint(path)
     return ckpt if is_multimodal(ckpt) else None
 
 
