@@ -55,18 +55,26 @@ def test_incremental_logits_match_full_forward(variant):
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("variant", [*VARIANTS, "mup"])
-def test_decode_step_logits_match_full_forward(variant):
+def test_decode_step_logits_match_full_forward(variant, packed):
     from nanogpt4.model.transformer import KVCache
 
-    # the one-token step that eager and compiled decoding run (the blocks' math without their modules' calls)
+    # the one-token step that eager and compiled decoding run (the blocks' math without their modules' calls),
+    # with the linear layers' weights as they are or prepacked for oneDNN
     m = make("gpt2", **{"parametrization": "mup", "mup_base_dim": 32}) if variant == "mup" else make(variant)
+    with torch.no_grad():  # biases and norms start at 0 and 1: a step that dropped them must show
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    weights = m.packed_decode_weights(2, 16) if packed else None
+    if packed and weights is None:
+        pytest.skip("prepacked decoding needs an x86 CPU with oneDNN")
     x = torch.randint(0, 101, (2, 16))
     full = m(x)
     cache = KVCache.allocate(m.cfg, 2, 16, "cpu", torch.float32)
     m(x[:, :9], kv_cache=cache)
     for i in range(9, 16):
-        logits = m.decode_step(x[:, i], torch.full((2,), i), None, cache)
+        logits = m.decode_step(x[:, i], torch.full((2,), i), None, cache, weights)
         cache.length += 1
         torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
     # a key mask hides slots: row 0 may not see its first 4 tokens, as if they were padding
@@ -75,9 +83,32 @@ def test_decode_step_logits_match_full_forward(variant):
     cache = KVCache.allocate(m.cfg, 2, 16, "cpu", torch.float32)
     m(x[:, :15], kv_cache=cache, attention_mask=mask[:, :15])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, 15]
-    logits = m.decode_step(x[:, 15], positions, mask.bool(), cache)
+    logits = m.decode_step(x[:, 15], positions, mask.bool(), cache, weights)
     torch.testing.assert_close(logits, m(x, attention_mask=mask)[:, 15], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[0], m(x[:1, 4:])[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_decodes_through_prepacked_weights_where_it_pays(monkeypatch):
+    from nanogpt4.model.transformer import PACK_MIN_NEW_TOKENS, Transformer
+
+    m = make()
+    if m.packed_decode_weights(4, PACK_MIN_NEW_TOKENS) is None:
+        pytest.skip("prepacked decoding needs an x86 CPU with oneDNN")
+    x = torch.randint(0, 101, (4, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    made = []
+    pack = Transformer.packed_decode_weights
+    monkeypatch.setattr(Transformer, "packed_decode_weights", lambda self, *a: made.append(pack(self, *a)) or made[-1])
+    n = PACK_MIN_NEW_TOKENS + 4
+    got = [m.generate(x, n, temperature=0, **kw) for kw in ({}, {"attention_mask": mask})]
+    assert all(isinstance(w, dict) and len(w) == 4 * 2 + 1 for w in made)  # every linear of the blocks, the head
+    monkeypatch.setattr(Transformer, "packed_decode_weights", lambda self, *a: None)
+    assert all(torch.equal(g, m.generate(x, n, temperature=0, **kw))
+               for g, kw in zip(got, ({}, {"attention_mask": mask}), strict=True))
+    # where it does not pay, nothing is packed: one row of a small model, a short generation, another dtype
+    assert pack(m, 1, 100) is None and pack(m, 4, PACK_MIN_NEW_TOKENS - 1) is None
+    assert pack(m.to(torch.bfloat16), 4, 100) is None
 
 
 def test_a_hooked_model_decodes_through_its_hooks():
