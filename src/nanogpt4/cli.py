@@ -463,8 +463,9 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     does not know ends as one line naming it, exit 2; a ``--flag`` spelling of a config key names the override."""
     args, extra = build_parser().parse_known_args(argv)
     if hasattr(args, "overrides"):
-        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
-        extra = [a for a in extra if a not in args.overrides]
+        later = [a for a in extra if "=" in a and not a.startswith("-")]
+        args.overrides += later
+        extra = [a for a in extra if a not in later]
     if extra:
         prog = " ".join(["nanogpt4", *(c for c in (args.command, getattr(args, "scaling_command", None)) if c)])
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}{_flag_hint(extra, args)}; see "
@@ -482,9 +483,9 @@ def _flag_hint(extra: list[str], args: argparse.Namespace) -> str:
     from nanogpt4.config import Config, _all_keys
 
     keys = _all_keys(OmegaConf.structured(Config))
-    for flag in extra:
-        leaf = flag.lstrip("-").split("=", 1)[0].replace("-", "_")
-        matches = [k for k in keys if flag.startswith("--") and k.rsplit(".", 1)[-1] == leaf]
+    for flag in (f for f in extra if f.startswith("--")):
+        leaf = flag[2:].split("=", 1)[0].replace("-", "_")
+        matches = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
         if matches:
             return f" (config keys are set as KEY=VALUE, e.g. {matches[0]}=...)"
     return ""

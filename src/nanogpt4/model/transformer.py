@@ -393,9 +393,8 @@ class Transformer(nn.Module):
         repacking, from weights that no longer fit in cache, costs as much as the multiply. Measured on 2 Zen 3
         cores (medians of paired runs): batch 8 decodes 1.19x faster at 4x192 and 1.98x at 12x768, batch 32 1.13x,
         batch 1 1.16x at 6x384 and 1.44x at 12x768, but 10% slower at 4x192, whose 10 MB of weights stay in cache
-        (hence the size rule). Reordering costs ~1 ms
-        per MB of weights, so short generations are left alone, and so are models over 2 GiB of linear weights
-        (the packed copy lives as long as the ``generate`` call)."""
+        (hence the size rule). Reordering costs ~1 ms per MB of weights, so short generations are left alone, and
+        so are models over 2 GiB of linear weights (the packed copy lives as long as the ``generate`` call)."""
         weight = self.head.weight
         if (weight.device.type != "cpu" or weight.dtype != torch.float32 or new_tokens < PACK_MIN_NEW_TOKENS
                 or platform.machine().lower() not in ("x86_64", "amd64")

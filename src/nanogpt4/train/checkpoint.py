@@ -163,13 +163,9 @@ def resolve_stage_checkpoint(path: str | Path) -> Path:
     return resolve_checkpoint(stage)
 
 
-def refuse_other_models(path: str | Path) -> None:
-    """A language model is wanted: name what ``path`` holds instead (a vision-language or reward model), where the
-    tensor-name mismatch would say little."""
-    try:
-        ckpt = resolve_stage_checkpoint(path)
-    except UserError:
-        return  # resolve_checkpoint says it again, with the fix
+def refuse_other_models(path: str | Path, ckpt: Path) -> None:
+    """A language model is wanted: name what ``path`` (resolved to ``ckpt``) holds instead (a vision-language or
+    reward model), where the tensor-name mismatch would say little."""
     if is_multimodal(ckpt):
         raise UserError(f"'{path}' is a `nanogpt4 multimodal` run (a vision-language model): ask it about an image "
                         f"with `nanogpt4 ask --run {path} --image FILE`")
@@ -184,9 +180,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", model_cls: 
     from nanogpt4.data.tokenizer import Tokenizer
     from nanogpt4.model.transformer import Transformer
 
+    ckpt = resolve_stage_checkpoint(path)
     if model_cls is None:
-        refuse_other_models(path)
-    ckpt = resolve_checkpoint(path)
+        refuse_other_models(path, ckpt)
     cfg = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
     model = (model_cls or Transformer)(cfg)
     load_weights(model, ckpt / "model.safetensors")
