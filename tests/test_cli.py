@@ -327,7 +327,9 @@ def test_compile_without_a_cpp_compiler_is_a_one_line_error(prepared, trained_ru
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    # the finder require_compiler calls (torch 2.4 names it _get_cpp_compiler)
+    finder = "get_cpp_compiler" if hasattr(cpp_builder, "get_cpp_compiler") else "_get_cpp_compiler"
+    monkeypatch.setattr(cpp_builder, finder, no_compiler)
     code, _, err = cli(capsys, "sample", "--run", trained_run, "--compile")
     assert_one_line_error(code, err, "needs a C++ compiler")
     code, _, err = cli(capsys, "pretrain", "--out", tmp_path / "r", *prepared[0], "training.compile=true")

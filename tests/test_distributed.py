@@ -3,9 +3,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.torch_version import TorchVersion
 
 from nanogpt4.config import load_config
+from nanogpt4.errors import UserError
 from nanogpt4.train.checkpoint import load_model
+from nanogpt4.train.distributed import DistInfo, apply_fsdp
 from nanogpt4.train.pretrain import pretrain
 
 from .conftest import step_losses
@@ -37,6 +41,7 @@ def test_two_process_ddp_reproduces_single_process(prepared, tmp_path, extra):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.__version__ < (2, 7), reason="FSDP2 runs on the CPU from torch 2.7")
 def test_fsdp_two_processes_trains_and_checkpoints(prepared, tmp_path):
     ov, _ = prepared
     ov = ov + ["training.max_steps=6", "training.eval_interval=3", "training.checkpoint_interval=3",
@@ -48,6 +53,12 @@ def test_fsdp_two_processes_trains_and_checkpoints(prepared, tmp_path):
         assert abs(single[step] - fsdp[step]) < 1e-4, (step, single[step], fsdp[step])
     m, _, _ = load_model(tmp_path / "fsdp")  # gathered full weights load into a plain model
     assert m.num_parameters() > 0
+
+
+def test_fsdp_on_the_cpu_before_torch_2_7_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.6.0"))
+    with pytest.raises(UserError, match=r"training.fsdp=true on the CPU needs torch>=2.7 \(this is 2.6.0\)"):
+        apply_fsdp(torch.nn.Linear(2, 2), DistInfo())
 
 
 @pytest.mark.slow

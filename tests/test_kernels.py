@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogpt4.model import losses
+from nanogpt4.model import losses, transformer
 from nanogpt4.model.losses import linear_cross_entropy
 from nanogpt4.model.transformer import attention_mask_4d, matmul_attention
 
@@ -78,22 +78,41 @@ def test_all_ignored_labels_give_zero_loss_and_grad():
     assert loss.item() == 0 and h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
 
 
+def reference_attention(q, k, v, **kwargs):
+    """SDPA with each kv head repeated across its query group (``enable_gqa`` needs torch 2.5)."""
+    k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-gqa", "repeated-kv"])
+def test_sdpa_grouped_query_attention_on_every_torch(native, monkeypatch):
+    if native and not transformer.SDPA_HAS_GQA:
+        pytest.skip("enable_gqa needs torch >= 2.5")
+    monkeypatch.setattr(transformer, "SDPA_HAS_GQA", native)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    mask = torch.rand(2, 1, 10, 10) > 0.3
+    mask[..., 0] = True  # every query sees a key
+    for kwargs in ({"is_causal": True}, {"mask": mask}):
+        ref = reference_attention(q, k, v, is_causal=kwargs.get("is_causal", False), attn_mask=kwargs.get("mask"))
+        assert torch.allclose(transformer.sdpa(q, k, v, **kwargs), ref, atol=1e-6)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_matmul_attention_matches_sdpa(kv_heads):
     torch.manual_seed(0)
     q = torch.randn(2, 4, 10, 8)
     k, v = torch.randn(2, kv_heads, 10, 8), torch.randn(2, kv_heads, 10, 8)
-    gqa = kv_heads != 4
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    ref = reference_attention(q, k, v, is_causal=True)
     assert torch.allclose(matmul_attention(q, k, v, is_causal=True), ref, atol=1e-5)
     # cached decoding: 3 new queries against 10 keys, and a left-padding mask
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :4] = 0
     m4 = attention_mask_4d(mask, 3, 7)
-    ref = F.scaled_dot_product_attention(q[:, :, -3:], k, v, attn_mask=m4, enable_gqa=gqa)
+    ref = reference_attention(q[:, :, -3:], k, v, attn_mask=m4)
     assert torch.allclose(matmul_attention(q[:, :, -3:], k, v, mask=m4), ref, atol=1e-5)
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    ref = F.scaled_dot_product_attention(qb.float(), kb.float(), vb.float(), is_causal=True, enable_gqa=gqa)
+    ref = reference_attention(qb.float(), kb.float(), vb.float(), is_causal=True)
     assert (matmul_attention(qb, kb, vb, is_causal=True).float() - ref).abs().max() < 0.05
 
 

@@ -135,10 +135,14 @@ def require_compiler(device: torch.device, what: str) -> None:
     call, so check up front and say what to do."""
     if device.type != "cpu":
         return
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor import cpp_builder
 
-        get_cpp_compiler()
+    # the finder's name changed (torch 2.4: _get_cpp_compiler); a torch with neither is left to fail in inductor
+    find = getattr(cpp_builder, "get_cpp_compiler", None) or getattr(cpp_builder, "_get_cpp_compiler", None)
+    if find is None:
+        return
+    try:
+        find()
     except Exception as e:  # noqa: BLE001 - inductor raises several types for "no compiler"
         raise UserError(f"{what} needs a C++ compiler for torch.compile on CPU ({e}); install g++ or clang++, "
                         f"or run without it") from None

@@ -2,6 +2,7 @@
 Exits 3 if communication threads outlive shutdown_distributed (they then die with the interpreter, which can
 abort a rank at exit)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ def comm_threads() -> list[str]:
     """Names of this process's communication threads (gloo's, c10d's) still alive (Linux's /proc)."""
     names = []
     for task in Path("/proc/self/task").iterdir():
+        if task.name == str(os.getpid()):  # the main thread (which torch 2.4 names pt_main_thread)
+            continue
         try:
             names.append((task / "comm").read_text().strip())
         except OSError:  # the thread ended while we looked

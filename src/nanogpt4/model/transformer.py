@@ -125,6 +125,24 @@ def matmul_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=N
     return probs.to(v.dtype) @ v
 
 
+# F.scaled_dot_product_attention's enable_gqa arrived in torch 2.5; the project supports 2.4
+SDPA_HAS_GQA = torch.__version__ >= (2, 5)
+
+
+def sdpa(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=None):
+    """``F.scaled_dot_product_attention`` with grouped-query attention (fewer kv heads than query heads) on
+    every supported torch: natively from 2.5, by repeating each kv head across its query group before."""
+    gqa = {}
+    if k.size(1) != q.size(1):
+        if SDPA_HAS_GQA:
+            gqa["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                          scale=scale, **gqa)
+
+
 def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None) -> torch.Tensor:
     """``layer(x)`` while decoding: through its oneDNN-prepacked weight when ``packed`` holds one
     (``Transformer.packed_decode_weights``)."""
@@ -164,9 +182,7 @@ class MultiHeadAttention(nn.Module):
                 and q.size(2) > 1):  # one eager decoded query: the fused kernel beats two tiny bf16 matmuls
             y = matmul_attention(q, k, v, mask, is_causal and mask is None, dropout, self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                               dropout_p=dropout, enable_gqa=self.n_kv_heads != self.n_heads,
-                                               scale=self.scale)
+            y = sdpa(q, k, v, mask, is_causal and mask is None, dropout, self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def decode(self, x: torch.Tensor, cache: KVCache, rope, mask, packed: dict | None = None) -> torch.Tensor:
@@ -183,7 +199,7 @@ class MultiHeadAttention(nn.Module):
         if cache.write_index is not None:  # compiled: inductor fuses the plain matmuls
             y = matmul_attention(q, k, v, mask, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H, scale=self.scale)
+            y = sdpa(q, k, v, mask, scale=self.scale)
         return decode_linear(self.proj, y.reshape(B, H * D), packed)
 
 
@@ -259,8 +275,10 @@ PACK_MIN_NEW_TOKENS = 16
 PACK_MIN_BYTES_BATCH_1 = 16 * 2**20
 PACK_MAX_BYTES = 2 * 2**30
 
-# compiled decoding on CPU: weights folded in as constants (prepacked), GEMMs picked by benchmarking candidates
-DECODE_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True}
+# compiled decoding on CPU: weights folded in as constants (prepacked), GEMMs picked by benchmarking candidates.
+# Before torch 2.6 max_autotune's C++ GEMM templates fail to build (g++ errors on 2.4.1 and 2.5.1; 2.6-2.12 are
+# untested): those decode through frozen weights alone.
+DECODE_COMPILE_OPTIONS = {"freezing": True, "max_autotune": torch.__version__ >= (2, 6)}
 
 
 def decode_compile_settings(enabled: bool, device: torch.device):

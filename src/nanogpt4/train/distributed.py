@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from nanogpt4.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -86,7 +88,14 @@ def apply_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modu
 
 def apply_fsdp(model: nn.Module, info: DistInfo, mp_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2: shard each transformer block, then the root (embeddings, head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if next(model.parameters()).device.type == "cpu" and torch.__version__ < (2, 7):
+        # before 2.7 FSDP2 creates CUDA streams whatever the device, and fails on the first gather
+        raise UserError(f"training.fsdp=true on the CPU needs torch>=2.7 (this is {torch.__version__}); train with "
+                        f"DDP (training.fsdp=false), on GPUs, or with a newer torch")
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6 keeps FSDP2 under its pre-release name
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else None
     kwargs = {"mp_policy": mp} if mp else {}
