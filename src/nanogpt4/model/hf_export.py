@@ -94,11 +94,11 @@ def _llama(model: Transformer, special: dict):
 
 def to_hf(model: Transformer, tokenizer: Tokenizer | None = None):
     """An equivalent ``transformers`` model (in memory)."""
+    arch = hf_architecture(model)  # first: a model no architecture can hold is refused whatever is installed
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("export-hf needs transformers: pip install 'nanogpt4[hf]'") from None
-    arch = hf_architecture(model)
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer is not None:
         special = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id}
