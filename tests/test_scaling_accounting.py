@@ -76,8 +76,8 @@ def saved_activation_bytes(c, batch, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_activation_bytes_match_what_autograd_saves(variant, dtype):
     if torch.__version__ < (2, 6) and variant in ("rope", "gqa", "llama"):
-        # the accounting follows what CI's torch (2.13) saves; 2.4 keeps less around RoPE, 2.4 and 2.5 more
-        # around grouped-query attention (their SDPA repeats the kv heads): 5-14% off on these variants
+        # the accounting follows what CI's torch (2.13) saves; 2.4 keeps less around RoPE, and 2.4 and 2.5 keep
+        # repeated kv heads for grouped-query attention (sdpa's fallback on 2.4, inside SDPA on 2.5): 5-14% off
         pytest.skip("RoPE/GQA saved tensors differ before torch 2.6")
     for d, L, H, T in [(128, 2, 4, 64), (64, 3, 2, 32)]:
         c = cfg(variant, d, L, H, T=T)
