@@ -100,6 +100,8 @@ def cmd_sample(args) -> int:
         raise UserError("--num-samples must be >= 1, --max-new-tokens and --temperature >= 0")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 keeps every token), got {args.top_k}")
     device = resolve_device(args.device or "auto")
     if args.compile:
         require_compiler(device, "--compile")
@@ -335,14 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")
     p.add_argument("--run", required=True, type=Path, help="run directory or checkpoints/step_N directory")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", default="", help="text to continue, read as the start of a file (default: empty)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0: all (default: 50)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest tokens holding this much probability, in (0, 1] (default: off)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples, decoded as one batch (default: 1)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: auto, a GPU where there is one)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: 0, so the same command gives the same text)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: 20-30 s to compile per shape, then 2-3.5x faster per token")
     p.add_argument("--raw-prompt", action="store_true",
@@ -352,9 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model directory")
-    p.add_argument("--run", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--run", required=True, type=Path, help="a text model's run directory or checkpoints/step_N")
+    p.add_argument("--out", required=True, type=Path,
+                   help="directory to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("rlhf", help="SFT -> judge-labelled preferences -> reward model -> PPO, DPO, best-of-n")
