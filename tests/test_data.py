@@ -60,11 +60,19 @@ def test_single_file_is_split_at_a_line(tmp_path):
     assert c.train[0].endswith("\n") and c.train[0] + c.val[0] == f.read_text()
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    f = tmp_path / "notepad.txt"
+    f.write_bytes(b"\xef\xbb\xbf" + "".join(f"line {i}\n" for i in range(100)).encode())
+    c = load_corpus(f"text:{f}", val_fraction=0.1)
+    assert (c.train[0] + c.val[0]).startswith("line 0\n")
+
+
 @pytest.mark.parametrize("setup,needle", [
     (lambda p: None, "no file matches"),
     (lambda p: p.write_text(""), "contains no text"),
     (lambda p: p.write_bytes(b"\x00\x01\x02binary" * 10), "looks binary"),
     (lambda p: p.write_bytes("café".encode("latin-1") * 10), "is not UTF-8"),
+    (lambda p: p.write_text("café\n" * 10, encoding="utf-16"), "is UTF-16; convert it"),
 ])
 def test_bad_text_sources(tmp_path, setup, needle):
     p = tmp_path / "data.txt"

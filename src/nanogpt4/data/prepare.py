@@ -73,7 +73,7 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
         tok: Tokenizer = TiktokenTokenizer.load("gpt2")
     else:
         log(f"tokenizer: training byte-level BPE, vocab {cfg.model.vocab_size}, "
-            f"on {sum(len(t) for t in corpus.train) / 1e6:.1f}M characters")
+            f"on {sum(len(t) for t in corpus.train):,} characters")
         tok = BPETokenizer.train(corpus.train, cfg.model.vocab_size)
     if tok.vocab_size > cfg.model.vocab_size:
         raise UserError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "

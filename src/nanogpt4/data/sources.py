@@ -52,10 +52,12 @@ def _read_utf8(path: Path) -> str:
         raise UserError(f"data file '{path}' does not exist; check data.source") from None
     except IsADirectoryError:
         raise UserError(f"data path '{path}' is a directory; use a glob such as text:{path}/*.txt") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # what Windows calls "Unicode"
+        raise UserError(f"data file '{path}' is UTF-16; convert it to UTF-8, e.g. iconv -f utf-16 -t utf-8")
     if b"\x00" in data[:8192]:
         raise UserError(f"data file '{path}' looks binary (NUL bytes); give a UTF-8 text file")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark says how the file is encoded; it is not text
     except UnicodeDecodeError as e:
         raise UserError(f"data file '{path}' is not UTF-8 (bad byte at offset {e.start}); "
                         f"convert it, e.g. iconv -f latin1 -t utf-8") from None
