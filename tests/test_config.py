@@ -21,6 +21,23 @@ def test_overrides_and_access():
     assert cfg.model.pos_embedding == "rope" and cfg.data.source == "text:x.txt"
 
 
+@pytest.mark.parametrize("override,meant", [
+    ("training.lr=1e-3", "'training.learning_rate'"),  # other trainers' names, in the section given
+    ("model.n_embd=64", "'model.dim'"),
+    ("model.block_size=64", "'model.max_seq_len'"),
+    ("training.max_iters=9", "'training.max_steps'"),
+    ("lr=1e-3", "'training.learning_rate'"),  # no section: the first one that has it
+    ("training.n_layer=2", "'model.n_layers'"),  # the wrong section: never one of its own keys
+    ("rlhf.kl=1", "one of 'rlhf.kl_coef', 'rlhf.target_kl', 'rlhf.kl_horizon'"),
+    ("rlhf.lr=1", "one of 'rlhf.sft_learning_rate', 'rlhf.reward_model_lr', 'rlhf.dpo_learning_rate', "
+                  "'rlhf.ppo_learning_rate'"),
+])
+def test_unknown_keys_suggest_what_they_mean(override, meant):
+    with pytest.raises(UserError) as e:
+        load_config("tiny", [override])
+    assert str(e.value).endswith(f"did you mean {meant}?")
+
+
 @pytest.mark.parametrize("override,needle", [
     ("training.max_stpes=3", "did you mean 'training.max_steps'"),
     ("model.dimm=3", "did you mean 'model.dim'"),

@@ -195,14 +195,42 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+# What nanoGPT, Hugging Face and most trainers call our keys: users bring these names with them.
+KEY_ALIASES = {
+    "lr": "learning_rate", "n_embd": "dim", "d_model": "dim", "hidden_size": "dim", "n_layer": "n_layers",
+    "num_layers": "n_layers", "num_hidden_layers": "n_layers", "n_head": "n_heads", "num_heads": "n_heads",
+    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "block_size": "max_seq_len",
+    "n_positions": "max_seq_len", "seq_len": "max_seq_len", "context_length": "max_seq_len",
+    "max_iters": "max_steps", "steps": "max_steps", "warmup_iters": "warmup_steps",
+    "lr_decay_iters": "lr_decay_steps", "gradient_accumulation_steps": "grad_accum_steps",
+    "micro_batch_size": "batch_size", "grad_norm_clip": "grad_clip", "max_grad_norm": "grad_clip",
+}
+
+
 def _unknown_key_error(key: str, schema: DictConfig, where: str) -> UserError:
     known = _all_keys(schema)
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if not close:  # a typo in the last component only: compare leaf names
-        leaf = key.rsplit(".", 1)[-1]
-        leaves = {k.rsplit(".", 1)[-1]: k for k in known}
-        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    leaf_keys = [k for k in known if not isinstance(OmegaConf.select(schema, k), DictConfig)]
+    section, _, leaf = key.rpartition(".")
+    meant = KEY_ALIASES.get(leaf, leaf)
+    siblings = {k.rsplit(".", 1)[-1]: k for k in leaf_keys if k.rpartition(".")[0] == section}
+    close = [siblings[meant]] if meant in siblings else []
+    if not close:  # a typo in the last component, in the section the key names
+        m = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+        close = [siblings[m[0]]] if m else []
+    if not close:  # the section has several of them (rlhf.lr: sft_learning_rate, ppo_learning_rate, ...)
+        close = [k for name, k in siblings.items() if leaf in name.split("_") or f"_{meant}" in name]
+    if not close:  # a misspelt section, or a key of another section (the same section's keys were tried)
+        others = [k for k in (leaf_keys if section else known) if not k.startswith(f"{section}.")]
+        close = difflib.get_close_matches(key, others, n=1, cutoff=0.6)
+    if not close:  # the right leaf in the wrong section: the first section that has it
+        leaves: dict[str, str] = {}
+        for k in leaf_keys:
+            leaves.setdefault(k.rsplit(".", 1)[-1], k)
+        m = difflib.get_close_matches(meant, list(leaves), n=1, cutoff=0.6)
         close = [leaves[m[0]]] if m else []
+    if len(close) > 1:
+        return UserError(f"unknown config key '{key}' in {where}; did you mean one of "
+                         f"{', '.join(repr(k) for k in close)}?")
     hint = f"; did you mean '{close[0]}'?" if close else "; see configs/base.yaml for the known keys"
     return UserError(f"unknown config key '{key}' in {where}{hint}")
 
