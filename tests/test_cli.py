@@ -80,6 +80,14 @@ def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
     assert_one_line_error(code, err, needle)
 
 
+def test_a_data_directory_given_as_a_model_says_so(tmp_path, capsys):
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "train.bin").write_bytes(b"")
+    code, _, err = cli(capsys, "sample", "--run", tmp_path)
+    assert_one_line_error(code, err, f"holds prepared data, not a model; train one on it first: nanogpt4 pretrain "
+                                     f"data.dir={tmp_path}")
+
+
 @pytest.mark.parametrize("content,needle", [(b"", "contains no text"), (b"\x00\xff\x00\x01" * 100, "looks binary")])
 def test_bad_data_files_write_nothing(content, needle, tmp_path, capsys):
     f = tmp_path / "in.txt"

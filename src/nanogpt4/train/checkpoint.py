@@ -152,6 +152,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     latest = latest_checkpoint(p)
     if latest is not None:
         return latest
+    if (p / "meta.json").exists() and (p / "train.bin").exists():
+        raise UserError(f"'{path}' holds prepared data, not a model; train one on it first: "
+                        f"nanogpt4 pretrain data.dir={path} --out runs/NAME")
     raise UserError(f"'{path}' is neither a checkpoint nor a run with checkpoints; "
                     f"pass a run directory (runs/NAME, after `nanogpt4 pretrain`) or a checkpoints/step_N directory")
 
