@@ -10,11 +10,11 @@ CORPUS_FILES = ["textwrap.py", "shlex.py", "fractions.py", "heapq.py", "bisect.p
                 "fnmatch.py", "keyword.py", "string.py", "numbers.py", "this.py", "types.py", "copy.py"]
 
 
-def step_losses(run_dir) -> dict[int, float]:
-    """Each training step's own loss from a run's metrics.jsonl, by step."""
+def step_losses(run_dir, key: str = "step_loss") -> dict[int, float]:
+    """Each training step's own loss (or another per-step value, e.g. grad_norm) from a run's metrics.jsonl."""
     from nanogpt4.utils import read_jsonl
 
-    return {r["step"]: r["step_loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "step_loss" in r}
+    return {r["step"]: r[key] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "step_loss" in r}
 
 
 @pytest.fixture(scope="session")

@@ -276,9 +276,9 @@ PACK_MIN_BYTES_BATCH_1 = 16 * 2**20
 PACK_MAX_BYTES = 2 * 2**30
 
 # compiled decoding on CPU: weights folded in as constants (prepacked), GEMMs picked by benchmarking candidates.
-# Before torch 2.6 max_autotune's C++ GEMM templates fail to build (g++ errors on 2.4.1 and 2.5.1; 2.6-2.12 are
-# untested): those decode through frozen weights alone.
-DECODE_COMPILE_OPTIONS = {"freezing": True, "max_autotune": torch.__version__ >= (2, 6)}
+# Before torch 2.8 max_autotune's C++ GEMM templates fail to build (g++ errors on 2.4.1, 2.5.1, 2.6.0 and 2.7.1;
+# 2.8.0, 2.9.1, 2.11, 2.13 and 2.15 build them): those decode through frozen weights alone.
+DECODE_COMPILE_OPTIONS = {"freezing": True, "max_autotune": torch.__version__ >= (2, 8)}
 
 
 def decode_compile_settings(enabled: bool, device: torch.device):

@@ -88,10 +88,12 @@ def apply_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modu
 
 def apply_fsdp(model: nn.Module, info: DistInfo, mp_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2: shard each transformer block, then the root (embeddings, head)."""
-    if next(model.parameters()).device.type == "cpu" and torch.__version__ < (2, 7):
-        # before 2.7 FSDP2 creates CUDA streams whatever the device, and fails on the first gather
-        raise UserError(f"training.fsdp=true on the CPU needs torch>=2.7 (this is {torch.__version__}); train with "
-                        f"DDP (training.fsdp=false), on GPUs, or with a newer torch")
+    if next(model.parameters()).device.type == "cpu" and torch.__version__ < (2, 9):
+        # on the CPU (gloo), FSDP2 before 2.7 creates CUDA streams and fails on the first gather; 2.7.1 and 2.8.0
+        # train, but their gradients are the ranks' sum instead of their mean (2x at two ranks): measured
+        raise UserError(f"training.fsdp=true on the CPU needs torch>=2.9 (this is {torch.__version__}: its FSDP2 "
+                        f"fails or sums the ranks' gradients over gloo); train with DDP (training.fsdp=false), on "
+                        f"GPUs, or with a newer torch")
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6 keeps FSDP2 under its pre-release name
@@ -103,6 +105,30 @@ def apply_fsdp(model: nn.Module, info: DistInfo, mp_dtype: torch.dtype | None = 
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` that is right for FSDP2's sharded gradients on every torch: the full gradient's norm
+    from each rank's local shards (squares summed over ranks), then the same scaling on every rank. torch's own
+    ``clip_grad_norm_`` on FSDP2's DTensor gradients returned a wrong norm on 2.9.1 (8.41 for a true 10.96 in a
+    two-layer check; pytorch#170862), so it clipped by the wrong factor and the run left the single-process one;
+    2.11 and later get it right. Unsharded gradients (single process, DDP) go to torch's."""
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    local = [g.to_local() for g in grads if hasattr(g, "to_local")]  # DTensor (its module moved across versions)
+    if not local:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    replicated = [g for g in grads if not hasattr(g, "to_local")]
+    square = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in local]).square().sum()
+    dist.all_reduce(square)  # each rank holds different shards of every sharded gradient
+    for g in replicated:  # the same on every rank: counted once
+        square = square + torch.linalg.vector_norm(g, dtype=torch.float32).square()
+    total = square.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for t in local + replicated:
+        t.mul_(coef.to(t.dtype))
+    return total
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:

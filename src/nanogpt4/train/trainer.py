@@ -31,6 +31,7 @@ from nanogpt4.train.distributed import (
     apply_ddp,
     apply_fsdp,
     broadcast_flag,
+    clip_grad_norm,
     unwrap,
 )
 from nanogpt4.train.metrics import MetricsLogger, peak_flops
@@ -276,7 +277,7 @@ class Trainer:
                         f" {tc.learning_rate:g}), keep training.grad_clip > 0, or use training.dtype=float32",
                         self.step, self.tokens)
                 if tc.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.step_model.parameters(), tc.grad_clip)
+                    grad_norm = clip_grad_norm(self.step_model.parameters(), tc.grad_clip)
                 else:
                     grad_norm = torch.zeros(())
                 self.optimizer.step()
