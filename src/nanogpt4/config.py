@@ -228,10 +228,8 @@ def _unknown_key_error(key: str, schema: DictConfig, where: str) -> UserError:
             leaves.setdefault(k.rsplit(".", 1)[-1], k)
         m = difflib.get_close_matches(meant, list(leaves), n=1, cutoff=0.6)
         close = [leaves[m[0]]] if m else []
-    if len(close) > 1:
-        return UserError(f"unknown config key '{key}' in {where}; did you mean one of "
-                         f"{', '.join(repr(k) for k in close)}?")
-    hint = f"; did you mean '{close[0]}'?" if close else "; see configs/base.yaml for the known keys"
+    meaning = f"one of {', '.join(repr(k) for k in close)}" if len(close) > 1 else repr(close[0]) if close else ""
+    hint = f"; did you mean {meaning}?" if close else "; see configs/base.yaml for the known keys"
     return UserError(f"unknown config key '{key}' in {where}{hint}")
 
 

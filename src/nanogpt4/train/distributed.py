@@ -116,17 +116,14 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     2.11 and later get it right. Unsharded gradients (single process, DDP) go to torch's."""
     parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
-    local = [g.to_local() for g in grads if hasattr(g, "to_local")]  # DTensor (its module moved across versions)
-    if not local:
+    if not any(hasattr(g, "to_local") for g in grads):  # no DTensor (whose module moved across versions)
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    replicated = [g for g in grads if not hasattr(g, "to_local")]
+    local = [g.to_local() for g in grads]  # apply_fsdp shards every parameter: the root takes what blocks left
     square = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in local]).square().sum()
-    dist.all_reduce(square)  # each rank holds different shards of every sharded gradient
-    for g in replicated:  # the same on every rank: counted once
-        square = square + torch.linalg.vector_norm(g, dtype=torch.float32).square()
+    dist.all_reduce(square)  # each rank holds different shards of every gradient
     total = square.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for t in local + replicated:
+    for t in local:
         t.mul_(coef.to(t.dtype))
     return total
 
