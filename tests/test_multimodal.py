@@ -13,6 +13,7 @@ from nanogpt4.data.vision import (
     caption,
     digit_image,
     eval_scene_items,
+    load_image,
     load_vqa_jsonl,
     render_scene,
     sample_scene,
@@ -267,6 +268,39 @@ def test_user_jsonl_loader(tmp_path):
     f.write_text('{"image": "red.png", oops\n')
     with pytest.raises(UserError, match=r"vqa.jsonl:1"):
         load_vqa_jsonl(f, 16, 3)
+
+
+def test_user_images_read_as_a_viewer_shows_them(tmp_path):
+    from PIL import Image
+
+    # 16-bit greyscale (scans, microscopy): Pillow's convert clips it, which made this gradient all white
+    Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)).save(tmp_path / "g16.png")
+    g = load_image(tmp_path / "g16.png", 16, 1, "--image")
+    assert g.min() < -0.9 and g.max() > 0.9 and abs(g.mean()) < 0.05
+    # float images in [0, 1] spread over the 8-bit range, not rounded to 0 and 1
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "f.tif")
+    f = load_image(tmp_path / "f.tif", 8, 1, "--image")
+    assert np.allclose(f, 128 / 127.5 - 1, atol=1e-6)
+    # transparent pixels are background (black), whatever colour they store; the opaque red square stays red
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[8:24, 8:24] = (255, 0, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "icon.png")
+    icon = load_image(tmp_path / "icon.png", 16, 3, "--image")
+    assert (icon[:, 0, 0] == -1).all() and icon[0, 8, 8] > 0.9 and icon[1, 8, 8] < -0.9
+    # a phone photo stored sideways with an EXIF orientation tag is read upright: red on the left, rotated
+    # 90 degrees clockwise (orientation 6), ends up on top
+    side = np.zeros((32, 64, 3), np.uint8)
+    side[:, :32] = (255, 0, 0)
+    side[:, 32:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(side).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    photo = load_image(tmp_path / "photo.jpg", 16, 3, "--image")
+    assert photo[0, 2, 8] > 0.8 and photo[2, 2, 8] < -0.8 and photo[2, 13, 8] > 0.8 and photo[0, 13, 8] < -0.8
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(UserError, match=r"--image: cannot read image '.*broken.png'"):
+        load_image(tmp_path / "broken.png", 16, 3, "--image")
 
 
 # ------------------------------------------------------------------------------------------- training side

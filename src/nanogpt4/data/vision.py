@@ -229,6 +229,32 @@ def digit_items(pixels: np.ndarray, label: int, size: int, channels: int,
 
 
 # ------------------------------------------------------------------------------------------- user data
+def as_displayed(img):
+    """A user's image as a viewer shows it, in 8-bit L or RGB: turned by its EXIF orientation (phone photos),
+    16-bit and 32-bit greyscale scaled to 8 bits (``convert`` clips them: a 16-bit PNG came out all white),
+    and transparency composited over black, the scenes' background (``convert("RGB")`` would keep whatever
+    colour the transparent pixels happen to store)."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+            a = a / 257.0  # the 16-bit range onto the 8-bit one
+        elif img.mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0  # floats in [0, 1]
+        elif lo < 0 or hi > 255:
+            a = (a - lo) * (255.0 / (hi - lo))  # no range to read: stretch the values over 8 bits
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("L", "RGB"):
+        return img
+    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img.convert("L" if img.mode == "1" else "RGB")
+
+
 def load_image(path: Path, size: int, channels: int, where: str,
                fix: str = "paths are relative to the jsonl file") -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
@@ -237,8 +263,8 @@ def load_image(path: Path, size: int, channels: int, where: str,
         raise UserError(f"{where}: image '{path}' not found; {fix}")
     try:
         with Image.open(path) as img:
-            return to_array(img.resize((size, size), Image.BICUBIC), channels)
-    except (UnidentifiedImageError, OSError) as e:
+            return to_array(as_displayed(img).resize((size, size), Image.BICUBIC), channels)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{where}: cannot read image '{path}' ({e})") from None
 
 
