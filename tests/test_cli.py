@@ -157,6 +157,8 @@ def test_sample_and_long_prompt_warning(trained_run, capsys):
     assert_one_line_error(code, err, "--top-p")
     code, _, err = cli(capsys, "sample", "--run", trained_run, "--top-k", "-3")
     assert_one_line_error(code, err, "--top-k must be >= 0")
+    code, _, err = cli(capsys, "sample", "--run", trained_run, "--temperature", "nan")
+    assert_one_line_error(code, err, "--temperature >= 0 (and finite)")
     # greedy sampling is deterministic across calls, and compiled decoding gives the same text
     a = cli(capsys, "sample", "--run", trained_run, "--prompt", "import", "--temperature", 0, "--json")[1]
     compiled = ["--compile"] if shutil.which("g++") else []  # torch.compile on CPU needs a C++ compiler

@@ -174,6 +174,17 @@ def test_sampling_filters():
     assert (hot == 4).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("bad", [{"temperature": -1.0}, {"temperature": float("nan")}, {"top_p": 0.0},
+                                 {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": -1}])
+def test_generate_refuses_settings_that_would_sample_garbage(bad):
+    # top_p=0 masked every token (NaN probabilities) and a negative temperature inverted the distribution,
+    # both silently
+    m = make("gpt2")
+    kwargs = {"max_new_tokens": 3, **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        m.generate(torch.randint(0, 101, (1, 4)), **kwargs)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parameter_counts(variant):
     m = make(variant)

@@ -96,8 +96,8 @@ def cmd_sample(args) -> int:
     from nanogpt4.train.checkpoint import load_model
     from nanogpt4.utils import require_compiler, resolve_device
 
-    if args.num_samples < 1 or args.max_new_tokens < 0 or args.temperature < 0:
-        raise UserError("--num-samples must be >= 1, --max-new-tokens and --temperature >= 0")
+    if args.num_samples < 1 or args.max_new_tokens < 0 or not 0 <= args.temperature < float("inf"):
+        raise UserError("--num-samples must be >= 1, --max-new-tokens and --temperature >= 0 (and finite)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:

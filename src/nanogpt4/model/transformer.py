@@ -525,6 +525,16 @@ class Transformer(nn.Module):
         size and length compiles, ~20-30 s on 2 CPU cores, then each token costs less: worth it for long or
         repeated generation with fixed weights).
         """
+        # checked here, not per token: a negative temperature would invert the distribution and top_p=0 would
+        # mask every token (NaN probabilities), both without an error
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None: no limit), got {top_k}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         was_training = self.training
         self.eval()
         try:
