@@ -123,6 +123,31 @@ def test_scaling_plan_rejects_a_nonpositive_time_budget(capsys):
     assert_one_line_error(code, err, "--minutes must be positive")
 
 
+
+def test_a_full_disk_outside_the_atomic_writes_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import nanogpt4.data.prepare
+    import nanogpt4.train.pretrain
+
+    def full(what):
+        def fail(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / what))
+        return fail
+
+    monkeypatch.setattr(nanogpt4.train.pretrain, "pretrain", full("metrics.jsonl"))
+    code, _, err = cli(capsys, "pretrain", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "the disk is full ([Errno 28] No space left on device: ")
+    assert err.strip().endswith("metrics.jsonl'); no checkpoint was written yet")
+    monkeypatch.setattr(nanogpt4.data.prepare, "prepare_data", full("train.bin"))
+    code, _, err = cli(capsys, "prepare", "--out", tmp_path / "data")
+    assert_one_line_error(code, err, "train.bin'); free space, or write elsewhere with --out")
+    # any other OS error is not the user's to fix: it keeps its traceback
+    monkeypatch.setattr(nanogpt4.data.prepare, "prepare_data", lambda *a, **k: (tmp_path / "no" / "such").read_text())
+    with pytest.raises(FileNotFoundError):
+        main(["prepare", "--out", str(tmp_path / "data")])
+
+
 def test_wrong_checkpoint_for_resume(trained_run, capsys):
     code, _, err = cli(capsys, "pretrain", "--out", trained_run, "--resume", "model.dim=64")
     assert_one_line_error(code, err, "cannot change model")

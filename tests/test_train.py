@@ -282,6 +282,84 @@ def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 3
 
 
+
+def _disk_reports_free(monkeypatch, free: int) -> None:
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")(1 << 40, (1 << 40) - free, free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_names_the_resume_command(prepared, tmp_path, capsys,
+                                                                            monkeypatch):
+    from nanogpt4.cli import main
+
+    ov, _ = prepared
+    out = tmp_path / "full"
+    real_save, saves = torch.save, []
+
+    # the second checkpoint's trainer state fails as torch.save reports a full disk (a short write, no errno),
+    # with the disk then reporting nothing free (measured on a 45 MiB tmpfs)
+    def save_filling_the_disk(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) == 2:
+            _disk_reports_free(monkeypatch, 0)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4737280 vs 4737172")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_filling_the_disk)
+    argv = ["pretrain", "--out", str(out), *ov, "training.checkpoint_interval=5", "training.eval_interval=100"]
+    assert main([*argv, "training.max_steps=12"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    kept = out / "checkpoints" / "step_5"
+    assert len(err) == 1 and err[0].startswith(f"error: the disk filled up while writing {kept.parent / 'step_10'} "
+                                               f"(the partial copy is removed); free space (or lower training.keep")
+    assert f"{kept} is kept, continue with: nanogpt4 pretrain --out {out} --resume" in err[0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_5"]  # no partial step_10
+    monkeypatch.undo()
+    assert main(["pretrain", "--out", str(out), "--resume", "training.max_steps=12"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_it_is_written(prepared, tmp_path, monkeypatch):
+    from nanogpt4.errors import DiskFull
+    from nanogpt4.model.transformer import Transformer
+    from nanogpt4.train.checkpoint import save_checkpoint
+
+    cfg = load_config("tiny", prepared[0])
+    model = Transformer(cfg)
+    state = {"optimizer": {"m": torch.zeros(1 << 20)}}  # 4 MiB of optimizer moments
+    _disk_reports_free(monkeypatch, 3 << 20)
+    with pytest.raises(DiskFull, match=r"not enough disk space for checkpoint step_3 in .*checkpoints: it needs "
+                                       r"[\d.]+ MiB, 3\.0 MiB free; free space \(or lower training\.keep_last\)") as e:
+        save_checkpoint(tmp_path, 3, model, cfg, None, state, keep_last=2)
+    assert float(str(e.value).split("it needs ")[1].split()[0]) > 4.0  # the weights and the optimizer's state
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_an_atomic_write_cut_short_by_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from nanogpt4.errors import DiskFull
+    from nanogpt4.utils import atomic_path
+
+    target = tmp_path / "train.bin"
+    cut_short = r"the disk filled up while writing .*train.bin \(the partial file is removed"
+    with pytest.raises(DiskFull, match=cut_short), atomic_path(target) as tmp:
+        tmp.write_bytes(b"x" * 100)
+        _disk_reports_free(monkeypatch, 0)
+        raise OSError("407104 requested and 66297 written")  # numpy's tofile on a full disk: no errno
+    assert list(tmp_path.iterdir()) == []
+    # an error with an errno is judged by it, not by the free space: this one is not about space
+    with pytest.raises(PermissionError), atomic_path(target):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.undo()
+    with pytest.raises(DiskFull), atomic_path(target):  # ENOSPC says so whatever the free space reads
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_diverging_run_stops_with_a_one_line_error_and_writes_no_checkpoint(prepared, tmp_path):
     from nanogpt4.errors import TrainingDiverged
 

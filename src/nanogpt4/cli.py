@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanogpt4.errors import TrainingStopped, UserError
+from nanogpt4.errors import DiskFull, TrainingStopped, UserError
 
 
 def _common(p: argparse.ArgumentParser, config_default: str | None = "tiny") -> None:
@@ -45,7 +45,8 @@ def _stop_reason(e: BaseException) -> str:
 
 
 def _with_hint(e: BaseException, hint: str) -> BaseException:
-    """The same stop (Ctrl-C or SIGTERM), its message extended by how to continue; ``main`` prints it."""
+    """The same stop (Ctrl-C, SIGTERM or a full disk), its message extended by how to continue; ``main`` prints
+    it."""
     return type(e)(_stop_reason(e) + hint)
 
 
@@ -69,12 +70,17 @@ def cmd_pretrain(args) -> int:
     out = args.out or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
     try:
         summary = pretrain(cfg, out, resume=args.resume, progress=_progress())
-    except (KeyboardInterrupt, TrainingStopped) as e:
+    except (KeyboardInterrupt, TrainingStopped, DiskFull, OSError) as e:
         from nanogpt4.train.checkpoint import latest_checkpoint
+        from nanogpt4.utils import disk_full
 
+        if isinstance(e, OSError) and not disk_full(e, out):
+            raise
         last = latest_checkpoint(Path(out))
         hint = (f"; {last} is kept, continue with: nanogpt4 pretrain --out {out} --resume" if last
                 else "; no checkpoint was written yet")
+        if isinstance(e, OSError):
+            e = DiskFull(f"the disk is full ({e})")
         raise _with_hint(e, hint) from None
     print(f"pretrain: val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}, "
           f"{summary['tok_per_s']:,.0f} tok/s, run in {out}")
@@ -505,6 +511,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from nanogpt4.utils import disk_full
+
+        if not disk_full(e, Path.cwd() if args.__dict__.get("out") is None else args.out):
+            raise
+        # every write goes through a temp file, so what a full disk stopped was never half-written
+        print(f"error: the disk is full ({e}); free space, or write elsewhere with --out", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print("interrupted" + _stop_reason(e), file=sys.stderr)

@@ -8,6 +8,10 @@ class UserError(Exception):
     """
 
 
+class DiskFull(UserError):
+    """A write failed because the disk (or the user's quota) is full; what was written before is intact."""
+
+
 class TrainingDiverged(UserError):
     """The training loss became non-finite: a setting to change (learning rate, precision), not a bug."""
 

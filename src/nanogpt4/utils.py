@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nanogpt4.errors import UserError
+from nanogpt4.errors import DiskFull, UserError
 
 
 @contextlib.contextmanager
@@ -33,9 +34,68 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except Exception as e:
+        if disk_full(e, path.parent):
+            raise DiskFull(f"the disk filled up while writing {path} (the partial file is removed); {WRITE_ELSEWHERE}"
+                           ) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir: Path, fix: str = "") -> Iterator[Path]:
+    """Yield an empty temp directory beside ``final_dir``; when the block completes it replaces ``final_dir``
+    (``replace_dir``). A block that fails leaves ``final_dir`` as it was and the temp directory removed, and a
+    full disk becomes one ``DiskFull`` error naming ``final_dir`` and ``fix``."""
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, final_dir)
+    except BaseException as e:
+        full = isinstance(e, Exception) and disk_full(e, tmp.parent)  # before the partial files give space back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise DiskFull(f"the disk filled up while writing {final_dir} (the partial copy is removed); "
+                           f"{fix or WRITE_ELSEWHERE}") from None
+        raise
+
+
+# below this much free space a failed write is taken for a full disk (torch.save reports only a short write)
+DISK_FULL_BELOW = 1 << 20
+WRITE_ELSEWHERE = "free space, or write elsewhere with --out"
+
+
+def disk_full(error: BaseException, directory: str | os.PathLike) -> bool:
+    """Whether ``error``, raised while writing into ``directory``, means the disk (or quota) is full: an
+    ``OSError`` says so by its errno, safetensors in its message; torch.save ("unexpected pos") and numpy's
+    ``tofile`` ("N requested and M written") report only a short write, so there the free space left decides:
+    call this before the partial file is removed."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if any(s in str(error) for s in ("No space left on device", "Disk quota exceeded", "os error 28")):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < DISK_FULL_BELOW
+    except OSError:
+        return False
+
+
+def require_free_space(directory: str | os.PathLike, need_bytes: int, what: str, fix: str) -> None:
+    """Refuse to start writing ``what`` (``need_bytes``) into ``directory`` when it cannot fit: a one-line error
+    before anything is written, instead of a failed write halfway through."""
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes + DISK_FULL_BELOW:
+        raise DiskFull(f"not enough disk space for {what} in {directory}: it needs {_mib(need_bytes)}, "
+                       f"{_mib(free)} free; {fix}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

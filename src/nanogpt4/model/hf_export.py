@@ -6,7 +6,6 @@ GPT-2-shaped models (learned positions, LayerNorm, GELU) become ``GPT2LMHeadMode
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from nanogpt4.data.tokenizer import EOT, PAD, BPETokenizer, Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
-from nanogpt4.utils import replace_dir
+from nanogpt4.utils import atomic_dir
 
 
 def hf_architecture(model: Transformer) -> str:
@@ -116,16 +115,12 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files to ``out_dir`` atomically."""
     out = Path(out_dir)
     hf_model = to_hf(model, tokenizer)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    if isinstance(tokenizer, BPETokenizer):
-        from transformers import PreTrainedTokenizerFast
+    with atomic_dir(out) as tmp:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        if isinstance(tokenizer, BPETokenizer):
+            from transformers import PreTrainedTokenizerFast
 
-        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, bos_token=EOT, eos_token=EOT, pad_token=PAD,
-                                       model_max_length=model.cfg.max_seq_len)
-        fast.save_pretrained(tmp)
-    replace_dir(tmp, out)
+            fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, bos_token=EOT, eos_token=EOT,
+                                           pad_token=PAD, model_max_length=model.cfg.max_seq_len)
+            fast.save_pretrained(tmp)
     return out

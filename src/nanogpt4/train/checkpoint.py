@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from nanogpt4.config import config_from_yaml_text, to_yaml
 from nanogpt4.errors import UserError
-from nanogpt4.utils import replace_dir
+from nanogpt4.utils import atomic_dir, require_free_space
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -99,39 +99,46 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, cfg, tokenizer_p
     ck_root = Path(run_dir) / "checkpoints"
     ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / f"step_{step}"
-    tmp = ck_root / f".step_{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     tensors = model_tensors(model, weights)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-    (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    if tokenizer_path is not None and Path(tokenizer_path).exists():
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    replace_dir(tmp, final)
+    fix = "free space (or lower training.keep_last)"
+    # the new checkpoint is written beside the kept ones before the oldest is pruned
+    require_free_space(ck_root, _tensor_bytes(tensors) + _tensor_bytes(trainer_state), f"checkpoint {final.name}",
+                       fix)
+    with atomic_dir(final, fix) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        if tokenizer_path is not None and Path(tokenizer_path).exists():
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if best:
         _link_best(ck_root, final)
     _prune(ck_root, keep_last)
     return final
 
 
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint payload: what writing it takes on disk, give or take headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _link_best(ck_root: Path, src: Path) -> None:
     """``checkpoints/best`` = hard links to the best step's files (no copy, survives pruning)."""
-    tmp = ck_root / ".best.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for f in src.iterdir():
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:
-            shutil.copyfile(f, tmp / f.name)
-    (tmp / "STEP").write_text(src.name.split("_")[1])
-    replace_dir(tmp, ck_root / "best")
+    with atomic_dir(ck_root / "best") as tmp:
+        for f in src.iterdir():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "STEP").write_text(src.name.split("_")[1])
 
 
 def _prune(ck_root: Path, keep_last: int) -> None:
