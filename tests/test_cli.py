@@ -88,6 +88,19 @@ def test_a_data_directory_given_as_a_model_says_so(tmp_path, capsys):
                                      f"data.dir={tmp_path}")
 
 
+
+def test_a_folder_of_runs_given_as_a_model_lists_them(trained_run, tmp_path, capsys):
+    # a pipeline's output: its stages' runs, one and two levels down, beside folders that are not runs
+    (tmp_path / "rlhf").mkdir()
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "pretrain").symlink_to(trained_run)
+    (tmp_path / "rlhf" / "sft").symlink_to(trained_run)
+    code, _, err = cli(capsys, "sample", "--run", tmp_path)
+    assert_one_line_error(code, err, f"'{tmp_path}' holds 2 runs, not one: pretrain, rlhf/sft; pass the one you "
+                                     f"mean ({tmp_path.as_posix()}/NAME)")
+    code, _, err = cli(capsys, "sample", "--run", tmp_path / "plots")
+    assert_one_line_error(code, err, "is neither a checkpoint nor a run with checkpoints")
+
 @pytest.mark.parametrize("content,needle", [(b"", "contains no text"), (b"\x00\xff\x00\x01" * 100, "looks binary")])
 def test_bad_data_files_write_nothing(content, needle, tmp_path, capsys):
     f = tmp_path / "in.txt"

@@ -162,8 +162,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (p / "meta.json").exists() and (p / "train.bin").exists():
         raise UserError(f"'{path}' holds prepared data, not a model; train one on it first: "
                         f"nanogpt4 pretrain data.dir={path} --out runs/NAME")
+    inside = runs_under(p)
+    if inside:  # a pipeline's output, or the RLHF stage's folder of runs
+        names = ", ".join(r.relative_to(p).as_posix() for r in inside)
+        raise UserError(f"'{path}' holds {len(inside)} runs, not one: {names}; pass the one you mean "
+                        f"({p.as_posix()}/NAME)")
     raise UserError(f"'{path}' is neither a checkpoint nor a run with checkpoints; "
                     f"pass a run directory (runs/NAME, after `nanogpt4 pretrain`) or a checkpoints/step_N directory")
+
+
+def _is_run(d: Path) -> bool:
+    """A checkpoint, a run with checkpoints, or a `nanogpt4 multimodal` run (its stages' checkpoints)."""
+    return (((d / "model.safetensors").exists() and (d / "config.yaml").exists())
+            or any(latest_checkpoint(d / s) is not None for s in ("", "tune", "align")))
+
+
+def runs_under(p: Path, depth: int = 2) -> list[Path]:
+    """The runs in ``p``'s subdirectories, ``depth`` levels down, in name order."""
+    if not p.is_dir():
+        return []
+    found: list[Path] = []
+    for d in sorted(x for x in p.iterdir() if x.is_dir() and not x.name.startswith(".")):
+        if _is_run(d):
+            found.append(d)
+        elif depth > 1:
+            found += runs_under(d, depth - 1)
+    return found
 
 
 def resolve_stage_checkpoint(path: str | Path) -> Path:
