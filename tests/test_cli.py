@@ -81,11 +81,14 @@ def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
 
 
 def test_a_data_directory_given_as_a_model_says_so(tmp_path, capsys):
-    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "meta.json").write_text(json.dumps({"source": "text:my notes/*.md", "tokenizer": "bpe",
+                                                    "requested_vocab_size": 8192}))
     (tmp_path / "train.bin").write_bytes(b"")
     code, _, err = cli(capsys, "sample", "--run", tmp_path)
+    # the command it names trains on that data as it was prepared (pretrain refuses other settings for it)
     assert_one_line_error(code, err, f"holds prepared data, not a model; train one on it first: nanogpt4 pretrain "
-                                     f"data.dir={tmp_path}")
+                                     f"data.dir={tmp_path} 'data.source=text:my notes/*.md' model.vocab_size=8192 "
+                                     f"--out runs/NAME")
 
 
 

@@ -198,6 +198,28 @@ def test_refuses_to_overwrite_and_to_resume_nothing(prepared, tmp_path):
         run(prepared, tmp_path / "empty", resume=True)
 
 
+def test_a_data_dir_prepared_with_other_settings_is_never_overwritten(prepared, tmp_path):
+    import shutil
+
+    ov, data_dir = prepared
+    mine = tmp_path / "mine"  # the user's own prepared data, from the corpus files
+    shutil.copytree(data_dir, mine)
+    before = {f.name: f.read_bytes() for f in mine.iterdir()}
+    ov = [o for o in ov if not o.startswith("data.dir=")] + [f"data.dir={mine}"]
+    # `pretrain data.dir=mine` under the preset's own source (stdlib) used to re-prepare mine from the stdlib
+    stdlib = [o for o in ov if not o.startswith("data.source=")]
+    with pytest.raises(UserError, match=rf"data.dir '{mine}' holds data prepared with data.source=text:.*\*.py, not "
+                                        rf"data.source=stdlib: add 'data.source=text:.*\*.py' to train on it"):
+        pretrain(load_config("tiny", stdlib), tmp_path / "r", progress=False, log=quiet)
+    with pytest.raises(UserError, match=r"prepared with model.vocab_size=384, not model.vocab_size=512: add "
+                                        r"model.vocab_size=384"):
+        pretrain(load_config("tiny", [*ov, "model.vocab_size=512"]), tmp_path / "r", progress=False, log=quiet)
+    assert {f.name: f.read_bytes() for f in mine.iterdir()} == before
+    assert not (tmp_path / "r").exists()  # refused before the run directory was made
+    pretrain(load_config("tiny", [*ov, "training.max_steps=1"]), tmp_path / "r", progress=False, log=quiet)
+    assert {f.name: f.read_bytes() for f in mine.iterdir()} == before  # its own settings: used as it is
+
+
 def test_wrong_checkpoint_shape_is_named(prepared, tmp_path):
     run(prepared, tmp_path / "r", "training.max_steps=2")
     from nanogpt4.model.transformer import Transformer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -52,12 +53,36 @@ def _encode_split(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dtype, 
     return n_tokens
 
 
+def prepared_with(meta: dict) -> dict[str, object]:
+    """The settings a prepared directory was made with, as the config keys that choose them."""
+    return {"data.source": meta.get("source"), "data.tokenizer": meta.get("tokenizer"),
+            "model.vocab_size": meta.get("requested_vocab_size")}
+
+
+def _refuse_other_data(out: Path, meta: dict, cfg: DictConfig) -> None:
+    """A training stage given ``data.dir`` must not overwrite data prepared there from another source (or for
+    another tokenizer): it would train on something else than the user prepared, and lose that data."""
+    theirs = prepared_with(meta)
+    ours = {"data.source": cfg.data.source, "data.tokenizer": cfg.data.tokenizer,
+            "model.vocab_size": cfg.model.vocab_size}
+    differ = [k for k in theirs if theirs[k] != ours[k] and theirs[k] is not None]
+    if differ:
+        raise UserError(f"data.dir '{out}' holds data prepared with {', '.join(f'{k}={theirs[k]}' for k in differ)}, "
+                        f"not {', '.join(f'{k}={ours[k]}' for k in differ)}: add "
+                        f"{' '.join(shlex.quote(f'{k}={theirs[k]}') for k in differ)} to train on it, or give "
+                        f"another data.dir (it is left as it is)")
+
+
 def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: bool = True,
-                 log=print) -> dict:
-    """Build (or reuse) the token shards for ``cfg.data``; returns the meta dict."""
+                 log=print, keep_other: bool = False) -> dict:
+    """Build (or reuse) the token shards for ``cfg.data``; returns the meta dict. ``keep_other``: refuse to
+    replace data prepared in ``out_dir`` with other settings (a training stage's ``data.dir``); the same
+    source's data is rebuilt when its files changed."""
     out = Path(out_dir) if out_dir else default_data_dir(cfg)
     d = cfg.data
     t0 = time.time()
+    if keep_other and (out / "meta.json").exists():
+        _refuse_other_data(out, json.loads((out / "meta.json").read_text()), cfg)
     corpus = load_corpus(d.source, d.val_fraction, d.max_bytes, d.text_field, d.cache_dir)
     for note in corpus.notes:
         log(note)

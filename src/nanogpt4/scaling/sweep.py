@@ -159,7 +159,8 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
         has = "an IsoFLOP grid" if kinds == {None} else f"a family at {sorted(k for k in kinds if k)} tokens/param"
         raise UserError(f"'{path}' already holds {has}; give this sweep its own --out so the fit does not mix "
                         f"two designs")
-    meta = prepare_data(base, default_data_dir(base), progress=False, log=lambda _m: None)
+    meta = prepare_data(base, default_data_dir(base), progress=False, log=lambda _m: None,
+                        keep_other=bool(base.data.dir))
     runs, skipped = plan_runs(base, dims, budgets, meta["train_tokens"], tokens_per_param)
     out.mkdir(parents=True, exist_ok=True)  # after the plan is known to hold at least one run
     for s in skipped:

@@ -160,8 +160,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is not None:
         return latest
     if (p / "meta.json").exists() and (p / "train.bin").exists():
+        import json
+        import shlex
+
+        from nanogpt4.data.prepare import prepared_with
+
+        made_with = prepared_with(json.loads((p / "meta.json").read_text()))
+        command = ["nanogpt4", "pretrain", f"data.dir={path}"] + [
+            f"{k}={v}" for k, v in made_with.items() if v is not None and (k, v) != ("data.tokenizer", "bpe")]
         raise UserError(f"'{path}' holds prepared data, not a model; train one on it first: "
-                        f"nanogpt4 pretrain data.dir={path} --out runs/NAME")
+                        f"{shlex.join(command)} --out runs/NAME")
     inside = runs_under(p)
     if inside:  # a pipeline's output, or the RLHF stage's folder of runs
         names = ", ".join(r.relative_to(p).as_posix() for r in inside)

@@ -67,11 +67,16 @@ def make_sampler(tokenizer: Tokenizer, prompt: str, n_tokens: int, device: torch
     return sample
 
 
-def init_run_dir(run_dir: Path, cfg: DictConfig, resume: bool) -> None:
-    """Refuse to overwrite a finished or running run; write the resolved config."""
+def refuse_existing_run(run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite a finished or running run."""
     if not resume and (list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists()):
         raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
                         f"or choose another --out")
+
+
+def init_run_dir(run_dir: Path, cfg: DictConfig, resume: bool) -> None:
+    """Refuse to overwrite a finished or running run; write the resolved config."""
+    refuse_existing_run(run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
@@ -98,11 +103,11 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
     log = log if info.is_main else (lambda _m: None)
     wait_for = None  # set on success only: a failed rank must not leave the others waiting at a barrier
     try:
-        if info.is_main:
-            init_run_dir(run_dir, cfg, resume)
         data_dir = default_data_dir(cfg)
-        if info.is_main:
-            prepare_data(cfg, data_dir, progress=progress, log=log)
+        if info.is_main:  # the run directory is made once its data exists: bad data leaves no run behind
+            refuse_existing_run(run_dir, resume)
+            prepare_data(cfg, data_dir, progress=progress, log=log, keep_other=bool(cfg.data.dir))
+            init_run_dir(run_dir, cfg, resume)
         barrier(info)
         meta = load_meta(data_dir)
         if meta["vocab_size"] > cfg.model.vocab_size:
