@@ -228,6 +228,16 @@ def test_export_hf_cli_with_tokenizer(trained_run, tmp_path, capsys):
         assert torch.allclose(hf(x).logits, model(x), atol=1e-4)
 
 
+def test_version(capsys):
+    import torch
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("nanogpt4 0.") and f"(torch {torch.__version__}, Python {sys.version.split()[0]})" in out
+
+
 def test_module_entry_point_exit_code(tmp_path):
     res = subprocess.run([sys.executable, "-m", "nanogpt4", "pretrain", "model.n_heads=5"],
                          capture_output=True, text=True, cwd=tmp_path)

@@ -328,8 +328,23 @@ def cmd_ask(args) -> int:
     return _finish(args, {"question": args.question, "answer": answer, "image": str(args.image)})
 
 
+def _versions() -> str:
+    """This package's version and the torch it runs on, read from the installed metadata (importing torch
+    would cost a second or two)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"nanogpt4 {of('nanogpt4')} (torch {of('torch')}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanogpt4", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read a data source, train the tokenizer, write token shards")
