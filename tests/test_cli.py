@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nanogpt4.cli import main
-from nanogpt4.errors import TrainingStopped
+from nanogpt4.errors import DiskFull, TrainingStopped
 
 from .conftest import small_overrides
 
@@ -402,7 +402,9 @@ def test_compile_without_a_cpp_compiler_is_a_one_line_error(prepared, trained_ru
 
 @pytest.mark.parametrize("stop, code, said", [
     (KeyboardInterrupt(), 130, "interrupted"),
-    (TrainingStopped("SIGTERM at step 3 of 10"), 143, "stopped: SIGTERM at step 3 of 10")], ids=["ctrl-c", "sigterm"])
+    (TrainingStopped("SIGTERM at step 3 of 10"), 143, "stopped: SIGTERM at step 3 of 10"),
+    (DiskFull("the disk filled up while writing x"), 2, "error: the disk filled up while writing x")],
+    ids=["ctrl-c", "sigterm", "disk-full"])
 def test_a_stopped_pipeline_says_how_to_continue(tmp_path, capsys, monkeypatch, stop, code, said):
     import nanogpt4.pipeline
 

@@ -150,7 +150,7 @@ def cmd_pipeline(args) -> int:
     try:
         summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
                                progress=_progress(), scale=args.scale, minutes=args.minutes)
-    except (KeyboardInterrupt, TrainingStopped) as e:
+    except (KeyboardInterrupt, TrainingStopped, DiskFull) as e:
         raise _with_hint(e, "; finished stages are kept, an interrupted pretraining resumes from its last "
                             "checkpoint and an interrupted RLHF or multimodal stage starts over: run the same "
                             "command again to continue") from None
@@ -165,7 +165,7 @@ def cmd_scaling(args) -> int:
            "predict": lambda: scaling_cli.cmd_predict(args, _load(args))}
     try:
         return _finish(args, run[args.scaling_command]())
-    except (KeyboardInterrupt, TrainingStopped) as e:
+    except (KeyboardInterrupt, TrainingStopped, DiskFull) as e:
         if args.scaling_command not in ("sweep", "predict"):
             raise
         raise _with_hint(e, "; finished runs are kept: run the same command again to continue") from None
