@@ -232,6 +232,26 @@ def test_wrong_checkpoint_shape_is_named(prepared, tmp_path):
         load_weights(rope, tmp_path / "r" / "checkpoints" / "step_2" / "model.safetensors")
 
 
+def test_a_damaged_checkpoint_names_the_one_before_it(prepared, tmp_path):
+    out = tmp_path / "r"
+    run(prepared, out, "training.max_steps=12")  # checkpoints at steps 6 and 12
+    last, before = out / "checkpoints" / "step_12", out / "checkpoints" / "step_6"
+    state = (last / "trainer_state.pt").read_bytes()
+    for damage in (state[:5000], b"garbage"):  # a copy cut short; not a checkpoint of ours at all
+        (last / "trainer_state.pt").write_bytes(damage)
+        with pytest.raises(UserError, match=rf"cannot read the trainer state '{last}/trainer_state.pt': .*; if it "
+                                            rf"is damaged, move {last} away to use the checkpoint before it "
+                                            rf"\({before}\)") as e:
+            run(prepared, out, "training.max_steps=14", resume=True)
+        assert "weights_only=False" not in str(e.value)  # torch's advice to load it unsafely is not passed on
+    weights = last / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match=rf"cannot read weights '{weights}': .*move {last} away"):
+        load_model(out)
+    last.rename(tmp_path / "damaged")
+    assert run(prepared, out, "training.max_steps=8", resume=True)["steps"] == 8
+
+
 def test_budget_stops(prepared, tmp_path):
     s = run(prepared, tmp_path / "tok", "training.max_tokens=1024", "training.max_steps=100")
     assert s["steps"] == 4  # 1024 tokens / (8 x 32) per step

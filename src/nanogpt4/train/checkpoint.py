@@ -8,6 +8,7 @@ leaves complete checkpoints only. ``trainer_state.pt`` holds plain tensors/numbe
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -40,8 +41,16 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     save_file(model_tensors(model), str(path), metadata=metadata or {})
 
 
-def _unreadable(path: Path, e: Exception) -> UserError:
-    return UserError(f"cannot read weights '{path}': {str(e).splitlines()[0]}")
+def _unreadable(path: Path, e: Exception, what: str = "weights") -> UserError:
+    """A checkpoint file that does not load (ours are written atomically, so it was damaged after: a copy cut
+    short, a disk error): name the checkpoint before it where the run has one."""
+    message = f"cannot read {what} '{path}': {str(e).splitlines()[0]}"
+    ckpt = Path(path).parent
+    if STEP_RE.match(ckpt.name):
+        earlier = [p for _, p in list_checkpoints(ckpt.parent.parent) if p != ckpt]
+        if earlier:
+            message += f"; if it is damaged, move {ckpt} away to use the checkpoint before it ({earlier[-1]})"
+    return UserError(message)
 
 
 def tensor_names(path: Path) -> list[str]:
@@ -148,7 +157,15 @@ def _prune(ck_root: Path, keep_last: int) -> None:
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict:
-    return torch.load(Path(ckpt_dir) / "trainer_state.pt", map_location="cpu", weights_only=True)
+    path = Path(ckpt_dir) / "trainer_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message here advises weights_only=False, which would run whatever code the file holds
+        raise _unreadable(path, ValueError("not a trainer state that nanogpt4 wrote (torch.load with "
+                                           "weights_only=True refuses it)"), "the trainer state") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise _unreadable(path, e, "the trainer state") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
