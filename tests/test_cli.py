@@ -228,6 +228,40 @@ def test_export_hf_cli_with_tokenizer(trained_run, tmp_path, capsys):
         assert torch.allclose(hf(x).logits, model(x), atol=1e-4)
 
 
+def test_export_hf_replaces_only_an_earlier_export(trained_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    from nanogpt4.train.checkpoint import latest_checkpoint
+    # the export replaces its --out whole; a folder of the user's own files used to be deleted with it
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, _, err = cli(capsys, "export-hf", "--run", trained_run, "--out", mine)
+    assert_one_line_error(code, err, f"--out '{mine}' already holds files an export does not write (notes.txt); "
+                                     f"give a new or empty directory (nothing in it was changed)")
+    assert [p.name for p in tmp_path.iterdir()] == ["models"] and (mine / "notes.txt").read_text() == "keep me"
+    monkeypatch.chdir(mine)  # '.': refused the same way, where it was a traceback (a path with no name)
+    code, _, err = cli(capsys, "export-hf", "--run", trained_run, "--out", ".")
+    assert_one_line_error(code, err, "--out '.' already holds files an export does not write (notes.txt)")
+    code, _, err = cli(capsys, "export-hf", "--run", trained_run, "--out", "notes.txt")
+    assert_one_line_error(code, err, "--out 'notes.txt' is a file")
+    hf = tmp_path / "hf"
+    for _ in range(2):  # a second export replaces the first
+        assert cli(capsys, "export-hf", "--run", trained_run, "--out", hf)[0] == 0
+    assert (hf / "config.json").exists() and not list(tmp_path.glob(".*"))
+    (hf / "README.md").write_text("my model card")  # an earlier export the user added to: kept as it is
+    code, _, err = cli(capsys, "export-hf", "--run", trained_run, "--out", hf)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: --out '{hf}' already holds files an "
+                                                                 f"export does not write (README.md)")
+    assert (hf / "README.md").read_text() == "my model card" and not list(tmp_path.glob(".*"))
+    # weights without their tokenizer export alone, and say so
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.safetensors", "config.yaml"):
+        shutil.copyfile(latest_checkpoint(trained_run) / name, bare / name)
+    code, _, err = cli(capsys, "export-hf", "--run", bare, "--out", tmp_path / "bare-hf")
+    assert code == 0 and f"warning: '{bare}' has no tokenizer.json: exporting the model alone" in err
+
+
 def test_version(capsys):
     import torch
 

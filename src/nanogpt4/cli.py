@@ -139,6 +139,10 @@ def cmd_export_hf(args) -> int:
     from nanogpt4.train.checkpoint import load_model
 
     model, _, tok = load_model(args.run)
+    if tok is None:
+        print(f"warning: '{args.run}' has no tokenizer.json: exporting the model alone (AutoTokenizer will not "
+              f"load from it; put the tokenizer.json it was trained with beside its model.safetensors and export "
+              f"again)", file=sys.stderr)
     out = export_hf(model, tok, args.out)
     print(f"exported to {out} (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
     return _finish(args, {"out": str(out)})

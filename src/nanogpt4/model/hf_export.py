@@ -115,7 +115,11 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files to ``out_dir`` atomically."""
     out = Path(out_dir)
     hf_model = to_hf(model, tokenizer)
-    with atomic_dir(out) as tmp:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out_dir}' is a file; give a directory for the model")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():  # not an earlier export
+        _refuse_to_replace(out_dir, sorted(p.name for p in out.iterdir()))
+    with atomic_dir(out.absolute()) as tmp:  # absolute: '.' has no name to put a temp directory beside
         hf_model.save_pretrained(tmp, safe_serialization=True)
         if isinstance(tokenizer, BPETokenizer):
             from transformers import PreTrainedTokenizerFast
@@ -123,4 +127,15 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
             fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, bos_token=EOT, eos_token=EOT,
                                            pad_token=PAD, model_max_length=model.cfg.max_seq_len)
             fast.save_pretrained(tmp)
+        # the new directory replaces the old one whole: only an earlier export may be replaced, never a folder
+        # holding anything this export does not write again
+        other = sorted({p.name for p in out.iterdir()} - {p.name for p in tmp.iterdir()}) if out.is_dir() else []
+        if other:
+            _refuse_to_replace(out_dir, other)
     return out
+
+
+def _refuse_to_replace(out_dir, other: list[str]) -> None:
+    raise UserError(f"--out '{out_dir}' already holds files an export does not write "
+                    f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); give a new or empty directory "
+                    f"(nothing in it was changed)")
