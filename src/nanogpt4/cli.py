@@ -332,23 +332,30 @@ def cmd_ask(args) -> int:
     return _finish(args, {"question": args.question, "answer": answer, "image": str(args.image)})
 
 
-def _versions() -> str:
-    """This package's version and the torch it runs on, read from the installed metadata (importing torch
-    would cost a second or two)."""
-    from importlib.metadata import PackageNotFoundError, version
+class _PrintVersions(argparse.Action):
+    """``--version``: this package's, torch's and Python's versions. torch's own ``__version__`` names its
+    build (``+cpu``, ``+cu130``), which its installed metadata does not; it is imported only when asked."""
 
-    def of(name: str) -> str:
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print nanogpt4's, torch's and Python's versions")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        import torch
+
         try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return f"nanogpt4 {of('nanogpt4')} (torch {of('torch')}, Python {sys.version.split()[0]})"
+            ours = version("nanogpt4")
+        except PackageNotFoundError:  # run from a source tree that was not installed
+            ours = "(not installed)"
+        cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ""
+        print(f"nanogpt4 {ours} (torch {torch.__version__}{cuda}, Python {sys.version.split()[0]})")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanogpt4", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=_versions())
+    parser.add_argument("--version", action=_PrintVersions)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read a data source, train the tokenizer, write token shards")
