@@ -60,9 +60,13 @@ def test_bad_values_raise_clear_errors(override, needle):
     assert "\n" not in str(e.value)
 
 
-def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(UserError, match="not found"):
+def test_missing_and_malformed_files(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match=r"not found; pass a YAML path or a preset name \(base, tiny\)"):
         load_config(tmp_path / "nope.yaml")
+    monkeypatch.chdir(tmp_path)  # the README's configs/tiny.yaml typed outside the repository
+    with pytest.raises(UserError, match=rf"'configs/tiny.yaml' not found in {tmp_path}; the bundled preset of that "
+                                        rf"name is --config tiny"):
+        load_config("configs/tiny.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
     with pytest.raises(UserError, match="cannot parse"):

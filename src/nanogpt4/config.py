@@ -182,6 +182,9 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     if not p.suffix and bundled.is_file():
         return bundled
     presets = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
+    if bundled.is_file():  # configs/tiny.yaml typed outside the repository: the package carries the same file
+        raise UserError(f"config file '{path}' not found in {Path.cwd()}; the bundled preset of that name is "
+                        f"--config {p.stem}")
     raise UserError(f"config file '{path}' not found; pass a YAML path or a preset name ({presets})")
 
 
