@@ -248,6 +248,9 @@ def test_export_hf_replaces_only_an_earlier_export(trained_run, tmp_path, capsys
     for _ in range(2):  # a second export replaces the first
         assert cli(capsys, "export-hf", "--run", trained_run, "--out", hf)[0] == 0
     assert (hf / "config.json").exists() and not list(tmp_path.glob(".*"))
+    (tmp_path / "latest").symlink_to(hf)  # a link to the export: the export behind it is replaced, the link kept
+    assert cli(capsys, "export-hf", "--run", trained_run, "--out", tmp_path / "latest")[0] == 0
+    assert (tmp_path / "latest").is_symlink() and (hf / "config.json").exists() and not list(tmp_path.glob(".*"))
     (hf / "README.md").write_text("my model card")  # an earlier export the user added to: kept as it is
     code, _, err = cli(capsys, "export-hf", "--run", trained_run, "--out", hf)
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: --out '{hf}' already holds files an "

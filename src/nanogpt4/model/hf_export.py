@@ -119,7 +119,8 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
         raise UserError(f"--out '{out_dir}' is a file; give a directory for the model")
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():  # not an earlier export
         _refuse_to_replace(out_dir, sorted(p.name for p in out.iterdir()))
-    with atomic_dir(out.absolute()) as tmp:  # absolute: '.' has no name to put a temp directory beside
+    # resolved: '.' has no name to put a temp directory beside, and a link to an earlier export stays a link to it
+    with atomic_dir(out.resolve()) as tmp:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         if isinstance(tokenizer, BPETokenizer):
             from transformers import PreTrainedTokenizerFast
