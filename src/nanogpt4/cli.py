@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         from nanogpt4.utils import disk_full
 
-        if not disk_full(e, Path.cwd() if args.__dict__.get("out") is None else args.out):
+        if not disk_full(e, getattr(args, "out", None) or Path.cwd()):
             raise
         # every write goes through a temp file, so what a full disk stopped was never half-written
         print(f"error: the disk is full ({e}); free space, or write elsewhere with --out", file=sys.stderr)

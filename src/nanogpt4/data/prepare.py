@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from nanogpt4.data.sources import load_corpus
@@ -63,8 +63,7 @@ def _refuse_other_data(out: Path, meta: dict, cfg: DictConfig) -> None:
     """A training stage given ``data.dir`` must not overwrite data prepared there from another source (or for
     another tokenizer): it would train on something else than the user prepared, and lose that data."""
     theirs = prepared_with(meta)
-    ours = {"data.source": cfg.data.source, "data.tokenizer": cfg.data.tokenizer,
-            "model.vocab_size": cfg.model.vocab_size}
+    ours = {k: OmegaConf.select(cfg, k) for k in theirs}
     differ = [k for k in theirs if theirs[k] != ours[k] and theirs[k] is not None]
     if differ:
         raise UserError(f"data.dir '{out}' holds data prepared with {', '.join(f'{k}={theirs[k]}' for k in differ)}, "

@@ -7,9 +7,11 @@ leaves complete checkpoints only. ``trainer_state.pt`` holds plain tensors/numbe
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -41,10 +43,11 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     save_file(model_tensors(model), str(path), metadata=metadata or {})
 
 
-def _unreadable(path: Path, e: Exception, what: str = "weights") -> UserError:
+def _unreadable(path: Path, reason: str, what: str = "weights") -> UserError:
     """A checkpoint file that does not load (ours are written atomically, so it was damaged after: a copy cut
-    short, a disk error): name the checkpoint before it where the run has one."""
-    message = f"cannot read {what} '{path}': {str(e).splitlines()[0]}"
+    short, a disk error): name the checkpoint before it where the run has one. ``reason``: the loader's error,
+    its first line."""
+    message = f"cannot read {what} '{path}': {reason.splitlines()[0]}"
     ckpt = Path(path).parent
     if STEP_RE.match(ckpt.name):
         earlier = [p for _, p in list_checkpoints(ckpt.parent.parent) if p != ckpt]
@@ -61,7 +64,7 @@ def tensor_names(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except Exception as e:
-        raise _unreadable(path, e) from None
+        raise _unreadable(path, str(e)) from None
 
 
 def is_multimodal(ckpt: Path) -> bool:
@@ -74,7 +77,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         tensors = load_file(str(path))
     except Exception as e:
-        raise _unreadable(path, e) from None
+        raise _unreadable(path, str(e)) from None
     expected = model_tensors(model)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -162,10 +165,10 @@ def load_trainer_state(ckpt_dir: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's message here advises weights_only=False, which would run whatever code the file holds
-        raise _unreadable(path, ValueError("not a trainer state that nanogpt4 wrote (torch.load with "
-                                           "weights_only=True refuses it)"), "the trainer state") from None
+        raise _unreadable(path, "not a trainer state that nanogpt4 wrote (torch.load with weights_only=True "
+                                "refuses it)", "the trainer state") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise _unreadable(path, e, "the trainer state") from None
+        raise _unreadable(path, str(e), "the trainer state") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -177,10 +180,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is not None:
         return latest
     if (p / "meta.json").exists() and (p / "train.bin").exists():
-        import json
-        import shlex
-
-        from nanogpt4.data.prepare import prepared_with
+        from nanogpt4.data.prepare import prepared_with  # here: data preparation pulls in tokenizers, tqdm
 
         made_with = prepared_with(json.loads((p / "meta.json").read_text()))
         command = ["nanogpt4", "pretrain", f"data.dir={path}"] + [

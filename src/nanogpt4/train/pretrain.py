@@ -74,9 +74,8 @@ def refuse_existing_run(run_dir: Path, resume: bool) -> None:
                         f"or choose another --out")
 
 
-def init_run_dir(run_dir: Path, cfg: DictConfig, resume: bool) -> None:
-    """Refuse to overwrite a finished or running run; write the resolved config."""
-    refuse_existing_run(run_dir, resume)
+def init_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Write the resolved config (after ``refuse_existing_run``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
@@ -107,7 +106,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
         if info.is_main:  # the run directory is made once its data exists: bad data leaves no run behind
             refuse_existing_run(run_dir, resume)
             prepare_data(cfg, data_dir, progress=progress, log=log, keep_other=bool(cfg.data.dir))
-            init_run_dir(run_dir, cfg, resume)
+            init_run_dir(run_dir, cfg)
         barrier(info)
         meta = load_meta(data_dir)
         if meta["vocab_size"] > cfg.model.vocab_size:
