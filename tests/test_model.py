@@ -55,20 +55,22 @@ def test_incremental_logits_match_full_forward(variant):
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("layout", [None, "onednn", "transposed"])
 @pytest.mark.parametrize("variant", [*VARIANTS, "mup"])
-def test_decode_step_logits_match_full_forward(variant, packed):
+def test_decode_step_logits_match_full_forward(variant, layout):
     from nanogpt4.model.transformer import KVCache
 
     # the one-token step that eager and compiled decoding run (the blocks' math without their modules' calls),
-    # with the linear layers' weights as they are or prepacked for oneDNN
+    # with the linear layers' weights as they are or laid out for decoding (oneDNN's blocks for 2 rows; (in, out)
+    # for one row of a small model, used here for two)
     m = make("gpt2", **{"parametrization": "mup", "mup_base_dim": 32}) if variant == "mup" else make(variant)
     with torch.no_grad():  # biases and norms start at 0 and 1: a step that dropped them must show
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    weights = m.packed_decode_weights(2, 16) if packed else None
-    if packed and weights is None:
-        pytest.skip("prepacked decoding needs an x86 CPU with oneDNN")
+    weights = m.packed_decode_weights(2 if layout == "onednn" else 1, 16) if layout else None
+    if layout and weights is None:
+        pytest.skip("decoding layouts are used on x86 CPUs only (oneDNN's also needs oneDNN)")
+    assert weights is None or weights.layout == layout
     x = torch.randint(0, 101, (2, 16))
     full = m(x)
     cache = KVCache.allocate(m.cfg, 2, 16, "cpu", torch.float32)
@@ -88,12 +90,12 @@ def test_decode_step_logits_match_full_forward(variant, packed):
     torch.testing.assert_close(logits[0], m(x[:1, 4:])[0, -1], atol=1e-5, rtol=1e-5)
 
 
-def test_generate_decodes_through_prepacked_weights_where_it_pays(monkeypatch):
+def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
     from nanogpt4.model.transformer import PACK_MIN_NEW_TOKENS, Transformer
 
     m = make()
     if m.packed_decode_weights(4, PACK_MIN_NEW_TOKENS) is None:
-        pytest.skip("prepacked decoding needs an x86 CPU with oneDNN")
+        pytest.skip("decoding layouts need an x86 CPU with oneDNN")
     x = torch.randint(0, 101, (4, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(x)
     mask[0, :3] = 0
@@ -101,13 +103,15 @@ def test_generate_decodes_through_prepacked_weights_where_it_pays(monkeypatch):
     pack = Transformer.packed_decode_weights
     monkeypatch.setattr(Transformer, "packed_decode_weights", lambda self, *a: made.append(pack(self, *a)) or made[-1])
     n = PACK_MIN_NEW_TOKENS + 4
-    got = [m.generate(x, n, temperature=0, **kw) for kw in ({}, {"attention_mask": mask})]
-    assert all(isinstance(w, dict) and len(w) == 4 * 2 + 1 for w in made)  # every linear of the blocks, the head
+    runs = [(x, {}), (x, {"attention_mask": mask}), (x[1:2], {})]
+    got = [m.generate(rows, n, temperature=0, **kw) for rows, kw in runs]
+    # every linear of the blocks and the head: for oneDNN (4 rows), or (in, out) for one row of a small model
+    assert [(w.layout, len(w.weights)) for w in made] == [("onednn", 4 * 2 + 1)] * 2 + [("transposed", 9)]
     monkeypatch.setattr(Transformer, "packed_decode_weights", lambda self, *a: None)
-    assert all(torch.equal(g, m.generate(x, n, temperature=0, **kw))
-               for g, kw in zip(got, ({}, {"attention_mask": mask}), strict=True))
-    # where it does not pay, nothing is packed: one row of a small model, a short generation, another dtype
-    assert pack(m, 1, 100) is None and pack(m, 4, PACK_MIN_NEW_TOKENS - 1) is None
+    assert all(torch.equal(g, m.generate(rows, n, temperature=0, **kw))
+               for g, (rows, kw) in zip(got, runs, strict=True))
+    # one row of a small model gets plain (in, out) copies; a short generation or another dtype nothing
+    assert pack(m, 1, 100).layout == "transposed" and pack(m, 4, PACK_MIN_NEW_TOKENS - 1) is None
     assert pack(m.to(torch.bfloat16), 4, 100) is None
 
 

@@ -143,12 +143,26 @@ def sdpa(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=None):
                                           scale=scale, **gqa)
 
 
-def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: dict | None) -> torch.Tensor:
-    """``layer(x)`` while decoding: through its oneDNN-prepacked weight when ``packed`` holds one
-    (``Transformer.packed_decode_weights``)."""
+@dataclass
+class DecodeWeights:
+    """The linear layers' weights laid out once for eager decoding on CPU (``Transformer.packed_decode_weights``).
+
+    ``layout`` "onednn": reordered into oneDNN's blocked layout for a fixed number of rows; "transposed": (in, out)
+    and contiguous, which a one-row product reads straight through (nn.Linear's (out, in) weight, multiplied
+    transposed, is copied by the GEMM library on every call)."""
+
+    layout: str
+    weights: dict[nn.Linear, torch.Tensor]
+
+
+def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | None) -> torch.Tensor:
+    """``layer(x)`` while decoding, through the weight's decoding layout when ``packed`` holds one."""
     if packed is None:
         return layer.forward(x)
-    return torch.ops.mkldnn._linear_pointwise(x, packed[layer], layer.bias, "none", [], "")
+    weight = packed.weights[layer]
+    if packed.layout == "transposed":
+        return x @ weight if layer.bias is None else torch.addmm(layer.bias, x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
 
 
 class MultiHeadAttention(nn.Module):
@@ -185,7 +199,7 @@ class MultiHeadAttention(nn.Module):
             y = sdpa(q, k, v, mask, is_causal and mask is None, dropout, self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def decode(self, x: torch.Tensor, cache: KVCache, rope, mask, packed: dict | None = None) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cache: KVCache, rope, mask, packed: DecodeWeights | None = None) -> torch.Tensor:
         """``forward`` for one new token per row, x: (B, C) -> (B, C). Its key and value go into ``cache``; it
         attends to the cache's filled slots (in static mode to all of them, ``mask`` hiding the unfilled)."""
         B = x.size(0)
@@ -242,7 +256,7 @@ class Block(nn.Module):
             f = F.dropout(f, self.dropout)
         return x + f
 
-    def decode(self, x: torch.Tensor, cache: KVCache, rope, mask, packed: dict | None = None) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cache: KVCache, rope, mask, packed: DecodeWeights | None = None) -> torch.Tensor:
         """``forward`` for one new token per row (eval mode), x: (B, C). The submodules' ``forward`` is called
         directly: at decoding's batch sizes ``nn.Module.__call__``'s bookkeeping costs as much as the matmuls
         (so hooks would not run: ``generate`` decodes a hooked model through ``forward``)."""
@@ -270,7 +284,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-# eager decoding through prepacked weights (Transformer.packed_decode_weights): when it pays, measured on 2 Zen 3 cores
+# eager decoding through weights laid out for it (Transformer.packed_decode_weights): when each layout pays, measured
+# on 2 Zen 3 cores (one row of a model under PACK_MIN_BYTES_BATCH_1 of weights: transposed; else oneDNN's)
 PACK_MIN_NEW_TOKENS = 16
 PACK_MIN_BYTES_BATCH_1 = 16 * 2**20
 PACK_MAX_BYTES = 2 * 2**30
@@ -382,7 +397,7 @@ class Transformer(nn.Module):
         return self.head(x)
 
     def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None,
-                    cache: KVCache, packed: dict | None = None) -> torch.Tensor:
+                    cache: KVCache, packed: DecodeWeights | None = None) -> torch.Tensor:
         """Next-token logits (B, vocab) for one new token per row: ``tokens`` and ``position_ids`` are (B,). The
         token's keys and values go into ``cache`` (the caller advances ``cache.length``); ``key_mask`` (B, slots
         attended), when given, marks the slots each row may see, the new one included. In static mode
@@ -403,27 +418,31 @@ class Transformer(nn.Module):
             x = x * (1.0 / self.width_mult)
         return decode_linear(self.head, x, packed)
 
-    def packed_decode_weights(self, batch: int, new_tokens: int) -> dict[nn.Linear, torch.Tensor] | None:
-        """The linear layers' weights reordered once into oneDNN's blocked layout for ``batch`` rows, or None
-        where that does not pay (eager fp32 decoding on x86 CPUs only).
+    def packed_decode_weights(self, batch: int, new_tokens: int) -> DecodeWeights | None:
+        """The linear layers' weights laid out once for decoding ``batch`` rows, or None where no layout pays
+        (measured for eager fp32 decoding on x86 CPUs only).
 
-        A plain ``F.linear`` lets the GEMM library repack the weight on every call; at decoding's few rows that
-        repacking, from weights that no longer fit in cache, costs as much as the multiply. Measured on 2 Zen 3
-        cores (medians of paired runs): batch 8 decodes 1.19x faster at 4x192 and 1.98x at 12x768, batch 32 1.13x,
-        batch 1 1.16x at 6x384 and 1.44x at 12x768, but 10% slower at 4x192, whose 10 MB of weights stay in cache
-        (hence the size rule). Reordering costs ~1 ms per MB of weights, so short generations are left alone, and
-        so are models over 2 GiB of linear weights (the packed copy lives as long as the ``generate`` call)."""
+        A plain ``F.linear`` lets the GEMM library repack its transposed weight on every call; at decoding's few
+        rows that repacking costs as much as the multiply. Medians of paired runs on 2 Zen 3 cores: weights
+        reordered for oneDNN decode batch 8 1.19x faster at 4x192 and 1.98x at 12x768, batch 32 1.13x, batch 1
+        1.16x at 6x384 and 1.44x at 12x768, but batch 1 of a 4x192 model, whose weights (10 MB) stay in cache,
+        10% slower; there plain (in, out) copies decode it 1.2-1.7x faster (bf16: 3.5x slower, not used). A
+        layout costs ~1 ms per MB of weights, so short generations are left alone, and so are models over 2 GiB
+        of linear weights (the copy lives as long as the ``generate`` call)."""
         weight = self.head.weight
         if (weight.device.type != "cpu" or weight.dtype != torch.float32 or new_tokens < PACK_MIN_NEW_TOKENS
-                or platform.machine().lower() not in ("x86_64", "amd64")
-                or not torch.backends.mkldnn.is_available()
-                or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+                or platform.machine().lower() not in ("x86_64", "amd64")):
             return None
         linears = [m for m in self.blocks.modules() if isinstance(m, nn.Linear)] + [self.head]
         size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        if (batch < 2 and size < PACK_MIN_BYTES_BATCH_1) or size > PACK_MAX_BYTES:
+        if size > PACK_MAX_BYTES:
             return None
-        return {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch) for m in linears}
+        if batch < 2 and size < PACK_MIN_BYTES_BATCH_1:
+            return DecodeWeights("transposed", {m: m.weight.detach().t().contiguous() for m in linears})
+        if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            return None
+        return DecodeWeights("onednn", {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch)
+                                        for m in linears})
 
     def compiled_decode_step(self):
         """``decode_step`` through ``torch.compile``, specialised per batch size, capacity and dtype (the first
