@@ -17,7 +17,14 @@ from nanogpt4.rlhf.data import (
     load_preferences,
     load_sft,
 )
-from nanogpt4.rlhf.judges import label_pairs, load_judge, python_syntax, sentiment, syntax_score
+from nanogpt4.rlhf.judges import (
+    label_pairs,
+    load_judge,
+    python_syntax,
+    sentiment,
+    syntax_score,
+    valid_python_lines,
+)
 from nanogpt4.rlhf.models import RewardModel, last_token_index
 from nanogpt4.rlhf.stages import encode_pair, generate_responses, reward_accuracy, train_reward, train_sft
 
@@ -30,6 +37,16 @@ def test_syntax_judge():
     early, late = syntax_score("x = )\na = 1\nb = 2\nc = 3\n"), syntax_score("a = 1\nb = 2\nc = 3\nx = )\n")
     assert late > early
     assert python_syntax(["def f(x):\n"], ["    return x\n"]) == [1.0]
+
+
+def test_valid_python_lines_counts_the_longest_parseable_start():
+    # a sample cut off mid-statement: its first three lines parse, the unclosed call does not
+    assert valid_python_lines("def f(x):\n    return x\n\nclass A(\n    b") == (3, 5)
+    # a header with no body yet, or an error at the start, parses nowhere
+    assert valid_python_lines("def f():\n") == (0, 1) and valid_python_lines("x = )\ny = 1\n") == (0, 2)
+    # a prompt from inside a block starts indented, after blank lines or not
+    assert valid_python_lines("\n    for i in range(3):\n        print(i)\nx = 1\n") == (4, 4)
+    assert valid_python_lines("") == (0, 0)
 
 
 def test_sentiment_judge_and_labelling():

@@ -31,6 +31,7 @@ from nanogpt4.plan import (
     training_time_left,
 )
 from nanogpt4.report import summary_table, write_pipeline_report
+from nanogpt4.rlhf.judges import valid_python_lines
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 from nanogpt4.train.multimodal import per_type_table
 
@@ -205,7 +206,12 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     if (out_dir / "multimodal" / "plots" / "examples.png").exists():
         shutil.copyfile(out_dir / "multimodal" / "plots" / "examples.png", plots / "multimodal_examples.png")
 
-    sample_md = "\n\n".join(f"Prompt `{p!r}`:\n\n```python\n{s}\n```" for p, s in samples)
+    parsed = [valid_python_lines(s) for _, s in samples]
+    sample_md = (f"CPython's parser accepts the first {sum(n for n, _ in parsed)} of {sum(t for _, t in parsed)} lines "
+                 "of these samples (each sample's longest parseable start; one cut at its token limit ends "
+                 "mid-statement).\n\n"
+                 + "\n\n".join(f"Prompt `{p!r}` (first {n} of {t} lines parse):\n\n```python\n{s}\n```"
+                                 for (p, s), (n, t) in zip(samples, parsed, strict=True)))
     sections = [
         ("Pretraining", summary_table(pre, ["params", "non_embedding_params", "steps", "tokens", "final_train_loss",
                                             "val_loss", "val_bpb", "tok_per_s", "mfu", "dtype", "wall_s"])
@@ -230,6 +236,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
         "pretrain_val_bpb": pre.get("val_bpb"),
         "pretrain_tok_per_s": pre.get("tok_per_s"),
         "pretrain_params": pre.get("params"),
+        "sample_python_lines": sum(n for n, _ in parsed) / max(1, sum(t for _, t in parsed)),
         **{f"rlhf_{k}": rl[k] for k in ("rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n",
                                         "kl_ppo")},
         **{f"multimodal_{k}": mm[k] for k in ("scenes_accuracy", "digits_accuracy", "text_only_accuracy",

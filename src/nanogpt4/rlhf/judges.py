@@ -15,27 +15,45 @@ from nanogpt4.errors import UserError
 Judge = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
-def syntax_score(source: str) -> float:
-    """1.0 if the source compiles; otherwise how far into it the first syntax error sits (fraction of its
-    characters before the error), so a completion that breaks later scores higher and ties are rare.
-
-    ``compile`` only parses: nothing in the text is executed.
-    """
-    if not source:
-        return 0.0
+def _syntax_error(source: str) -> SyntaxError | None:
+    """The first syntax error in ``source`` (NUL bytes and absurd nesting count as one at the start), else None.
+    ``compile`` only parses: nothing in the text is executed."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escape sequences etc. are not the model's grade
             compile(source, "<completion>", "exec", dont_inherit=True)
-        return 1.0
+        return None
     except SyntaxError as e:
-        if not e.lineno:
-            return 0.0
-        lines = source.splitlines(keepends=True)
-        position = sum(len(line) for line in lines[: e.lineno - 1]) + max(0, (e.offset or 1) - 1)
-        return min(position / len(source), 0.999)
-    except (ValueError, RecursionError, MemoryError):  # NUL bytes, absurd nesting
+        return e
+    except (ValueError, RecursionError, MemoryError):
+        return SyntaxError("not parseable")
+
+
+def syntax_score(source: str) -> float:
+    """1.0 if the source compiles; otherwise how far into it the first syntax error sits (fraction of its
+    characters before the error), so a completion that breaks later scores higher and ties are rare."""
+    if not source:
         return 0.0
+    error = _syntax_error(source)
+    if error is None:
+        return 1.0
+    if not error.lineno:
+        return 0.0
+    lines = source.splitlines(keepends=True)
+    position = sum(len(line) for line in lines[: error.lineno - 1]) + max(0, (error.offset or 1) - 1)
+    return min(position / len(source), 0.999)
+
+
+def valid_python_lines(text: str) -> tuple[int, int]:
+    """(n, total): the most whole lines from the start of ``text`` that parse as Python, and its number of
+    lines. A sample cut off by its token limit ends mid-statement, so this asks how far it is Python, not
+    whether all of it is. Text that starts indented (a prompt from inside a block) is parsed as an ``if`` body."""
+    lines = text.splitlines(keepends=True)
+    opener = "if 1:\n" if text.lstrip("\r\n")[:1] in (" ", "\t") else ""
+    for n in range(len(lines), 0, -1):
+        if _syntax_error(opener + "".join(lines[:n])) is None:
+            return n, len(lines)
+    return 0, len(lines)
 
 
 def python_syntax(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
