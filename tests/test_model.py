@@ -327,6 +327,18 @@ def test_kv_cache_starts_zeroed():
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decoding_under_the_shipped_inductor_options():
+    # the options generate(compile=True) ships with (on torch >= 2.13 the C++ GEMM templates alone, which have
+    # no fallback for a matmul they cannot take): every matmul of a bf16 GQA step, one row and three, must find
+    # a kernel, and the tokens must be eager's
+    m = make("gqa", n_layers=1).to(torch.bfloat16)
+    for rows in (1, 3):
+        x = torch.randint(0, 101, (rows, 5), generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(m.generate(x, 6, temperature=0, compile=True), m.generate(x, 6, temperature=0))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("variant", ["gpt2", "gqa"])
 def test_compiled_decoding_equals_eager_and_follows_weight_updates(variant, monkeypatch):
     import nanogpt4.model.transformer as transformer

@@ -290,10 +290,18 @@ PACK_MIN_NEW_TOKENS = 16
 PACK_MIN_BYTES_BATCH_1 = 16 * 2**20
 PACK_MAX_BYTES = 2 * 2**30
 
-# compiled decoding on CPU: weights folded in as constants (prepacked), GEMMs picked by benchmarking candidates.
+# compiled decoding on CPU: weights folded in as constants (prepacked), GEMMs from inductor's C++ templates.
 # Before torch 2.8 max_autotune's C++ GEMM templates fail to build (g++ errors on 2.4.1, 2.5.1, 2.6.0 and 2.7.1;
 # 2.8.0, 2.9.1, 2.11, 2.13 and 2.15 build them): those decode through frozen weights alone.
-DECODE_COMPILE_OPTIONS = {"freezing": True, "max_autotune": torch.__version__ >= (2, 8)}
+DECODE_COMPILE_OPTIONS: dict = {"freezing": True, "max_autotune": torch.__version__ >= (2, 8)}
+# Autotuning times each candidate alone, its weight hot in cache, where oneDNN's linear and the C++ template tie;
+# inside a decode step the template is ~3x faster (4x192 fp32 batch 1: ~800 vs ~300 tok/s). A noisy pick of
+# oneDNN, which inductor caches for good, left compiled decoding no faster than eager. The template alone (oneDNN
+# still where it cannot take a shape) needs no timing: 2-3.5x eager for GPT-2 and Llama-style x fp32/bf16 x batch
+# 1/8 and on par at 12x768, first compile 43 s instead of 75 s; a lucky autotune was 20% faster at 4x192 batch 1.
+# Checked on 2.13 (a plain matmul the template cannot take has no fallback there), hence not before it.
+if torch.__version__ >= (2, 13):
+    DECODE_COMPILE_OPTIONS["max_autotune_gemm_backends"] = "CPP"
 
 
 def decode_compile_settings(enabled: bool, device: torch.device):
@@ -447,10 +455,10 @@ class Transformer(nn.Module):
     def compiled_decode_step(self):
         """``decode_step`` through ``torch.compile``, specialised per batch size, capacity and dtype (the first
         call of each compiles; ~30 s on 2 CPU cores). On CPU the weights are frozen into the compiled code so
-        inductor can prepack them for its own small-batch GEMM kernels (max-autotune): 2-3.5x faster decoding
-        than eager here. Frozen weights go stale when the model changes, and dynamo's guards do not notice, so
-        the step is keyed on every parameter's storage and version: an optimizer step, ``load_state_dict`` or
-        ``.to(dtype)`` triggers a fresh compile."""
+        inductor can prepack them for its own small-batch C++ GEMM kernels (``DECODE_COMPILE_OPTIONS``): 2-3.5x
+        faster decoding than eager here. Frozen weights go stale when the model changes, and dynamo's guards do
+        not notice, so the step is keyed on every parameter's storage and version: an optimizer step,
+        ``load_state_dict`` or ``.to(dtype)`` triggers a fresh compile."""
         weights = tuple((p.data_ptr(), p._version) for p in self.parameters())
         cached = self.__dict__.get("_compiled_decode")
         if cached is None or cached[0] != weights:
