@@ -207,7 +207,8 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
         shutil.copyfile(out_dir / "multimodal" / "plots" / "examples.png", plots / "multimodal_examples.png")
 
     parsed = [valid_python_lines(s) for _, s in samples]
-    sample_md = (f"CPython's parser accepts the first {sum(n for n, _ in parsed)} of {sum(t for _, t in parsed)} lines "
+    lines_parsed, lines_total = sum(n for n, _ in parsed), sum(t for _, t in parsed)
+    sample_md = (f"CPython's parser accepts the first {lines_parsed} of {lines_total} lines "
                  "of these samples (each sample's longest parseable start; one cut at its token limit ends "
                  "mid-statement).\n\n"
                  + "\n\n".join(f"Prompt `{p!r}` (first {n} of {t} lines parse):\n\n```python\n{s}\n```"
@@ -236,7 +237,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
         "pretrain_val_bpb": pre.get("val_bpb"),
         "pretrain_tok_per_s": pre.get("tok_per_s"),
         "pretrain_params": pre.get("params"),
-        "sample_python_lines": sum(n for n, _ in parsed) / max(1, sum(t for _, t in parsed)),
+        "sample_python_lines": lines_parsed / max(1, lines_total),
         **{f"rlhf_{k}": rl[k] for k in ("rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n",
                                         "kl_ppo")},
         **{f"multimodal_{k}": mm[k] for k in ("scenes_accuracy", "digits_accuracy", "text_only_accuracy",

@@ -15,18 +15,16 @@ from nanogpt4.errors import UserError
 Judge = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
-def _syntax_error(source: str) -> SyntaxError | None:
-    """The first syntax error in ``source`` (NUL bytes and absurd nesting count as one at the start), else None.
-    ``compile`` only parses: nothing in the text is executed."""
+def _syntax_error(source: str) -> Exception | None:
+    """Why ``source`` does not parse (its first SyntaxError; a ValueError for NUL bytes, a RecursionError or
+    MemoryError for absurd nesting), else None. ``compile`` only parses: nothing in the text is executed."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escape sequences etc. are not the model's grade
             compile(source, "<completion>", "exec", dont_inherit=True)
         return None
-    except SyntaxError as e:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         return e
-    except (ValueError, RecursionError, MemoryError):
-        return SyntaxError("not parseable")
 
 
 def syntax_score(source: str) -> float:
@@ -37,7 +35,7 @@ def syntax_score(source: str) -> float:
     error = _syntax_error(source)
     if error is None:
         return 1.0
-    if not error.lineno:
+    if not isinstance(error, SyntaxError) or not error.lineno:  # unparseable as a whole: no position
         return 0.0
     lines = source.splitlines(keepends=True)
     position = sum(len(line) for line in lines[: error.lineno - 1]) + max(0, (error.offset or 1) - 1)
