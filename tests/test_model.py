@@ -112,7 +112,42 @@ def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
                for g, (rows, kw) in zip(got, runs, strict=True))
     # one row of a small model gets plain (in, out) copies; a short generation or another dtype nothing
     assert pack(m, 1, 100).layout == "transposed" and pack(m, 4, PACK_MIN_NEW_TOKENS - 1) is None
-    assert pack(m.to(torch.bfloat16), 4, 100) is None
+    assert pack(m.to(torch.float16), 4, 100) is None
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_bf16_decodes_through_onednn_where_onednn_takes_bf16(variant, monkeypatch):
+    from nanogpt4.model.transformer import PACK_MIN_NEW_TOKENS, KVCache, Transformer, onednn_takes_bf16
+
+    m = make(variant)
+    if m.packed_decode_weights(3, PACK_MIN_NEW_TOKENS) is None:
+        pytest.skip("decoding layouts need an x86 CPU with oneDNN")
+    with torch.no_grad():  # biases and norms start at 0 and 1: a step that dropped them must show
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m = m.to(torch.bfloat16)
+    weights = [m.packed_decode_weights(b, PACK_MIN_NEW_TOKENS) for b in (1, 3)]
+    if not onednn_takes_bf16():  # AVX2-only CPUs: torch computes bf16 without oneDNN, and nothing is laid out
+        assert weights == [None, None]
+        return
+    assert [w.layout for w in weights] == ["onednn", "onednn"]  # one row too: no (in, out) copies in bf16
+    # the step's logits through oneDNN's layout match the plain step's (bf16: the same GEMMs, blocked otherwise)
+    x = torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(1))
+    caches = [KVCache.allocate(m.cfg, 3, 16, "cpu", torch.bfloat16) for _ in range(2)]
+    for cache in caches:
+        m(x[:, :9], kv_cache=cache)
+    for i in range(9, 16):
+        plain, laid_out = (m.decode_step(x[:, i], torch.full((3,), i), None, cache, w)
+                           for cache, w in zip(caches, (None, weights[1]), strict=True))
+        for cache in caches:
+            cache.length += 1
+        assert laid_out.dtype == torch.bfloat16
+        torch.testing.assert_close(laid_out.float(), plain.float(), atol=2e-2, rtol=2e-2)
+    made = []
+    pack = Transformer.packed_decode_weights
+    monkeypatch.setattr(Transformer, "packed_decode_weights", lambda self, *a: made.append(pack(self, *a)) or made[-1])
+    m.generate(x[:, :4], PACK_MIN_NEW_TOKENS, temperature=0)
+    assert [w.layout for w in made] == ["onednn"]
 
 
 def test_a_hooked_model_decodes_through_its_hooks():
