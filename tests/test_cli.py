@@ -304,7 +304,8 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     assert (p / "plots" / "pretrain_loss.png").stat().st_size > 1000
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["pretrain_val_loss"] < 6.0
-    assert 0 <= summary["sample_python_lines"] <= 1 and "CPython's parser accepts the first" in report
+    assert 0 <= summary["sample_python_lines"] <= summary["sample_python_lines_so_far"] <= 1
+    assert "CPython's parser accepts the first" in report and "are Python so far" in report
     # no flag: the 15-minute budget, which this small configuration fits whole, the last stage refitted too
     plan = json.loads((p / "plan.json").read_text())
     assert (plan["minutes"], plan["scale"], plan["multimodal_scale"]) == (15.0, 1.0, 1.0)

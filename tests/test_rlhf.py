@@ -49,6 +49,19 @@ def test_valid_python_lines_counts_the_longest_parseable_start():
     assert valid_python_lines("") == (0, 0)
 
 
+def test_valid_python_lines_so_far_counts_a_valid_unfinished_start():
+    # cut inside its first function: nothing parses whole, yet every line is Python as far as it goes
+    cut = 'def parse(text):\n    """Split the\n    text into words.\n    for word in text'
+    assert valid_python_lines(cut) == (0, 4) and valid_python_lines(cut, unfinished_ok=True) == (4, 4)
+    assert valid_python_lines("x = foo(1,\n    2", unfinished_ok=True) == (2, 2)
+    # an error ends it, unfinished or not: a bad line, a dedent to no level, a return outside any function
+    assert valid_python_lines("def f(x):\n    return x +\n    y = 1\n", unfinished_ok=True) == (1, 3)
+    assert valid_python_lines("if x:\n    y = 1\n  z = 2\n", unfinished_ok=True) == (2, 3)
+    assert valid_python_lines("import os\nreturn 3\n", unfinished_ok=True) == (1, 2)
+    assert valid_python_lines("x = )\n", unfinished_ok=True) == (0, 1)
+    assert valid_python_lines("\n    for i in x:\n", unfinished_ok=True) == (2, 2)  # indented: an if body
+
+
 def test_sentiment_judge_and_labelling():
     pytest.importorskip("vaderSentiment")
     good, bad = sentiment(["", ""], ["what a wonderful happy day", "this is awful and sad"])

@@ -207,12 +207,15 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
         shutil.copyfile(out_dir / "multimodal" / "plots" / "examples.png", plots / "multimodal_examples.png")
 
     parsed = [valid_python_lines(s) for _, s in samples]
+    so_far = [valid_python_lines(s, unfinished_ok=True)[0] for _, s in samples]
     lines_parsed, lines_total = sum(n for n, _ in parsed), sum(t for _, t in parsed)
     sample_md = (f"CPython's parser accepts the first {lines_parsed} of {lines_total} lines "
                  "of these samples (each sample's longest parseable start; one cut at its token limit ends "
-                 "mid-statement).\n\n"
-                 + "\n\n".join(f"Prompt `{p!r}` (first {n} of {t} lines parse):\n\n```python\n{s}\n```"
-                                 for (p, s), (n, t) in zip(samples, parsed, strict=True)))
+                 f"mid-statement), and the first {sum(so_far)} as Python so far (a valid start that it would take "
+                 "more input after: a function with no body yet, an unclosed docstring or bracket).\n\n"
+                 + "\n\n".join(f"Prompt `{p!r}` (first {n} of {t} lines parse, {m} are Python so far):"
+                                 f"\n\n```python\n{s}\n```"
+                                 for (p, s), (n, t), m in zip(samples, parsed, so_far, strict=True)))
     sections = [
         ("Pretraining", summary_table(pre, ["params", "non_embedding_params", "steps", "tokens", "final_train_loss",
                                             "val_loss", "val_bpb", "tok_per_s", "mfu", "dtype", "wall_s"])
@@ -238,6 +241,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
         "pretrain_tok_per_s": pre.get("tok_per_s"),
         "pretrain_params": pre.get("params"),
         "sample_python_lines": lines_parsed / max(1, lines_total),
+        "sample_python_lines_so_far": sum(so_far) / max(1, lines_total),
         **{f"rlhf_{k}": rl[k] for k in ("rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n",
                                         "kl_ppo")},
         **{f"multimodal_{k}": mm[k] for k in ("scenes_accuracy", "digits_accuracy", "text_only_accuracy",

@@ -6,6 +6,7 @@ optimises the *learned* reward model), so the gap between the two exposes reward
 
 from __future__ import annotations
 
+import codeop
 import importlib
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,14 +43,32 @@ def syntax_score(source: str) -> float:
     return min(position / len(source), 0.999)
 
 
-def valid_python_lines(text: str) -> tuple[int, int]:
+def _python_so_far(source: str) -> bool:
+    """Whether ``source`` is Python as far as it goes: it parses, or CPython's parser says only that the input
+    is unfinished (an open block, bracket or string: ``codeop``, the interactive prompt's test)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            codeop.compile_command(source, "<completion>", "exec")
+        return True
+    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
+        return False
+
+
+def valid_python_lines(text: str, unfinished_ok: bool = False) -> tuple[int, int]:
     """(n, total): the most whole lines from the start of ``text`` that parse as Python, and its number of
     lines. A sample cut off by its token limit ends mid-statement, so this asks how far it is Python, not
-    whether all of it is. Text that starts indented (a prompt from inside a block) is parsed as an ``if`` body."""
+    whether all of it is. Text that starts indented (a prompt from inside a block) is parsed as an ``if`` body.
+
+    ``unfinished_ok``: lines that are a valid start of a program count too (``def f(x):`` with no body yet, a
+    docstring not yet closed), as the parser would accept more input after them; parsing whole, a sample cut
+    inside its first function counts no line at all."""
     lines = text.splitlines(keepends=True)
     opener = "if 1:\n" if text.lstrip("\r\n")[:1] in (" ", "\t") else ""
     for n in range(len(lines), 0, -1):
-        if _syntax_error(opener + "".join(lines[:n])) is None:
+        source = opener + "".join(lines[:n])
+        ok = _python_so_far(source) if unfinished_ok else _syntax_error(source) is None
+        if ok:
             return n, len(lines)
     return 0, len(lines)
 
