@@ -150,6 +150,36 @@ def test_bf16_decodes_through_onednn_where_onednn_takes_bf16(variant, monkeypatc
     assert [w.layout for w in made] == ["onednn"]
 
 
+def test_bf16_decodes_on_cpu_through_an_fp32_cache(monkeypatch):
+    from nanogpt4.model.transformer import KVCache, eager_cache_dtype
+
+    m = make("gqa")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m = m.to(torch.bfloat16)
+    x = torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(2))
+    full = m(x)
+    # the prefill through an fp32 cache is the plain forward, bit for bit: bf16 keys widen and narrow exactly
+    cache = KVCache.allocate(m.cfg, 3, 16, "cpu", torch.float32)
+    assert torch.equal(m(x[:, :9], kv_cache=cache), full[:, :9])
+    assert cache.k[0].dtype == torch.float32 and cache.k[0][:, :, :9].abs().sum() > 0
+    # one-token steps attend in fp32 over the same values, and come back in bf16
+    for i in range(9, 16):
+        logits = m.decode_step(x[:, i], torch.full((3,), i), None, cache)
+        cache.length += 1
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), full[:, i].float(), atol=2e-2, rtol=2e-2)
+    # generate allocates it so for a bf16 model on CPU; elsewhere the cache keeps the model's dtype
+    made = []
+    allocate = KVCache.allocate
+    monkeypatch.setattr(KVCache, "allocate", classmethod(lambda cls, *a: made.append(a[-1]) or allocate(*a)))
+    m.generate(x[:, :4], 5, temperature=0)
+    assert made == [torch.float32]
+    assert eager_cache_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+    assert eager_cache_dtype(torch.float16, torch.device("cpu")) == torch.float16
+
+
 def test_a_hooked_model_decodes_through_its_hooks():
     # decode_step bypasses module calls; FSDP gathers its shards in forward hooks, so a hooked model must not
     m = make()
