@@ -62,8 +62,8 @@ def main() -> None:
             return hf.generate(x, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
                                do_sample=False, use_cache=True, pad_token_id=0)
 
-        def run_hf_compiled(x=x, mask=mask, hf=hf):
-            with decode_compile_settings(True, device):  # the settings generate(compile=True) uses
+        def run_hf_compiled(x=x, mask=mask, hf=hf, dtype=dtype, b=b):
+            with decode_compile_settings(True, device, dtype, b):  # the settings generate(compile=True) uses
                 return hf.generate(x, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
                                    do_sample=False, cache_implementation="static", pad_token_id=0)
 

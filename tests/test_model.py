@@ -390,14 +390,41 @@ def test_kv_cache_starts_zeroed():
     assert all(bool((t == 0).all()) for t in cache.k + cache.v)
 
 
+def test_compiled_bf16_decoding_of_many_rows_uses_onednn_where_the_cpu_has_bf16(monkeypatch):
+    import nanogpt4.model.transformer as transformer
+
+    shipped = transformer.DECODE_COMPILE_OPTIONS
+    monkeypatch.setattr(transformer, "cpu_has_bf16_instructions", lambda: True)
+    onednn = transformer.decode_compile_options(torch.bfloat16, 8)
+    assert onednn == {**shipped, "max_autotune": False}  # frozen weights, prepacked for oneDNN's linears
+    assert transformer.decode_compile_options(torch.bfloat16, 32) == onednn
+    # fewer rows, fp32, or a CPU that widens bf16 to fp32: the shipped options (C++ GEMM templates)
+    assert transformer.decode_compile_options(torch.bfloat16, 6) == shipped
+    assert transformer.decode_compile_options(torch.float32, 8) == shipped
+    monkeypatch.setattr(transformer, "cpu_has_bf16_instructions", lambda: False)
+    assert transformer.decode_compile_options(torch.bfloat16, 8) == shipped
+    # generate patches inductor's config with its own dtype and batch while it runs
+    import torch._inductor.config as inductor_config
+
+    seen = []
+    monkeypatch.setattr(transformer, "cpu_has_bf16_instructions", lambda: True)
+    monkeypatch.setattr(transformer.Transformer, "_generate",
+                        lambda self, *a: seen.append(inductor_config.max_autotune) or a[0])
+    m = make().to(torch.bfloat16)
+    m.generate(torch.zeros(8, 3, dtype=torch.long), 4, compile=True)
+    m.generate(torch.zeros(2, 3, dtype=torch.long), 4, compile=True)
+    assert seen == [False, shipped["max_autotune"]]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decoding_under_the_shipped_inductor_options():
     # the options generate(compile=True) ships with (on torch >= 2.13 the C++ GEMM templates alone, which have
-    # no fallback for a matmul they cannot take): every matmul of a bf16 GQA step, one row and three, must find
-    # a kernel, and the tokens must be eager's
+    # no fallback for a matmul they cannot take; from 8 bf16 rows on a CPU with bf16 instructions, oneDNN's
+    # linears): every matmul of a bf16 GQA step, one row, three and eight, must find a kernel, and the tokens
+    # must be eager's
     m = make("gqa", n_layers=1).to(torch.bfloat16)
-    for rows in (1, 3):
+    for rows in (1, 3, 8):
         x = torch.randint(0, 101, (rows, 5), generator=torch.Generator().manual_seed(rows))
         assert torch.equal(m.generate(x, 6, temperature=0, compile=True), m.generate(x, 6, temperature=0))
 

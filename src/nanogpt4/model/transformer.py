@@ -323,15 +323,39 @@ if torch.__version__ >= (2, 13):
     DECODE_COMPILE_OPTIONS["max_autotune_gemm_backends"] = "CPP"
 
 
-def decode_compile_settings(enabled: bool, device: torch.device):
+# ... except bf16 from this many rows on a CPU with bf16 instructions (AVX512-BF16, AMX): there the C++ template's
+# tok/s stops growing past ~6 rows while oneDNN's linears (the frozen weights prepacked for them) keep scaling.
+# 2 Zen 4 cores, tok/s template / oneDNN: 4x192 batch 1 3,309 / 1,391, 4 8,641 / 4,178, 6 7,845 / 6,455, 8 5,768
+# / 7,620, 16 7,768 / 9,225, 32 7,789 / 10,970; 6x384 batch 4 2,554 / 1,554, 8 1,658 / 2,809 (fp32: the template
+# at batch 8 too, 7,844 / 4,428).
+COMPILED_BF16_ONEDNN_MIN_BATCH = 8
+
+
+def cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), not by widening to fp32."""
+    return any(bool(getattr(torch.cpu, name, lambda: False)())
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def decode_compile_options(dtype: torch.dtype | None = None, batch: int | None = None) -> dict:
+    """Inductor settings for compiled decoding on CPU of ``batch`` rows in ``dtype``."""
+    if (dtype == torch.bfloat16 and batch is not None and batch >= COMPILED_BF16_ONEDNN_MIN_BATCH
+            and cpu_has_bf16_instructions()):
+        return {**DECODE_COMPILE_OPTIONS, "max_autotune": False}
+    return DECODE_COMPILE_OPTIONS
+
+
+def decode_compile_settings(enabled: bool, device: torch.device, dtype: torch.dtype | None = None,
+                            batch: int | None = None):
     """Inductor settings for compiled decoding, patched only while generating: freezing is read from the
     global config (``torch.compile(options=...)`` comes too late for it), and must not leak into the user's
-    other compiled graphs, whose weights may be training."""
+    other compiled graphs, whose weights may be training. Each batch size compiles its own graph, under the
+    settings for its dtype and size (``decode_compile_options``)."""
     if not enabled or device.type != "cpu":
         return contextlib.nullcontext()
     import torch._inductor.config as inductor_config
 
-    return inductor_config.patch(DECODE_COMPILE_OPTIONS)
+    return inductor_config.patch(decode_compile_options(dtype, batch))
 
 
 class Transformer(nn.Module):
@@ -591,7 +615,8 @@ class Transformer(nn.Module):
         self.eval()
         try:
             # inference mode is cheaper than no_grad: no version counters or view tracking
-            with torch.inference_mode(), decode_compile_settings(compile, input_ids.device):
+            with torch.inference_mode(), decode_compile_settings(compile, input_ids.device,
+                                                                 next(self.parameters()).dtype, input_ids.size(0)):
                 out = self._generate(input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens,
                                      attention_mask, use_cache, pad_token_id, generator, inputs_embeds,
                                      compile)
