@@ -325,9 +325,9 @@ if torch.__version__ >= (2, 13):
 
 # ... except bf16 from this many rows on a CPU with bf16 instructions (AVX512-BF16, AMX): there the C++ template's
 # tok/s stops growing past ~6 rows while oneDNN's linears (the frozen weights prepacked for them) keep scaling.
-# 2 Zen 4 cores, tok/s template / oneDNN: 4x192 batch 1 3,309 / 1,391, 4 8,641 / 4,178, 6 7,845 / 6,455, 8 5,768
-# / 7,620, 16 7,768 / 9,225, 32 7,789 / 10,970; 6x384 batch 4 2,554 / 1,554, 8 1,658 / 2,809 (fp32: the template
-# at batch 8 too, 7,844 / 4,428).
+# 2 Zen 4 cores, tok/s template / oneDNN, one process each: 4x192 batch 1 3,309 / 1,391, 4 8,641 / 4,178, 6 7,845
+# / 6,455; paired in one process: batch 8 6,348 / 6,698, 16 7,984 / 11,476, 32 7,664 / 13,551, and 6x384 batch 8
+# 1,601 / 2,479 (fp32 keeps the template: at 4x192 batch 8 7,844 / 4,428).
 COMPILED_BF16_ONEDNN_MIN_BATCH = 8
 
 
