@@ -295,6 +295,7 @@ PACK_MIN_NEW_TOKENS = 16
 PACK_MIN_BYTES_BATCH_1 = 16 * 2**20
 PACK_MAX_BYTES = 2 * 2**30
 
+
 def eager_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The KV cache's dtype for eager decoding: the model's, except bf16 on CPU, whose keys and values are held in
     fp32. There PyTorch's fused attention kernel takes one bf16 query ~4x as long as an fp32 one (batch 8, 6
