@@ -16,15 +16,21 @@ from nanogpt4.errors import UserError
 Judge = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
-def _syntax_error(source: str) -> Exception | None:
+def _syntax_error(source: str, unfinished_ok: bool = False) -> Exception | None:
     """Why ``source`` does not parse (its first SyntaxError; a ValueError for NUL bytes, a RecursionError or
-    MemoryError for absurd nesting), else None. ``compile`` only parses: nothing in the text is executed."""
+    MemoryError for absurd nesting), else None. ``compile`` only parses: nothing in the text is executed.
+
+    ``unfinished_ok``: also None where CPython's parser says only that the input is unfinished (an open block,
+    bracket or string), through ``codeop``, the interactive prompt's test."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escape sequences etc. are not the model's grade
-            compile(source, "<completion>", "exec", dont_inherit=True)
+            if unfinished_ok:
+                codeop.compile_command(source, "<completion>", "exec")
+            else:
+                compile(source, "<completion>", "exec", dont_inherit=True)
         return None
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as e:
         return e
 
 
@@ -43,18 +49,6 @@ def syntax_score(source: str) -> float:
     return min(position / len(source), 0.999)
 
 
-def _python_so_far(source: str) -> bool:
-    """Whether ``source`` is Python as far as it goes: it parses, or CPython's parser says only that the input
-    is unfinished (an open block, bracket or string: ``codeop``, the interactive prompt's test)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            codeop.compile_command(source, "<completion>", "exec")
-        return True
-    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
-        return False
-
-
 def valid_python_lines(text: str, unfinished_ok: bool = False) -> tuple[int, int]:
     """(n, total): the most whole lines from the start of ``text`` that parse as Python, and its number of
     lines. A sample cut off by its token limit ends mid-statement, so this asks how far it is Python, not
@@ -66,9 +60,7 @@ def valid_python_lines(text: str, unfinished_ok: bool = False) -> tuple[int, int
     lines = text.splitlines(keepends=True)
     opener = "if 1:\n" if text.lstrip("\r\n")[:1] in (" ", "\t") else ""
     for n in range(len(lines), 0, -1):
-        source = opener + "".join(lines[:n])
-        ok = _python_so_far(source) if unfinished_ok else _syntax_error(source) is None
-        if ok:
+        if _syntax_error(opener + "".join(lines[:n]), unfinished_ok) is None:
             return n, len(lines)
     return 0, len(lines)
 
