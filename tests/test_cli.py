@@ -309,6 +309,7 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     # no flag: the 15-minute budget, which this small configuration fits whole, the last stage refitted too
     plan = json.loads((p / "plan.json").read_text())
     assert (plan["minutes"], plan["scale"], plan["multimodal_scale"]) == (15.0, 1.0, 1.0)
+    assert plan["vlm_step_now_s"] > 0  # timed again before the last stage was fitted
     assert summary["scale"] == summary["multimodal_scale"] == 1.0 and "## Shortened run" not in report
     stages = [summary[f"{name}_wall_s"] for name in ("pretrain", "rlhf", "multimodal")]
     assert all(t > 0 for t in stages) and sum(stages) <= summary["wall_s"]

@@ -129,6 +129,11 @@ def test_probe_times_both_models_without_moving_the_random_streams():
     before = torch.get_rng_state()
     lm, vlm = probe(cfg)
     assert lm > 0 and vlm > 0
+    assert probe(cfg, lm=False)[0] is None  # retiming the last stage's model alone
+    assert torch.equal(torch.get_rng_state(), before)
+    plan, said = Plan(0.1, 15.0, lm, vlm / 10), []
+    plan_mod.retime(cfg, plan, log=said.append)
+    assert plan.vlm_step_now_s > 0 and "slower now than when the run began" in said[0]
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -180,3 +185,10 @@ def test_the_multimodal_stage_is_fitted_to_the_time_left():
     said = []
     assert plan_mod.multimodal_scale(cfg, plan, 950.0, log=said.append) == MIN_SCALE
     assert "the run will overrun it" in said[0]
+    # timed again before the stage: slower now, so it trains less and stops earlier; faster, and the plan holds
+    slower = Plan(0.1, 15.0, 0.1, 0.2, vlm_step_now_s=0.25)
+    assert plan_mod.multimodal_scale(cfg, slower, 300.0, **quiet) < s
+    assert plan_mod.training_time_left(slower, 300.0) == pytest.approx(600 - 1.5 * fixed * 0.25)
+    faster = Plan(0.1, 15.0, 0.1, 0.2, vlm_step_now_s=0.15)
+    assert plan_mod.multimodal_scale(cfg, faster, 300.0, **quiet) == s
+    assert plan_mod.training_time_left(faster, 300.0) == plan_mod.training_time_left(plan, 300.0)

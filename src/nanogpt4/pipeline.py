@@ -24,6 +24,7 @@ from nanogpt4.plan import (
     Plan,
     multimodal_scale,
     pipeline_plan,
+    retime,
     save_plan,
     scaled,
     shortened_pretraining,
@@ -189,9 +190,12 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     rl = _rlhf_stage(cfg, out_dir / "pretrain", out_dir / "rlhf", log)
     deadline = None
     if plan.minutes is not None:
+        fitted = plan.multimodal_scale is not None  # a rerun keeps the scale a stopped multimodal stage began with
+        if not fitted:
+            retime(base, plan, log)
         # this command's time so far, or the stages' own times where an earlier command trained them
         spent = max(time.time() - t0, pre.get("wall_s", 0.0) + rl.get("wall_s", 0.0))
-        if plan.multimodal_scale is None:  # a rerun keeps the scale a stopped multimodal stage started with
+        if not fitted:
             plan.multimodal_scale = multimodal_scale(base, plan, spent, log)
             save_plan(plan, out_dir)
         cfg = OmegaConf.merge(cfg, {"multimodal": scaled(base, plan.multimodal_scale).multimodal})

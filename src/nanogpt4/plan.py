@@ -88,6 +88,7 @@ class Plan:
     vlm_step_s: float | None = None
     estimate_s: float | None = None
     multimodal_scale: float | None = None  # --minutes: refitted to the time left once RLHF is done
+    vlm_step_now_s: float | None = None  # --minutes: the vision-language step timed again then (``retime``)
 
     @property
     def vlm_scale(self) -> float:
@@ -175,9 +176,10 @@ def _time_steps(step, n: int = 5) -> float:
     return statistics.median(times)
 
 
-def probe(cfg: DictConfig) -> tuple[float, float]:
+def probe(cfg: DictConfig, lm: bool = True) -> tuple[float | None, float]:
     """Seconds per training step (forward, backward, AdamW) of the pipeline's language model at the pretraining
-    batch, and of its vision-language model at the multimodal batch, on random weights and data."""
+    batch (None with ``lm=False``), and of its vision-language model at the multimodal batch, on random weights
+    and data."""
     from nanogpt4.model.multimodal import MultimodalTransformer
     from nanogpt4.model.transformer import Transformer
 
@@ -210,10 +212,10 @@ def probe(cfg: DictConfig) -> tuple[float, float]:
 
             return _time_steps(step)
 
-        lm = timed(Transformer(cfg), cfg.training.batch_size, images=False)
+        lm_s = timed(Transformer(cfg), cfg.training.batch_size, images=False) if lm else None
         vlm_cfg = OmegaConf.merge(cfg, {"multimodal": {"image_token_id": 2}})
-        vlm = timed(MultimodalTransformer(vlm_cfg), mm.batch_size, images=True)
-    return lm, vlm
+        vlm_s = timed(MultimodalTransformer(vlm_cfg), mm.batch_size, images=True)
+    return lm_s, vlm_s
 
 
 def estimate_s(cfg: DictConfig, scale: float, lm_step_s: float, vlm_step_s: float) -> float:
@@ -251,12 +253,25 @@ def plan_for_minutes(cfg: DictConfig, minutes: float, log=print) -> Plan:
     return plan
 
 
+def retime(cfg: DictConfig, plan: Plan, log=print) -> None:
+    """Time the vision-language model's step again before the last stage is fitted (a few seconds): the first
+    probe is one moment of a shared VM's speed. A run whose probe read 0.49 s a step (0.59-0.63 s on that
+    machine's other runs) trained its last stage ~20% slower than planned and ended 3 s over its 900."""
+    _, now = probe(cfg, lm=False)
+    plan.vlm_step_now_s = now
+    if plan.vlm_step_s and now > plan.vlm_step_s * 1.05:
+        log(f"pipeline: this machine is slower now than when the run began (a multimodal training step takes "
+            f"{now:.2f} s, was {plan.vlm_step_s:.2f} s); the last stage is fitted to that")
+
+
 def _multimodal_costs_s(plan: Plan) -> tuple[float, float]:
-    """The multimodal stage's fixed seconds (its evaluation) and seconds per unit of training work, from the probe
-    of a budgeted plan."""
+    """The multimodal stage's fixed seconds (its evaluation) and seconds per unit of training work, from the
+    slower of a budgeted plan's two timings of its step (the probe and ``retime``'s): fitting to the faster
+    would count on the machine speeding back up."""
     assert plan.minutes is not None and plan.vlm_step_s, "only a --minutes plan has a budget to fit"
+    step = max(plan.vlm_step_s, plan.vlm_step_now_s or 0.0)
     _, fixed, variable = COSTS["multimodal"]
-    return fixed * plan.vlm_step_s, variable * plan.vlm_step_s
+    return fixed * step, variable * step
 
 
 def multimodal_scale(cfg: DictConfig, plan: Plan, spent_s: float, log=print) -> float:
