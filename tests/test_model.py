@@ -55,39 +55,55 @@ def test_incremental_logits_match_full_forward(variant):
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [None, "onednn", "transposed"])
+@pytest.mark.parametrize("layout", [None, "onednn", "blocked"])
 @pytest.mark.parametrize("variant", [*VARIANTS, "mup"])
 def test_decode_step_logits_match_full_forward(variant, layout):
     from nanogpt4.model.transformer import KVCache
 
     # the one-token step that eager and compiled decoding run (the blocks' math without their modules' calls),
-    # with the linear layers' weights as they are or laid out for decoding (oneDNN's blocks for 2 rows; (in, out)
-    # for one row of a small model, used here for two)
+    # with the linear layers' weights as they are or laid out for decoding (oneDNN's blocks for 2 rows; blocks of
+    # output columns for one fp32 row)
     m = make("gpt2", **{"parametrization": "mup", "mup_base_dim": 32}) if variant == "mup" else make(variant)
     with torch.no_grad():  # biases and norms start at 0 and 1: a step that dropped them must show
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    weights = m.packed_decode_weights(2 if layout == "onednn" else 1, 16) if layout else None
+    B = 1 if layout == "blocked" else 2
+    weights = m.packed_decode_weights(B, 16) if layout else None
     if layout and weights is None:
         pytest.skip("decoding layouts are used on x86 CPUs only (oneDNN's also needs oneDNN)")
     assert weights is None or weights.layout == layout
-    x = torch.randint(0, 101, (2, 16))
+    x = torch.randint(0, 101, (B, 16))
     full = m(x)
-    cache = KVCache.allocate(m.cfg, 2, 16, "cpu", torch.float32)
+    cache = KVCache.allocate(m.cfg, B, 16, "cpu", torch.float32)
     m(x[:, :9], kv_cache=cache)
     for i in range(9, 16):
-        logits = m.decode_step(x[:, i], torch.full((2,), i), None, cache, weights)
+        logits = m.decode_step(x[:, i], torch.full((B,), i), None, cache, weights)
         cache.length += 1
         torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
     # a key mask hides slots: row 0 may not see its first 4 tokens, as if they were padding
-    mask = torch.ones(2, 16, dtype=torch.long)
+    mask = torch.ones(B, 16, dtype=torch.long)
     mask[0, :4] = 0
-    cache = KVCache.allocate(m.cfg, 2, 16, "cpu", torch.float32)
+    cache = KVCache.allocate(m.cfg, B, 16, "cpu", torch.float32)
     m(x[:, :15], kv_cache=cache, attention_mask=mask[:, :15])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, 15]
     logits = m.decode_step(x[:, 15], positions, mask.bool(), cache, weights)
     torch.testing.assert_close(logits, m(x, attention_mask=mask)[:, 15], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[0], m(x[:1, 4:])[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_weights_pad_to_whole_blocks():
+    from nanogpt4.model.transformer import DECODE_BLOCK, DecodeWeights, blocked_bias, blocked_weight, decode_linear
+
+    # widths that are not a multiple of the block: the padding's columns are cut off, the real ones exact
+    for out in (1, DECODE_BLOCK - 1, DECODE_BLOCK, 3 * DECODE_BLOCK + 5):
+        layer = torch.nn.Linear(24, out)
+        x = torch.randn(1, 24)
+        packed = DecodeWeights("blocked", {layer: blocked_weight(layer.weight)}, {layer: blocked_bias(layer.bias)})
+        assert packed.weights[layer].shape == (-(-out // DECODE_BLOCK), 24, DECODE_BLOCK)
+        torch.testing.assert_close(decode_linear(layer, x, packed), layer(x), atol=1e-6, rtol=1e-6)
+        no_bias = torch.nn.Linear(24, out, bias=False)
+        packed = DecodeWeights("blocked", {no_bias: blocked_weight(no_bias.weight)})
+        torch.testing.assert_close(decode_linear(no_bias, x, packed), no_bias(x), atol=1e-6, rtol=1e-6)
 
 
 def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
@@ -105,13 +121,13 @@ def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
     n = PACK_MIN_NEW_TOKENS + 4
     runs = [(x, {}), (x, {"attention_mask": mask}), (x[1:2], {})]
     got = [m.generate(rows, n, temperature=0, **kw) for rows, kw in runs]
-    # every linear of the blocks and the head: for oneDNN (4 rows), or (in, out) for one row of a small model
-    assert [(w.layout, len(w.weights)) for w in made] == [("onednn", 4 * 2 + 1)] * 2 + [("transposed", 9)]
+    # every linear of the blocks and the head: for oneDNN (4 rows), or in blocks of output columns for one row
+    assert [(w.layout, len(w.weights)) for w in made] == [("onednn", 4 * 2 + 1)] * 2 + [("blocked", 9)]
     monkeypatch.setattr(Transformer, "packed_decode_weights", lambda self, *a: None)
     assert all(torch.equal(g, m.generate(rows, n, temperature=0, **kw))
                for g, (rows, kw) in zip(got, runs, strict=True))
-    # one row of a small model gets plain (in, out) copies; a short generation or another dtype nothing
-    assert pack(m, 1, 100).layout == "transposed" and pack(m, 4, PACK_MIN_NEW_TOKENS - 1) is None
+    # one row gets blocks; a short generation or another dtype nothing
+    assert pack(m, 1, 100).layout == "blocked" and pack(m, 4, PACK_MIN_NEW_TOKENS - 1) is None
     assert pack(m.to(torch.float16), 4, 100) is None
 
 

@@ -147,12 +147,32 @@ def sdpa(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=None):
 class DecodeWeights:
     """The linear layers' weights laid out once for eager decoding on CPU (``Transformer.packed_decode_weights``).
 
-    ``layout`` "onednn": reordered into oneDNN's blocked layout for a fixed number of rows; "transposed": (in, out)
-    and contiguous, which a one-row product reads straight through (nn.Linear's (out, in) weight, multiplied
-    transposed, is copied by the GEMM library on every call)."""
+    ``layout`` "onednn": reordered into oneDNN's blocked layout for a fixed number of rows; "blocked" (one fp32
+    row, ``blocked_weight``): (blocks, in, DECODE_BLOCK), one row's product a batch of small GEMMs that each
+    stream one contiguous block (a GEMV through oneDNN or BLAS read weights that no longer fit in cache at about
+    half the rate)."""
 
     layout: str
     weights: dict[nn.Linear, torch.Tensor]
+    biases: dict[nn.Linear, torch.Tensor] = field(default_factory=dict)  # "blocked": padded to whole blocks
+
+
+DECODE_BLOCK = 32  # output columns per block of the "blocked" layout
+
+
+def blocked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An (out, in) weight as (blocks, in, DECODE_BLOCK), out zero-padded to whole blocks: one row's product is
+    then a batch of small GEMMs, each streaming one contiguous block."""
+    out, inp = weight.shape
+    n = -(-out // DECODE_BLOCK)
+    padded = weight.new_zeros(n * DECODE_BLOCK, inp)
+    padded[:out] = weight
+    return padded.t().reshape(inp, n, DECODE_BLOCK).transpose(0, 1).contiguous()
+
+
+def blocked_bias(bias: torch.Tensor) -> torch.Tensor:
+    n = -(-bias.numel() // DECODE_BLOCK)
+    return F.pad(bias, (0, n * DECODE_BLOCK - bias.numel())).view(n, 1, DECODE_BLOCK)
 
 
 def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | None) -> torch.Tensor:
@@ -160,8 +180,11 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | Non
     if packed is None:
         return layer.forward(x)
     weight = packed.weights[layer]
-    if packed.layout == "transposed":
-        return x @ weight if layer.bias is None else torch.addmm(layer.bias, x, weight)
+    if packed.layout == "blocked":  # one row (1, in): the same row against every block, no copies
+        rows = x.expand(weight.size(0), 1, x.size(-1))
+        bias = packed.biases.get(layer)
+        y = torch.bmm(rows, weight) if bias is None else torch.baddbmm(bias, rows, weight)
+        return y.view(1, -1)[:, :layer.out_features]
     return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
 
 
@@ -289,10 +312,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # eager decoding through weights laid out for it (Transformer.packed_decode_weights): when each layout pays, measured
-# on 2 Zen 3 cores (fp32: one row of a model under PACK_MIN_BYTES_BATCH_1 of weights transposed, else oneDNN's) and
-# 2 Zen 4 cores (bf16: oneDNN's, on CPUs where oneDNN takes bf16)
+# on 2 Zen 3 cores (fp32, several rows: oneDNN's) and 2 Zen 4 cores (fp32, one row: blocked; bf16: oneDNN's, on
+# CPUs where oneDNN takes bf16)
 PACK_MIN_NEW_TOKENS = 16
-PACK_MIN_BYTES_BATCH_1 = 16 * 2**20
 PACK_MAX_BYTES = 2 * 2**30
 
 
@@ -478,9 +500,11 @@ class Transformer(nn.Module):
         rows that repacking costs as much as the multiply. Medians of paired runs on 2 Zen 3 cores: weights
         reordered for oneDNN decode batch 8 1.19x faster at 4x192 and 1.98x at 12x768, batch 32 1.13x, batch 1
         1.16x at 6x384 and 1.44x at 12x768, but batch 1 of a 4x192 model, whose weights (10 MB) stay in cache,
-        10% slower; there plain (in, out) copies decode it 1.2-1.7x faster (bf16: 3.5x slower, not used). A
-        layout costs ~1 ms per MB of weights, so short generations are left alone, and so are models over 2 GiB
-        of linear weights (the copy lives as long as the ``generate`` call).
+        10% slower. One fp32 row gets ``blocked_weight``'s layout instead, at every size: on 2 Zen 4 cores one
+        decode step at 4x192 / 6x384 / 12x768 took 682 / 2,395 / 14,073 µs against 1,035 / 3,778 / 17,432 through
+        oneDNN's layout and 738 / 4,593 / 23,579 through (in, out) copies (the layout before it; bf16 blocks are
+        3x slower than oneDNN, not used). A layout costs ~1 ms per MB of weights, so short generations are left
+        alone, and so are models over 2 GiB of linear weights (the copy lives as long as the ``generate`` call).
 
         bf16 weights get oneDNN's layout at every batch size on CPUs where oneDNN takes bf16 (AVX-512; not
         AVX2-only CPUs, where torch computes bf16 without it, and get nothing): on 2 Zen 4 cores (AVX512-BF16), same
@@ -493,8 +517,9 @@ class Transformer(nn.Module):
         size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         if size > PACK_MAX_BYTES:
             return None
-        if weight.dtype == torch.float32 and batch < 2 and size < PACK_MIN_BYTES_BATCH_1:
-            return DecodeWeights("transposed", {m: m.weight.detach().t().contiguous() for m in linears})
+        if weight.dtype == torch.float32 and batch == 1:
+            return DecodeWeights("blocked", {m: blocked_weight(m.weight.detach()) for m in linears},
+                                 {m: blocked_bias(m.bias.detach()) for m in linears if m.bias is not None})
         if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
             return None
         if weight.dtype == torch.bfloat16 and not onednn_takes_bf16():
