@@ -503,7 +503,7 @@ class Transformer(nn.Module):
         10% slower. One fp32 row gets ``blocked_weight``'s layout instead, at every size: on 2 Zen 4 cores one
         decode step at 4x192 / 6x384 / 12x768 took 682 / 2,395 / 14,073 µs against 1,035 / 3,778 / 17,432 through
         oneDNN's layout and 738 / 4,593 / 23,579 through (in, out) copies (the layout before it; bf16 blocks are
-        3x slower than oneDNN, not used). A layout costs ~1 ms per MB of weights, so short generations are left
+        2-3x slower than oneDNN, not used). A layout costs ~1 ms per MB of weights, so short generations are left
         alone, and so are models over 2 GiB of linear weights (the copy lives as long as the ``generate`` call).
 
         bf16 weights get oneDNN's layout at every batch size on CPUs where oneDNN takes bf16 (AVX-512; not
