@@ -88,3 +88,28 @@ def test_shutdown_leaves_no_communication_threads():
                           str(worker)], capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert res.stdout.count("threads left []") == 2, res.stdout
+
+
+def test_a_rank_whose_group_outlived_shutdown_leaves_without_finalizing(monkeypatch, capsys):
+    """FSDP2 leaves its process group referenced from torch's caches, so its gloo threads outlive
+    shutdown_distributed, and interpreter finalization with them alive aborted a rank after its work was done:
+    such a rank ends through os._exit, with the command's exit code and its output flushed."""
+    from nanogpt4.train import distributed
+
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    monkeypatch.setattr(distributed, "comm_threads", lambda: ["pt_gloo_runloop"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    distributed.leave_rank(0)
+    distributed.leave_rank(2)
+    assert exits == [0, 2]
+    monkeypatch.setattr(distributed, "comm_threads", lambda: [])  # the group was freed: a normal exit
+    distributed.leave_rank(0)
+    monkeypatch.setattr(distributed, "comm_threads", lambda: ["pt_gloo_runloop"])
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing to leave
+    distributed.leave_rank(0)
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.leave_rank(0)
+    assert exits == [0, 2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,8 +83,9 @@ def cmd_pretrain(args) -> int:
         if isinstance(e, OSError):
             e = DiskFull(f"the disk is full ({e})")
         raise _with_hint(e, hint) from None
-    print(f"pretrain: val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}, "
-          f"{summary['tok_per_s']:,.0f} tok/s, run in {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the summary; rank 0 says it
+        print(f"pretrain: val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}, "
+              f"{summary['tok_per_s']:,.0f} tok/s, run in {out}")
     return _finish(args, summary)
 
 
@@ -529,7 +531,15 @@ def _flag_hint(extra: list[str], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_cli(argv)
+    code = _run(parse_cli(argv))
+    if "RANK" in os.environ:  # launched by torchrun: a rank whose process group could not be freed ends here
+        from nanogpt4.train.distributed import leave_rank
+
+        leave_rank(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     from nanogpt4.utils import keep_freed_memory_for_reuse
 
     keep_freed_memory_for_reuse()

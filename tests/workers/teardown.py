@@ -2,28 +2,12 @@
 Exits 3 if communication threads outlive shutdown_distributed (they then die with the interpreter, which can
 abort a rank at exit)."""
 
-import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nanogpt4.train.distributed import init_distributed, shutdown_distributed
-
-
-def comm_threads() -> list[str]:
-    """Names of this process's communication threads (gloo's, c10d's) still alive (Linux's /proc)."""
-    names = []
-    for task in Path("/proc/self/task").iterdir():
-        if task.name == str(os.getpid()):  # the main thread (which torch 2.4 names pt_main_thread)
-            continue
-        try:
-            names.append((task / "comm").read_text().strip())
-        except OSError:  # the thread ended while we looked
-            continue
-    return [n for n in names if "gloo" in n or n.startswith("pt_")]
-
+from nanogpt4.train.distributed import comm_threads, init_distributed, shutdown_distributed
 
 info, _ = init_distributed(torch.device("cpu"))
 from nanogpt4.model.transformer import Transformer  # noqa: E402,F401  (after init, as the CLI's lazy imports)
