@@ -81,7 +81,7 @@ def leave_rank(code: int) -> None:
     its process group outlived ``shutdown_distributed``. FSDP2's DTensors leave the group referenced from torch's
     caches, so destroy_process_group cannot free it (the DDP group is freed), and its gloo threads met the
     interpreter's finalization: a rank aborted after its work was done ("terminate called without an active
-    exception", 1 of 27 FSDP test runs). Output is flushed first; the run's files were closed (and atomically
+    exception", 1 of 33 FSDP test runs). Output is flushed first; the run's files were closed (and atomically
     renamed) before. Returns, to exit normally, in a single process or when no such thread is left."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not comm_threads():
         return
