@@ -387,7 +387,7 @@ MM_SMALL = ["multimodal.image_size=16", "multimodal.patch_size=8", "multimodal.e
 
 
 @pytest.mark.slow
-def test_multimodal_command_from_a_pretrained_run(prepared, tmp_path, capsys):
+def test_multimodal_command_from_a_pretrained_run(prepared, tmp_path, capsys, monkeypatch):
     """`nanogpt4 multimodal --pretrained RUN`: align (LM frozen) then tune, evaluation, report and summary."""
     from nanogpt4.cli import main
     from nanogpt4.train.checkpoint import latest_checkpoint
@@ -417,6 +417,17 @@ def test_multimodal_command_from_a_pretrained_run(prepared, tmp_path, capsys):
     assert not torch.equal(tuned["lm.token_embed.weight"], pre["token_embed.weight"])
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert {"question", "answer", "model", "blank_image"} <= rows[0].keys()
+    # under a deadline, the tune stage's stop is predicted from the align stage's timed probe evaluation
+    import time
+
+    from nanogpt4.train import multimodal
+
+    seen = []
+    monkeypatch.setattr(multimodal, "predicted_evaluation_s", lambda probe_s, *a: seen.append(list(probe_s)) or 0.0)
+    cfg = load_config("tiny", [*MM_SMALL, "device=cpu"])
+    multimodal.run_multimodal(cfg, tmp_path / "pre", tmp_path / "mm2", log=lambda _m: None, progress=False,
+                              deadline=time.time() + 600, evaluation_s=5.0)
+    assert len(seen) == 2 and seen[0] == [] and len(seen[1]) >= 1 and all(t > 0 for t in seen[1])
 
     # `nanogpt4 ask`: a user's image file through the trained model, the same greedy answer as the API gives
     from PIL import Image
@@ -491,6 +502,27 @@ def test_a_deadline_stops_training_and_keeps_the_evaluation(tmp_path):
     assert any("stopped at step 1 of 6: the time budget is spent" in line for line in said)
     assert summary["scenes_accuracy"] is not None and summary["examples_eval"] > 0
     assert (tmp_path / "mm" / "summary.json").exists()
+
+
+def test_training_stops_before_the_deadline_by_the_evaluations_time(tmp_path):
+    """The deadline is the stage's end, its evaluation included: with the evaluation predicted to take longer
+    than the time left, training stops at once; with none predicted, the same deadline lets every step run."""
+    import time
+
+    from nanogpt4.train.multimodal import predicted_evaluation_s, run_multimodal
+
+    cfg = small_cfg(**dict(o.split("=") for o in MM_SMALL), **{"multimodal.data": "scenes", "model.vocab_size": 512,
+                                                           "model.max_seq_len": 64})
+    said = []
+    run = run_multimodal(cfg, None, tmp_path / "slow", log=said.append, progress=False,
+                         deadline=time.time() + 600, evaluation_s=1e6)
+    assert run["tune_steps"] == 1 and any("the time budget is spent" in line for line in said)
+    run = run_multimodal(cfg, None, tmp_path / "fast", log=lambda _m: None, progress=False,
+                         deadline=time.time() + 600, evaluation_s=0.0)
+    assert run["tune_steps"] == 6
+    # once the stage has timed a probe evaluation, its rate predicts the held-out one (every question twice)
+    assert predicted_evaluation_s([], 256, 2350, 11.6) == 11.6
+    assert predicted_evaluation_s([1.5, 1.2], 256, 2350, 11.6) == pytest.approx(1.2 * 2 * 2350 / 256)
 
 
 def test_stage_probe_evaluations_are_at_most_four_and_not_more_often_than_every_25_steps():

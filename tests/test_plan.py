@@ -176,8 +176,8 @@ def test_the_multimodal_stage_is_fitted_to_the_time_left():
 
     s = plan_mod.multimodal_scale(cfg, plan, 300.0, **quiet)
     assert 300 + cost(s) <= 900 * plan_mod.LAST_STAGE_SHARE < 300 + cost(s + 0.001)
-    # the hard stop behind the refit leaves a stage that trains as estimated alone, and its evaluation time
-    assert s * variable * 0.2 < plan_mod.training_time_left(plan, 300.0) < 600 - fixed * 0.2
+    # the hard stop behind the refit keeps half again the evaluation's estimate (until the stage times its own)
+    assert plan_mod.evaluation_reserve_s(plan) == pytest.approx(1.5 * fixed * 0.2)
     # the earlier stages ran slower than planned: the last stage trains less
     late = plan_mod.multimodal_scale(cfg, plan, 400.0, **quiet)
     assert late < s and 400 + cost(late) <= 900 * plan_mod.LAST_STAGE_SHARE
@@ -188,7 +188,7 @@ def test_the_multimodal_stage_is_fitted_to_the_time_left():
     # timed again before the stage: slower now, so it trains less and stops earlier; faster, and the plan holds
     slower = Plan(0.1, 15.0, 0.1, 0.2, vlm_step_now_s=0.25)
     assert plan_mod.multimodal_scale(cfg, slower, 300.0, **quiet) < s
-    assert plan_mod.training_time_left(slower, 300.0) == pytest.approx(600 - 1.5 * fixed * 0.25)
+    assert plan_mod.evaluation_reserve_s(slower) == pytest.approx(1.5 * fixed * 0.25)
     faster = Plan(0.1, 15.0, 0.1, 0.2, vlm_step_now_s=0.15)
     assert plan_mod.multimodal_scale(cfg, faster, 300.0, **quiet) == s
-    assert plan_mod.training_time_left(faster, 300.0) == plan_mod.training_time_left(plan, 300.0)
+    assert plan_mod.evaluation_reserve_s(faster) == plan_mod.evaluation_reserve_s(plan)

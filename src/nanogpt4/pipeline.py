@@ -22,6 +22,7 @@ from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
 from nanogpt4.plan import (
     Plan,
+    evaluation_reserve_s,
     multimodal_scale,
     pipeline_plan,
     retime,
@@ -29,7 +30,6 @@ from nanogpt4.plan import (
     scaled,
     shortened_pretraining,
     stage_scale,
-    training_time_left,
 )
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.rlhf.judges import valid_python_lines
@@ -108,11 +108,13 @@ def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
     return _finished_or_fresh("rlhf", run_dir, cfg, log) or run_rlhf(cfg, pretrained, run_dir, log=log)
 
 
-def _multimodal_stage(cfg, pretrained: Path, run_dir: Path, progress: bool, log, deadline: float | None) -> dict:
+def _multimodal_stage(cfg, pretrained: Path, run_dir: Path, progress: bool, log, deadline: float | None,
+                      evaluation_s: float) -> dict:
     from nanogpt4.train.multimodal import run_multimodal
 
     return (_finished_or_fresh("multimodal", run_dir, cfg, log)
-            or run_multimodal(cfg, pretrained, run_dir, log=log, progress=progress, deadline=deadline))
+            or run_multimodal(cfg, pretrained, run_dir, log=log, progress=progress, deadline=deadline,
+                              evaluation_s=evaluation_s))
 
 
 def _ci_line(rl: dict) -> str:
@@ -188,7 +190,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     pre = _pretrain_stage(pre_cfg, out_dir / "pretrain", progress, log)
     samples = _samples(out_dir / "pretrain")
     rl = _rlhf_stage(cfg, out_dir / "pretrain", out_dir / "rlhf", log)
-    deadline = None
+    deadline, evaluation_s = None, 0.0
     if plan.minutes is not None:
         fitted = plan.multimodal_scale is not None  # a rerun keeps the scale a stopped multimodal stage began with
         if not fitted:
@@ -199,8 +201,9 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
             plan.multimodal_scale = multimodal_scale(base, plan, spent, log)
             save_plan(plan, out_dir)
         cfg = OmegaConf.merge(cfg, {"multimodal": scaled(base, plan.multimodal_scale).multimodal})
-        deadline = time.time() + training_time_left(plan, spent)
-    mm = _multimodal_stage(cfg, out_dir / "pretrain", out_dir / "multimodal", progress, log, deadline)
+        deadline = time.time() + plan.minutes * 60 - spent  # the stage ends there, its evaluation included
+        evaluation_s = evaluation_reserve_s(plan)
+    mm = _multimodal_stage(cfg, out_dir / "pretrain", out_dir / "multimodal", progress, log, deadline, evaluation_s)
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     if (out_dir / "pretrain" / "plots" / "loss.png").exists():
