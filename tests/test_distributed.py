@@ -90,7 +90,7 @@ def test_shutdown_leaves_no_communication_threads():
     assert res.stdout.count("threads left []") == 2, res.stdout
 
 
-def test_a_rank_whose_group_outlived_shutdown_leaves_without_finalizing(monkeypatch, capsys):
+def test_a_rank_whose_group_outlived_shutdown_leaves_without_finalizing(monkeypatch):
     """FSDP2 leaves its process group referenced from torch's caches, so its gloo threads outlive
     shutdown_distributed, and interpreter finalization with them alive aborted a rank after its work was done:
     such a rank ends through os._exit, with the command's exit code and its output flushed."""

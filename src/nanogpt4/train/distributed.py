@@ -30,9 +30,14 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several ranks that torchrun started."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched_by_torchrun():
         return DistInfo(), device
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
@@ -83,7 +88,7 @@ def leave_rank(code: int) -> None:
     interpreter's finalization: a rank aborted after its work was done ("terminate called without an active
     exception", 1 of 33 FSDP test runs). Output is flushed first; the run's files were closed (and atomically
     renamed) before. Returns, to exit normally, in a single process or when no such thread is left."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not comm_threads():
+    if not launched_by_torchrun() or not comm_threads():
         return
     sys.stdout.flush()
     sys.stderr.flush()
