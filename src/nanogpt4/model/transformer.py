@@ -160,19 +160,20 @@ class DecodeWeights:
 DECODE_BLOCK = 32  # output columns per block of the "blocked" layout
 
 
+def _block_padding(n: int) -> int:
+    """Zeros that take ``n`` output columns to whole blocks."""
+    return -n % DECODE_BLOCK
+
+
 def blocked_weight(weight: torch.Tensor) -> torch.Tensor:
     """An (out, in) weight as (blocks, in, DECODE_BLOCK), out zero-padded to whole blocks: one row's product is
     then a batch of small GEMMs, each streaming one contiguous block."""
-    out, inp = weight.shape
-    n = -(-out // DECODE_BLOCK)
-    padded = weight.new_zeros(n * DECODE_BLOCK, inp)
-    padded[:out] = weight
-    return padded.t().reshape(inp, n, DECODE_BLOCK).transpose(0, 1).contiguous()
+    padded = F.pad(weight, (0, 0, 0, _block_padding(weight.size(0))))
+    return padded.t().reshape(weight.size(1), -1, DECODE_BLOCK).transpose(0, 1).contiguous()
 
 
 def blocked_bias(bias: torch.Tensor) -> torch.Tensor:
-    n = -(-bias.numel() // DECODE_BLOCK)
-    return F.pad(bias, (0, n * DECODE_BLOCK - bias.numel())).view(n, 1, DECODE_BLOCK)
+    return F.pad(bias, (0, _block_padding(bias.numel()))).view(-1, 1, DECODE_BLOCK)
 
 
 def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | None) -> torch.Tensor:
