@@ -106,6 +106,29 @@ def test_blocked_weights_pad_to_whole_blocks():
         torch.testing.assert_close(decode_linear(no_bias, x, packed), no_bias(x), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("layout", [None, "onednn", "blocked"])
+def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
+    from nanogpt4.model.transformer import DecodeWeights, blocked_bias, blocked_weight, decode_linear
+
+    # oneDNN's layout applies them inside the GEMM (post-ops), the others after it: the same values either way
+    if layout == "onednn" and not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        pytest.skip("oneDNN's layout needs torch's oneDNN")
+    torch.manual_seed(0)
+    layer, rows = torch.nn.Linear(24, 40), 1 if layout == "blocked" else 3
+    x, residual = torch.randn(rows, 24), torch.randn(rows, 40)
+    weight = layer.weight.detach()
+    packed = None
+    if layout == "onednn":
+        packed = DecodeWeights("onednn", {layer: torch.ops.mkldnn._reorder_linear_weight(weight, rows)})
+    elif layout == "blocked":
+        packed = DecodeWeights("blocked", {layer: blocked_weight(weight)}, {layer: blocked_bias(layer.bias.detach())})
+    with torch.no_grad():
+        torch.testing.assert_close(decode_linear(layer, x, packed), layer(x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(decode_linear(layer, x, packed, gelu=True), F.gelu(layer(x)), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(decode_linear(layer, x, packed, residual=residual), residual + layer(x),
+                                   atol=1e-6, rtol=1e-6)
+
+
 def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
     from nanogpt4.model.transformer import PACK_MIN_NEW_TOKENS, Transformer
 

@@ -176,17 +176,28 @@ def blocked_bias(bias: torch.Tensor) -> torch.Tensor:
     return F.pad(bias, (0, _block_padding(bias.numel()))).view(-1, 1, DECODE_BLOCK)
 
 
-def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | None) -> torch.Tensor:
-    """``layer(x)`` while decoding, through the weight's decoding layout when ``packed`` holds one."""
+def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | None, gelu: bool = False,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(x)`` while decoding, then exact GELU (``gelu``) or ``residual +``, through the weight's decoding
+    layout when ``packed`` holds one. oneDNN's layout applies either inside the GEMM, on its fp32 accumulator
+    (one rounding, not two, in bf16), which decoded 2-6% faster than separate ops in paired runs on 2 Zen 4 cores
+    (bf16 batch 8: 1.02x at 6x384, 1.03x at 4x192; batch 1 at 6x384 1.06x; fp32 batch 8 at 4x192 1.05x)."""
+    if packed is not None and packed.layout == "onednn":
+        weight = packed.weights[layer]
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "gelu" if gelu else "none", [], "none")
     if packed is None:
-        return layer.forward(x)
-    weight = packed.weights[layer]
-    if packed.layout == "blocked":  # one row (1, in): the same row against every block, no copies
+        y = layer.forward(x)
+    else:  # "blocked": one row (1, in), the same row against every block, no copies
+        weight = packed.weights[layer]
         rows = x.expand(weight.size(0), 1, x.size(-1))
         bias = packed.biases.get(layer)
         y = torch.bmm(rows, weight) if bias is None else torch.baddbmm(bias, rows, weight)
-        return y.view(1, -1)[:, :layer.out_features]
-    return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
+        y = y.view(1, -1)[:, :layer.out_features]
+    if gelu:
+        y = F.gelu(y)
+    return y if residual is None else residual + y
 
 
 class MultiHeadAttention(nn.Module):
@@ -225,9 +236,11 @@ class MultiHeadAttention(nn.Module):
             y = sdpa(q, k, v, mask, is_causal and mask is None, dropout, self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def decode(self, x: torch.Tensor, cache: KVCache, rope, mask, packed: DecodeWeights | None = None) -> torch.Tensor:
-        """``forward`` for one new token per row, x: (B, C) -> (B, C). Its key and value go into ``cache``; it
-        attends to the cache's filled slots (in static mode to all of them, ``mask`` hiding the unfilled)."""
+    def decode(self, x: torch.Tensor, cache: KVCache, rope, mask, packed: DecodeWeights | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` for one new token per row, x: (B, C) -> (B, C), plus ``residual`` when given. Its key and
+        value go into ``cache``; it attends to the cache's filled slots (in static mode to all of them, ``mask``
+        hiding the unfilled)."""
         B = x.size(0)
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = decode_linear(self.qkv, x, packed).split(self.qkv_sizes, dim=-1)
@@ -242,7 +255,7 @@ class MultiHeadAttention(nn.Module):
             y = sdpa(q.to(k.dtype), k, v, mask, scale=self.scale).to(q.dtype)
         else:
             y = sdpa(q, k, v, mask, scale=self.scale)
-        return decode_linear(self.proj, y.reshape(B, H * D), packed)
+        return decode_linear(self.proj, y.reshape(B, H * D), packed, residual=residual)
 
 
 class FeedForward(nn.Module):
@@ -288,9 +301,11 @@ class Block(nn.Module):
         """``forward`` for one new token per row (eval mode), x: (B, C). The submodules' ``forward`` is called
         directly: at decoding's batch sizes ``nn.Module.__call__``'s bookkeeping costs as much as the matmuls
         (so hooks would not run: ``generate`` decodes a hooked model through ``forward``)."""
-        x = x + self.attn.decode(self.ln1.forward(x), cache, rope, mask, packed)
-        h = self.ff.activation(decode_linear(self.ff.fc, self.ln2.forward(x), packed))
-        return x + decode_linear(self.ff.proj, h, packed)
+        x = self.attn.decode(self.ln1.forward(x), cache, rope, mask, packed, residual=x)
+        h = decode_linear(self.ff.fc, self.ln2.forward(x), packed, gelu=not self.ff.swiglu)
+        if self.ff.swiglu:
+            h = self.ff.activation(h)
+        return decode_linear(self.ff.proj, h, packed, residual=x)
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, q_len: int, past: int) -> torch.Tensor:
