@@ -19,8 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_model_args, model_config, print_table, save_result, time_it  # noqa: E402
 
+from nanogpt4.model.decoding import decode_compile_settings  # noqa: E402
 from nanogpt4.model.hf_export import to_hf  # noqa: E402
-from nanogpt4.model.transformer import Transformer, decode_compile_settings  # noqa: E402
+from nanogpt4.model.transformer import Transformer  # noqa: E402
 
 
 def main() -> None:

@@ -92,7 +92,7 @@ def test_decode_step_logits_match_full_forward(variant, layout):
 
 
 def test_blocked_weights_pad_to_whole_blocks():
-    from nanogpt4.model.transformer import DECODE_BLOCK, DecodeWeights, blocked_bias, blocked_weight, decode_linear
+    from nanogpt4.model.decoding import DECODE_BLOCK, DecodeWeights, blocked_bias, blocked_weight, decode_linear
 
     # widths that are not a multiple of the block: the padding's columns are cut off, the real ones exact
     for out in (1, DECODE_BLOCK - 1, DECODE_BLOCK, 3 * DECODE_BLOCK + 5):
@@ -108,7 +108,7 @@ def test_blocked_weights_pad_to_whole_blocks():
 
 @pytest.mark.parametrize("layout", [None, "onednn", "blocked"])
 def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
-    from nanogpt4.model.transformer import DecodeWeights, blocked_bias, blocked_weight, decode_linear
+    from nanogpt4.model.decoding import DecodeWeights, blocked_bias, blocked_weight, decode_linear
 
     # oneDNN's layout applies them inside the GEMM (post-ops), the others after it: the same values either way
     if layout == "onednn" and not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
@@ -130,7 +130,7 @@ def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
 
 
 def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
-    from nanogpt4.model.transformer import PACK_MIN_NEW_TOKENS, Transformer
+    from nanogpt4.model.decoding import PACK_MIN_NEW_TOKENS
 
     m = make()
     if m.packed_decode_weights(4, PACK_MIN_NEW_TOKENS) is None:
@@ -156,7 +156,8 @@ def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_bf16_decodes_through_onednn_where_onednn_takes_bf16(variant, monkeypatch):
-    from nanogpt4.model.transformer import PACK_MIN_NEW_TOKENS, KVCache, Transformer, onednn_takes_bf16
+    from nanogpt4.model.decoding import PACK_MIN_NEW_TOKENS, onednn_takes_bf16
+    from nanogpt4.model.transformer import KVCache
 
     m = make(variant)
     if m.packed_decode_weights(3, PACK_MIN_NEW_TOKENS) is None:
@@ -190,7 +191,8 @@ def test_bf16_decodes_through_onednn_where_onednn_takes_bf16(variant, monkeypatc
 
 
 def test_bf16_decodes_on_cpu_through_an_fp32_cache(monkeypatch):
-    from nanogpt4.model.transformer import KVCache, eager_cache_dtype
+    from nanogpt4.model.decoding import eager_cache_dtype
+    from nanogpt4.model.transformer import KVCache
 
     m = make("gqa")
     with torch.no_grad():
@@ -430,24 +432,24 @@ def test_kv_cache_starts_zeroed():
 
 
 def test_compiled_bf16_decoding_of_many_rows_uses_onednn_where_the_cpu_has_bf16(monkeypatch):
-    import nanogpt4.model.transformer as transformer
+    import nanogpt4.model.decoding as decoding
 
-    shipped = transformer.DECODE_COMPILE_OPTIONS
-    monkeypatch.setattr(transformer, "cpu_has_bf16_instructions", lambda: True)
-    onednn = transformer.decode_compile_options(torch.bfloat16, 8)
+    shipped = decoding.DECODE_COMPILE_OPTIONS
+    monkeypatch.setattr(decoding, "cpu_has_bf16_instructions", lambda: True)
+    onednn = decoding.decode_compile_options(torch.bfloat16, 8)
     assert onednn == {**shipped, "max_autotune": False}  # frozen weights, prepacked for oneDNN's linears
-    assert transformer.decode_compile_options(torch.bfloat16, 32) == onednn
+    assert decoding.decode_compile_options(torch.bfloat16, 32) == onednn
     # fewer rows, fp32, or a CPU that widens bf16 to fp32: the shipped options (C++ GEMM templates)
-    assert transformer.decode_compile_options(torch.bfloat16, 6) == shipped
-    assert transformer.decode_compile_options(torch.float32, 8) == shipped
-    monkeypatch.setattr(transformer, "cpu_has_bf16_instructions", lambda: False)
-    assert transformer.decode_compile_options(torch.bfloat16, 8) == shipped
+    assert decoding.decode_compile_options(torch.bfloat16, 6) == shipped
+    assert decoding.decode_compile_options(torch.float32, 8) == shipped
+    monkeypatch.setattr(decoding, "cpu_has_bf16_instructions", lambda: False)
+    assert decoding.decode_compile_options(torch.bfloat16, 8) == shipped
     # generate patches inductor's config with its own dtype and batch while it runs
     import torch._inductor.config as inductor_config
 
     seen = []
-    monkeypatch.setattr(transformer, "cpu_has_bf16_instructions", lambda: True)
-    monkeypatch.setattr(transformer.Transformer, "_generate",
+    monkeypatch.setattr(decoding, "cpu_has_bf16_instructions", lambda: True)
+    monkeypatch.setattr(Transformer, "_generate",
                         lambda self, *a: seen.append(inductor_config.max_autotune) or a[0])
     m = make().to(torch.bfloat16)
     m.generate(torch.zeros(8, 3, dtype=torch.long), 4, compile=True)
@@ -472,11 +474,11 @@ def test_compiled_decoding_under_the_shipped_inductor_options():
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("variant", ["gpt2", "gqa"])
 def test_compiled_decoding_equals_eager_and_follows_weight_updates(variant, monkeypatch):
-    import nanogpt4.model.transformer as transformer
+    import nanogpt4.model.decoding as decoding
 
     # freezing alone already prepacks the weights (what can go stale) at this width; max-autotune would add
     # ~20 s of kernel benchmarking per compile
-    monkeypatch.setattr(transformer, "DECODE_COMPILE_OPTIONS", {"freezing": True})
+    monkeypatch.setattr(decoding, "DECODE_COMPILE_OPTIONS", {"freezing": True})
     m = make(variant, dim=128)
     x = torch.randint(0, 101, (3, 6))
     mask = torch.ones_like(x)

@@ -1,0 +1,176 @@
+"""Fast paths for decoding one token per row: the weights laid out for eager decoding on CPU, and the
+inductor settings for compiled decoding. ``Transformer.decode_step`` runs the model's math; this module decides
+how its matmuls run, from timings on 2-core x86 VMs (the numbers in the comments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DecodeWeights:
+    """The linear layers' weights laid out once for eager decoding on CPU (``Transformer.packed_decode_weights``).
+
+    ``layout`` "onednn": reordered into oneDNN's blocked layout for a fixed number of rows; "blocked" (one fp32
+    row, ``blocked_weight``): (blocks, in, DECODE_BLOCK), one row's product a batch of small GEMMs that each
+    stream one contiguous block (a GEMV through oneDNN or BLAS read weights that no longer fit in cache at about
+    half the rate)."""
+
+    layout: str
+    weights: dict[nn.Linear, torch.Tensor]
+    biases: dict[nn.Linear, torch.Tensor] = field(default_factory=dict)  # "blocked": padded to whole blocks
+
+
+DECODE_BLOCK = 32  # output columns per block of the "blocked" layout
+
+
+def _block_padding(n: int) -> int:
+    """Zeros that take ``n`` output columns to whole blocks."""
+    return -n % DECODE_BLOCK
+
+
+def blocked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An (out, in) weight as (blocks, in, DECODE_BLOCK), out zero-padded to whole blocks: one row's product is
+    then a batch of small GEMMs, each streaming one contiguous block."""
+    padded = F.pad(weight, (0, 0, 0, _block_padding(weight.size(0))))
+    return padded.t().reshape(weight.size(1), -1, DECODE_BLOCK).transpose(0, 1).contiguous()
+
+
+def blocked_bias(bias: torch.Tensor) -> torch.Tensor:
+    return F.pad(bias, (0, _block_padding(bias.numel()))).view(-1, 1, DECODE_BLOCK)
+
+
+def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | None, gelu: bool = False,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(x)`` while decoding, then exact GELU (``gelu``) or ``residual +``, through the weight's decoding
+    layout when ``packed`` holds one. oneDNN's layout applies either inside the GEMM, on its fp32 accumulator
+    (one rounding, not two, in bf16), which decoded 2-6% faster than separate ops in paired runs on 2 Zen 4 cores
+    (bf16 batch 8: 1.02x at 6x384, 1.03x at 4x192; batch 1 at 6x384 1.06x; fp32 batch 8 at 4x192 1.05x)."""
+    if packed is not None and packed.layout == "onednn":
+        weight = packed.weights[layer]
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "gelu" if gelu else "none", [], "none")
+    if packed is None:
+        y = layer.forward(x)
+    else:  # "blocked": one row (1, in), the same row against every block, no copies
+        weight = packed.weights[layer]
+        rows = x.expand(weight.size(0), 1, x.size(-1))
+        bias = packed.biases.get(layer)
+        y = torch.bmm(rows, weight) if bias is None else torch.baddbmm(bias, rows, weight)
+        y = y.view(1, -1)[:, :layer.out_features]
+    if gelu:
+        y = F.gelu(y)
+    return y if residual is None else residual + y
+
+
+# eager decoding through weights laid out for it (Transformer.packed_decode_weights): when each layout pays, measured
+# on 2 Zen 3 cores (fp32, several rows: oneDNN's) and 2 Zen 4 cores (fp32, one row: blocked; bf16: oneDNN's, on
+# CPUs where oneDNN takes bf16)
+PACK_MIN_NEW_TOKENS = 16
+PACK_MAX_BYTES = 2 * 2**30
+
+
+def eager_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype for eager decoding: the model's, except bf16 on CPU, whose keys and values are held in
+    fp32. There PyTorch's fused attention kernel takes one bf16 query ~4x as long as an fp32 one (batch 8, 6
+    heads, 100 keys, Zen 4 with AVX512-BF16: 138 vs 34 µs); bf16 widens to fp32 exactly, so the cache holds the
+    same values and attention gets fp32 math, for twice the cache's memory."""
+    return torch.float32 if dtype == torch.bfloat16 and torch.device(device).type == "cpu" else dtype
+
+
+def onednn_takes_bf16() -> bool:
+    """Whether torch's oneDNN takes bf16 matmuls on this CPU (AVX-512 x86 CPUs, Arm CPUs with bf16)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
+
+
+# compiled decoding on CPU: weights folded in as constants (prepacked), GEMMs from inductor's C++ templates.
+# Before torch 2.8 max_autotune's C++ GEMM templates fail to build (g++ errors on 2.4.1, 2.5.1, 2.6.0 and 2.7.1;
+# 2.8.0, 2.9.1, 2.11, 2.13 and 2.15 build them): those decode through frozen weights alone.
+DECODE_COMPILE_OPTIONS: dict = {"freezing": True, "max_autotune": torch.__version__ >= (2, 8)}
+# Autotuning times each candidate alone, its weight hot in cache, where oneDNN's linear and the C++ template tie;
+# inside a decode step the template is ~3x faster (4x192 fp32 batch 1: ~800 vs ~300 tok/s). A noisy pick of
+# oneDNN, which inductor caches for good, left compiled decoding no faster than eager. The template alone (oneDNN
+# still where it cannot take a shape) needs no timing: 2-3.5x eager for GPT-2 and Llama-style x fp32/bf16 x batch
+# 1/8 and on par at 12x768, first compile 43 s instead of 75 s; a lucky autotune was 20% faster at 4x192 batch 1.
+# Checked on 2.13 (a plain matmul the template cannot take has no fallback there), hence not before it.
+if torch.__version__ >= (2, 13):
+    DECODE_COMPILE_OPTIONS["max_autotune_gemm_backends"] = "CPP"
+
+
+# ... except bf16 from this many rows on a CPU with bf16 instructions (AVX512-BF16, AMX): there the C++ template's
+# tok/s stops growing past ~6 rows while oneDNN's linears (the frozen weights prepacked for them) keep scaling.
+# 2 Zen 4 cores, tok/s template / oneDNN, one process each: 4x192 batch 1 3,309 / 1,391, 4 8,641 / 4,178, 6 7,845
+# / 6,455; paired in one process: batch 8 6,348 / 6,698, 16 7,984 / 11,476, 32 7,664 / 13,551, and 6x384 batch 8
+# 1,601 / 2,479 (fp32 keeps the template: at 4x192 batch 8 7,844 / 4,428).
+COMPILED_BF16_ONEDNN_MIN_BATCH = 8
+
+
+def cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), not by widening to fp32."""
+    return any(bool(getattr(torch.cpu, name, lambda: False)())
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def decode_compile_options(dtype: torch.dtype | None = None, batch: int | None = None) -> dict:
+    """Inductor settings for compiled decoding on CPU of ``batch`` rows in ``dtype``."""
+    if (dtype == torch.bfloat16 and batch is not None and batch >= COMPILED_BF16_ONEDNN_MIN_BATCH
+            and cpu_has_bf16_instructions()):
+        return {**DECODE_COMPILE_OPTIONS, "max_autotune": False}
+    return DECODE_COMPILE_OPTIONS
+
+
+def decode_compile_settings(enabled: bool, device: torch.device, dtype: torch.dtype | None = None,
+                            batch: int | None = None):
+    """Inductor settings for compiled decoding, patched only while generating: freezing is read from the
+    global config (``torch.compile(options=...)`` comes too late for it), and must not leak into the user's
+    other compiled graphs, whose weights may be training. Each batch size compiles its own graph, under the
+    settings for its dtype and size (``decode_compile_options``)."""
+    if not enabled or device.type != "cpu":
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(decode_compile_options(dtype, batch))
+
+
+def lay_out_weights(linears: list[nn.Linear], batch: int, new_tokens: int) -> DecodeWeights | None:
+    """``linears``' weights (the head last) laid out once for decoding ``batch`` rows, or None where no layout
+    pays (measured for eager fp32 and bf16 decoding on x86 CPUs only).
+
+    A plain ``F.linear`` lets the GEMM library repack its transposed weight on every call; at decoding's few
+    rows that repacking costs as much as the multiply. Medians of paired runs on 2 Zen 3 cores: weights
+    reordered for oneDNN decode batch 8 1.19x faster at 4x192 and 1.98x at 12x768, batch 32 1.13x, batch 1
+    1.16x at 6x384 and 1.44x at 12x768, but batch 1 of a 4x192 model, whose weights (10 MB) stay in cache,
+    10% slower. One fp32 row gets ``blocked_weight``'s layout instead, at every size: on 2 Zen 4 cores one
+    decode step at 4x192 / 6x384 / 12x768 took 682 / 2,395 / 14,073 µs against 1,035 / 3,778 / 17,432 through
+    oneDNN's layout and 738 / 4,593 / 23,579 through (in, out) copies (the layout before it; bf16 blocks are
+    2-3x slower than oneDNN, not used). A layout costs ~1 ms per MB of weights, so short generations are left
+    alone, and so are models over 2 GiB of linear weights (the copy lives as long as the ``generate`` call).
+
+    bf16 weights get oneDNN's layout at every batch size on CPUs where oneDNN takes bf16 (AVX-512; not
+    AVX2-only CPUs, where torch computes bf16 without it, and get nothing): on 2 Zen 4 cores (AVX512-BF16), same
+    tokens, batch 1 / 8 decode 1.22x / 1.14x faster at 4x192, 1.62x / 1.33x at 6x384 and 12x768."""
+    weight = linears[-1].weight
+    if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
+            or new_tokens < PACK_MIN_NEW_TOKENS or platform.machine().lower() not in ("x86_64", "amd64")):
+        return None
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if size > PACK_MAX_BYTES:
+        return None
+    if weight.dtype == torch.float32 and batch == 1:
+        return DecodeWeights("blocked", {m: blocked_weight(m.weight.detach()) for m in linears},
+                             {m: blocked_bias(m.bias.detach()) for m in linears if m.bias is not None})
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return None
+    if weight.dtype == torch.bfloat16 and not onednn_takes_bf16():
+        return None
+    return DecodeWeights("onednn", {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch)
+                                    for m in linears})
