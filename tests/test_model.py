@@ -279,6 +279,10 @@ def test_sampling_filters():
     assert set(picks.tolist()) == {3, 4} and p[3:].sum() > 0.8
     assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {4}
     assert sample_next(logits[:1], 0).item() == 4
+    # greedy picks the first of equal maxima, in bf16 too (read without widening), as a long index
+    tied = torch.tensor([[1.0, 3.0, 0.5, 3.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.bfloat16)
+    greedy = sample_next(tied, 0)
+    assert greedy.tolist() == [1, 0] and greedy.dtype == torch.long
     # temperature sharpens: at T=0.25 the top token dominates
     hot = sample_next(logits, 0.25, generator=g)
     assert (hot == 4).float().mean() > 0.95
