@@ -137,6 +137,26 @@ def test_probe_times_both_models_without_moving_the_random_streams():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_retime_reads_twice_before_it_believes_a_slowdown(monkeypatch):
+    readings, said = [], []
+
+    def fake_probe(cfg, lm=True):
+        readings.append(lm)
+        return None, times.pop(0)
+
+    monkeypatch.setattr(plan_mod, "probe", fake_probe)
+    times = [0.52]  # as fast as the probe at the start: one reading
+    plan = Plan(0.3, 15.0, 0.3, 0.5)
+    plan_mod.retime(None, plan, log=said.append)
+    assert (plan.vlm_step_now_s, readings, said) == (0.52, [False], [])
+    times = [0.70, 0.51]  # a passing stall: the second reading is kept
+    plan_mod.retime(None, plan, log=said.append)
+    assert plan.vlm_step_now_s == 0.51 and readings == [False] * 3 and said == []
+    times = [0.70, 0.66]  # slower in both: the faster of the two, and the log says so
+    plan_mod.retime(None, plan, log=said.append)
+    assert plan.vlm_step_now_s == 0.66 and "takes 0.66 s, was 0.50 s" in said[0]
+
+
 def test_a_stage_is_reused_only_with_its_own_settings(tmp_path):
     cfg = load_config("tiny")
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
