@@ -185,6 +185,49 @@ def test_sample_reads_the_prompt_as_the_start_of_a_file(trained_run, capsys, mon
     assert json.loads(out.strip().splitlines()[-1])["samples"][0].startswith("import")
 
 
+def test_one_sample_prints_as_it_is_written(trained_run, capsys, monkeypatch):
+    from nanogpt4.model.transformer import Transformer
+
+    printed_while_generating, generate = [], Transformer.generate
+
+    def watched(self, *a, **k):
+        out = generate(self, *a, **k)
+        printed_while_generating.append(capsys.readouterr().out)  # before cmd_sample prints anything itself
+        return out
+
+    monkeypatch.setattr(Transformer, "generate", watched)
+    code, out, _ = cli(capsys, "sample", "--run", trained_run, "--prompt", "def f(x):", "--max-new-tokens", 12,
+                       "--seed", 3, "--json")
+    sample = json.loads(out.strip().splitlines()[-1])["samples"][0]
+    # the prompt and the new tokens' text came out during generation; the stream and the rest are the sample
+    streamed = printed_while_generating[0]
+    assert code == 0 and streamed.startswith("def f(x):") and len(streamed) > len("def f(x):")
+    assert streamed + out.rsplit("\n", 2)[0] == sample
+    code, out, _ = cli(capsys, "sample", "--run", trained_run, "--prompt", "def f(x):", "--max-new-tokens", 12,
+                       "--seed", 3, "--num-samples", 2)
+    assert code == 0 and printed_while_generating[1] == "" and out.startswith("--- sample 0\ndef f(x):")
+
+
+def test_streamed_text_waits_for_whole_characters(capsys):
+    import torch
+
+    from nanogpt4.cli import TextStream
+    from nanogpt4.data.tokenizer import Tokenizer
+
+    class Bytes(Tokenizer):  # one token per byte: "é" is two tokens
+        eot_id = pad_id = 256
+
+        def decode(self, ids):
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    stream, shown = TextStream(Bytes(), [256, *b"caf"]), []
+    for t in [0xC3, 0xA9, ord("!"), 256, 256]:  # the end of the document, then its padding
+        stream(torch.tensor([t]))
+        shown.append(capsys.readouterr().out)
+    stream.finish("caf\u00e9!")
+    assert shown == ["caf", "\u00e9", "!", "", ""] and capsys.readouterr().out == "\n"
+
+
 def test_sample_and_long_prompt_warning(trained_run, capsys):
     code, out, err = cli(capsys, "sample", "--run", trained_run, "--prompt", "def f(x):", "--max-new-tokens", 5,
                          "--json", "--seed", 1)

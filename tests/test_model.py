@@ -268,6 +268,11 @@ def test_stop_tokens_pad_finished_rows():
     row = out[0, 4:].tolist()
     first = row.index(stop)
     assert all(t == 100 for t in row[first + 1:])
+    # on_token sees every step's tokens as they are chosen, the padding of finished rows included
+    seen = []
+    streamed = m.generate(x, 12, temperature=0, stop_tokens=[stop], pad_token_id=100,
+                          on_token=lambda t: seen.append(t.tolist()))
+    assert torch.equal(streamed, out) and torch.tensor(seen).t().tolist() == out[:, 4:].tolist()
 
 
 def test_sampling_filters():

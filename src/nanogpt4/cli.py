@@ -125,15 +125,42 @@ def cmd_sample(args) -> int:
         ids = ids[-L:]
     g = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 0)
     x = torch.tensor([ids] * args.num_samples, device=device)
+    stream = TextStream(tok, ids) if args.num_samples == 1 else None  # one sample prints as it is written
     out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, stop_tokens=[tok.eot_id], generator=g, pad_token_id=tok.pad_id,
-                         compile=args.compile)
+                         compile=args.compile, on_token=stream)
     samples = [tok.continuation_text(ids, row) for row in out.tolist()]
-    for i, s in enumerate(samples):
-        if len(samples) > 1:
+    if stream is not None:
+        stream.finish(samples[0])
+    else:
+        for i, s in enumerate(samples):
             print(f"--- sample {i}")
-        print(s)
+            print(s)
     return _finish(args, {"samples": samples})
+
+
+class TextStream:
+    """``generate``'s ``on_token`` for one row: prints the prompt, then each new token's text as soon as it
+    decodes to whole characters (a byte-level token can end mid-character), so the sample's stdout is the same
+    as printing it whole at the end."""
+
+    def __init__(self, tok, prompt_ids: list[int]):
+        self.tok, self.prompt_ids, self.new, self.shown = tok, list(prompt_ids), [], ""
+        self._show()
+
+    def __call__(self, next_tok) -> None:
+        self.new.append(int(next_tok[0]))
+        self._show()
+
+    def _show(self) -> None:
+        text = self.tok.continuation_text(self.prompt_ids, self.prompt_ids + self.new)
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        """The rest of the sample (``text``, all of it) and the line's end."""
+        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
 
 
 def cmd_export_hf(args) -> int:

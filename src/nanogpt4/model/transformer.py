@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -482,7 +483,8 @@ class Transformer(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
                  attention_mask: torch.Tensor | None = None, use_cache: bool = True,
                  pad_token_id: int = 0, generator: torch.Generator | None = None,
-                 inputs_embeds: torch.Tensor | None = None, compile: bool = False) -> torch.Tensor:
+                 inputs_embeds: torch.Tensor | None = None, compile: bool = False,
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Append up to ``max_new_tokens`` tokens to each (left-padded) row; returns (B, T + new).
 
         ``temperature=0`` is greedy. Rows that emitted a stop token are padded with ``pad_token_id``.
@@ -490,7 +492,8 @@ class Transformer(nn.Module):
         ``max_seq_len`` tokens, exactly as the uncached path crops its input, so both give the same tokens.
         ``compile=True`` decodes through ``compiled_decode_step`` (a static cache; the first call per batch
         size and length compiles, ~20-30 s on 2 CPU cores, then each token costs less: worth it for long or
-        repeated generation with fixed weights).
+        repeated generation with fixed weights). ``on_token`` is called with each step's (B,) new tokens as they
+        are chosen (streaming output; a row past its stop token gets ``pad_token_id``).
         """
         # checked here, not per token: a negative temperature would invert the distribution and top_p=0 would
         # mask every token (NaN probabilities), both without an error
@@ -510,13 +513,13 @@ class Transformer(nn.Module):
                                                                  next(self.parameters()).dtype, input_ids.size(0)):
                 out = self._generate(input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens,
                                      attention_mask, use_cache, pad_token_id, generator, inputs_embeds,
-                                     compile)
+                                     compile, on_token)
         finally:
             self.train(was_training)
         return out.clone()  # a normal tensor again, usable in autograd (e.g. PPO log-probs of a rollout)
 
     def _generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, attention_mask,
-                  use_cache, pad_token_id, generator, inputs_embeds, compile) -> torch.Tensor:
+                  use_cache, pad_token_id, generator, inputs_embeds, compile, on_token=None) -> torch.Tensor:
         L = self.cfg.max_seq_len
         B, T0 = input_ids.shape
         device = input_ids.device
@@ -593,6 +596,8 @@ class Transformer(nn.Module):
             if stop.numel():
                 next_tok = torch.where(finished, pad, next_tok)
             out[:, n] = next_tok
+            if on_token is not None:
+                on_token(next_tok)
             if embeds is not None:
                 embeds[:, n] = self.token_embed(next_tok).to(embeds.dtype)
             n += 1
