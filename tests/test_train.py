@@ -303,14 +303,18 @@ def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared
            "training.checkpoint_interval=5", "training.eval_interval=1000"]
     # a shell without job control starts background jobs with SIGINT ignored, and Python then never turns Ctrl-C into
     # KeyboardInterrupt: give the run the terminal's default, whatever launched pytest
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert _wait_for(lambda: list_checkpoints(out), 120), "the run never wrote a checkpoint"
     finally:
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err[-2000:]  # its stderr says where the signal went (a 1-in-many miss)
+    # a rare miss (2 seen, both Ctrl-C on a loaded 2-core VM; 0 of 25 in a loop on an idle one): the run ignored
+    # the signal and finished its 5,000 steps with nothing on stderr; its last log lines say when it ended
+    assert proc.returncode == code, err[-2000:] + "".join(log.read_text().splitlines(True)[-3:])
     last = err.strip().splitlines()[-1]
     assert last.startswith(said) and f"nanogpt4 pretrain --out {out} --resume" in last
     step, kept = list_checkpoints(out)[-1]
