@@ -258,13 +258,14 @@ def retime(cfg: DictConfig, plan: Plan, log=print) -> None:
     the machine reads slower than at the start): the first probe is one moment of a shared VM's speed. A run whose
     probe read 0.49 s a step (0.59-0.63 s on that machine's other runs) trained its last stage ~20% slower than
     planned and ended 3 s over its 900."""
+    slower_than = plan.vlm_step_s * 1.05 if plan.vlm_step_s else math.inf
     _, now = probe(cfg, lm=False)
-    if plan.vlm_step_s and now > plan.vlm_step_s * 1.05:
+    if now > slower_than:
         # one reading can catch a passing stall (a run's read 0.70 s, its stage then ran 0.55 s a step and the
         # pipeline ended 89 s early); a slowdown that lasts shows in a second reading too
         now = min(now, probe(cfg, lm=False)[1])
     plan.vlm_step_now_s = now
-    if plan.vlm_step_s and now > plan.vlm_step_s * 1.05:
+    if now > slower_than:
         log(f"pipeline: this machine is slower now than when the run began (a multimodal training step takes "
             f"{now:.2f} s, was {plan.vlm_step_s:.2f} s); the last stage is fitted to that")
 

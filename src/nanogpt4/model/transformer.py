@@ -220,6 +220,13 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.proj(self.activation(self.fc(x)))
 
+    def decode(self, x: torch.Tensor, packed: DecodeWeights | None, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + forward(x)`` for one token per row, x: (B, C); GELU rides in the first matmul."""
+        h = decode_linear(self.fc, x, packed, gelu=not self.swiglu)
+        if self.swiglu:
+            h = self.activation(h)
+        return decode_linear(self.proj, h, packed, residual=residual)
+
     def activation(self, h: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
@@ -251,10 +258,7 @@ class Block(nn.Module):
         directly: at decoding's batch sizes ``nn.Module.__call__``'s bookkeeping costs as much as the matmuls
         (so hooks would not run: ``generate`` decodes a hooked model through ``forward``)."""
         x = self.attn.decode(self.ln1.forward(x), cache, rope, mask, packed, residual=x)
-        h = decode_linear(self.ff.fc, self.ln2.forward(x), packed, gelu=not self.ff.swiglu)
-        if self.ff.swiglu:
-            h = self.ff.activation(h)
-        return decode_linear(self.ff.proj, h, packed, residual=x)
+        return self.ff.decode(self.ln2.forward(x), packed, residual=x)
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, q_len: int, past: int) -> torch.Tensor:
@@ -519,7 +523,7 @@ class Transformer(nn.Module):
         return out.clone()  # a normal tensor again, usable in autograd (e.g. PPO log-probs of a rollout)
 
     def _generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, attention_mask,
-                  use_cache, pad_token_id, generator, inputs_embeds, compile, on_token=None) -> torch.Tensor:
+                  use_cache, pad_token_id, generator, inputs_embeds, compile, on_token) -> torch.Tensor:
         L = self.cfg.max_seq_len
         B, T0 = input_ids.shape
         device = input_ids.device
