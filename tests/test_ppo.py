@@ -29,6 +29,48 @@ def test_first_minibatch_ratio_is_exactly_one_and_kl_starts_at_zero(setup):
     assert torch.allclose(fresh * ro.response_mask, ro.ref_logprobs * ro.response_mask, atol=1e-5)
 
 
+def _trainer(setup, policy):
+    cfg, tok, _ = setup
+    score = lambda ids, mask: (ids == 9).float().sum(1)  # noqa: E731  a reward the updates can move
+    return PPOTrainer(policy, score, tok, cfg.rlhf, learning_rate=1e-3, seed=3)
+
+
+def test_the_seeds_collect_experience_and_update_policy_are_step(setup):
+    import copy
+
+    _, _, policy = setup
+    prompts = ["def f(x):\n"] * 16
+    stepped, looped = _trainer(setup, copy.deepcopy(policy)), _trainer(setup, copy.deepcopy(policy))
+    timing = ("rollout_s", "update_s")
+    for _ in range(2):
+        stats, ro = stepped.step(prompts)
+        collected = looped.collect_experience(prompts)
+        assert len(looped.buffer) == 1 and torch.equal(collected.input_ids, ro.input_ids)
+        (updated,) = looped.update_policy()
+        assert looped.buffer == []
+        assert {k: v for k, v in updated.items() if k not in timing} == {
+            k: v for k, v in stats.items() if k not in timing}
+    assert updated["step"] == 2
+    for a, b in zip(stepped.policy.parameters(), looped.policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="call collect_experience"):
+        looped.update_policy()
+
+
+def test_experience_collected_before_an_update_trains_against_its_own_log_probs(setup):
+    _, _, policy = setup
+    ppo = _trainer(setup, policy)
+    first, second = ppo.collect_experience(["def f(x):\n"] * 16), ppo.collect_experience(["class A:\n"] * 16)
+    stats = ppo.update_policy()
+    assert [s["step"] for s in stats] == [1, 2] and ppo.buffer == []
+    assert stats[0]["first_minibatch_ratio"] == pytest.approx(1.0, abs=1e-6)
+    # the first update moved the policy, so the second rollout's sampling-time log-probs are stale: ratio != 1
+    assert abs(stats[1]["first_minibatch_ratio"] - 1.0) > 1e-4
+    for s, ro in zip(stats, (first, second), strict=True):  # in the order collected
+        assert (s["tokens"], s["reward"]) == (int(ro.response_mask.sum()), pytest.approx(ro.scores.mean().item()))
+    assert (stats[0]["tokens"], stats[0]["reward"]) != (stats[1]["tokens"], stats[1]["reward"])
+
+
 def test_bf16_rollout_and_update_keep_fp32_statistics(setup):
     """bf16 autocast: log-probs, values and advantages stay fp32; the first minibatch's ratio is 1 up to bf16
     rounding of the forward passes."""

@@ -14,6 +14,16 @@ def test_scale_one_is_the_config_itself():
     assert p["memory_gb"] > p["parameters"] * 16 / 1024**3  # weights + grads + AdamW at least
 
 
+def test_the_seeds_base_params_count_the_built_model_exactly():
+    from nanogpt4.model.transformer import Transformer
+
+    for ov in ([], ["model.pos_embedding=rope", "model.mlp=swiglu", "model.norm=rmsnorm", "model.n_kv_heads=2",
+                    "model.bias=false"]):
+        cfg = load_config("tiny", ov)
+        ps = PredictableScaling(cfg)
+        assert ps._calculate_base_params() == ps.base_params == Transformer(cfg).num_parameters()
+
+
 def test_scaling_rule_keeps_head_dim_and_grows_about_cubically():
     cfg = load_config("configs/base.yaml")
     half = scaled_config(cfg, 0.5)

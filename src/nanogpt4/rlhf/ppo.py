@@ -115,6 +115,7 @@ class PPOTrainer:
             for p in [*policy.parameters(), *self.value.parameters()]:
                 dist.broadcast(p.data, src=0)
         self.step_count = 0
+        self.buffer: list[tuple[Rollout, float]] = []  # collected, not yet trained on: (rollout, its seconds)
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -222,18 +223,41 @@ class PPOTrainer:
         out["first_minibatch_ratio"], out["first_minibatch_approx_kl"] = first_ratio
         return out
 
-    def step(self, prompts: list[str]) -> tuple[dict, Rollout]:
+    # ------------------------------------------------------------------ the seed's loop
+    def collect_experience(self, prompts: list[str]) -> Rollout:
+        """Roll out ``prompts`` and keep the experience (responses, their log-probs at sampling time, reference
+        log-probs, values, scores, advantages) for ``update_policy``."""
         t0 = time.time()
         ro = self.rollout(prompts)
-        t1 = time.time()
-        stats = self.update(ro)
+        self.buffer.append((ro, time.time() - t0))
+        return ro
+
+    def update_policy(self) -> list[dict]:
+        """One PPO update (``ppo_epochs`` over minibatches) per collected rollout, in the order collected, each
+        followed by the adaptive KL controller's update; the buffer is then empty. Returns each update's
+        statistics. A rollout collected before an earlier one's update still trains against its own stored
+        log-probs: its ratios start away from 1, and the clip bounds the step."""
+        if not self.buffer:
+            raise RuntimeError("update_policy() has no experience to train on: call collect_experience(prompts) "
+                               "first")
         world = self.info.world_size
         mean = lambda t: (all_sum(t.float().sum(), self.info) / (t.numel() * world)).item()  # noqa: E731
-        kl_per_seq = mean(((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1))
-        self.kl_ctl.update(kl_per_seq, len(prompts) * world)
-        self.step_count += 1
-        stats.update({"step": self.step_count, "reward": mean(ro.scores), "kl": kl_per_seq,
-                      "kl_coef": self.kl_ctl.kl_coef, "response_length": mean(ro.response_mask.sum(1)),
-                      "rollout_s": t1 - t0, "update_s": time.time() - t1,
-                      "tokens": int(ro.response_mask.sum().item())})
-        return stats, ro
+        results = []
+        while self.buffer:
+            ro, rollout_s = self.buffer.pop(0)
+            t1 = time.time()
+            stats = self.update(ro)
+            kl_per_seq = mean(((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1))
+            self.kl_ctl.update(kl_per_seq, ro.input_ids.size(0) * world)
+            self.step_count += 1
+            stats.update({"step": self.step_count, "reward": mean(ro.scores), "kl": kl_per_seq,
+                          "kl_coef": self.kl_ctl.kl_coef, "response_length": mean(ro.response_mask.sum(1)),
+                          "rollout_s": rollout_s, "update_s": time.time() - t1,
+                          "tokens": int(ro.response_mask.sum().item())})
+            results.append(stats)
+        return results
+
+    def step(self, prompts: list[str]) -> tuple[dict, Rollout]:
+        """``collect_experience(prompts)`` then ``update_policy()``: this rollout's statistics, and the rollout."""
+        ro = self.collect_experience(prompts)
+        return self.update_policy()[-1], ro

@@ -40,7 +40,12 @@ class PredictableScaling:
         self.config = config
         self.law = law or CHINCHILLA
         self.dtype = dtype
-        self.base_params = analytic_params(config)["params"]
+        self.base_params = self._calculate_base_params()
+
+    def _calculate_base_params(self) -> int:
+        """The configured model's exact parameter count (embeddings, biases, norms and tying included), as
+        ``Transformer(config).num_parameters()`` counts it."""
+        return analytic_params(self.config)["params"]
 
     def predict_performance(self, scale_factor: float, tokens: float | None = None) -> dict:
         """Exact size, FLOPs and memory of the scaled model; loss from the law at ``tokens`` (default 20/param)."""
