@@ -232,6 +232,26 @@ def test_stage_commands_chain_sft_reward_ppo_dpo(prepared, tmp_path, capsys):
     dpo = run("dpo", "--sft", str(tmp_path / "sft"), "--data", str(tmp_path / "rm" / "preferences.jsonl"),
               "--out", str(tmp_path / "dpo"), "--no-eval")
     assert dpo["preference_pairs"] > 0
+    # the seed's RewardModel.load_pretrained: the trained weights, frozen, in eval mode
+    from safetensors.torch import load_file
+
+    from nanogpt4.train.checkpoint import latest_checkpoint
+
+    rm = RewardModel.load_pretrained(tmp_path / "rm")
+    saved = load_file(str(latest_checkpoint(tmp_path / "rm") / "model.safetensors"))
+    assert torch.equal(rm.reward_head.weight, saved["reward_head.weight"]) and rm.reward_offset != 0
+    assert not rm.training and not any(p.requires_grad for p in rm.parameters())
+    with pytest.raises(UserError, match="is not a reward model"):
+        RewardModel.load_pretrained(tmp_path / "sft")
+    # PPO refuses a reward model trained on another model, naming the tensor
+    assert main(["pretrain", "--out", str(tmp_path / "wide"), *ov, "training.max_steps=2", "model.dim=96"]) == 0
+    assert main(["sft", "--pretrained", str(tmp_path / "wide"), "--out", str(tmp_path / "sft-wide"), *small]) == 0
+    capsys.readouterr()
+    assert main(["ppo", "--sft", str(tmp_path / "sft-wide"), "--reward", str(tmp_path / "rm"),
+                 "--out", str(tmp_path / "ppo-wide"), *small]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on another model than the SFT policy" in err and "nanogpt4 reward --sft" in err
+    assert not (tmp_path / "ppo-wide").exists()
     # the PPO policy is a normal checkpoint: `sample` reads it
     assert main(["sample", "--run", str(tmp_path / "ppo"), "--prompt", "def", "--max-new-tokens", "4"]) == 0
     capsys.readouterr()

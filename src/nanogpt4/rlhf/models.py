@@ -50,6 +50,22 @@ class RewardModel(ScalarHeadModel):
         last = h[torch.arange(h.size(0), device=h.device), last_token_index(attention_mask)]
         return self.reward_head(last).squeeze(-1).float() - self.reward_offset
 
+    @classmethod
+    def load_pretrained(cls, path, device: torch.device | str = "cpu") -> RewardModel:
+        """A trained reward model, frozen and in eval mode for scoring: a `nanogpt4 reward` run (its ``--out``;
+        the ``reward`` directory of a `nanogpt4 rlhf` run) or one of its checkpoints. The seed called this to
+        build its PPO trainer but never defined it."""
+        from nanogpt4.errors import UserError
+        from nanogpt4.model.transformer import Transformer
+        from nanogpt4.train.checkpoint import load_model, resolve_stage_checkpoint, tensor_names
+
+        ckpt = resolve_stage_checkpoint(path)
+        if "reward_head.weight" not in tensor_names(ckpt / "model.safetensors"):
+            raise UserError(f"'{path}' is not a reward model (its weights have no reward head); pass the directory "
+                            f"`nanogpt4 reward --out` wrote")
+        model, _, _ = load_model(ckpt, device, model_cls=lambda cfg: cls(Transformer(cfg)))
+        return model.requires_grad_(False)
+
 
 class ValueModel(ScalarHeadModel):
     """The PPO critic: a value for every position (initialised from the reward model or the policy)."""

@@ -91,15 +91,6 @@ def load_policy(cfg: DictConfig, run: Path, device) -> tuple[torch.nn.Module, Di
     return policy, cfg, tok
 
 
-def load_reward_model(cfg: DictConfig, run: Path, device) -> RewardModel:
-    """The reward model written by ``nanogpt4 reward`` (or the reward stage of ``nanogpt4 rlhf``)."""
-    from nanogpt4.model.transformer import Transformer
-    from nanogpt4.train.checkpoint import load_weights, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(run)
-    rm = RewardModel(Transformer(cfg))
-    load_weights(rm, ckpt / "model.safetensors")
-    return rm.to(device).eval().requires_grad_(False)
 
 
 def sft_stage(cfg: DictConfig, policy, tok, out: Path, device, examples: list[Example] | None = None,
