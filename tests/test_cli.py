@@ -550,6 +550,8 @@ def test_the_readme_python_blocks_run(trained_run, capsys):
         exec(compile(code.replace('"runs/tiny"', repr(str(trained_run))), "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert int(printed[1]) > 124e6  # the seed's 124M GPT scaled by 2 (then the trained run's continuation)
+    ratio, reward = map(float, printed[-1].split())  # the seed's PPO loop, last
+    assert ratio == pytest.approx(1.0, abs=1e-6) and -1 <= reward <= 1
 
 
 @pytest.mark.parametrize("command", ["sweep", "predict"])

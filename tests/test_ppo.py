@@ -57,6 +57,15 @@ def test_the_seeds_collect_experience_and_update_policy_are_step(setup):
         looped.update_policy()
 
 
+def test_responses_longer_than_the_context_are_refused_up_front(setup):
+    from nanogpt4.errors import UserError
+
+    cfg, tok, policy = setup
+    cfg.rlhf.max_new_tokens = cfg.model.max_seq_len
+    with pytest.raises(UserError, match=f"rlhf.max_new_tokens={cfg.model.max_seq_len} leaves no room"):
+        PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf)
+
+
 def test_experience_collected_before_an_update_trains_against_its_own_log_probs(setup):
     _, _, policy = setup
     ppo = _trainer(setup, policy)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from nanogpt4.data.tokenizer import Tokenizer
-from nanogpt4.errors import TrainingDiverged
+from nanogpt4.errors import TrainingDiverged, UserError
 from nanogpt4.rlhf.data import pad_left
 from nanogpt4.rlhf.models import ValueModel
 from nanogpt4.rlhf.ops import (
@@ -92,6 +92,9 @@ class PPOTrainer:
         loss normalised by the global minibatch's token count: the update equals one process's. ``dtype``
         bfloat16 runs rollouts and update forwards under autocast (log-probs, values, advantages and losses stay
         fp32); the first minibatch's ratio is then 1 up to bf16 rounding instead of exactly."""
+        if rlhf_cfg.max_new_tokens >= policy.cfg.max_seq_len:
+            raise UserError(f"rlhf.max_new_tokens={rlhf_cfg.max_new_tokens} leaves no room for a prompt in "
+                            f"model.max_seq_len={policy.cfg.max_seq_len}; set it below that")
         self.info = info or DistInfo()
         self.policy = policy
         self.ref = ref_policy if ref_policy is not None else copy.deepcopy(policy)
