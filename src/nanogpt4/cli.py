@@ -267,24 +267,13 @@ def cmd_reward(args) -> int:
     return _finish(args, summary)
 
 
-def _same_trunk(theirs, ours, their_name: str, our_name: str, fix: str) -> None:
-    """Refuse a model whose transformer differs in shape from ``ours`` (PPO's critic starts as the reward
-    model, and both read the policy's tokens), naming the first tensor that differs."""
-    a = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
-    b = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    for k in sorted(a.keys() | b.keys()):
-        if a.get(k) != b.get(k):
-            raise UserError(f"{their_name} was trained on another model than {our_name} (tensor '{k}': "
-                            f"{a.get(k, 'absent')} vs {b.get(k, 'absent')}); {fix}")
-
-
 def cmd_ppo(args) -> int:
     """Also under ``torchrun``: ranks share each rollout batch and sum their gradients (see ``PPOTrainer``)."""
     import copy
 
     from nanogpt4.rlhf import RewardModel
     from nanogpt4.rlhf.judges import load_judge
-    from nanogpt4.rlhf.run import evaluate_policies, load_policy, ppo_kl, ppo_stage, save_policy
+    from nanogpt4.rlhf.run import check_same_trunk, evaluate_policies, load_policy, ppo_kl, ppo_stage, save_policy
     from nanogpt4.train.distributed import DistInfo, init_distributed, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
@@ -294,8 +283,8 @@ def cmd_ppo(args) -> int:
     try:
         policy, cfg, tok = load_policy(cfg, args.sft, device)
         rm = RewardModel.load_pretrained(args.reward, device)
-        _same_trunk(rm.transformer, policy, f"the reward model '{args.reward}'", f"the SFT policy '{args.sft}'",
-                    f"train one from it with `nanogpt4 reward --sft {args.sft}`")
+        check_same_trunk(rm.transformer, policy, f"the reward model '{args.reward}'",
+                         f"the SFT policy '{args.sft}'", f"train one from it with `nanogpt4 reward --sft {args.sft}`")
         judge = load_judge(cfg.rlhf.judge)
         out = _stage_out(args, "ppo")
         sft = copy.deepcopy(policy).eval()

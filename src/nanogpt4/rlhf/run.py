@@ -91,6 +91,16 @@ def load_policy(cfg: DictConfig, run: Path, device) -> tuple[torch.nn.Module, Di
     return policy, cfg, tok
 
 
+def check_same_trunk(theirs: torch.nn.Module, ours: torch.nn.Module, their_name: str, our_name: str,
+                     fix: str) -> None:
+    """Refuse a model whose transformer differs in shape from ``ours`` (PPO's critic starts as the reward
+    model, and both read the policy's tokens), naming the first tensor that differs."""
+    a = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    for k in sorted(a.keys() | b.keys()):
+        if a.get(k) != b.get(k):
+            raise UserError(f"{their_name} was trained on another model than {our_name} (tensor '{k}': "
+                            f"{a.get(k, 'absent')} vs {b.get(k, 'absent')}); {fix}")
 
 
 def sft_stage(cfg: DictConfig, policy, tok, out: Path, device, examples: list[Example] | None = None,
