@@ -349,9 +349,11 @@ def test_pipeline_end_to_end(corpus_dir, tmp_path, capsys):
     assert summary["pretrain_val_loss"] < 6.0
     assert 0 <= summary["sample_python_lines"] <= summary["sample_python_lines_so_far"] <= 1
     assert "CPython's parser accepts the first" in report and "are Python so far" in report
-    # no flag: the 15-minute budget, which this small configuration fits whole, the last stage refitted too
+    # no flag: the default budget, which this small configuration fits whole, the last stage refitted too
+    from nanogpt4.plan import DEFAULT_MINUTES
+
     plan = json.loads((p / "plan.json").read_text())
-    assert (plan["minutes"], plan["scale"], plan["multimodal_scale"]) == (15.0, 1.0, 1.0)
+    assert (plan["minutes"], plan["scale"], plan["multimodal_scale"]) == (DEFAULT_MINUTES, 1.0, 1.0)
     assert plan["vlm_step_now_s"] > 0  # timed again before the last stage was fitted
     assert summary["scale"] == summary["multimodal_scale"] == 1.0 and "## Shortened run" not in report
     stages = [summary[f"{name}_wall_s"] for name in ("pretrain", "rlhf", "multimodal")]

@@ -11,6 +11,7 @@ from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
 from nanogpt4.pipeline import _check_same_settings, shortened_note
 from nanogpt4.plan import (
+    DEFAULT_MINUTES,
     MIN_SCALE,
     Plan,
     _work,
@@ -108,7 +109,7 @@ def test_a_minutes_plan_is_reused_by_the_same_command(monkeypatch, tmp_path):
     monkeypatch.setattr(plan_mod, "probe", lambda cfg: calls.append(1) or (0.2, 0.4))
     cfg = load_config("tiny")
     default = pipeline_plan(cfg, tmp_path, None, None, log=lambda _m: None)
-    assert default.minutes == 15.0 and 0 < default.scale < 1  # no flag: the 15-minute budget
+    assert default.minutes == DEFAULT_MINUTES == 14.0 and 0 < default.scale < 1  # no flag: the default budget
     first = pipeline_plan(cfg, tmp_path, None, 30.0, log=lambda _m: None)
     save_plan(first, tmp_path)
     again = pipeline_plan(cfg, tmp_path, None, 30.0, log=lambda _m: None)

@@ -60,7 +60,7 @@ def _check_same_settings(run_dir: Path, cfg, sections: tuple[str, ...], ignore: 
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UserError(f"{run_dir} was trained with other settings ({'; '.join(changed[:3])}{more}); give the "
-                        f"--scale/--minutes it ran with (no flag is --minutes 15, the full recipe --scale 1), pass "
+                        f"--scale/--minutes it ran with (no flag is --minutes 14, the full recipe --scale 1), pass "
                         f"a new --out, or delete {run_dir} to train that stage again")
 
 
