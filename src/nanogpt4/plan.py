@@ -48,7 +48,7 @@ PRETRAIN_ROOT = 1 / 3  # pretraining trains on scale ** PRETRAIN_ROOT of its tok
 # Each stage's time = fixed + variable probe steps at the tiny preset's step counts: the language model's step for
 # set-up, pretraining and RLHF, the vision-language model's for the multimodal stage. The variable part follows
 # the configured step counts (``_work``). Measured on the tiny preset's full pipeline on a 2-core CPU without
-# native bf16 (probe 0.70 s and 1.44 s; stages 754, 930 and ~4,690 s; the README's timing section); the
+# native bf16 (probe 0.70 s and 1.44 s; stages 754, 930 and ~4,690 s; README, The main job: the full recipe); the
 # multimodal split into its fixed part (evaluation: 19-21 units) and 0.90 units per training step comes from
 # two 15-minute runs on that machine (1.26-1.32 s per step against probes of 1.39-1.45 s).
 COSTS: dict[str, tuple[str, float, float]] = {
