@@ -64,6 +64,12 @@ def test_responses_longer_than_the_context_are_refused_up_front(setup):
     cfg.rlhf.max_new_tokens = cfg.model.max_seq_len
     with pytest.raises(UserError, match=f"rlhf.max_new_tokens={cfg.model.max_seq_len} leaves no room"):
         PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf)
+    # the CLI's rule (load_policy): a prompt keeps at least 8 tokens of the context
+    cfg.rlhf.max_new_tokens = cfg.model.max_seq_len - 7
+    with pytest.raises(UserError, match=f"set rlhf.max_new_tokens <= {cfg.model.max_seq_len - 8}"):
+        PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf)
+    cfg.rlhf.max_new_tokens = cfg.model.max_seq_len - 8
+    PPOTrainer(policy, lambda ids, mask: torch.zeros(ids.size(0)), tok, cfg.rlhf)
 
 
 def test_experience_collected_before_an_update_trains_against_its_own_log_probs(setup):

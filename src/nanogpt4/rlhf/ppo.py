@@ -55,6 +55,16 @@ def global_whiten(x: torch.Tensor, mask: torch.Tensor, info: DistInfo, eps: floa
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sequence ids, attention mask) -> (B,) scores
 
 
+MIN_PROMPT_TOKENS = 8  # what a prompt keeps of the context after the longest response
+
+
+def check_response_room(max_new_tokens: int, max_seq_len: int) -> None:
+    """Refuse responses so long that the context keeps fewer than ``MIN_PROMPT_TOKENS`` of the prompt."""
+    if max_new_tokens > max_seq_len - MIN_PROMPT_TOKENS:
+        raise UserError(f"rlhf.max_new_tokens={max_new_tokens} leaves no room for prompts in model.max_seq_len="
+                        f"{max_seq_len}; set rlhf.max_new_tokens <= {max_seq_len - MIN_PROMPT_TOKENS}")
+
+
 @dataclass
 class Rollout:
     input_ids: torch.Tensor  # (B, P + R) prompt (left-padded) + response
@@ -92,9 +102,7 @@ class PPOTrainer:
         loss normalised by the global minibatch's token count: the update equals one process's. ``dtype``
         bfloat16 runs rollouts and update forwards under autocast (log-probs, values, advantages and losses stay
         fp32); the first minibatch's ratio is then 1 up to bf16 rounding instead of exactly."""
-        if rlhf_cfg.max_new_tokens >= policy.cfg.max_seq_len:
-            raise UserError(f"rlhf.max_new_tokens={rlhf_cfg.max_new_tokens} leaves no room for a prompt in "
-                            f"model.max_seq_len={policy.cfg.max_seq_len}; set it below that")
+        check_response_room(rlhf_cfg.max_new_tokens, policy.cfg.max_seq_len)
         self.info = info or DistInfo()
         self.policy = policy
         self.ref = ref_policy if ref_policy is not None else copy.deepcopy(policy)

@@ -25,7 +25,7 @@ from nanogpt4.rlhf.data import Example, Preference, code_completion_examples, en
 from nanogpt4.rlhf.dpo import train_dpo
 from nanogpt4.rlhf.judges import label_pairs, load_judge
 from nanogpt4.rlhf.models import RewardModel, ValueModel
-from nanogpt4.rlhf.ppo import PPOTrainer
+from nanogpt4.rlhf.ppo import PPOTrainer, check_response_room
 from nanogpt4.rlhf.stages import (
     encode_pair,
     generate_responses,
@@ -84,10 +84,7 @@ def load_policy(cfg: DictConfig, run: Path, device) -> tuple[torch.nn.Module, Di
         raise UserError(f"'{run}' has no tokenizer.json; point at a `nanogpt4 pretrain` or `nanogpt4 sft` run")
     cfg = OmegaConf.merge(cfg, {"model": OmegaConf.to_container(run_cfg.model),
                                 "data": OmegaConf.to_container(run_cfg.data)})
-    r, L = cfg.rlhf, cfg.model.max_seq_len
-    if r.max_new_tokens > L - 8:
-        raise UserError(f"rlhf.max_new_tokens={r.max_new_tokens} leaves no room for prompts in model.max_seq_len={L}; "
-                        f"set rlhf.max_new_tokens <= {L - 8}")
+    check_response_room(cfg.rlhf.max_new_tokens, cfg.model.max_seq_len)
     return policy, cfg, tok
 
 
