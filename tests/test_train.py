@@ -12,7 +12,7 @@ from nanogpt4.errors import UserError
 from nanogpt4.train.checkpoint import list_checkpoints, load_model, load_trainer_state, load_weights
 from nanogpt4.train.distributed import DistInfo
 from nanogpt4.train.pretrain import pretrain
-from nanogpt4.train.trainer import lr_at, rank_rows
+from nanogpt4.train.trainer import Trainer, anneal_step, budget_end_step, lm_loss, lr_at, rank_rows
 from nanogpt4.utils import read_jsonl
 
 from .conftest import step_losses
@@ -48,6 +48,63 @@ def test_a_cooldown_leaves_the_curve_and_reaches_the_floor_on_the_last_step():
         load_config("tiny", ["training.max_steps=10", "training.cooldown_steps=11"])
     with pytest.raises(UserError, match="eval_batch_size must be positive"):
         load_config("tiny", ["training.eval_batch_size=0"])
+
+
+def test_an_annealing_step_by_step_is_a_straight_line_that_never_rises_when_its_end_moves():
+    line, lr = [], 1.0
+    for k in range(40, 60):  # a fixed end: lr_at's cooldown from the same start, step for step
+        lr = anneal_step(lr, 0.1, k, 60)
+        line.append(lr)
+    assert line == pytest.approx([1.0 - (i + 1) * 0.9 / 20 for i in range(20)]) and line[-1] == 0.1
+    moved, lr = [], 1.0
+    for k, end in zip(range(40, 60), [70] * 5 + [55] * 10 + [60] * 5, strict=True):  # later, earlier, later
+        lr = anneal_step(lr, 0.1, k, end)
+        moved.append(lr)
+    assert all(a >= b for a, b in zip(moved, moved[1:], strict=False))  # never back up
+    assert moved[14] == 0.1 and moved[-1] == 0.1  # the floor on the last step of the end in force
+    assert budget_end_step(10, 5, 1.0, 2.0, 100) == 20  # 5 steps a second, 2 seconds left
+    assert budget_end_step(10, 5, 1.0, 200.0, 100) == 100 and budget_end_step(10, 5, 1.0, 0.0, 100) == 11
+    assert budget_end_step(10, 0, 0.0, 2.0, 100) == 100  # no pace yet: the configured end
+
+
+class _Windows:
+    """Fixed random (4, 16) token windows."""
+
+    tokens_per_step = 64
+
+    def get(self, step, micro, accum, info, device):
+        x = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(step))
+        return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+
+def test_a_time_budget_shorter_than_the_steps_brings_the_cooldown_forward(tmp_path):
+    """A run that ``training.max_time_s`` stops before ``max_steps`` still anneals to the learning-rate floor
+    (the pipeline's last stage, fitted to a time left that a slower machine does not keep): without this, the cut
+    lands high on the 400-step cosine."""
+    from nanogpt4.model.transformer import Transformer
+
+    cfg = load_config("tiny", ["model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.vocab_size=64",
+                               "model.max_seq_len=16", "training.max_steps=400", "training.max_time_s=1.5",
+                               "training.cooldown_steps=40", "training.warmup_steps=5", "training.log_interval=1",
+                               "training.eval_interval=1000", "training.checkpoint_interval=1000",
+                               "training.learning_rate=1e-3", "training.dtype=float32"])
+
+    def slow_loss(model, batch):
+        time.sleep(0.02)  # ~60 steps fit the 1.5 s
+        return lm_loss(model, batch)
+
+    said = []
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, Transformer(cfg), _Windows(), tmp_path, DistInfo(), torch.device("cpu"),
+                      loss_fn=slow_loss, progress=False, log=said.append)
+    result = trainer.fit()
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "lr" in r]
+    assert 20 < result["steps"] < 400 and len(lrs) == result["steps"]
+    assert any("anneals to its floor" in m for m in said)
+    peak, floor = 1e-3, 1e-4
+    assert lrs[-1] <= floor + 0.2 * (peak - floor)  # near the floor where the time ran out (the cosine: ~0.98)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:], strict=False))  # down from the warmup's end, never back up
+    assert load_trainer_state(list_checkpoints(tmp_path)[-1][1])["anneal_lr"] == lrs[-1]  # kept for --resume
 
 
 def test_the_evaluation_batch_is_a_setting_of_its_own(prepared, tmp_path):

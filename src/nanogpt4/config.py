@@ -62,7 +62,7 @@ class TrainingConfig:
     warmup_steps: int = 100
     max_steps: int = 1000
     max_tokens: int | None = None  # stop once this many training tokens were seen
-    max_time_s: float | None = None  # stop after this much wall time
+    max_time_s: float | None = None  # stop after this much wall time (a cooldown is brought forward to end there)
     lr_decay_steps: int | None = None  # cosine length; None = max_steps
     cooldown_steps: int = 0  # the last N steps fall linearly to the floor (anneals a run stopped on a long cosine)
     weight_decay: float = 0.1

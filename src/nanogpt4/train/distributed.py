@@ -108,13 +108,18 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def broadcast_number(value: float, info: DistInfo, device: torch.device) -> float:
+    """Rank 0's value for every rank (e.g. where a time budget ends, read from its own clock)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return t.item()
+
+
 def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """Rank 0's decision for every rank (e.g. a wall-time stop), so no rank waits in a collective alone."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
+    return bool(broadcast_number(1.0 if flag else 0.0, info, device)) if info.enabled else flag
 
 
 def apply_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

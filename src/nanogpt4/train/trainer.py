@@ -31,6 +31,7 @@ from nanogpt4.train.distributed import (
     apply_ddp,
     apply_fsdp,
     broadcast_flag,
+    broadcast_number,
     clip_grad_norm,
     unwrap,
 )
@@ -90,6 +91,23 @@ def lr_at(step: int, base_lr: float, warmup: int, decay_steps: int, min_ratio: f
         return base_lr * min_ratio
     progress = (step - warmup) / max(1, decay_steps - warmup)
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def budget_end_step(step: int, steps_timed: int, timed_s: float, time_left_s: float, max_steps: int) -> int:
+    """The step count a time-budgeted run reaches: ``step`` plus the steps ``time_left_s`` holds at the pace of its
+    last ``steps_timed`` steps (``timed_s`` seconds, evaluations and checkpoints included), one step short rather
+    than long, at least one and at most ``max_steps``."""
+    if steps_timed <= 0 or timed_s <= 0:
+        return max_steps
+    return min(max_steps, step + max(1, math.floor(time_left_s * steps_timed / timed_s)))
+
+
+def anneal_step(last_lr: float, floor: float, step: int, end: int) -> float:
+    """The rate of ``step`` on a straight line from ``last_lr`` (the step before's) to ``floor``, reached on step
+    ``end - 1``, the last of ``end``. Taken one step at a time, ``end`` may move and the rate still never rises."""
+    if end - step <= 1:
+        return floor
+    return last_lr + (floor - last_lr) / (end - step)
 
 
 def rng_state() -> dict:
@@ -158,6 +176,9 @@ class Trainer:
         self._stop_signal = False
         self._cut_short = False  # stopped by SIGTERM before the budget was spent
         self._start_step = 0
+        # a time budget that ends before max_steps brings the cooldown forward: the rate this run's last step took
+        # on its way down (None while the schedule is lr_for's)
+        self._anneal_lr: float | None = None
 
     def _default_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -169,7 +190,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self, optimizer_state: dict | None = None) -> dict:
         return {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time,
-                "best_val": self.best_val, "data_step": self.step,
+                "best_val": self.best_val, "data_step": self.step, "anneal_lr": self._anneal_lr,
                 "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
                 "rng": rng_state()}
 
@@ -183,6 +204,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.train_time, self.best_val = float(state["train_time_s"]), float(state["best_val"])
+        self._anneal_lr = state.get("anneal_lr")
         set_rng_state(state["rng"])
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {ckpt} (step {self.step}, {self.tokens:,} tokens)")
@@ -227,6 +249,26 @@ class Trainer:
             self._cut_short = broadcast_flag(self._stop_signal and not budget_spent, self.info, self.device)
         return stop
 
+    def _learning_rate(self, elapsed_s: float, steps_timed: int, timed_s: float) -> float:
+        """``lr_for``'s rate for this step, unless a time budget (``max_time_s``) will stop the run before
+        ``max_steps`` and there is a cooldown: then the cooldown ends where the budget does, so that a run slower
+        than planned still anneals to the floor instead of being cut on its way down. The end is projected
+        again at every step from the pace of the steps so far (evaluations included)."""
+        tc = self.tc
+        if tc.max_time_s is None or tc.cooldown_steps <= 0 or (self._anneal_lr is None and steps_timed < 5):
+            return lr_for(tc, self.step)
+        # rank 0's clock decides, as for the stop itself: ranks at different rates would train apart
+        end = int(broadcast_number(budget_end_step(self.step, steps_timed, timed_s, tc.max_time_s - elapsed_s,
+                                                   tc.max_steps), self.info, self.device))
+        if self._anneal_lr is None:
+            if end >= tc.max_steps or self.step < end - tc.cooldown_steps:
+                return lr_for(tc, self.step)
+            self.log(f"training: the time budget (max_time_s {tc.max_time_s:g}) ends near step {end} of "
+                     f"{tc.max_steps}: the learning rate anneals to its floor from step {self.step + 1}")
+            self._anneal_lr = lr_for(tc, self.step)  # the curve's rate here (or the cooldown's, if it began)
+        self._anneal_lr = anneal_step(self._anneal_lr, tc.learning_rate * tc.min_lr_ratio, self.step, end)
+        return self._anneal_lr
+
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_signal = True  # finish the step, checkpoint, exit cleanly (preemptible clusters)
 
@@ -252,11 +294,15 @@ class Trainer:
         window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
         last_loss = math.nan
         step_times: list[tuple[float, int]] = []  # (seconds, tokens) of this run's optimizer steps alone
+        first_step_end = None  # wall clock after this run's first step (compiling, warming up): the pace after it
         try:
             done = self._should_stop(t_start)
             while not done:
                 t0 = time.perf_counter()
-                lr = lr_for(tc, self.step)
+                now = time.time()
+                steps_timed = self.step - start_step - 1
+                lr = self._learning_rate(self.train_time + now - t_start, steps_timed,
+                                         now - first_step_end if first_step_end is not None else 0.0)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss_sum = torch.zeros((), device=self.device)
@@ -286,6 +332,8 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
                 step_times.append((dt, self.batches.tokens_per_step))  # batches may vary (padded VQA rows)
+                if first_step_end is None:
+                    first_step_end = time.time()
                 self.step += 1
                 self.tokens += self.batches.tokens_per_step
                 last_loss = loss_val
