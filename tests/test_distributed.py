@@ -68,6 +68,22 @@ def test_fsdp_on_the_cpu_before_torch_2_9_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_ddp_run_on_a_time_budget_anneals_on_every_rank_together(prepared, tmp_path):
+    """The cooldown a time budget brings forward follows rank 0's clock (one broadcast per step on every rank):
+    the run neither hangs in a collective nor stops before its learning rate is down."""
+    ov, _ = prepared
+    torchrun(tmp_path / "timed", ov + ["training.max_steps=2000", "training.max_time_s=6", "training.cooldown_steps=60",
+                                       "training.warmup_steps=5", "training.log_interval=1",
+                                       "training.eval_interval=50", "training.checkpoint_interval=1000"])
+    lrs = step_losses(tmp_path / "timed", "lr")
+    steps = sorted(lrs)
+    assert 10 < len(steps) < 2000 and steps == list(range(1, len(steps) + 1))
+    tc = load_config("tiny", ov).training
+    peak, floor = tc.learning_rate, tc.learning_rate * tc.min_lr_ratio
+    assert lrs[steps[-1]] <= floor + 0.2 * (peak - floor)
+
+
+@pytest.mark.slow
 def test_a_diverging_ddp_run_stops_every_rank_with_the_same_error(prepared, tmp_path):
     ov, _ = prepared
     res = torchrun(tmp_path / "nan", ov + ["training.max_steps=30", "training.learning_rate=1e5",
