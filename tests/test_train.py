@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
@@ -105,6 +106,11 @@ def test_a_time_budget_shorter_than_the_steps_brings_the_cooldown_forward(tmp_pa
     assert lrs[-1] <= floor + 0.2 * (peak - floor)  # near the floor where the time ran out (the cosine: ~0.98)
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:], strict=False))  # down from the warmup's end, never back up
     assert load_trainer_state(list_checkpoints(tmp_path)[-1][1])["anneal_lr"] == lrs[-1]  # kept for --resume
+    said.clear()  # without a cooldown the run stops where it is, and says how to anneal
+    Trainer(cfg, Transformer(cfg), _Windows(), tmp_path / "plain", DistInfo(), torch.device("cpu"), loss_fn=slow_loss,
+            train_cfg=OmegaConf.merge(cfg.training, {"cooldown_steps": 0}), progress=False, log=said.append).fit()
+    assert any("training.cooldown_steps=N anneals" in m for m in said), said
+    assert not any("anneals to its floor from" in m for m in said)
 
 
 def test_the_evaluation_batch_is_a_setting_of_its_own(prepared, tmp_path):

@@ -255,6 +255,12 @@ class Trainer:
         than planned still anneals to the floor instead of being cut on its way down. The end is projected
         again at every step from the pace of the steps so far (evaluations included)."""
         tc = self.tc
+        if tc.max_time_s is not None and tc.cooldown_steps <= 0 and steps_timed == 20:  # the pace is known: say it
+            end = budget_end_step(self.step, steps_timed, timed_s, tc.max_time_s - elapsed_s, tc.max_steps)
+            if end < tc.max_steps:
+                self.log(f"training: the time budget (max_time_s {tc.max_time_s:g}) ends near step {end} of "
+                         f"{tc.max_steps}, where the learning rate is still {lr_for(tc, end):.2e}; "
+                         f"training.cooldown_steps=N anneals a time-budgeted run to its floor")
         if tc.max_time_s is None or tc.cooldown_steps <= 0 or (self._anneal_lr is None and steps_timed < 5):
             return lr_for(tc, self.step)
         # rank 0's clock decides, as for the stop itself: ranks at different rates would train apart
