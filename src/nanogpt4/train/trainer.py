@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from nanogpt4.errors import TrainingDiverged, TrainingStopped, UserError
@@ -145,6 +145,7 @@ class Trainer:
         self.tokenizer_path = tokenizer_path
         self.progress = progress and info.is_main
         self.log = log if info.is_main else (lambda _msg: None)
+        self.tc = self._token_budget_schedule(self.tc, batches.tokens_per_step)
         self.dtype = resolve_dtype(self.tc.dtype, device)
         if device.type == "cuda":  # fp32 training on a GPU uses TF32 tensor cores, as its MFU peak assumes
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -179,6 +180,19 @@ class Trainer:
         # a time budget that ends before max_steps brings the cooldown forward: the rate this run's last step took
         # on its way down (None while the schedule is lr_for's)
         self._anneal_lr: float | None = None
+
+    def _token_budget_schedule(self, tc: DictConfig, tokens_per_step: int) -> DictConfig:
+        """``tc`` with ``max_steps`` the step a token budget (``max_tokens``) stops the run at, when that comes
+        first: the learning-rate schedule (cosine, cooldown) then ends with the run instead of being cut on its
+        way down. A given ``lr_decay_steps`` keeps its cosine."""
+        if tc.max_tokens is None:
+            return tc
+        steps = max(1, math.ceil(tc.max_tokens / tokens_per_step))
+        if steps >= tc.max_steps:
+            return tc
+        self.log(f"training: max_tokens {tc.max_tokens:,} is {steps} steps of {tokens_per_step:,} tokens, before "
+                 f"max_steps {tc.max_steps}: the learning-rate schedule ends there")
+        return OmegaConf.merge(tc, {"max_steps": steps, "cooldown_steps": min(tc.cooldown_steps, steps)})
 
     def _default_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
