@@ -274,7 +274,8 @@ class Trainer:
             if end < tc.max_steps:
                 self.log(f"training: the time budget (max_time_s {tc.max_time_s:g}) ends near step {end} of "
                          f"{tc.max_steps}, where the learning rate is still {lr_for(tc, end):.2e}; "
-                         f"training.cooldown_steps=N anneals a time-budgeted run to its floor")
+                         f"{self.lr_setting.rsplit('.', 1)[0]}.cooldown_steps=N anneals a time-budgeted run to its "
+                         f"floor")
         if tc.max_time_s is None or tc.cooldown_steps <= 0 or (self._anneal_lr is None and steps_timed < 5):
             return lr_for(tc, self.step)
         # rank 0's clock decides, as for the stop itself: ranks at different rates would train apart
