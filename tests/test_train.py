@@ -283,16 +283,19 @@ def test_a_data_dir_prepared_with_other_settings_is_never_overwritten(prepared, 
     assert {f.name: f.read_bytes() for f in mine.iterdir()} == before  # its own settings: used as it is
 
 
-def test_a_token_budget_trains_as_the_same_number_of_steps(prepared, tmp_path):
-    """``training.max_tokens`` that stops a run before ``max_steps`` is the run's length for its learning-rate
-    schedule too: 2,555 tokens (10 steps of 8 x 32) trains exactly as ``max_steps=10``, not the first 10 steps of
-    a 100-step cosine, cut near its peak rate."""
-    steps = run(prepared, tmp_path / "steps", "training.max_steps=10", "training.cooldown_steps=3")
+def test_a_token_budget_brings_the_cooldown_forward(prepared, tmp_path):
+    """``training.max_tokens`` that stops a run before ``max_steps`` ends its cooldown there: 2,555 tokens (10 steps
+    of 8 x 32) with a 3-step cooldown trains exactly as the first 10 steps of the 100-step cosine annealed over
+    their last 3, not cut near its peak rate. (Without a cooldown a token budget only stops the run, which then
+    resumes exactly: test_resume_reproduces_losses_bitwise.)"""
+    steps = run(prepared, tmp_path / "steps", "training.max_steps=10", "training.lr_decay_steps=100",
+                "training.cooldown_steps=3")
     tokens = run(prepared, tmp_path / "tokens", "training.max_steps=100", "training.max_tokens=2555",
                  "training.cooldown_steps=3")
     assert steps["steps"] == tokens["steps"] == 10 and tokens["tokens"] == 2560
     for key in ("lr", "step_loss"):
         assert step_losses(tmp_path / "tokens", key) == step_losses(tmp_path / "steps", key)
+    assert step_losses(tmp_path / "tokens", "lr")[10] == pytest.approx(3e-3 * 0.1)  # the floor on the last step
 
 
 def test_wrong_checkpoint_shape_is_named(prepared, tmp_path):

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from nanogpt4.errors import TrainingDiverged, TrainingStopped, UserError
@@ -68,11 +68,13 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 STAGE_RESET = {"sample_tokens": 0, "max_tokens": None, "max_time_s": None, "lr_decay_steps": None, "cooldown_steps": 0}
 
 
-def lr_for(tc: DictConfig, step: int) -> float:
+def lr_for(tc: DictConfig, step: int, end: int | None = None) -> float:
     """The learning rate of ``step`` under a training section's schedule (warmup, cosine over ``lr_decay_steps`` or
-    the run's steps, cooldown)."""
+    the run's steps, cooldown). ``end``: the step count a budget stops the run at before ``max_steps``, where
+    the cooldown then ends."""
+    end = tc.max_steps if end is None else end
     return lr_at(step, tc.learning_rate, tc.warmup_steps, tc.lr_decay_steps or tc.max_steps, tc.min_lr_ratio,
-                 tc.max_steps, tc.cooldown_steps)
+                 end, min(tc.cooldown_steps, end))
 
 
 def lr_at(step: int, base_lr: float, warmup: int, decay_steps: int, min_ratio: float,
@@ -145,7 +147,7 @@ class Trainer:
         self.tokenizer_path = tokenizer_path
         self.progress = progress and info.is_main
         self.log = log if info.is_main else (lambda _msg: None)
-        self.tc = self._token_budget_schedule(self.tc, batches.tokens_per_step)
+        self._token_end = self._token_budget_end(batches.tokens_per_step)
         self.dtype = resolve_dtype(self.tc.dtype, device)
         if device.type == "cuda":  # fp32 training on a GPU uses TF32 tensor cores, as its MFU peak assumes
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -181,18 +183,27 @@ class Trainer:
         # on its way down (None while the schedule is lr_for's)
         self._anneal_lr: float | None = None
 
-    def _token_budget_schedule(self, tc: DictConfig, tokens_per_step: int) -> DictConfig:
-        """``tc`` with ``max_steps`` the step a token budget (``max_tokens``) stops the run at, when that comes
-        first: the learning-rate schedule (cosine, cooldown) then ends with the run instead of being cut on its
-        way down. A given ``lr_decay_steps`` keeps its cosine."""
+    def _token_budget_end(self, tokens_per_step: int) -> int | None:
+        """The step count a token budget (``max_tokens``) stops the run at, when that comes before ``max_steps``:
+        a cooldown then ends there, on the run's last step (the cosine stays ``max_steps``', so a run stopped by
+        tokens without one continues exactly with ``--resume``)."""
+        tc = self.tc
         if tc.max_tokens is None:
-            return tc
-        steps = max(1, math.ceil(tc.max_tokens / tokens_per_step))
-        if steps >= tc.max_steps:
-            return tc
-        self.log(f"training: max_tokens {tc.max_tokens:,} is {steps} steps of {tokens_per_step:,} tokens, before "
-                 f"max_steps {tc.max_steps}: the learning-rate schedule ends there")
-        return OmegaConf.merge(tc, {"max_steps": steps, "cooldown_steps": min(tc.cooldown_steps, steps)})
+            return None
+        end = max(1, math.ceil(tc.max_tokens / tokens_per_step))
+        if end >= tc.max_steps:
+            return None
+        if tc.cooldown_steps > 0:
+            self.log(f"training: max_tokens {tc.max_tokens:,} stops the run at step {end} of {tc.max_steps}: its "
+                     f"cooldown ends there")
+        else:
+            self.log(f"training: max_tokens {tc.max_tokens:,} stops the run at step {end} of {tc.max_steps}, where "
+                     f"the learning rate is still {lr_for(tc, end - 1):.2e}; {self._cooldown_setting()}=N anneals "
+                     f"it to its floor there")
+        return end
+
+    def _cooldown_setting(self) -> str:
+        return f"{self.lr_setting.rsplit('.', 1)[0]}.cooldown_steps"
 
     def _default_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -268,25 +279,24 @@ class Trainer:
         ``max_steps`` and there is a cooldown: then the cooldown ends where the budget does, so that a run slower
         than planned still anneals to the floor instead of being cut on its way down. The end is projected
         again at every step from the pace of the steps so far (evaluations included)."""
-        tc = self.tc
+        tc, stop = self.tc, self._token_end or self.tc.max_steps
         if tc.max_time_s is not None and tc.cooldown_steps <= 0 and steps_timed == 20:  # the pace is known: say it
-            end = budget_end_step(self.step, steps_timed, timed_s, tc.max_time_s - elapsed_s, tc.max_steps)
-            if end < tc.max_steps:
+            end = budget_end_step(self.step, steps_timed, timed_s, tc.max_time_s - elapsed_s, stop)
+            if end < stop:
                 self.log(f"training: the time budget (max_time_s {tc.max_time_s:g}) ends near step {end} of "
-                         f"{tc.max_steps}, where the learning rate is still {lr_for(tc, end):.2e}; "
-                         f"{self.lr_setting.rsplit('.', 1)[0]}.cooldown_steps=N anneals a time-budgeted run to its "
-                         f"floor")
+                         f"{tc.max_steps}, where the learning rate is still {lr_for(tc, end - 1):.2e}; "
+                         f"{self._cooldown_setting()}=N anneals a time-budgeted run to its floor")
         if tc.max_time_s is None or tc.cooldown_steps <= 0 or (self._anneal_lr is None and steps_timed < 5):
-            return lr_for(tc, self.step)
+            return lr_for(tc, self.step, self._token_end)
         # rank 0's clock decides, as for the stop itself: ranks at different rates would train apart
         end = int(broadcast_number(budget_end_step(self.step, steps_timed, timed_s, tc.max_time_s - elapsed_s,
-                                                   tc.max_steps), self.info, self.device))
+                                                   stop), self.info, self.device))
         if self._anneal_lr is None:
-            if end >= tc.max_steps or self.step < end - tc.cooldown_steps:
-                return lr_for(tc, self.step)
+            if end >= stop or self.step < end - tc.cooldown_steps:
+                return lr_for(tc, self.step, self._token_end)
             self.log(f"training: the time budget (max_time_s {tc.max_time_s:g}) ends near step {end} of "
                      f"{tc.max_steps}: the learning rate anneals to its floor from step {self.step + 1}")
-            self._anneal_lr = lr_for(tc, self.step)  # the curve's rate here (or the cooldown's, if it began)
+            self._anneal_lr = lr_for(tc, self.step, self._token_end)  # the curve's rate here (or the cooldown's)
         self._anneal_lr = anneal_step(self._anneal_lr, tc.learning_rate * tc.min_lr_ratio, self.step, end)
         return self._anneal_lr
 
