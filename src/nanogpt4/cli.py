@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "its cube root (0 < scale <= 1; 1 is the full recipe; evaluations keep their size)")
     budget.add_argument("--minutes", type=float, default=None,
                         help="pick the largest scale that fits this many minutes on this machine, timed with one "
-                             "training step of each model first (default: 14, so that the README's first command, "
+                             "training step of each model first (default: 13.5, so that the README's first command, "
                              "install included, ends within 15)")
     p.set_defaults(func=cmd_pipeline)
     return parser

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
 from nanogpt4.plan import (
+    DEFAULT_MINUTES,
     Plan,
     evaluation_reserve_s,
     multimodal_scale,
@@ -60,8 +61,8 @@ def _check_same_settings(run_dir: Path, cfg, sections: tuple[str, ...], ignore: 
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UserError(f"{run_dir} was trained with other settings ({'; '.join(changed[:3])}{more}); give the "
-                        f"--scale/--minutes it ran with (no flag is --minutes 14, the full recipe --scale 1), pass "
-                        f"a new --out, or delete {run_dir} to train that stage again")
+                        f"--scale/--minutes it ran with (no flag is --minutes {DEFAULT_MINUTES:g}, the full recipe "
+                        f"--scale 1), pass a new --out, or delete {run_dir} to train that stage again")
 
 
 def _pretrain_stage(cfg, run_dir: Path, progress: bool, log) -> dict:
