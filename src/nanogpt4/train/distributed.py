@@ -119,7 +119,7 @@ def broadcast_number(value: float, info: DistInfo, device: torch.device) -> floa
 
 def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """Rank 0's decision for every rank (e.g. a wall-time stop), so no rank waits in a collective alone."""
-    return bool(broadcast_number(1.0 if flag else 0.0, info, device)) if info.enabled else flag
+    return bool(broadcast_number(1.0 if flag else 0.0, info, device))
 
 
 def apply_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

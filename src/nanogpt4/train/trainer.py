@@ -280,17 +280,17 @@ class Trainer:
         than planned still anneals to the floor instead of being cut on its way down. The end is projected
         again at every step from the pace of the steps so far (evaluations included)."""
         tc, stop = self.tc, self._token_end or self.tc.max_steps
-        if tc.max_time_s is not None and tc.cooldown_steps <= 0 and steps_timed == 20:  # the pace is known: say it
-            end = budget_end_step(self.step, steps_timed, timed_s, tc.max_time_s - elapsed_s, stop)
-            if end < stop:
+        if tc.max_time_s is None or (self._anneal_lr is None and steps_timed < 5):  # no budget, or no pace yet
+            return lr_for(tc, self.step, self._token_end)
+        end = budget_end_step(self.step, steps_timed, timed_s, tc.max_time_s - elapsed_s, stop)
+        if tc.cooldown_steps <= 0:
+            if steps_timed == 20 and end < stop:  # the pace is known: say where the run will be left
                 self.log(f"training: the time budget (max_time_s {tc.max_time_s:g}) ends near step {end} of "
                          f"{tc.max_steps}, where the learning rate is still {lr_for(tc, end - 1):.2e}; "
                          f"{self._cooldown_setting()}=N anneals a time-budgeted run to its floor")
-        if tc.max_time_s is None or tc.cooldown_steps <= 0 or (self._anneal_lr is None and steps_timed < 5):
             return lr_for(tc, self.step, self._token_end)
         # rank 0's clock decides, as for the stop itself: ranks at different rates would train apart
-        end = int(broadcast_number(budget_end_step(self.step, steps_timed, timed_s, tc.max_time_s - elapsed_s,
-                                                   stop), self.info, self.device))
+        end = int(broadcast_number(end, self.info, self.device))
         if self._anneal_lr is None:
             if end >= stop or self.step < end - tc.cooldown_steps:
                 return lr_for(tc, self.step, self._token_end)
