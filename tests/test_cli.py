@@ -208,6 +208,31 @@ def test_one_sample_prints_as_it_is_written(trained_run, capsys, monkeypatch):
     assert code == 0 and printed_while_generating[1] == "" and out.startswith("--- sample 0\ndef f(x):")
 
 
+def test_a_sample_that_ends_its_document_early_says_so(trained_run, capsys, monkeypatch):
+    import torch
+
+    from nanogpt4.model.transformer import Transformer
+    from nanogpt4.train.checkpoint import load_model
+
+    tok = load_model(trained_run)[2]
+    (a,), (b,) = tok.encode("x"), tok.encode("y")
+    ends = {1: [[a, b, b, b, b]], 2: [[a, b, tok.eot_id, tok.pad_id, tok.pad_id], [a, b, b, b, b]]}
+    monkeypatch.setattr(Transformer, "generate", lambda self, x, n, **k: torch.cat(
+        [x, torch.tensor(ends[x.size(0)] if n == 5 else [[a, tok.eot_id, tok.pad_id, tok.pad_id, tok.pad_id]])], 1))
+    code, out, err = cli(capsys, "sample", "--run", trained_run, "--prompt", "v =", "--max-new-tokens", 5, "--json")
+    assert code == 0 and err == "" and json.loads(out.splitlines()[-1])["ended_at_end_of_text"] == [False]
+    code, out, err = cli(capsys, "sample", "--run", trained_run, "--prompt", "v =", "--max-new-tokens", 5,
+                         "--num-samples", 2, "--json")
+    summary = json.loads(out.splitlines()[-1])
+    assert code == 0 and summary["ended_at_end_of_text"] == [True, False]
+    assert summary["samples"] == ["v =xy", "v =xyyyy"]  # the text stops at the token, stdout unchanged
+    assert err == "note: 1 of the 2 samples ended at the end-of-text token (the end of a document) after 2 of " \
+                  "the 5 new tokens asked for\n"
+    code, out, err = cli(capsys, "sample", "--run", trained_run, "--prompt", "v =", "--max-new-tokens", 6)
+    assert code == 0 and out == "v =x\n" and "the sample ended at the end-of-text token" in err
+    assert "after 1 of the 6 new tokens" in err
+
+
 def test_streamed_text_waits_for_whole_characters(capsys):
     import torch
 

@@ -129,14 +129,24 @@ def cmd_sample(args) -> int:
     out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, stop_tokens=[tok.eot_id], generator=g, pad_token_id=tok.pad_id,
                          compile=args.compile, on_token=stream)
-    samples = [tok.continuation_text(ids, row) for row in out.tolist()]
+    rows = out.tolist()
+    samples = [tok.continuation_text(ids, row) for row in rows]
     if stream is not None:
         stream.finish(samples[0])
     else:
         for i, s in enumerate(samples):
             print(f"--- sample {i}")
             print(s)
-    return _finish(args, {"samples": samples})
+    # a sample shorter than asked for is the model ending its document, not a limit: say so, off stdout
+    ended = [row[len(ids):].index(tok.eot_id) if tok.eot_id in row[len(ids):] else None for row in rows]
+    early = [n for n in ended if n is not None]
+    if early:
+        which = ("the sample" if len(rows) == 1 else f"all {len(rows)} samples" if len(early) == len(rows)
+                 else f"{len(early)} of the {len(rows)} samples")
+        after = f"{early[0]}" if len(set(early)) == 1 else f"{min(early)}-{max(early)}"
+        print(f"note: {which} ended at the end-of-text token (the end of a document) after {after} of the "
+              f"{args.max_new_tokens} new tokens asked for", file=sys.stderr)
+    return _finish(args, {"samples": samples, "ended_at_end_of_text": [n is not None for n in ended]})
 
 
 class TextStream:
