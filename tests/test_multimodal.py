@@ -234,6 +234,19 @@ def test_scene_questions_match_the_scene():
     assert red[:, :16].sum() > 20 and red[:, 16:].sum() == 0
 
 
+def test_the_questions_ask_help_lists_are_ones_the_offline_data_asks():
+    import re
+    import subprocess
+    import sys
+
+    help_text = " ".join(subprocess.run([sys.executable, "-m", "nanogpt4", "ask", "--help"], capture_output=True,
+                                        text=True, check=True).stdout.split())
+    listed = re.findall(r"'([^']+\?)'", help_text)
+    asked = {q for seed in range(3000) for q, _ in scene_questions(sample_scene(seed), random.Random(seed)).values()}
+    asked |= {"what digit is this?", "is the digit even?"}  # digit_items' two questions, one per image
+    assert len(listed) == 7 and set(listed) <= asked, set(listed) - asked
+
+
 def test_scene_generator_keeps_objects_apart_and_distinct():
     for seed in range(300):
         shapes = sample_scene(seed)

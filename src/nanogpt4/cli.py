@@ -478,7 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, type=Path, help="a `nanogpt4 multimodal` run or one of its checkpoints")
     p.add_argument("--image", required=True, type=Path, help="any image Pillow reads; resized to the model's input")
     p.add_argument("--question", default="describe the image.",
-                   help="default: %(default)r (the captioning prompt the model was trained on)")
+                   help="default: %(default)r (the captioning prompt the model was trained on). The offline data "
+                        "(scenes+digits: 1-3 coloured shapes on black, handwritten digits) asks in these forms, "
+                        "which is what such a model understands: 'what colour is the circle?', 'what shape is the "
+                        "red object?', 'how many objects are there?', 'is there a blue square?', 'is the red "
+                        "circle left of the blue square?' (or above), 'what digit is this?', 'is the digit even?'")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
