@@ -226,8 +226,8 @@ def test_a_sample_that_ends_its_document_early_says_so(trained_run, capsys, monk
     summary = json.loads(out.splitlines()[-1])
     assert code == 0 and summary["ended_at_end_of_text"] == [True, False]
     assert summary["samples"] == ["v =xy", "v =xyyyy"]  # the text stops at the token, stdout unchanged
-    assert err == "note: 1 of the 2 samples ended at the end-of-text token (the end of a document) after 2 of " \
-                  "the 5 new tokens asked for\n"
+    assert err == ("note: 1 of the 2 samples ended at the end-of-text token, where the model ends its text, after "
+                   "2 of the 5 new tokens asked for\n")
     code, out, err = cli(capsys, "sample", "--run", trained_run, "--prompt", "v =", "--max-new-tokens", 6)
     assert code == 0 and out == "v =x\n" and "the sample ended at the end-of-text token" in err
     assert "after 1 of the 6 new tokens" in err

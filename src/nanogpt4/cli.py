@@ -144,7 +144,7 @@ def cmd_sample(args) -> int:
         which = ("the sample" if len(rows) == 1 else f"all {len(rows)} samples" if len(early) == len(rows)
                  else f"{len(early)} of the {len(rows)} samples")
         after = f"{early[0]}" if len(set(early)) == 1 else f"{min(early)}-{max(early)}"
-        print(f"note: {which} ended at the end-of-text token (the end of a document) after {after} of the "
+        print(f"note: {which} ended at the end-of-text token, where the model ends its text, after {after} of the "
               f"{args.max_new_tokens} new tokens asked for", file=sys.stderr)
     return _finish(args, {"samples": samples, "ended_at_end_of_text": [n is not None for n in ended]})
 
