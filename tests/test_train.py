@@ -113,6 +113,21 @@ def test_a_time_budget_shorter_than_the_steps_brings_the_cooldown_forward(tmp_pa
     assert not any("anneals to its floor from" in m for m in said)
 
 
+def test_mfu_under_several_ranks_is_quoted_against_all_their_peaks(tmp_path, monkeypatch):
+    """tok/s counts every rank's rows: against one device's peak, 2 ranks' MFU read twice the truth (8 GPUs', 8x)."""
+    import nanogpt4.train.trainer as trainer_mod
+    from nanogpt4.model.transformer import Transformer
+
+    cfg = load_config("tiny", ["model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.vocab_size=64",
+                               "model.max_seq_len=16", "training.dtype=float32"])
+    monkeypatch.setattr(trainer_mod, "peak_flops", lambda device, dtype, fresh=False: 1e9)  # one device's
+    monkeypatch.setattr(trainer_mod, "apply_ddp", lambda model, info, device: model)  # no process group here
+    for world, mfu in [(1, 0.5), (2, 0.25), (8, 0.0625)]:
+        trainer = Trainer(cfg, Transformer(cfg), _Windows(), tmp_path / str(world), DistInfo(0, world),
+                          torch.device("cpu"), flops_per_token=1e5, progress=False, log=lambda _m: None)
+        assert trainer.peak == world * 1e9 and trainer.mfu(5e3) == pytest.approx(mfu)
+
+
 def test_the_evaluation_batch_is_a_setting_of_its_own(prepared, tmp_path):
     """``training.eval_batch_size`` picks the evaluation's windows whatever the training batch (the pipeline's
     half-batch pretraining is scored on the full run's windows)."""

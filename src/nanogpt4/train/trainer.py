@@ -153,7 +153,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.flops_per_token = flops_per_token
-        self.peak = peak_flops(device, self.dtype) if flops_per_token else None
+        # tok/s counts every rank's rows, so MFU is quoted against every rank's peak (each measures its own device:
+        # under torchrun a CPU rank's one thread, a GPU rank's GPU), not one device's: 2 CPU ranks read 81%, not 40%
+        self.peak = peak_flops(device, self.dtype) * info.world_size if flops_per_token else None
         self._peak_rechecked = False
 
         if self.tc.activation_checkpointing:
@@ -254,12 +256,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def mfu(self, tok_s: float) -> float:
-        """Model FLOPs utilisation against ``self.peak``. Above 1, the peak was measured while something else held
-        the cores (a run started as another exited read 168%): measure it once more and keep the higher."""
+        """Model FLOPs utilisation of ``tok_s`` (all ranks') against ``self.peak`` (all ranks'). Above 1, the peak
+        was measured while something else held the cores (a run started as another exited read 168%): measure it
+        once more and keep the higher."""
         mfu = self.flops_per_token * tok_s / self.peak
         if mfu > 1 and not self._peak_rechecked:
             self._peak_rechecked = True
-            self.peak = max(self.peak, peak_flops(self.device, self.dtype, fresh=True))
+            self.peak = max(self.peak, peak_flops(self.device, self.dtype, fresh=True) * self.info.world_size)
             mfu = self.flops_per_token * tok_s / self.peak
         return mfu
 
