@@ -40,6 +40,19 @@ def test_two_process_ddp_reproduces_single_process(prepared, tmp_path, extra):
         assert (p - q).abs().max() < 1e-4, name
 
 
+def test_a_command_that_trains_in_one_process_refuses_torchrun_once_and_writes_nothing(tmp_path):
+    """Under torchrun only pretrain and ppo split the work; multimodal ran whole on both ranks, into one directory."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt4",
+           "multimodal", "--out", str(tmp_path / "mm")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and said == [
+        "error: `nanogpt4 multimodal` runs in one process: under torchrun each of the 2 ranks would run all of it, "
+        "into the same files; run it without torchrun (`nanogpt4 pretrain` and `nanogpt4 ppo` train data-parallel "
+        "under it)"], res.stderr[-3000:]
+    assert not (tmp_path / "mm").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.__version__ < (2, 9), reason="FSDP2 trains right on the CPU from torch 2.9")
 def test_fsdp_two_processes_trains_and_checkpoints(prepared, tmp_path):

@@ -584,10 +584,30 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+# the commands that train data-parallel under torchrun; any other would run whole on every rank, into the same files
+TORCHRUN_COMMANDS = ("pretrain", "ppo")
+
+
+def torchrun_refusal(command: str) -> str | None:
+    """Why ``command`` must not run under torchrun's several ranks, or None where it may."""
+    from nanogpt4.train.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun() or command in TORCHRUN_COMMANDS:
+        return None
+    return (f"`nanogpt4 {command}` runs in one process: under torchrun each of the {os.environ['WORLD_SIZE']} ranks "
+            f"would run all of it, into the same files; run it without torchrun (" +
+            " and ".join(f"`nanogpt4 {c}`" for c in TORCHRUN_COMMANDS) + " train data-parallel under it)")
+
+
 def _run(args: argparse.Namespace) -> int:
     from nanogpt4.utils import keep_freed_memory_for_reuse
 
     keep_freed_memory_for_reuse()
+    refusal = torchrun_refusal(args.command)
+    if refusal is not None:
+        if int(os.environ["RANK"]) == 0:  # said once, not once per rank
+            print(f"error: {refusal}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except UserError as e:
