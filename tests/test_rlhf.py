@@ -62,6 +62,23 @@ def test_valid_python_lines_so_far_counts_a_valid_unfinished_start():
     assert valid_python_lines("\n    for i in x:\n", unfinished_ok=True) == (2, 2)  # indented: an if body
 
 
+def test_judge_score_intervals_stay_in_the_scores_range():
+    import numpy as np
+
+    from nanogpt4.rlhf.run import mean_ci
+
+    piled_at_one = [1.0] * 14 + [0.2, 0.0]  # 16 prompts, most fully valid: the normal approximation said 1.016
+    mean, (lo, hi) = mean_ci(piled_at_one)
+    assert mean == pytest.approx(0.8875) and 0.6 < lo < mean < hi <= 1.0
+    assert mean_ci(piled_at_one) == (mean, [lo, hi])  # the same scores, the same interval
+    assert mean_ci([0.4]) == (0.4, [0.4, 0.4]) and mean_ci([1.0] * 5) == (1.0, [1.0, 1.0])
+    wide = np.random.default_rng(1).normal(0.0, 1.0, 2000)  # where the normal approximation holds, it agrees
+    _, (lo, hi) = mean_ci(wide)
+    half = 1.96 * wide.std(ddof=1) / np.sqrt(len(wide))
+    assert lo == pytest.approx(wide.mean() - half, abs=0.1 * half) and hi == pytest.approx(wide.mean() + half,
+                                                                                            abs=0.1 * half)
+
+
 def test_sentiment_judge_and_labelling():
     pytest.importorskip("vaderSentiment")
     good, bad = sentiment(["", ""], ["what a wonderful happy day", "this is awful and sad"])

@@ -60,10 +60,16 @@ def make_tasks(cfg: DictConfig, n: int, split: str, seed: int) -> list[Example]:
     return line_examples(docs, n, seed)
 
 
-def mean_ci(values) -> tuple[float, list[float]]:
+def mean_ci(values, resamples: int = 2000) -> tuple[float, list[float]]:
+    """The mean and its 95% percentile-bootstrap interval (fixed seed: the same scores give the same interval).
+    Judges score within a range (syntax in [0, 1]) and a policy's scores pile up at its end; the normal
+    approximation's mean +- 1.96 s/sqrt(n) then reached past it (16 prompts scoring 0.90: up to 1.016)."""
     v = np.asarray(values, dtype=np.float64)
-    half = 1.96 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0
-    return float(v.mean()), [float(v.mean() - half), float(v.mean() + half)]
+    if len(v) < 2:
+        return float(v.mean()), [float(v.mean())] * 2
+    means = v[np.random.default_rng(0).integers(0, len(v), (resamples, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(v.mean()), [float(lo), float(hi)]
 
 
 @torch.no_grad()
