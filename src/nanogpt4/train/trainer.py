@@ -154,7 +154,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.flops_per_token = flops_per_token
         # tok/s counts every rank's rows, so MFU is quoted against every rank's peak (each measures its own device:
-        # under torchrun a CPU rank's one thread, a GPU rank's GPU), not one device's: 2 CPU ranks read 81%, not 40%
+        # under torchrun a CPU rank's one thread, a GPU rank's GPU), not one device's (2 CPU ranks logged 81% where
+        # one process on the same 2 cores logged 56%)
         self.peak = peak_flops(device, self.dtype) * info.world_size if flops_per_token else None
         self._peak_rechecked = False
 
