@@ -130,7 +130,7 @@ def test_sweep_with_no_runnable_budget_creates_no_output_directory(prepared, tmp
     ov, _ = prepared
     out = tmp_path / "sweep"
     code, _, err = cli(capsys, "scaling", "sweep", "--out", out, "--dims", "16", "--budgets", "1e3", *ov)
-    assert_one_line_error(code, err, "too small for one step")
+    assert_one_line_error(code, err, "no run of the sweep fits")
     assert not out.exists()
 
 

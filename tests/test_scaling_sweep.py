@@ -52,8 +52,17 @@ def test_sweep_resumes_where_it_stopped_and_prediction_is_registered_first(prepa
 
 
 def test_plan_refuses_budgets_too_small_for_a_step(prepared):
-    with pytest.raises(UserError, match="too small for one step"):
+    with pytest.raises(UserError, match="no run of the sweep fits") as e:
         plan_runs(base_cfg(prepared), [16, 32], [1e3], train_tokens=10**9)
+    # the budgets that would fit, per width: from 20 steps to one epoch, and each end of the range runs
+    fits = dict(part.split() for part in str(e.value).split("budgets that fit, in FLOPs: ")[1].split(", "))
+    assert list(fits) == ["d16", "d32"]
+    for dim, span in fits.items():
+        lo, hi = (float(x) for x in span.split("-"))  # printed rounded inwards: both ends as printed run
+        runs, _ = plan_runs(base_cfg(prepared), [int(dim[1:])], [lo, hi], train_tokens=10**9)
+        assert len(runs) == 2 and runs[0].steps >= 20
+    with pytest.raises(UserError, match="the data holds 0 steps"):
+        plan_runs(base_cfg(prepared), [16], [1e12], train_tokens=10)
     with pytest.raises(UserError, match="multiples of 8"):
         plan_runs(base_cfg(prepared), [20], [1e9], train_tokens=10**9)
     with pytest.raises(UserError, match="tokens-per-param"):

@@ -81,6 +81,14 @@ def family_budget(base: DictConfig, dim: int, tokens_per_param: float) -> float:
     return steps * tokens_per_step * m.flops_per_token(cfg.model.max_seq_len)
 
 
+def _round_sig(x: float, up: bool, digits: int = 3) -> float:
+    """``x`` to ``digits`` significant digits, rounded up or down (a range's ends, kept inside it)."""
+    if x <= 0:
+        return x
+    unit = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return (math.ceil if up else math.floor)(x / unit) * unit
+
+
 def plan_runs(base: DictConfig, dims: list[int], budgets: list[float], train_tokens: int,
               tokens_per_param: float | None = None) -> tuple[list[RunSpec], list[str]]:
     """The runs of an IsoFLOP grid (every width x every budget) or, with ``tokens_per_param``, of a
@@ -90,11 +98,14 @@ def plan_runs(base: DictConfig, dims: list[int], budgets: list[float], train_tok
     if len(dims) < 1 or (tokens_per_param is None and len(budgets) < 1):
         raise UserError("a sweep needs at least one width and one budget (or --tokens-per-param)")
     tokens_per_step = base.training.batch_size * base.model.max_seq_len
-    runs, skipped = [], []
+    runs, skipped, fits = [], [], []
+    epoch_steps = train_tokens // tokens_per_step
     for dim in dims:
         cfg = size_config(base, dim)
         m = meta_model(cfg)
         fpt = m.flops_per_token(cfg.model.max_seq_len)
+        lo, hi = MIN_STEPS * fpt * tokens_per_step, epoch_steps * fpt * tokens_per_step
+        fits.append(f"d{dim} {_round_sig(lo, up=True):.3g}-{_round_sig(hi, up=False):.3g}")
         for budget in budgets if tokens_per_param is None else [family_budget(base, dim, tokens_per_param)]:
             steps = math.floor(budget / (fpt * tokens_per_step) + 1e-9)
             name = f"d{dim}_c{budget:.2e}" if tokens_per_param is None else f"d{dim}_r{tokens_per_param:g}"
@@ -108,8 +119,16 @@ def plan_runs(base: DictConfig, dims: list[int], budgets: list[float], train_tok
             runs.append(RunSpec(name, dim, cfg.model.n_layers, budget, steps, lr_for_width(base, dim),
                                 m.num_parameters(), m.num_parameters(non_embedding=True), fpt))
     if not runs:
-        raise UserError("every (width, budget) pair is too small for one step or exceeds one epoch: "
-                        + "; ".join(skipped[:3]))
+        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        if epoch_steps < MIN_STEPS:
+            fix = (f"the data holds {epoch_steps} steps of training.batch_size={base.training.batch_size}: give more "
+                   f"data or a smaller batch")
+        elif tokens_per_param is None:
+            fix = f"budgets that fit, in FLOPs: {', '.join(fits)}"
+        else:
+            fix = "change --tokens-per-param or --dims"
+        raise UserError(f"no run of the sweep fits: each needs {MIN_STEPS} steps or more and one epoch of the "
+                        f"{train_tokens:,} training tokens at most: " + "; ".join(skipped[:3]) + f"{more}; {fix}")
     return runs, skipped
 
 
