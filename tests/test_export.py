@@ -15,6 +15,10 @@ ARCHS = {
     "llama-gqa-bias": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.n_kv_heads=2"],
     "llama-untied": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu",
                      "model.tie_embeddings=false"],
+    # µP's 1/d_head attention and logit multiplier folded into the weights (width 64 over a base of 32)
+    "gpt2-mup": ["model.parametrization=mup", "model.mup_base_dim=32"],
+    "llama-mup-gqa": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.n_kv_heads=2",
+                      "model.parametrization=mup", "model.mup_base_dim=16"],
 }
 
 

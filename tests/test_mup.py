@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from nanogpt4.config import load_config
-from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
 
 WIDTHS = (32, 64, 128, 256)
@@ -74,9 +73,3 @@ def test_mup_keeps_causality_and_the_cache():
         assert torch.equal(m.generate(x[:, :8], 12, temperature=0), m.generate(x[:, :8], 12, temperature=0,
                                                                                  use_cache=False))
 
-
-def test_mup_export_is_refused_clearly():
-    from nanogpt4.model.hf_export import to_hf
-
-    with pytest.raises(UserError, match="µP"):
-        to_hf(model(64, "mup"))

@@ -18,9 +18,6 @@ from nanogpt4.utils import atomic_dir
 
 def hf_architecture(model: Transformer) -> str:
     c = model.cfg
-    if c.parametrization != "sp":
-        raise UserError("export-hf writes standard-parametrization models; this one is µP (its logit multiplier "
-                        "and 1/d_head attention have no transformers config field)")
     if c.pos_embedding == "learned" and c.norm == "layernorm" and c.mlp == "gelu" and \
             (c.n_kv_heads or c.n_heads) == c.n_heads and c.mlp_hidden in (None, 4 * c.dim):
         return "gpt2"
@@ -28,6 +25,28 @@ def hf_architecture(model: Transformer) -> str:
         return "llama"
     raise UserError(f"export-hf supports GPT-2 (learned/layernorm/gelu, no GQA) and Llama (rope/rmsnorm/swiglu) "
                     f"layouts; this model is {c.pos_embedding}/{c.norm}/{c.mlp}")
+
+
+def exported_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """``model``'s weights with µP's two forward-pass differences folded in, which no ``transformers`` config
+    field holds: attention scores scaled by 1/d_head (the queries' weights and biases times d_head**-0.5, on top
+    of the standard 1/sqrt(d_head)) and the logits' 1/width_mult (the final norm's weight and bias times it)."""
+    sd = dict(model.state_dict())
+    if model.cfg.parametrization != "mup":
+        return sd
+    c, attn = model.cfg, model.blocks[0].attn
+    queries = attn.n_heads * attn.head_dim
+    for i in range(c.n_layers):
+        for suffix in ("weight", "bias"):
+            name = f"blocks.{i}.attn.qkv.{suffix}"
+            if name in sd:
+                folded = sd[name].clone()
+                folded[:queries] *= attn.head_dim ** -0.5
+                sd[name] = folded
+    for suffix in ("weight", "bias"):
+        if f"ln_f.{suffix}" in sd:
+            sd[f"ln_f.{suffix}"] = sd[f"ln_f.{suffix}"] / model.width_mult
+    return sd
 
 
 def _gpt2(model: Transformer, special: dict):
@@ -38,7 +57,7 @@ def _gpt2(model: Transformer, special: dict):
                         n_head=c.n_heads, activation_function="gelu", layer_norm_epsilon=c.norm_eps,
                         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
                         tie_word_embeddings=c.tie_embeddings, **special)
-    sd = model.state_dict()
+    sd = exported_state_dict(model)
 
     def bias(name: str, size: int) -> torch.Tensor:
         return sd.get(name, torch.zeros(size))
@@ -71,7 +90,7 @@ def _llama(model: Transformer, special: dict):
                          head_dim=hd, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
                          rope_theta=c.rope_theta, attention_bias=c.bias, mlp_bias=c.bias, hidden_act="silu",
                          tie_word_embeddings=c.tie_embeddings, attention_dropout=c.dropout, **special)
-    sd = model.state_dict()
+    sd = exported_state_dict(model)
     out = {"model.embed_tokens.weight": sd["token_embed.weight"], "model.norm.weight": sd["ln_f.weight"],
            "lm_head.weight": sd["head.weight"]}
     sizes = [c.n_heads * hd, n_kv * hd, n_kv * hd]
