@@ -276,6 +276,26 @@ def test_refuses_to_overwrite_and_to_resume_nothing(prepared, tmp_path):
         run(prepared, tmp_path / "empty", resume=True)
 
 
+def test_a_resume_with_nothing_left_to_train_changes_nothing(prepared, tmp_path):
+    """A finished run resumed at its budget (or past it) used to train no step and overwrite its summary with a
+    null val_loss (the CLI then crashed printing it). A run stopped between its last checkpoint and its summary
+    resumes to write that summary, from its log."""
+    out = tmp_path / "r"
+    summary = run(prepared, out, "training.max_steps=4", "training.eval_interval=2")
+    files = {p: p.read_bytes() for p in (out / "summary.json", out / "metrics.jsonl", out / "config.yaml")}
+    for extra, said in [(["training.max_steps=4"], "has finished at step 4"),
+                        (["training.max_steps=3"], "past training.max_steps=3"),
+                        (["training.max_steps=9", "training.max_tokens=64"], "has finished at step 4")]:
+        with pytest.raises(UserError, match=said):
+            run(prepared, out, "training.eval_interval=2", *extra, resume=True)
+        assert {p: p.read_bytes() for p in files} == files
+    (out / "summary.json").unlink()
+    rebuilt = run(prepared, out, "training.max_steps=4", "training.eval_interval=2", resume=True)
+    for key in ("val_loss", "val_bpb", "final_train_loss", "steps", "tokens"):
+        assert rebuilt[key] == summary[key], key
+    assert (out / "metrics.jsonl").read_bytes() == files[out / "metrics.jsonl"]  # read back, no row added
+
+
 def test_a_data_dir_prepared_with_other_settings_is_never_overwritten(prepared, tmp_path):
     import shutil
 

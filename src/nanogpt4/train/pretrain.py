@@ -16,7 +16,7 @@ from nanogpt4.data.prepare import default_data_dir, load_meta, prepare_data
 from nanogpt4.data.tokenizer import Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
-from nanogpt4.train.checkpoint import list_checkpoints
+from nanogpt4.train.checkpoint import list_checkpoints, load_trainer_state
 from nanogpt4.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from nanogpt4.train.trainer import Trainer, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, autocast_ctx, resolve_device, resolve_dtype
@@ -74,6 +74,24 @@ def refuse_existing_run(run_dir: Path, resume: bool) -> None:
                         f"or choose another --out")
 
 
+def refuse_finished_resume(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse a ``--resume`` with nothing left to train, before anything is written: past ``max_steps``, or a
+    finished run (its summary written) whose step or token budget is spent. A run that stopped between its last
+    checkpoint and its summary resumes to write the summary (``Trainer.fit`` reads it back from the log)."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return  # Trainer.resume says so
+    step, ckpt = found[-1]
+    tc = cfg.training
+    if step > tc.max_steps:
+        raise UserError(f"'{run_dir}' is at step {step}, past training.max_steps={tc.max_steps}; give "
+                        f"training.max_steps above {step} to train on (nothing was changed)")
+    spent = step >= tc.max_steps or (tc.max_tokens is not None and load_trainer_state(ckpt)["tokens"] >= tc.max_tokens)
+    if spent and (run_dir / "summary.json").exists():
+        raise UserError(f"'{run_dir}' has finished at step {step}; give a larger training.max_steps (now "
+                        f"{tc.max_steps}) or training.max_tokens to train on (nothing was changed)")
+
+
 def init_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     """Write the resolved config (after ``refuse_existing_run``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +123,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
         data_dir = default_data_dir(cfg)
         if info.is_main:  # the run directory is made once its data exists: bad data leaves no run behind
             refuse_existing_run(run_dir, resume)
+            if resume:
+                refuse_finished_resume(run_dir, cfg)
             prepare_data(cfg, data_dir, progress=progress, log=log, keep_other=bool(cfg.data.dir))
             init_run_dir(run_dir, cfg)
         barrier(info)

@@ -36,7 +36,7 @@ from nanogpt4.train.distributed import (
     unwrap,
 )
 from nanogpt4.train.metrics import MetricsLogger, peak_flops
-from nanogpt4.utils import autocast_ctx, require_compiler, resolve_dtype
+from nanogpt4.utils import autocast_ctx, read_jsonl, require_compiler, resolve_dtype
 
 
 class BatchSource(Protocol):
@@ -267,10 +267,24 @@ class Trainer:
             mfu = self.flops_per_token * tok_s / self.peak
         return mfu
 
+    def finished(self) -> bool:
+        """Whether the step or token budget is spent: a run resumed here has nothing left to train."""
+        return self.step >= self.tc.max_steps or (self.tc.max_tokens is not None and self.tokens >= self.tc.max_tokens)
+
+    def _result_from_log(self) -> dict:
+        """``fit``'s result for a run resumed where it had finished (stopped between its last checkpoint and its
+        summary): its last logged training loss, evaluation and throughput, read back from ``metrics.jsonl``."""
+        rows = read_jsonl(self.metrics.path) if self.metrics.path.exists() else []
+        train = [r for r in rows if "step_loss" in r]
+        evals = [r for r in rows if "step_loss" not in r and r.get("step") == self.step]
+        return {"final_train_loss": train[-1]["step_loss"] if train else math.nan, "steps": self.step,
+                "tokens": self.tokens, "steps_this_run": 0, "first_step_s": 0.0,
+                "steady_tok_per_s": sum(r["tok_per_s"] for r in train) / len(train) if train else 0.0,
+                **{k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "tokens")}}
+
     def _should_stop(self, t_start: float) -> bool:
         tc = self.tc
-        budget_spent = self.step >= tc.max_steps
-        budget_spent |= tc.max_tokens is not None and self.tokens >= tc.max_tokens
+        budget_spent = self.finished()
         budget_spent |= (tc.max_time_s is not None and self.step > self._start_step  # always run at least one step
                          and self.train_time + (time.time() - t_start) >= tc.max_time_s)
         stop = broadcast_flag(budget_spent or self._stop_signal, self.info, self.device)
@@ -409,6 +423,8 @@ class Trainer:
         self.train_time += time.time() - t_start
         if self._cut_short:  # checkpointed above; an unfinished run must not pass for a result
             raise TrainingStopped(f"SIGTERM at step {self.step} of {tc.max_steps}")
+        if self.step == start_step:  # resumed where it had finished: nothing trained, its log has the numbers
+            return self._result_from_log()
         steps_run = max(1, self.step - start_step)
         # the first step carries torch.compile's tracing and the allocator's warm-up: steady throughput leaves
         # it out when there is more than one
