@@ -138,7 +138,7 @@ def cmd_sample(args) -> int:
             print(f"--- sample {i}")
             print(s)
     # a sample shorter than asked for is the model ending its document, not a limit: say so, off stdout
-    ended = [row[len(ids):].index(tok.eot_id) if tok.eot_id in row[len(ids):] else None for row in rows]
+    ended = [new.index(tok.eot_id) if tok.eot_id in new else None for new in (row[len(ids):] for row in rows)]
     early = [n for n in ended if n is not None]
     if early:
         which = ("the sample" if len(rows) == 1 else f"all {len(rows)} samples" if len(early) == len(rows)

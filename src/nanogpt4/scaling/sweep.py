@@ -112,7 +112,7 @@ def plan_runs(base: DictConfig, dims: list[int], budgets: list[float], train_tok
             if steps < MIN_STEPS:
                 skipped.append(f"{name}: budget buys {steps} steps (< {MIN_STEPS})")
                 continue
-            if steps * tokens_per_step > train_tokens:
+            if steps > epoch_steps:
                 skipped.append(f"{name}: needs {steps * tokens_per_step:,} tokens, more than one epoch "
                                f"({train_tokens:,})")
                 continue

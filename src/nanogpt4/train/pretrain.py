@@ -18,7 +18,7 @@ from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
 from nanogpt4.train.checkpoint import list_checkpoints, load_trainer_state
 from nanogpt4.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
-from nanogpt4.train.trainer import Trainer, rank_rows
+from nanogpt4.train.trainer import Trainer, budget_spent, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, autocast_ctx, resolve_device, resolve_dtype
 
 
@@ -86,8 +86,8 @@ def refuse_finished_resume(run_dir: Path, cfg: DictConfig) -> None:
     if step > tc.max_steps:
         raise UserError(f"'{run_dir}' is at step {step}, past training.max_steps={tc.max_steps}; give "
                         f"training.max_steps above {step} to train on (nothing was changed)")
-    spent = step >= tc.max_steps or (tc.max_tokens is not None and load_trainer_state(ckpt)["tokens"] >= tc.max_tokens)
-    if spent and (run_dir / "summary.json").exists():
+    tokens = load_trainer_state(ckpt)["tokens"] if tc.max_tokens is not None else 0  # read only when it decides
+    if budget_spent(tc, step, tokens) and (run_dir / "summary.json").exists():
         raise UserError(f"'{run_dir}' has finished at step {step}; give a larger training.max_steps (now "
                         f"{tc.max_steps}) or training.max_tokens to train on (nothing was changed)")
 

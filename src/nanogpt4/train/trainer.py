@@ -95,6 +95,11 @@ def lr_at(step: int, base_lr: float, warmup: int, decay_steps: int, min_ratio: f
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def budget_spent(tc: DictConfig, step: int, tokens: int) -> bool:
+    """Whether a run at ``step`` with ``tokens`` seen has spent its step or token budget (nothing left to train)."""
+    return step >= tc.max_steps or (tc.max_tokens is not None and tokens >= tc.max_tokens)
+
+
 def budget_end_step(step: int, steps_timed: int, timed_s: float, time_left_s: float, max_steps: int) -> int:
     """The step count a time-budgeted run reaches: ``step`` plus the steps ``time_left_s`` holds at the pace of its
     last ``steps_timed`` steps (``timed_s`` seconds, evaluations and checkpoints included), one step short rather
@@ -267,10 +272,6 @@ class Trainer:
             mfu = self.flops_per_token * tok_s / self.peak
         return mfu
 
-    def finished(self) -> bool:
-        """Whether the step or token budget is spent: a run resumed here has nothing left to train."""
-        return self.step >= self.tc.max_steps or (self.tc.max_tokens is not None and self.tokens >= self.tc.max_tokens)
-
     def _result_from_log(self) -> dict:
         """``fit``'s result for a run resumed where it had finished (stopped between its last checkpoint and its
         summary): its last logged training loss, evaluation and throughput, read back from ``metrics.jsonl``."""
@@ -284,12 +285,12 @@ class Trainer:
 
     def _should_stop(self, t_start: float) -> bool:
         tc = self.tc
-        budget_spent = self.finished()
-        budget_spent |= (tc.max_time_s is not None and self.step > self._start_step  # always run at least one step
+        spent = budget_spent(tc, self.step, self.tokens)
+        spent |= (tc.max_time_s is not None and self.step > self._start_step  # always run at least one step
                          and self.train_time + (time.time() - t_start) >= tc.max_time_s)
-        stop = broadcast_flag(budget_spent or self._stop_signal, self.info, self.device)
+        stop = broadcast_flag(spent or self._stop_signal, self.info, self.device)
         if stop:  # rank 0's view of why, on every rank
-            self._cut_short = broadcast_flag(self._stop_signal and not budget_spent, self.info, self.device)
+            self._cut_short = broadcast_flag(self._stop_signal and not spent, self.info, self.device)
         return stop
 
     def _learning_rate(self, elapsed_s: float, steps_timed: int, timed_s: float) -> float:
