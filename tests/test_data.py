@@ -216,6 +216,27 @@ def test_prepare_writes_shards_and_reuses_them(corpus_dir, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
 
 
+def test_prepare_encodes_with_a_given_tokenizer_file_and_rebuilds_when_it_changes(corpus_dir, tmp_path):
+    first = tmp_path / "first"
+    prepare_data(load_config("tiny", small_overrides(corpus_dir, first)), first, progress=False, log=lambda _m: None)
+    given = tmp_path / "given.json"
+    shutil.copyfile(first / "tokenizer.json", given)
+    cfg = load_config("tiny", small_overrides(corpus_dir, tmp_path / "d", **{"model.vocab_size": 512,
+                                                                           "data.tokenizer": str(given)}))
+    logs: list[str] = []
+    meta = prepare_data(cfg, tmp_path / "d", progress=False, log=logs.append)
+    assert (tmp_path / "d" / "tokenizer.json").read_bytes() == given.read_bytes()  # the very file, not a re-save
+    assert (tmp_path / "d" / "train.bin").read_bytes() == (first / "train.bin").read_bytes()
+    assert meta["tokenizer"] == str(given) and meta["vocab_size"] <= 384  # its own size, not model.vocab_size
+    prepare_data(cfg, tmp_path / "d", progress=False, log=logs.append)
+    assert "up to date" in logs[-1]
+    other = BPETokenizer.train(["completely different words here"] * 50, 300)
+    other.save(given)  # the file now holds another tokenizer: the shards are rebuilt with it
+    meta = prepare_data(cfg, tmp_path / "d", progress=False, log=logs.append)
+    assert "up to date" not in logs[-1] and meta["vocab_size"] == other.vocab_size
+    assert (tmp_path / "d" / "tokenizer.json").read_bytes() == given.read_bytes()
+
+
 def test_an_interrupted_re_prepare_leaves_no_meta_vouching_for_its_shards(corpus_dir, tmp_path, monkeypatch):
     from nanogpt4.data import prepare
 

@@ -296,6 +296,36 @@ def test_a_resume_with_nothing_left_to_train_changes_nothing(prepared, tmp_path)
     assert (out / "metrics.jsonl").read_bytes() == files[out / "metrics.jsonl"]  # read back, no row added
 
 
+def test_a_resume_reads_its_data_with_its_own_tokenizer_and_a_refused_one_changes_nothing(prepared, tmp_path):
+    """Resumed on another source, a run used to train on a freshly trained BPE's token ids (its loss jumped from
+    2.9 to 7.7) and overwrite its tokenizer.json. Now that is refused, and the fix it names, the run's own
+    tokenizer.json as data.tokenizer, encodes the new source with it."""
+    import nanogpt4.cli
+
+    out = tmp_path / "r"
+    run(prepared, out, "training.max_steps=4", "training.eval_interval=2", "training.checkpoint_interval=2")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    new_source = f"data.source=text:{nanogpt4.cli.__file__}"
+    with pytest.raises(UserError, match=rf"tokenized with another tokenizer than '{out}' was trained with; .* add "
+                                        rf"data.tokenizer={out}/tokenizer.json and a new data.dir \(nothing"):
+        run(prepared, out, "training.max_steps=8", new_source, f"data.dir={tmp_path / 'bpe'}", resume=True)
+    # an override that fails once the data is read used to leave config.yaml rewritten with it
+    with pytest.raises(UserError, match="fewer than one batch"):
+        run(prepared, out, "training.max_steps=8", "training.batch_size=100000", resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    ours = [new_source, f"data.dir={tmp_path / 'ours'}", f"data.tokenizer={out}/tokenizer.json"]
+    assert run(prepared, out, "training.max_steps=8", *ours, resume=True)["steps"] == 8
+    assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == before[out / "tokenizer.json"]
+    assert (out / "tokenizer.json").read_bytes() == before[out / "tokenizer.json"]
+    written = (out / "config.yaml").read_text()
+    assert f"tokenizer: {out}/tokenizer.json" in written and "max_steps: 8" in written
+    for bad, said in [("nope.json", "data.tokenizer file 'nope.json' not found"),
+                      (str(out / "summary.json"), "is not a tokenizer.json"), ("bpe2", "is not one of bpe, gpt2")]:
+        with pytest.raises(UserError, match=said):
+            run(prepared, tmp_path / "fresh", new_source, f"data.dir={tmp_path / 'other'}", f"data.tokenizer={bad}")
+    assert not (tmp_path / "fresh").exists() and not (tmp_path / "other").exists()
+
+
 def test_a_data_dir_prepared_with_other_settings_is_never_overwritten(prepared, tmp_path):
     import shutil
 

@@ -46,7 +46,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "stdlib"  # stdlib | stdlib:all | text:PATH_OR_GLOB | jsonl:PATH | shakespeare | hf:NAME[:CONFIG]
-    tokenizer: str = "bpe"  # bpe (trained on the train split, size = model.vocab_size) | gpt2 (tiktoken)
+    # bpe (trained on the train split, size = model.vocab_size) | gpt2 (tiktoken) | PATH of a tokenizer.json
+    # (e.g. a run's: new data encoded with the tokenizer that run was trained with)
+    tokenizer: str = "bpe"
     dir: str | None = None  # where prepared shards live; None = runs/data/<source>-<tokenizer>-<vocab>
     val_fraction: float = 0.05
     max_bytes: int | None = None  # cap on the raw text read (quick experiments)
@@ -166,7 +168,6 @@ CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),
     "model.parametrization": ("sp", "mup"),
-    "data.tokenizer": ("bpe", "gpt2"),
     "training.dtype": ("auto", "float32", "bfloat16"),
     "multimodal.encoder": ("vit", "cnn"),
     "multimodal.stem": ("conv", "patch"),
@@ -281,6 +282,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.data.tokenizer not in ("bpe", "gpt2") and not cfg.data.tokenizer.endswith(".json"):
+        raise UserError(f"data.tokenizer={cfg.data.tokenizer!r} is not one of bpe, gpt2, or the path of a "
+                        f"tokenizer.json (e.g. runs/NAME/tokenizer.json)")
     m, t = cfg.model, cfg.training
     for key in ("model.dim", "model.n_layers", "model.n_heads", "model.vocab_size", "model.max_seq_len",
                 "training.batch_size", "training.max_steps", "training.grad_accum_steps",

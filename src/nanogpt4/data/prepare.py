@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -21,14 +22,41 @@ from nanogpt4.utils import atomic_path, atomic_write_json
 ENCODE_BATCH_DOCS = 64
 
 
+def tokenizer_file(cfg: DictConfig) -> Path | None:
+    """The tokenizer.json that ``data.tokenizer`` names, or None for ``bpe`` / ``gpt2``."""
+    return None if cfg.data.tokenizer in ("bpe", "gpt2") else Path(cfg.data.tokenizer)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def default_data_dir(cfg: DictConfig) -> Path:
     d = cfg.data
     if d.dir:
         return Path(d.dir)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", d.source).strip("_")[:60]
-    vocab = cfg.model.vocab_size if d.tokenizer == "bpe" else d.tokenizer
+    given = tokenizer_file(cfg)
+    if given is not None:  # named by content: every run's tokenizer file is called tokenizer.json
+        digest = file_sha256(given) if given.is_file() else hashlib.sha256(str(given).encode()).hexdigest()
+        tag = f"tok-{digest[:10]}"
+    else:
+        tag = f"{d.tokenizer}{cfg.model.vocab_size if d.tokenizer == 'bpe' else d.tokenizer}"
     cap = f"-{d.max_bytes}B" if d.max_bytes else ""
-    return Path("runs") / "data" / f"{slug}-{d.tokenizer}{vocab}{cap}"
+    return Path("runs") / "data" / f"{slug}-{tag}{cap}"
+
+
+def load_given_tokenizer(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise UserError(f"data.tokenizer file '{path}' not found; give a run's tokenizer.json "
+                        f"(runs/NAME/tokenizer.json), or data.tokenizer=bpe to train one")
+    try:
+        return Tokenizer.from_file(path)
+    except UserError:
+        raise
+    except Exception:  # not JSON, or JSON that `tokenizers` cannot read
+        raise UserError(f"data.tokenizer file '{path}' is not a tokenizer.json; give a "
+                        f"run's tokenizer.json (runs/NAME/tokenizer.json)") from None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -82,6 +110,9 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
     t0 = time.time()
     if keep_other and (out / "meta.json").exists():
         _refuse_other_data(out, json.loads((out / "meta.json").read_text()), cfg)
+    given = tokenizer_file(cfg)
+    given_tok = load_given_tokenizer(given) if given is not None else None  # before the corpus: fail fast
+    given_sha = file_sha256(given) if given is not None else None
     corpus = load_corpus(d.source, d.val_fraction, d.max_bytes, d.text_field, d.cache_dir)
     for note in corpus.notes:
         log(note)
@@ -90,11 +121,15 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if (meta.get("source_fingerprint") == fingerprint and meta.get("tokenizer") == d.tokenizer
-                and meta.get("requested_vocab_size") == cfg.model.vocab_size):
+                and meta.get("requested_vocab_size") == cfg.model.vocab_size
+                and (given is None or meta.get("tokenizer_sha256") == given_sha)):
             log(f"data: {out} is up to date ({meta['train_tokens']:,} train tokens)")
             return meta
-    if d.tokenizer == "gpt2":
-        tok: Tokenizer = TiktokenTokenizer.load("gpt2")
+    if given_tok is not None:
+        tok: Tokenizer = given_tok
+        log(f"tokenizer: {given} ({tok.vocab_size:,} tokens)")
+    elif d.tokenizer == "gpt2":
+        tok = TiktokenTokenizer.load("gpt2")
     else:
         log(f"tokenizer: training byte-level BPE, vocab {cfg.model.vocab_size}, "
             f"on {sum(len(t) for t in corpus.train):,} characters")
@@ -109,11 +144,16 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
     counts = {}
     for split, docs in (("train", corpus.train), ("val", corpus.val)):
         counts[split] = _encode_split(tok, docs, out / f"{split}.bin", dtype, f"encode {split}", progress)
-    tok.save(out / "tokenizer.json")
+    if given is not None:  # its bytes, so a run trained on this data holds the very file it was given
+        with atomic_path(out / "tokenizer.json") as tmp:
+            shutil.copyfile(given, tmp)
+    else:
+        tok.save(out / "tokenizer.json")
     meta = {
         "source": d.source,
         "source_fingerprint": fingerprint,
         "tokenizer": d.tokenizer,
+        "tokenizer_sha256": file_sha256(out / "tokenizer.json"),
         "vocab_size": tok.vocab_size,
         "requested_vocab_size": cfg.model.vocab_size,
         "eot_id": tok.eot_id,

@@ -92,6 +92,18 @@ def refuse_finished_resume(run_dir: Path, cfg: DictConfig) -> None:
                         f"{tc.max_steps}) or training.max_tokens to train on (nothing was changed)")
 
 
+def refuse_other_tokenizer(run_dir: Path, data_dir: Path, cfg: DictConfig) -> None:
+    """A resumed run must read its data with the tokenizer its weights were trained with: data prepared with
+    another (another source's BPE, or this source's rebuilt after its files changed) would train every
+    embedding on other token meanings, and overwrite the run's tokenizer.json."""
+    ours = run_dir / "tokenizer.json"
+    if ours.is_file() and ours.read_bytes() != (data_dir / "tokenizer.json").read_bytes():
+        fix = f"data.tokenizer={ours}" + (" and a new data.dir" if cfg.data.dir else "")
+        raise UserError(f"the data in '{data_dir}' is tokenized with another tokenizer than '{run_dir}' was trained "
+                        f"with; to train on it, encode it with the run's tokenizer: add {fix} (nothing in the run "
+                        f"was changed)")
+
+
 def init_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     """Write the resolved config (after ``refuse_existing_run``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +138,10 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             if resume:
                 refuse_finished_resume(run_dir, cfg)
             prepare_data(cfg, data_dir, progress=progress, log=log, keep_other=bool(cfg.data.dir))
-            init_run_dir(run_dir, cfg)
+            if resume:  # its config.yaml is rewritten once its checkpoint has loaded
+                refuse_other_tokenizer(run_dir, data_dir, cfg)
+            else:
+                init_run_dir(run_dir, cfg)
         barrier(info)
         meta = load_meta(data_dir)
         if meta["vocab_size"] > cfg.model.vocab_size:
@@ -156,6 +171,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             tokenizer_path=run_dir / "tokenizer.json", flops_per_token=fpt, progress=progress, log=log)
         if resume:
             trainer.resume()
+            if info.is_main:
+                init_run_dir(run_dir, cfg)
         t_train = time.time()
         result = trainer.fit()
         train_s = time.time() - t_train
