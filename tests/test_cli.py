@@ -126,6 +126,29 @@ def test_bad_stage_input_creates_no_output_directory(argv, needle, tmp_path, cap
     assert not out.exists()
 
 
+def test_a_training_stage_never_writes_into_a_directory_that_holds_something(trained_run, tmp_path, capsys):
+    """`sft --out` its own pretrained run's directory used to overwrite that run's summary and config and put its
+    checkpoints beside the pretraining's; every training stage now wants a new or empty directory."""
+    before = {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    for argv in (["sft", "--pretrained", trained_run], ["rlhf", "--pretrained", trained_run],
+                 ["reward", "--sft", trained_run], ["ppo", "--sft", trained_run, "--reward", trained_run],
+                 ["dpo", "--sft", trained_run, "--data", pairs], ["multimodal"]):
+        code, _, err = cli(capsys, *argv, "--out", trained_run, "rlhf.max_new_tokens=8")
+        assert_one_line_error(code, err, f"--out '{trained_run}' already holds checkpoints, config.yaml, "
+                                         f"metrics.jsonl, ...: give a new or empty directory")
+    assert {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()} == before
+    code, _, err = cli(capsys, "sft", "--pretrained", trained_run, "--out", pairs)
+    assert_one_line_error(code, err, f"--out '{pairs}' is a file")
+    examples = tmp_path / "sft.jsonl"
+    examples.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n" for i in range(8)))
+    (tmp_path / "empty").mkdir()
+    code, _, _ = cli(capsys, "sft", "--pretrained", trained_run, "--data", examples, "--out", tmp_path / "empty",
+                     "rlhf.sft_steps=2", "rlhf.max_new_tokens=8")
+    assert code == 0 and (tmp_path / "empty" / "summary.json").exists()
+
+
 def test_sweep_with_no_runnable_budget_creates_no_output_directory(prepared, tmp_path, capsys):
     ov, _ = prepared
     out = tmp_path / "sweep"

@@ -218,12 +218,22 @@ def cmd_rlhf(args) -> int:
     from nanogpt4.rlhf.run import run_rlhf
 
     cfg = _load(args)
-    summary = run_rlhf(cfg, args.pretrained, _stage_out(args, "rlhf"))
+    out = _stage_out(args, "rlhf")
+    summary = run_rlhf(cfg, args.pretrained, out)
     return _finish(args, summary)
 
 
 def _stage_out(args, name: str) -> Path:
-    return args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    """A training stage's run directory: ``--out`` (or a dated one), which must be new or empty. An SFT run given
+    its pretrained run's directory used to overwrite that run's summary and config and mix its checkpoints in."""
+    out = args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    if out.is_file():
+        raise UserError(f"--out '{out}' is a file; give a new or empty directory")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        raise UserError(f"--out '{out}' already holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}: give "
+                        f"a new or empty directory, or delete it to train this stage again (nothing in it was changed)")
+    return out
 
 
 def cmd_sft(args) -> int:
@@ -234,10 +244,10 @@ def cmd_sft(args) -> int:
 
     t0 = time.time()
     cfg = _load(args)
+    out = _stage_out(args, "sft")
     device = resolve_device(cfg.device)
     policy, cfg, tok = load_policy(cfg, args.pretrained, device)
     examples = load_sft(args.data) if args.data else None
-    out = _stage_out(args, "sft")
     before = None
     if examples is None:  # offline tasks: the judge measures what SFT bought
         judge = load_judge(cfg.rlhf.judge)
@@ -262,9 +272,9 @@ def cmd_reward(args) -> int:
 
     t0 = time.time()
     cfg = _load(args)
+    out = _stage_out(args, "reward")
     device = resolve_device(cfg.device)
     sft, cfg, tok = load_policy(cfg, args.sft, device)
-    out = _stage_out(args, "reward")
     centre = None
     if args.data:
         pairs = load_preferences(args.data)
@@ -289,6 +299,7 @@ def cmd_ppo(args) -> int:
 
     t0 = time.time()
     cfg = _load(args)
+    out = _stage_out(args, "ppo")  # every rank reads the same directory: all refuse, before any collective
     info, device = init_distributed(resolve_device(cfg.device))
     try:
         policy, cfg, tok = load_policy(cfg, args.sft, device)
@@ -296,7 +307,6 @@ def cmd_ppo(args) -> int:
         check_same_trunk(rm.transformer, policy, f"the reward model '{args.reward}'",
                          f"the SFT policy '{args.sft}'", f"train one from it with `nanogpt4 reward --sft {args.sft}`")
         judge = load_judge(cfg.rlhf.judge)
-        out = _stage_out(args, "ppo")
         sft = copy.deepcopy(policy).eval()
         log = print if info.is_main else (lambda _m: None)
         ppo, _ = ppo_stage(cfg, policy.train(), sft, rm, tok, judge, out, device, log=log, info=info)
@@ -324,10 +334,10 @@ def cmd_dpo(args) -> int:
 
     t0 = time.time()
     cfg = _load(args)
+    out = _stage_out(args, "dpo")
     device = resolve_device(cfg.device)
     policy, cfg, tok = load_policy(cfg, args.sft, device)
     pairs = load_preferences(args.data)
-    out = _stage_out(args, "dpo")
     sft = copy.deepcopy(policy).eval()
     result = train_dpo(cfg, policy.train().requires_grad_(True), tok, pairs, out, device, cfg.rlhf.dpo_steps)
     summary = {"dpo_train_loss": result["final_train_loss"], "preference_pairs": len(pairs), "device": str(device)}
