@@ -126,7 +126,7 @@ def test_bad_stage_input_creates_no_output_directory(argv, needle, tmp_path, cap
     assert not out.exists()
 
 
-def test_a_training_stage_never_writes_into_a_directory_that_holds_something(trained_run, tmp_path, capsys):
+def test_no_stage_writes_into_a_directory_that_holds_another_run(trained_run, tmp_path, capsys):
     """`sft --out` its own pretrained run's directory used to overwrite that run's summary and config and put its
     checkpoints beside the pretraining's; every training stage now wants a new or empty directory."""
     before = {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
@@ -138,6 +138,9 @@ def test_a_training_stage_never_writes_into_a_directory_that_holds_something(tra
         code, _, err = cli(capsys, *argv, "--out", trained_run, "rlhf.max_new_tokens=8")
         assert_one_line_error(code, err, f"--out '{trained_run}' already holds checkpoints, config.yaml, "
                                          f"metrics.jsonl, ...: give a new or empty directory")
+    code, _, err = cli(capsys, "pipeline", "--out", trained_run)  # it continues only a pipeline's own directory
+    assert_one_line_error(code, err, f"--out '{trained_run}' holds checkpoints, config.yaml, metrics.jsonl, ... but "
+                                     f"no pipeline (no pretrain/ or plan.json in it)")
     assert {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()} == before
     code, _, err = cli(capsys, "sft", "--pretrained", trained_run, "--out", pairs)
     assert_one_line_error(code, err, f"--out '{pairs}' is a file")

@@ -226,13 +226,13 @@ def cmd_rlhf(args) -> int:
 def _stage_out(args, name: str) -> Path:
     """A training stage's run directory: ``--out`` (or a dated one), which must be new or empty. An SFT run given
     its pretrained run's directory used to overwrite that run's summary and config and mix its checkpoints in."""
+    from nanogpt4.utils import out_dir_entries, some_names
+
     out = args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
-    if out.is_file():
-        raise UserError(f"--out '{out}' is a file; give a new or empty directory")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    held = out_dir_entries(out)
     if held:
-        raise UserError(f"--out '{out}' already holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}: give "
-                        f"a new or empty directory, or delete it to train this stage again (nothing in it was changed)")
+        raise UserError(f"--out '{out}' already holds {some_names(held)}: give a new or empty directory, or delete "
+                        f"it to train this stage again (nothing in it was changed)")
     return out
 
 

@@ -36,6 +36,7 @@ from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.rlhf.judges import valid_python_lines
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 from nanogpt4.train.multimodal import per_type_table
+from nanogpt4.utils import out_dir_entries, some_names
 
 SAMPLE_PROMPTS = ["def", "class", "import os\n", "    for i in range("]
 
@@ -174,11 +175,23 @@ def shortened_note(plan: Plan, pretraining: DictConfig) -> str:
             f"runs the full recipe; its results are in the README.")
 
 
+def refuse_foreign_out(out_dir: Path) -> None:
+    """``--out`` must be new, empty, or a pipeline's own (``pretrain/`` or ``plan.json`` in it), which it
+    continues: given another run's directory, the pipeline wrote its summary.json over that run's and cleared
+    folders it took for its own unfinished stages."""
+    held = out_dir_entries(out_dir)
+    if held and not ((out_dir / "pretrain").is_dir() or (out_dir / "plan.json").is_file()):
+        raise UserError(f"--out '{out_dir}' holds {some_names(held)} but no "
+                        f"pipeline (no pretrain/ or plan.json in it): give a new or empty directory, or an earlier "
+                        f"pipeline's to continue it (nothing in it was changed)")
+
+
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print,
                  scale: float | None = None, minutes: float | None = None) -> dict:
     t0 = time.time()
     out_dir = Path(out_dir)
     base = load_config(config, overrides)  # a bad config fails before anything is created
+    refuse_foreign_out(out_dir)
     plan = pipeline_plan(base, out_dir, scale, minutes, log)
     cfg = scaled(base, plan.scale)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,18 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
 
+def out_dir_entries(out: Path) -> list[str]:
+    """The names ``--out`` already holds (none where it does not exist yet); a file there is refused."""
+    if out.is_file():
+        raise UserError(f"--out '{out}' is a file; give a new or empty directory")
+    return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+
+
+def some_names(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, ", ..." when there are more: a one-line error's list."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

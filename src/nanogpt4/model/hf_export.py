@@ -13,7 +13,7 @@ import torch
 from nanogpt4.data.tokenizer import EOT, PAD, BPETokenizer, Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
-from nanogpt4.utils import atomic_dir
+from nanogpt4.utils import atomic_dir, some_names
 
 
 def hf_architecture(model: Transformer) -> str:
@@ -157,5 +157,5 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
 
 def _refuse_to_replace(out_dir, other: list[str]) -> None:
     raise UserError(f"--out '{out_dir}' already holds files an export does not write "
-                    f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); give a new or empty directory "
+                    f"({some_names(other)}); give a new or empty directory "
                     f"(nothing in it was changed)")
