@@ -51,6 +51,31 @@ def test_sweep_resumes_where_it_stopped_and_prediction_is_registered_first(prepa
     assert cap["actual_neg_log_pass_rate"] > 0 and isinstance(cap["covered"], bool)
 
 
+def test_a_sweep_continues_and_predicts_only_under_its_own_settings(prepared, tmp_path):
+    """`scaling predict` without the sweep's `training.batch_size=4` trained its target on 8x the batch of the
+    runs the law was fitted to; a sweep continued with another source or dtype mixed two settings in one fit."""
+    from omegaconf import OmegaConf
+
+    from nanogpt4.scaling.sweep import SWEEP_CONFIG
+
+    base = base_cfg(prepared)
+    out = tmp_path / "sweep"
+    rows = sweep(base, out, [16], [5e8], eval_iters=2, log=quiet)
+    assert OmegaConf.load(out / SWEEP_CONFIG) == base
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = OmegaConf.merge(base, {"training": {"batch_size": 4, "dtype": "bfloat16"}})
+    with pytest.raises(UserError, match=r"was run with other settings \(training.batch_size 8 -> 4; training.dtype "
+                                        r"'float32' -> 'bfloat16'\); give this sweep its own --out, or continue it "
+                                        r"with its own settings: add training.batch_size=8 training.dtype=float32"):
+        sweep(other, out, [16, 24], [5e8], eval_iters=2, log=quiet)
+    with pytest.raises(UserError, match=r"the target must be trained as its runs were: add training.batch_size=8"):
+        predict_and_check(other, out / "sweep.jsonl", 2e9, 16, tmp_path / "predict", bootstrap=20, log=quiet)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files and not (tmp_path / "predict").exists()
+    # what the sweep sets for each run itself, and a compiled run, are not other settings
+    same = OmegaConf.merge(base, {"training": {"max_steps": 7, "eval_iters": 3, "compile": True}})
+    assert sweep(same, out, [16], [5e8], eval_iters=2, log=quiet) == rows
+
+
 def test_plan_refuses_budgets_too_small_for_a_step(prepared):
     with pytest.raises(UserError, match="no run of the sweep fits") as e:
         plan_runs(base_cfg(prepared), [16, 32], [1e3], train_tokens=10**9)

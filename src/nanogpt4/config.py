@@ -276,6 +276,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
+def _flat(node: Any, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def settings_changes(saved: DictConfig, now: DictConfig, sections: tuple[str, ...],
+                     ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, value now) for every leaf of ``sections`` that differs, ``ignore``'s keys left out."""
+    a, b = OmegaConf.to_container(saved), OmegaConf.to_container(now)
+    old = _flat({k: a.get(k) for k in sections})  # type: ignore[union-attr]
+    new = _flat({k: b.get(k) for k in sections})  # type: ignore[union-attr]
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in ignore]
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks that a type system cannot express."""
     for key, allowed in CHOICES.items():

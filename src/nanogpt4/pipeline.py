@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt4.config import load_config
+from nanogpt4.config import load_config, settings_changes
 from nanogpt4.errors import UserError
 from nanogpt4.plan import (
     DEFAULT_MINUTES,
@@ -41,24 +41,14 @@ from nanogpt4.utils import out_dir_entries, some_names
 SAMPLE_PROMPTS = ["def", "class", "import os\n", "    for i in range("]
 
 
-def _flat(node, prefix: str = "") -> dict:
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-
-
 def _check_same_settings(run_dir: Path, cfg, sections: tuple[str, ...], ignore: tuple[str, ...] = ()) -> None:
     """A stage is reused or resumed only with the settings it was trained with: reusing a 1000-step run for a
     command that now asks for 300 steps (or another scale) would report numbers that command did not produce."""
     path = run_dir / "config.yaml"
     if not path.exists():
         return
-    saved = OmegaConf.to_container(OmegaConf.load(path))
-    now = OmegaConf.to_container(cfg)
-    old = _flat({k: saved.get(k) for k in sections})
-    new = _flat({k: now.get(k) for k in sections})
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in ignore]
+    changed = [f"{k} {old!r} -> {new!r}" for k, old, new in settings_changes(OmegaConf.load(path), cfg, sections,
+                                                                              ignore)]
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UserError(f"{run_dir} was trained with other settings ({'; '.join(changed[:3])}{more}); give the "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from nanogpt4.config import settings_changes
 from nanogpt4.errors import TrainingDiverged, UserError
 from nanogpt4.scaling.accounting import meta_model
 from nanogpt4.train.trainer import STAGE_RESET
-from nanogpt4.utils import atomic_write_json, read_jsonl
+from nanogpt4.utils import atomic_write_json, atomic_write_text, read_jsonl
 
 HEAD_DIM = 16
 WIDTH_STEP = 8
@@ -156,6 +158,29 @@ def run_one(cfg: DictConfig, run_dir: Path, log, problems=None) -> dict:
     return summary
 
 
+SWEEP_CONFIG = "sweep_config.yaml"  # beside sweep.jsonl: the base config its runs were made from
+# what a sweep sets for each run itself (run_config), or what does not change a run's numbers
+SET_PER_RUN = tuple(f"training.{k}" for k in (*STAGE_RESET, "max_steps", "eval_interval", "checkpoint_interval",
+                                              "eval_iters", "log_interval", "keep_last", "compile", "tensorboard")) \
+    + ("model.n_heads", "model.n_kv_heads", "model.n_layers", "model.mup_base_dim")
+
+
+def check_sweep_config(base: DictConfig, sweep_dir: Path, fix: str) -> None:
+    """Refuse to add runs to, or predict from, a sweep whose runs were trained from another base config: a fit
+    over rows of two settings (another batch size, source, dtype, ...) or a target trained unlike its runs
+    (``scaling predict`` without the sweep's ``training.batch_size=4``) measures nothing."""
+    path = sweep_dir / SWEEP_CONFIG
+    if not path.exists():
+        return
+    changes = settings_changes(OmegaConf.load(path), base, ("model", "data", "training", "seed"), SET_PER_RUN)
+    if changes:
+        shown = "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes[:3])
+        more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+        overrides = " ".join(shlex.quote(f"{k}={'null' if old is None else old}") for k, old, _ in changes)
+        raise UserError(f"the sweep in '{sweep_dir}' was run with other settings ({shown}{more}); {fix}: add "
+                        f"{overrides} (its settings: {path})")
+
+
 def capability_problems(base: DictConfig):
     """The held-out continuation problems every run of a sweep (and its target) is scored on."""
     from nanogpt4.data.prepare import default_data_dir, load_meta
@@ -178,10 +203,13 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
         has = "an IsoFLOP grid" if kinds == {None} else f"a family at {sorted(k for k in kinds if k)} tokens/param"
         raise UserError(f"'{path}' already holds {has}; give this sweep its own --out so the fit does not mix "
                         f"two designs")
+    check_sweep_config(base, out, "give this sweep its own --out, or continue it with its own settings")
     meta = prepare_data(base, default_data_dir(base), progress=False, log=lambda _m: None,
                         keep_other=bool(base.data.dir))
     runs, skipped = plan_runs(base, dims, budgets, meta["train_tokens"], tokens_per_param)
     out.mkdir(parents=True, exist_ok=True)  # after the plan is known to hold at least one run
+    if not (out / SWEEP_CONFIG).exists():
+        atomic_write_text(out / SWEEP_CONFIG, OmegaConf.to_yaml(base))
     for s in skipped:
         log(f"skip {s}")
     done = {r["name"] for r in previous}
@@ -255,6 +283,7 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
     rows = read_jsonl(sweep_path) if sweep_path.exists() else []
     if not rows:
         raise UserError(f"no sweep results in '{sweep_path}'; run `nanogpt4 scaling sweep` first")
+    check_sweep_config(base, sweep_path.parent, "the target must be trained as its runs were")
     out.mkdir(parents=True, exist_ok=True)
     registered = out / "prediction.json"
     if registered.exists():  # the prediction was made before the target ran: never refit after seeing it
