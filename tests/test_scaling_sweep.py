@@ -71,6 +71,12 @@ def test_a_sweep_continues_and_predicts_only_under_its_own_settings(prepared, tm
     with pytest.raises(UserError, match=r"the target must be trained as its runs were: add training.batch_size=8"):
         predict_and_check(other, out / "sweep.jsonl", 2e9, 16, tmp_path / "predict", bootstrap=20, log=quiet)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files and not (tmp_path / "predict").exists()
+    # a prediction registered for one target is never checked against another
+    (tmp_path / "predict").mkdir()
+    (tmp_path / "predict" / "prediction.json").write_text(json.dumps({"target_flops": 2e9, "target_dim": 16}))
+    with pytest.raises(UserError, match=r"holds a prediction registered for another target \(--target-flops 3e\+09, "
+                                        r"registered 2e\+09\); give this target its own --out"):
+        predict_and_check(base, out / "sweep.jsonl", 3e9, 16, tmp_path / "predict", bootstrap=20, log=quiet)
     # what the sweep sets for each run itself, and a compiled run, are not other settings
     same = OmegaConf.merge(base, {"training": {"max_steps": 7, "eval_iters": 3, "compile": True}})
     assert sweep(same, out, [16], [5e8], eval_iters=2, log=quiet) == rows

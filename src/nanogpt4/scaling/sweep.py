@@ -288,6 +288,12 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
     registered = out / "prediction.json"
     if registered.exists():  # the prediction was made before the target ran: never refit after seeing it
         pred = json.loads(registered.read_text())
+        asked = [f"{flag} {mine:g}, registered {pred[key]:g}" for flag, mine, key in
+                 (("--target-flops", target_budget, "target_flops"), ("--target-dim", target_dim, "target_dim"))
+                 if mine is not None and not math.isclose(mine, pred[key], rel_tol=1e-9)]
+        if asked:  # the rerun would check the registered target, not the one asked for
+            raise UserError(f"'{out}' holds a prediction registered for another target ({'; '.join(asked)}); "
+                            f"give this target its own --out (nothing was changed)")
         log(f"using the registered prediction from {pred['registered_at']}")
     else:
         compute, loss, chosen = frontier(rows)
