@@ -75,3 +75,25 @@ def test_missing_and_malformed_files(tmp_path, monkeypatch):
     typo.write_text("model:\n  n_layer: 3\n")
     with pytest.raises(UserError, match="did you mean 'model.n_layers'"):
         load_config(typo)
+
+
+def test_a_config_extends_a_preset_or_another_file(tmp_path):
+    """A partial YAML used to get the schema's defaults (the seed's GPT-2 shape: 768 wide, vocab 50,257, lr 6e-5)
+    for every key it left out; ``extends: tiny`` starts it from the preset instead."""
+    tiny = load_config("tiny")
+    (tmp_path / "wide.yaml").write_text("extends: tiny\nmodel:\n  dim: 256\n  n_heads: 8\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "short.yaml").write_text("extends: ../wide.yaml\ntraining:\n  max_steps: 7\n")
+    cfg = load_config(tmp_path / "sub" / "short.yaml", ["training.learning_rate=1e-3"])
+    assert (cfg.model.dim, cfg.model.n_heads, cfg.training.max_steps, cfg.training.learning_rate) == (256, 8, 7, 1e-3)
+    for key in ("model.n_layers", "model.vocab_size", "training.batch_size", "data.source"):  # tiny's, not base's
+        assert cfg[key.split(".")[0]][key.split(".")[1]] == tiny[key.split(".")[0]][key.split(".")[1]]
+    assert "extends" not in cfg
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    (tmp_path / "list.yaml").write_text("extends: [tiny]\n")
+    (tmp_path / "gone.yaml").write_text("extends: nope.yaml\n")
+    for name, said in [("a.yaml", "extends itself"), ("list.yaml", "extends must be a preset name"),
+                       ("gone.yaml", "extends 'nope.yaml', which is not there")]:
+        with pytest.raises(UserError, match=said):
+            load_config(tmp_path / name)

@@ -249,18 +249,38 @@ def _merge(base: DictConfig, other: Any, where: str, schema: DictConfig) -> Dict
         raise UserError(f"invalid config in {where}: {str(e).splitlines()[0]}") from None
 
 
+def _config_files(path: str | os.PathLike, beside: Path | None = None,
+                  chain: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """A config file and the files it ``extends:`` (a preset name or a YAML path, relative to the file that names
+    it), the furthest ancestor first: a partial YAML that extends ``tiny`` gets tiny's settings, not the schema's
+    (the seed's GPT-2 shape) for every key it leaves out."""
+    try:
+        p = beside / path if beside is not None and (beside / path).is_file() else resolve_config_path(path)
+    except UserError as e:
+        if not chain:
+            raise
+        raise UserError(f"config '{chain[-1]}' extends '{path}', which is not there: {e}") from None
+    if p.resolve() in chain:
+        raise UserError(f"config '{p}' extends itself ({' -> '.join(str(c) for c in (*chain, p.resolve()))})")
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as e:  # yaml errors carry multi-line context; keep the first line
+        raise UserError(f"cannot parse config '{p}': {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise UserError(f"config '{p}' must be a YAML mapping of sections (model:, training:, ...)")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return [(p, loaded)]
+    if not isinstance(parent, str):
+        raise UserError(f"config '{p}': extends must be a preset name (tiny, base) or a YAML path, got {parent!r}")
+    return [*_config_files(parent, p.parent, (*chain, p.resolve())), (p, loaded)]
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Load a YAML config (or a preset name) over the typed defaults, apply ``key=value`` overrides."""
     schema = OmegaConf.structured(Config)
     cfg = schema
-    if path is not None:
-        p = resolve_config_path(path)
-        try:
-            loaded = OmegaConf.load(p)
-        except Exception as e:  # yaml errors carry multi-line context; keep the first line
-            raise UserError(f"cannot parse config '{p}': {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, DictConfig):
-            raise UserError(f"config '{p}' must be a YAML mapping of sections (model:, training:, ...)")
+    for p, loaded in _config_files(path) if path is not None else []:
         cfg = _merge(cfg, loaded, f"'{p}'", schema)
     for item in overrides:
         if "=" not in item:
