@@ -469,6 +469,32 @@ def test_multimodal_command_from_a_pretrained_run(prepared, tmp_path, capsys, mo
         assert "nanogpt4 ask" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
+def test_your_own_rows_are_reported_with_their_controls(tmp_path, capsys):
+    """On `multimodal.data=jsonl:` rows the blank-image control and the question-only prior read None (they
+    were taken from the scenes and digits only) and the command printed "scenes None, digits None"."""
+    from PIL import Image
+
+    from nanogpt4.cli import main
+
+    rows = []
+    for i in range(40):
+        colour = ("red", "green")[i // 10 % 2]  # held out: rows 0, 10, 20, 30
+        Image.new("RGB", (24, 24), (255, 0, 0) if colour == "red" else (0, 255, 0)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "prompt": "what colour is it?", "answer": colour}))
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "mm"
+    assert main(["multimodal", "--out", str(out), f"multimodal.data=jsonl:{tmp_path / 'rows.jsonl'}", *MM_SMALL]) == 0
+    said = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scenes_accuracy"] is None and summary["digits_accuracy"] is None
+    for key in ("custom_accuracy", "text_only_accuracy", "prior_accuracy"):
+        assert 0 <= summary[key] <= 1, key
+    assert summary["prior_accuracy"] == 0.5  # 2 held-out rows of each colour: the prior answers one colour
+    assert f"multimodal: your data {summary['custom_accuracy']}, text-only control" in said
+    report = (out / "report.md").read_text()
+    assert "your data's accuracy" in report and "scenes accuracy" not in report
+
+
 def test_multimodal_command_bad_input(tmp_path, capsys):
     from nanogpt4.cli import main
 

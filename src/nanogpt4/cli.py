@@ -359,8 +359,9 @@ def cmd_multimodal(args) -> int:
                         f"or leave it out to train the language model from scratch")
     out = _stage_out(args, "multimodal")
     summary = run_multimodal(cfg, args.pretrained, out, progress=_progress())
-    print(f"multimodal: scenes {summary['scenes_accuracy']}, digits {summary['digits_accuracy']}, "
-          f"text-only control {summary['text_only_accuracy']}; report: {out / 'report.md'}; "
+    accuracy = (f"your data {summary['custom_accuracy']}" if summary.get("custom_accuracy") is not None
+                else f"scenes {summary['scenes_accuracy']}, digits {summary['digits_accuracy']}")
+    print(f"multimodal: {accuracy}, text-only control {summary['text_only_accuracy']}; report: {out / 'report.md'}; "
           f"ask it: nanogpt4 ask --run {out} --image FILE")
     return _finish(args, summary)
 

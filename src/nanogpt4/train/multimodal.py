@@ -268,6 +268,11 @@ def summarise(items: list[VQAItem], answers: list[str]) -> dict:
             "per_type": per}
 
 
+def headline_accuracy(s: dict) -> float | None:
+    """``summarise``'s accuracy on the scenes, else on the digits, else on your own rows."""
+    return next((s[k] for k in ("scenes_accuracy", "digits_accuracy", "custom_accuracy") if s[k] is not None), None)
+
+
 # ------------------------------------------------------------------------------------------- the stage
 def predicted_evaluation_s(probe_s: list[float], n_probe: int, n_eval: int, fallback_s: float) -> float:
     """Seconds of the stage's held-out evaluation, which answers each of its ``n_eval`` questions twice (with the
@@ -396,11 +401,12 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
     prior = question_only_prior(source, eval_items)
     summary.update(summarise(eval_items, with_image))
     s_blank, s_prior = summarise(eval_items, blank), summarise(eval_items, prior)
-    summary["text_only_accuracy"] = s_blank["scenes_accuracy"] if s_blank["scenes_accuracy"] is not None \
-        else s_blank["digits_accuracy"]
+    # the controls of the headline accuracy: the scenes', else the digits' or (multimodal.data=jsonl:) your data's
+    summary["text_only_accuracy"] = headline_accuracy(s_blank)
     summary["text_only_digits_accuracy"] = s_blank["digits_accuracy"]
     summary["text_only_per_type"] = s_blank["per_type"]
-    summary["prior_accuracy"] = s_prior["scenes_accuracy"]
+    summary["prior_accuracy"] = s_prior["scenes_accuracy"] if s_blank["scenes_accuracy"] is not None \
+        else s_prior["custom_accuracy"]
     summary["prior_per_type"] = s_prior["per_type"]
     summary["examples_eval"] = len(eval_items)
     summary["eval_counts"] = dict(Counter(it.kind for it in eval_items))
@@ -468,11 +474,16 @@ def write_multimodal_report(out: Path, summary: dict, examples) -> None:
              f"LM: {summary['lm_pretrained'] or 'trained from scratch'}; training {summary['train_s']:.0f} s.", "",
              per_type_table(summary)]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    lines += ["", f"- scenes accuracy (5 question types): {fmt(summary['scenes_accuracy'])}",
-              f"- digits accuracy: {fmt(summary['digits_accuracy'])}",
+    mine = summary.get("custom_accuracy") is not None  # multimodal.data=jsonl: your rows, not the scenes and digits
+    lines += ["", *([f"- your data's accuracy (every 10th row, held out): {fmt(summary['custom_accuracy'])}, "
+                     f"question-only prior {fmt(summary['prior_accuracy'])}"] if mine else
+                    [f"- scenes accuracy (5 question types): {fmt(summary['scenes_accuracy'])}",
+                     f"- digits accuracy: {fmt(summary['digits_accuracy'])}"]),
               f"- text-only control (blank image): {fmt(summary['text_only_accuracy'])}",
-              f"- caption exact match: {fmt(summary['caption_exact_match'])}, BLEU {fmt(summary['caption_bleu'])}",
+              *([] if mine else [f"- caption exact match: {fmt(summary['caption_exact_match'])}, "
+                                 f"BLEU {fmt(summary['caption_bleu'])}"]),
               "", "![examples](plots/examples.png)", "",
-              f"Ask it about your own image: `nanogpt4 ask --run {out} --image FILE --question \"what colour is the "
-              f"circle?\"` (without `--question` it captions).", ""]
+              f"Ask it about your own image: `nanogpt4 ask --run {out} --image FILE --question "
+              + ("\"...\"` (a question like your rows').\n" if mine else
+                 "\"what colour is the circle?\"` (without `--question` it captions).\n")]
     atomic_write_text(out / "report.md", "\n".join(lines))
