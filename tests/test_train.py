@@ -326,6 +326,22 @@ def test_a_resume_reads_its_data_with_its_own_tokenizer_and_a_refused_one_change
     assert not (tmp_path / "fresh").exists() and not (tmp_path / "other").exists()
 
 
+def test_a_validation_split_too_short_for_a_window_leaves_no_run_behind(prepared, tmp_path):
+    """The refusal came after the run directory was made: it left a run holding only config.yaml."""
+    ov, _ = prepared
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    (tmp_path / "short.txt").write_text("\n".join(" ".join(words[(i + j) % 10] for j in range(6)) for i in range(40)))
+    ov = [o for o in ov if not o.startswith(("data.dir=", "data.source="))]
+    ov += [f"data.source=text:{tmp_path / 'short.txt'}", f"data.dir={tmp_path / 'data'}", "training.max_steps=1"]
+    with pytest.raises(UserError, match=r"val.bin' has \d+ tokens, fewer than one batch needs \(33\); use more "
+                                        r"text, a larger data.val_fraction \(now 0.05\)"):
+        pretrain(load_config("tiny", ov), tmp_path / "r", progress=False, log=quiet)
+    assert not (tmp_path / "r").exists()
+    ov = [f"data.dir={tmp_path / 'more'}" if o.startswith("data.dir=") else o for o in ov]
+    assert pretrain(load_config("tiny", [*ov, "data.val_fraction=0.3"]), tmp_path / "r", progress=False,
+                    log=quiet)["steps"] == 1
+
+
 def test_a_data_dir_prepared_with_other_settings_is_never_overwritten(prepared, tmp_path):
     import shutil
 

@@ -26,7 +26,8 @@ def _mix(*xs: int) -> int:
 class TokenWindows:
     """Random windows of ``seq_len + 1`` tokens from ``path``; ``batch(step, rows)`` -> (x, y)."""
 
-    def __init__(self, path: str | Path, seq_len: int, dtype: str, seed: int, min_sequences: int = 1):
+    def __init__(self, path: str | Path, seq_len: int, dtype: str, seed: int, min_sequences: int = 1,
+                 fix: str = "use more text or a smaller model.max_seq_len / training.batch_size"):
         path = Path(path)
         if not path.exists():
             raise UserError(f"token file '{path}' is missing; run `nanogpt4 prepare` first")
@@ -35,8 +36,7 @@ class TokenWindows:
         self.seed = seed
         need = seq_len + min_sequences
         if len(self.data) < need:
-            raise UserError(f"'{path}' has {len(self.data):,} tokens, fewer than one batch needs ({need:,}); "
-                            f"use more text or a smaller model.max_seq_len / training.batch_size")
+            raise UserError(f"'{path}' has {len(self.data):,} tokens, fewer than one batch needs ({need:,}); {fix}")
 
     def __len__(self) -> int:
         return len(self.data)

@@ -133,15 +133,13 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
     wait_for = None  # set on success only: a failed rank must not leave the others waiting at a barrier
     try:
         data_dir = default_data_dir(cfg)
-        if info.is_main:  # the run directory is made once its data exists: bad data leaves no run behind
+        if info.is_main:
             refuse_existing_run(run_dir, resume)
             if resume:
                 refuse_finished_resume(run_dir, cfg)
             prepare_data(cfg, data_dir, progress=progress, log=log, keep_other=bool(cfg.data.dir))
-            if resume:  # its config.yaml is rewritten once its checkpoint has loaded
+            if resume:
                 refuse_other_tokenizer(run_dir, data_dir, cfg)
-            else:
-                init_run_dir(run_dir, cfg)
         barrier(info)
         meta = load_meta(data_dir)
         if meta["vocab_size"] > cfg.model.vocab_size:
@@ -151,7 +149,9 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
         tc = cfg.training
         T = cfg.model.max_seq_len
         train = TokenWindows(data_dir / "train.bin", T, meta["dtype"], cfg.seed, min_sequences=tc.batch_size)
-        val = TokenWindows(data_dir / "val.bin", T, meta["dtype"], cfg.seed + 1)
+        val = TokenWindows(data_dir / "val.bin", T, meta["dtype"], cfg.seed + 1,
+                           fix=f"use more text, a larger data.val_fraction (now {cfg.data.val_fraction:g}) or a "
+                               f"smaller model.max_seq_len")
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg).to(device)
         dtype = resolve_dtype(tc.dtype, device)
@@ -161,6 +161,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             f"{fpt / 1e6:.1f} MFLOP/token, device {device}, {str(dtype).replace('torch.', '')}"
             + (f", {info.world_size} ranks" if info.enabled else ""))
         if info.is_main:
+            if not resume:  # made once its data has windows for a batch: bad input leaves no run directory behind
+                init_run_dir(run_dir, cfg)
             shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
         trainer = Trainer(
             cfg, model, LMBatches(train, tc.batch_size), run_dir, info, device,
@@ -171,7 +173,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             tokenizer_path=run_dir / "tokenizer.json", flops_per_token=fpt, progress=progress, log=log)
         if resume:
             trainer.resume()
-            if info.is_main:
+            if info.is_main:  # a resume's overrides are written once its checkpoint has loaded
                 init_run_dir(run_dir, cfg)
         t_train = time.time()
         result = trainer.fit()
