@@ -330,3 +330,18 @@ def test_a_diverging_stage_names_its_own_learning_rate_setting(tiny, corpus_dir,
     with pytest.raises(TrainingDiverged, match=r"lower rlhf\.sft_learning_rate \(now 100000\)"):
         # a copy: the module's shared model must not be left with broken weights
         train_sft(cfg, copy.deepcopy(base), tok, examples, tmp_path / "sft", torch.device("cpu"), log=lambda _m: None)
+
+
+def test_prompts_from_prose_say_which_judge_reads_them(tmp_path):
+    """PPO on a run pretrained on prose failed with "no function definitions found in the corpus", naming
+    neither the corpus nor the setting that takes prose."""
+    from nanogpt4.rlhf.run import make_tasks
+
+    (tmp_path / "prose.txt").write_text("".join(f"line {i} of a story that has no code in it.\n" for i in range(400)))
+    cfg = load_config("tiny", [f"data.source=text:{tmp_path / 'prose.txt'}"])
+    with pytest.raises(UserError, match=r"no function definitions .* give rlhf.judge=sentiment or a module:function "
+                                        r"judge, whose prompts are the text's own lines \(data.source=text:.*prose"):
+        make_tasks(cfg, 4, "train", 0)
+    cfg = load_config("tiny", [f"data.source=text:{tmp_path / 'prose.txt'}", "rlhf.judge=sentiment"])
+    tasks = make_tasks(cfg, 4, "train", 0)
+    assert len(tasks) == 4 and all("line" in t.prompt + t.response for t in tasks)

@@ -130,7 +130,9 @@ def code_completion_examples(docs: list[str], n: int, seed: int, prompt_lines: t
         lines = doc.splitlines(keepends=True)
         starts += [(di, i) for i, line in enumerate(lines) if line.lstrip().startswith("def ")]
     if not starts:
-        raise UserError("no function definitions found in the corpus for code-completion prompts")
+        raise UserError("the corpus has no function definitions ('def' lines) for the python-syntax judge's code "
+                        "prompts; for other text give rlhf.judge=sentiment or a module:function judge, whose "
+                        "prompts are the text's own lines")
     out = []
     for _ in range(50 * n):
         if len(out) >= n:

@@ -56,7 +56,10 @@ def make_tasks(cfg: DictConfig, n: int, split: str, seed: int) -> list[Example]:
                          cfg.data.cache_dir)
     docs = corpus.train if split == "train" else corpus.val
     if cfg.rlhf.judge == "python-syntax":
-        return code_completion_examples(docs, n, seed)
+        try:
+            return code_completion_examples(docs, n, seed)
+        except UserError as e:  # the prompts come from the run's pretraining data: say which
+            raise UserError(f"{e} (data.source={cfg.data.source}, from the run)") from None
     return line_examples(docs, n, seed)
 
 
