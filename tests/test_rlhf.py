@@ -15,6 +15,7 @@ from nanogpt4.rlhf.data import (
     encode_example,
     format_chat,
     load_preferences,
+    load_prompts,
     load_sft,
 )
 from nanogpt4.rlhf.judges import (
@@ -246,6 +247,12 @@ def test_stage_commands_chain_sft_reward_ppo_dpo(prepared, tmp_path, capsys):
                           "--out", str(tmp_path / "ppo2"), *small], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["processes"] == 2
+    # PPO on your own prompts: the reward stage's preference file as it is, every 10th prompt held out
+    prefs = tmp_path / "rm" / "preferences.jsonl"
+    held_out = load_prompts(prefs)[1]
+    mine = run("ppo", "--sft", str(tmp_path / "sft"), "--reward", str(tmp_path / "rm"), "--out",
+               str(tmp_path / "ppo-mine"), "--prompts", str(prefs))
+    assert mine["prompts_eval"] == min(16, len(held_out)) != ppo["prompts_eval"]
     dpo = run("dpo", "--sft", str(tmp_path / "sft"), "--data", str(tmp_path / "rm" / "preferences.jsonl"),
               "--out", str(tmp_path / "dpo"), "--no-eval")
     assert dpo["preference_pairs"] > 0
@@ -345,3 +352,27 @@ def test_prompts_from_prose_say_which_judge_reads_them(tmp_path):
     cfg = load_config("tiny", [f"data.source=text:{tmp_path / 'prose.txt'}", "rlhf.judge=sentiment"])
     tasks = make_tasks(cfg, 4, "train", 0)
     assert len(tasks) == 4 and all("line" in t.prompt + t.response for t in tasks)
+
+
+def test_ppo_prompts_load_from_preference_sft_and_chat_rows(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(12)]
+    rows += [{"prompt": "p3", "response": "again"},  # a repeated prompt counts once
+             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+             {"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: q\n\nAssistant: bad"}]
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held_out = load_prompts(f)
+    found = [f"p{i}" for i in range(12)] + ["<|user|>hi<|end|><|assistant|>", "<|user|>q<|end|><|assistant|>"]
+    assert held_out == ["p0", "p10"] and train == [p for p in found if p not in held_out]
+    f.write_text(json.dumps({"prompt": "only"}) + "\n" + json.dumps({"prompt": "only"}) + "\n")
+    with pytest.raises(UserError, match="holds 1 distinct prompt"):
+        load_prompts(f)
+    f.write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"prompts.jsonl:1: expected a string field prompt"):
+        load_prompts(f)
+    from nanogpt4.rlhf.run import rollout_order
+
+    order = rollout_order(train, 25, seed=0)  # 12 prompts, 25 rollouts: three passes, each a new order
+    passes = [order[i:i + 12] for i in range(0, len(order), 12)]
+    assert len(order) == 36 and all(sorted(p) == sorted(train) for p in passes) and passes[0] != passes[1]
+    assert rollout_order(train, 25, seed=0) == order

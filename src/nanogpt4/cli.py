@@ -292,6 +292,7 @@ def cmd_ppo(args) -> int:
     import copy
 
     from nanogpt4.rlhf import RewardModel
+    from nanogpt4.rlhf.data import load_prompts
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import check_same_trunk, evaluate_policies, load_policy, ppo_kl, ppo_stage, save_policy
     from nanogpt4.train.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -300,6 +301,7 @@ def cmd_ppo(args) -> int:
     t0 = time.time()
     cfg = _load(args)
     out = _stage_out(args, "ppo")  # every rank reads the same directory: all refuse, before any collective
+    train_prompts, eval_prompts = load_prompts(args.prompts) if args.prompts else (None, None)
     info, device = init_distributed(resolve_device(cfg.device))
     try:
         policy, cfg, tok = load_policy(cfg, args.sft, device)
@@ -309,11 +311,13 @@ def cmd_ppo(args) -> int:
         judge = load_judge(cfg.rlhf.judge)
         sft = copy.deepcopy(policy).eval()
         log = print if info.is_main else (lambda _m: None)
-        ppo, _ = ppo_stage(cfg, policy.train(), sft, rm, tok, judge, out, device, log=log, info=info)
+        ppo, _ = ppo_stage(cfg, policy.train(), sft, rm, tok, judge, out, device, log=log, info=info,
+                           prompts=train_prompts)
         ppo.info = DistInfo()  # training is over: rank 0 evaluates alone, without collectives
         if not info.is_main:
             return 0
-        results, prompts, _ = evaluate_policies(cfg, {"sft": sft, "ppo": policy}, tok, judge, device)
+        results, prompts, _ = evaluate_policies(cfg, {"sft": sft, "ppo": policy}, tok, judge, device,
+                                                prompts=eval_prompts)
         summary = {**results, "kl_ppo": ppo_kl(ppo, prompts), "processes": info.world_size, "device": str(device),
                    "wall_s": time.time() - t0}
         save_policy(out, cfg.rlhf.ppo_steps, policy, cfg, tok)
@@ -469,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--sft", type=Path, required=True, help="a `nanogpt4 sft` run directory")
     p.add_argument("--reward", type=Path, required=True, help="a `nanogpt4 reward` run directory")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help='jsonl whose rows\' "prompt" (or chat "messages") are rolled out, every 10th held out for '
+                        'the evaluation; a preference or SFT file works as it is (default: the tasks of the run\'s '
+                        'corpus)')
     p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("dpo", help="direct preference optimisation against the frozen SFT model")

@@ -115,6 +115,26 @@ def load_preferences(path: str | Path, max_rows: int | None = None) -> list[Pref
     return out
 
 
+def load_prompts(path: str | Path) -> tuple[list[str], list[str]]:
+    """(rollout prompts, held-out prompts) from a jsonl: a row's ``prompt``, the prompt of its ``messages`` or
+    of an HH-RLHF pair, so a preference or SFT file serves as it is. Repeated prompts count once; every 10th
+    of them is held out for evaluation."""
+    prompts: dict[str, None] = {}
+    for where, row in _rows(path):
+        if isinstance(row.get("prompt"), str):
+            prompts[row["prompt"]] = None
+        elif "messages" in row:
+            prompts[format_chat(row["messages"], where).prompt] = None
+        elif isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+            prompts[preference_from_row(row, where).prompt] = None
+        else:
+            raise UserError(f"{where}: expected a string field prompt (or messages, or HH-RLHF's chosen/rejected)")
+    found = list(prompts)
+    if len(found) < 2:
+        raise UserError(f"'{path}' holds {len(found)} distinct prompt(s); PPO needs at least 2 (one is held out)")
+    return [p for i, p in enumerate(found) if i % 10], found[::10]
+
+
 def code_completion_examples(docs: list[str], n: int, seed: int, prompt_lines: tuple[int, int] = (3, 8),
                              response_lines: tuple[int, int] = (1, 3), require_valid: bool = True) -> list[Example]:
     """Real code tasks from a corpus: the first lines of a function as the prompt, the next lines as response.

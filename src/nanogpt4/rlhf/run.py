@@ -218,10 +218,20 @@ def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, 
     return rm, stats
 
 
+def rollout_order(prompts: list[str], n: int, seed: int) -> list[str]:
+    """At least ``n`` prompts: passes over ``prompts``, each in a new order (the same on every rank)."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        out += rng.sample(prompts, len(prompts))
+    return out
+
+
 def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Path, device,
-              log=print, info: DistInfo | None = None) -> tuple[PPOTrainer, list[dict]]:
+              log=print, info: DistInfo | None = None,
+              prompts: list[str] | None = None) -> tuple[PPOTrainer, list[dict]]:
     """PPO against the learned reward; the judge only watches. ``policy`` is trained in place. Under torchrun
-    (``info``) each rank rolls out its share of every rollout batch; rank 0 logs."""
+    (``info``) each rank rolls out its share of every rollout batch; rank 0 logs. ``prompts``: your own (each
+    pass over them in a new order), else the run corpus' tasks."""
     r = cfg.rlhf
     info = info or DistInfo()
     if r.rollout_batch_size % info.world_size or r.mini_batch_size % info.world_size:
@@ -236,7 +246,9 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     ppo = PPOTrainer(policy, score_fn, tok, r, value_model=value.to(device), ref_policy=sft,
                      learning_rate=r.ppo_learning_rate, no_eos_penalty=r.no_eos_penalty, seed=cfg.seed, info=info,
                      dtype=resolve_dtype(cfg.training.dtype, device))
-    ppo_prompts = [e.prompt for e in make_tasks(cfg, r.ppo_steps * r.rollout_batch_size, "train", cfg.seed + 2)]
+    need = r.ppo_steps * r.rollout_batch_size
+    ppo_prompts = ([e.prompt for e in make_tasks(cfg, need, "train", cfg.seed + 2)] if prompts is None
+                   else rollout_order(prompts, need, cfg.seed + 2))
     out.mkdir(parents=True, exist_ok=True)
     history = []
     for step in range(r.ppo_steps):
@@ -258,11 +270,13 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
 
 
 def evaluate_policies(cfg: DictConfig, policies: dict, tok, judge, device, rm: RewardModel | None = None,
-                      best_of_base=None) -> tuple[dict, list[str], dict]:
+                      best_of_base=None, prompts: list[str] | None = None) -> tuple[dict, list[str], dict]:
     """Mean held-out judge score (with a 95% interval) of each policy, and best-of-n of ``best_of_base``
-    ranked by ``rm``. Returns (summary entries, prompts, samples)."""
+    ranked by ``rm``, on ``prompts`` (at most ``rlhf.eval_prompts``; default: the run corpus' held-out tasks).
+    Returns (summary entries, prompts, samples)."""
     r, L = cfg.rlhf, cfg.model.max_seq_len
-    prompts = [e.prompt for e in make_tasks(cfg, r.eval_prompts, "val", cfg.seed + 3)]
+    prompts = (prompts[:r.eval_prompts] if prompts is not None
+               else [e.prompt for e in make_tasks(cfg, r.eval_prompts, "val", cfg.seed + 3)])
     results, samples = {}, {}
     for name, model in policies.items():
         samples[name] = generate_responses(model.eval(), tok, prompts, r.max_new_tokens, 1.0, seed=7)
