@@ -53,6 +53,20 @@ def test_a_command_that_trains_in_one_process_refuses_torchrun_once_and_writes_n
     assert not (tmp_path / "mm").exists()
 
 
+def test_a_refusal_on_rank_zero_is_said_once_and_the_other_ranks_leave_quietly(prepared, tmp_path):
+    """Rank 0's checks (an existing run, a finished resume, other data) ran before a barrier: the other ranks,
+    left waiting for a rank that had exited, died with a traceback each."""
+    ov, _ = prepared
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 1}\n')
+    res = torchrun(tmp_path / "r", ov, expect_rc=2)
+    said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert said == [f"error: run directory '{tmp_path / 'r'}' already holds a run; pass --resume to continue it or "
+                    f"choose another --out"], res.stderr[-3000:]
+    assert "[rank1]" not in res.stderr and "exitcode: 2" in res.stderr, res.stderr[-3000:]
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.__version__ < (2, 9), reason="FSDP2 trains right on the CPU from torch 2.9")
 def test_fsdp_two_processes_trains_and_checkpoints(prepared, tmp_path):

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanogpt4.errors import DiskFull, TrainingStopped, UserError
+from nanogpt4.errors import DiskFull, SaidByRankZero, TrainingStopped, UserError
 
 
 def _common(p: argparse.ArgumentParser, config_default: str | None = "tiny") -> None:
@@ -629,6 +629,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         return args.func(args)
+    except SaidByRankZero:  # another torchrun rank, whose rank 0 printed the error
+        return 2
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

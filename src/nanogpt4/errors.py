@@ -8,6 +8,10 @@ class UserError(Exception):
     """
 
 
+class SaidByRankZero(UserError):
+    """Under torchrun, rank 0's error on every other rank: those exit with its code without repeating it."""
+
+
 class DiskFull(UserError):
     """A write failed because the disk (or the user's quota) is full; what was written before is intact."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nanogpt4.errors import UserError
+from nanogpt4.errors import SaidByRankZero, UserError
 
 
 @dataclass
@@ -98,6 +99,30 @@ def leave_rank(code: int) -> None:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def on_rank_zero(info: DistInfo, device: torch.device, work: Callable[[], None]) -> None:
+    """``work`` (checks and preparation only rank 0 does) on rank 0, the others waiting for it. Its UserError is
+    raised on every rank (``SaidByRankZero`` on the others, which exit quietly): at a plain barrier they were left
+    waiting for a rank that had exited, and died with a traceback of their own."""
+    error = None
+    if info.is_main:
+        try:
+            work()
+        except UserError as e:
+            if not info.enabled:
+                raise
+            error = str(e)
+    if info.enabled:  # the message as UTF-8 bytes in a tensor (no pickling), its length first
+        data = (error or "").encode()
+        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        dist.broadcast(size, src=0)
+        if size.item():
+            buf = torch.tensor(list(data), dtype=torch.uint8, device=device) if info.is_main else \
+                torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+            dist.broadcast(buf, src=0)
+            error = bytes(buf.cpu().tolist()).decode()
+            raise UserError(error) if info.is_main else SaidByRankZero(error)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -17,7 +17,7 @@ from nanogpt4.data.tokenizer import Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
 from nanogpt4.train.checkpoint import list_checkpoints, load_trainer_state
-from nanogpt4.train.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from nanogpt4.train.distributed import DistInfo, init_distributed, on_rank_zero, shutdown_distributed
 from nanogpt4.train.trainer import Trainer, budget_spent, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, autocast_ctx, resolve_device, resolve_dtype
 
@@ -133,14 +133,15 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
     wait_for = None  # set on success only: a failed rank must not leave the others waiting at a barrier
     try:
         data_dir = default_data_dir(cfg)
-        if info.is_main:
+        def check_and_prepare() -> None:
             refuse_existing_run(run_dir, resume)
             if resume:
                 refuse_finished_resume(run_dir, cfg)
             prepare_data(cfg, data_dir, progress=progress, log=log, keep_other=bool(cfg.data.dir))
             if resume:
                 refuse_other_tokenizer(run_dir, data_dir, cfg)
-        barrier(info)
+
+        on_rank_zero(info, device, check_and_prepare)
         meta = load_meta(data_dir)
         if meta["vocab_size"] > cfg.model.vocab_size:
             raise UserError(f"data in '{data_dir}' uses {meta['vocab_size']} tokens but model.vocab_size="
