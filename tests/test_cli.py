@@ -473,9 +473,12 @@ def test_scaling_fit_cli_and_errors(tmp_path, capsys):
     grid = [{"flops": r["flops"], "budget": r["flops"], "val_loss": r["val_loss"] + extra}
             for r in rows for extra in (0.0, 0.3)]
     sweep.write_text("".join(json.dumps(r) + "\n" for r in grid))
-    code, out, _ = cli(capsys, "scaling", "fit", "--sweep", sweep, "--bootstrap", "0", "--json")
+    code, out, _ = cli(capsys, "scaling", "fit", "--sweep", tmp_path, "--bootstrap", "0", "--json")  # its directory
     result = json.loads(out.strip().splitlines()[-1])
     assert (result["n_runs"], result["n_rows"]) == (6, 12) and result["fit"]["c"] == pytest.approx(2.0, abs=1e-3)
+    (tmp_path / "runs").mkdir()  # a directory without a sweep used to read as "data file not found"
+    code, _, err = cli(capsys, "scaling", "fit", "--sweep", tmp_path / "runs")
+    assert_one_line_error(code, err, f"--sweep '{tmp_path / 'runs'}' is a directory without a sweep.jsonl")
     # runs that curve downward in log-log (small models before the power law sets in): the hindcast warns
     bent = [{"flops": float(c), "val_loss": float(6.0 - 0.05 * np.log(c / 1e12) ** 2)} for c in np.logspace(12, 14, 6)]
     sweep.write_text("".join(json.dumps(r) + "\n" for r in bent))

@@ -519,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mfu", type=float, default=0.4, help="utilisation assumed with --minutes")
     sp.set_defaults(func=cmd_scaling)
     sp = ssub.add_parser("fit", help="fit L(C) = a*C^b + c (and Chinchilla's L(N, D)) to a sweep")
-    sp.add_argument("--sweep", type=Path, required=True, help="sweep.jsonl: one pretrain summary per line")
+    sp.add_argument("--sweep", type=Path, required=True,
+                    help="a sweep's directory or its sweep.jsonl, or any JSONL of pretrain summaries (one per line)")
     sp.add_argument("--target-flops", type=float, default=None, help="predict the loss at this compute")
     sp.add_argument("--bootstrap", type=int, default=200)
     sp.add_argument("--out", type=Path, default=None, help="directory for scaling_fit.png")
@@ -537,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_scaling)
     sp = ssub.add_parser("predict", help="register a prediction from a sweep, run the target, check it")
     _common(sp)
-    sp.add_argument("--sweep", type=Path, required=True)
+    sp.add_argument("--sweep", type=Path, required=True, help="the sweep's directory or its sweep.jsonl")
     sp.add_argument("--target-flops", type=float, default=None,
                     help="the target's compute (for a --tokens-per-param family it follows from --target-dim)")
     sp.add_argument("--target-dim", type=int, default=None, help="default: the width the fitted law prefers")

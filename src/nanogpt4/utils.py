@@ -143,6 +143,8 @@ def iter_jsonl_objects(path: str | os.PathLike, text: str | None = None) -> Iter
     """(line number, object) for each non-blank line; a malformed line is a UserError naming file and line."""
     path = Path(path)
     if text is None:
+        if path.is_dir():
+            raise UserError(f"'{path}' is a directory; give a JSONL file (one JSON object per line)")
         if not path.is_file():
             raise UserError(f"data file '{path}' not found")
         text = path.read_text(encoding="utf-8")

@@ -54,6 +54,16 @@ def cmd_plan(args, cfg) -> dict:
     return result
 
 
+def sweep_file(path: Path) -> Path:
+    """``--sweep``: a JSONL file, or the directory `scaling sweep --out` wrote (its sweep.jsonl)."""
+    if path.is_dir():
+        if not (path / "sweep.jsonl").is_file():
+            raise UserError(f"--sweep '{path}' is a directory without a sweep.jsonl; give the sweep's directory or "
+                            f"its sweep.jsonl (or a JSONL file of pretrain summaries)")
+        return path / "sweep.jsonl"
+    return path
+
+
 def load_runs(path: Path) -> list[dict]:
     if not path.exists():
         raise UserError(f"sweep file '{path}' not found; give a JSONL file of pretrain summaries, one run per line")
@@ -71,7 +81,7 @@ def cmd_fit(args) -> dict:
     from nanogpt4.scaling.laws import fit_chinchilla, fit_power_law, hindcast, hindcast_warning
     from nanogpt4.scaling.sweep import frontier
 
-    rows = load_runs(args.sweep)
+    rows = load_runs(sweep_file(args.sweep))
     compute, loss, chosen = frontier(rows)  # an IsoFLOP grid's minima, as `scaling predict` fits
     fit = fit_power_law(compute, loss, bootstrap=args.bootstrap)
     check = hindcast(compute, loss)
@@ -196,8 +206,9 @@ def cmd_predict(args, cfg) -> dict:
     from nanogpt4.scaling.sweep import predict_and_check
     from nanogpt4.utils import atomic_write_json
 
-    out = args.out or args.sweep.parent / "predict"
-    result = predict_and_check(cfg, args.sweep, args.target_flops, args.target_dim, out, args.bootstrap)
+    path = sweep_file(args.sweep)
+    out = args.out or path.parent / "predict"
+    result = predict_and_check(cfg, path, args.target_flops, args.target_dim, out, args.bootstrap)
     print(prediction_table(result))
     flops = np.array([r["flops"] for r in result["fit_runs"]])
     losses = np.array([r["val_loss"] for r in result["fit_runs"]])
