@@ -237,6 +237,23 @@ def test_prepare_encodes_with_a_given_tokenizer_file_and_rebuilds_when_it_change
     assert (tmp_path / "d" / "tokenizer.json").read_bytes() == given.read_bytes()
 
 
+def test_prepare_never_writes_into_a_directory_of_other_files(corpus_dir, tmp_path):
+    """`prepare --out` a run directory replaced that run's tokenizer.json with the new data's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.json").write_text("the run's own")
+    (run / "config.yaml").write_text("model: {}\n")
+    cfg = load_config("tiny", small_overrides(corpus_dir, run))
+    with pytest.raises(UserError, match=rf"'{run}' holds config.yaml, which prepared data does not: prepared data "
+                                        rf"needs a directory of its own"):
+        prepare_data(cfg, run, progress=False, log=lambda _m: None)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "tokenizer.json"]
+    assert (run / "tokenizer.json").read_text() == "the run's own"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file; prepared data needs a directory"):
+        prepare_data(cfg, tmp_path / "file", progress=False, log=lambda _m: None)
+
+
 def test_an_interrupted_re_prepare_leaves_no_meta_vouching_for_its_shards(corpus_dir, tmp_path, monkeypatch):
     from nanogpt4.data import prepare
 

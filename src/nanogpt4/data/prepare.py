@@ -17,9 +17,10 @@ from tqdm import tqdm
 from nanogpt4.data.sources import load_corpus
 from nanogpt4.data.tokenizer import BPETokenizer, TiktokenTokenizer, Tokenizer
 from nanogpt4.errors import UserError
-from nanogpt4.utils import atomic_path, atomic_write_json
+from nanogpt4.utils import atomic_path, atomic_write_json, out_dir_entries, some_names
 
 ENCODE_BATCH_DOCS = 64
+DATA_FILES = ("meta.json", "tokenizer.json", "train.bin", "val.bin")  # all that a prepared directory holds
 
 
 def tokenizer_file(cfg: DictConfig) -> Path | None:
@@ -108,6 +109,12 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
     out = Path(out_dir) if out_dir else default_data_dir(cfg)
     d = cfg.data
     t0 = time.time()
+    if out.is_file():
+        raise UserError(f"'{out}' is a file; prepared data needs a directory of its own, new or empty")
+    other = [n for n in out_dir_entries(out) if n not in DATA_FILES and not n.startswith(".")]
+    if other:  # a run directory given as the data's: its tokenizer.json would be replaced by the data's
+        raise UserError(f"'{out}' holds {some_names(other)}, which prepared data does not: prepared data needs a "
+                        f"directory of its own, new or empty (nothing in it was changed)")
     if keep_other and (out / "meta.json").exists():
         _refuse_other_data(out, json.loads((out / "meta.json").read_text()), cfg)
     given = tokenizer_file(cfg)
