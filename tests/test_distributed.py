@@ -58,13 +58,13 @@ def test_a_refusal_on_rank_zero_is_said_once_and_the_other_ranks_leave_quietly(p
     left waiting for a rank that had exited, died with a traceback each."""
     ov, _ = prepared
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "r" / "notes.txt").write_text("mine\n")
     res = torchrun(tmp_path / "r", ov, expect_rc=2)
     said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert said == [f"error: run directory '{tmp_path / 'r'}' already holds a run; pass --resume to continue it or "
-                    f"choose another --out"], res.stderr[-3000:]
+    assert said == [f"error: run directory '{tmp_path / 'r'}' holds notes.txt: give a new or empty directory "
+                    f"(nothing in it was changed)"], res.stderr[-3000:]
     assert "[rank1]" not in res.stderr and "exitcode: 2" in res.stderr, res.stderr[-3000:]
-    assert (tmp_path / "r" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,33 @@ def test_refuses_to_overwrite_and_to_resume_nothing(prepared, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="nothing to resume"):
         run(prepared, tmp_path / "empty", resume=True)
+    (tmp_path / "project").mkdir()  # `--out .` in a project: its own config.yaml was replaced by the run's
+    (tmp_path / "project" / "config.yaml").write_text("mine\n")
+    with pytest.raises(UserError, match="'.*project' holds config.yaml: give a new or empty directory"):
+        run(prepared, tmp_path / "project", "training.max_steps=2")
+    assert [p.name for p in (tmp_path / "project").iterdir()] == ["config.yaml"]
+    assert (tmp_path / "project" / "config.yaml").read_text() == "mine\n"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_sent_round_in_circles(prepared, tmp_path):
+    """It was told "already holds a run; pass --resume", and then with --resume "nothing to resume; drop
+    --resume"; the pipeline stopped there was refused on every rerun."""
+    from nanogpt4.pipeline import _pretrain_stage
+
+    out = tmp_path / "r"
+    run(prepared, out, "training.max_steps=2")
+    shutil.rmtree(out / "checkpoints")
+    (out / "summary.json").unlink()  # as a run killed at step 1 of a 1000-step checkpoint interval leaves it
+    with pytest.raises(UserError, match="holds a run stopped before its first checkpoint, so nothing can resume it; "
+                                        "delete it to start again"):
+        run(prepared, out, "training.max_steps=2")
+    with pytest.raises(UserError, match=r"nothing to resume: '.*' was stopped before its first checkpoint \(training"
+                                        r".checkpoint_interval=6\); delete it and start again without --resume"):
+        run(prepared, out, "training.max_steps=2", resume=True)
+    logs: list[str] = []
+    ov, _ = prepared
+    summary = _pretrain_stage(load_config("tiny", [*ov, "training.max_steps=2"]), out, False, logs.append)
+    assert summary["steps"] == 2 and "was stopped before its first checkpoint" in logs[0]
 
 
 def test_a_resume_with_nothing_left_to_train_changes_nothing(prepared, tmp_path):
@@ -343,8 +371,6 @@ def test_a_validation_split_too_short_for_a_window_leaves_no_run_behind(prepared
 
 
 def test_a_data_dir_prepared_with_other_settings_is_never_overwritten(prepared, tmp_path):
-    import shutil
-
     ov, data_dir = prepared
     mine = tmp_path / "mine"  # the user's own prepared data, from the corpus files
     shutil.copytree(data_dir, mine)
@@ -490,7 +516,6 @@ def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared
 
 def _disk_reports_free(monkeypatch, free: int) -> None:
     import collections
-    import shutil
 
     usage = collections.namedtuple("usage", "total used free")(1 << 40, (1 << 40) - free, free)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)

@@ -67,6 +67,9 @@ def _pretrain_stage(cfg, run_dir: Path, progress: bool, log) -> dict:
     if latest_checkpoint(run_dir) is not None:
         log(f"pretrain: resuming interrupted run {run_dir}")
         return pretrain(resume_config(run_dir, []), run_dir, resume=True, progress=progress, log=log)
+    if run_dir.exists():  # stopped before its first checkpoint: nothing to resume, and it is in the way
+        log(f"pretrain: starting {run_dir} again (it was stopped before its first checkpoint)")
+        shutil.rmtree(run_dir)
     return pretrain(cfg, run_dir, progress=progress, log=log)
 
 

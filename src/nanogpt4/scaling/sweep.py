@@ -352,6 +352,8 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
     elif latest_checkpoint(target_dir) is not None:
         summary = pretrain(resume_config(target_dir, []), target_dir, resume=True, progress=False, log=log)
     else:
+        if target_dir.exists():  # stopped before its first checkpoint: nothing to resume, and it is in the way
+            shutil.rmtree(target_dir)
         summary = pretrain(cfg, target_dir, progress=False, log=log)
     actual = summary["val_loss"]
     lo, hi = pred["ci95"]

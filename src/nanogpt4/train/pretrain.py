@@ -19,7 +19,15 @@ from nanogpt4.model.transformer import Transformer
 from nanogpt4.train.checkpoint import list_checkpoints, load_trainer_state
 from nanogpt4.train.distributed import DistInfo, init_distributed, on_rank_zero, shutdown_distributed
 from nanogpt4.train.trainer import Trainer, budget_spent, rank_rows
-from nanogpt4.utils import atomic_write_json, atomic_write_text, autocast_ctx, resolve_device, resolve_dtype
+from nanogpt4.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    autocast_ctx,
+    out_dir_entries,
+    resolve_device,
+    resolve_dtype,
+    some_names,
+)
 
 
 class LMBatches:
@@ -67,11 +75,25 @@ def make_sampler(tokenizer: Tokenizer, prompt: str, n_tokens: int, device: torch
     return sample
 
 
+def stopped_before_a_checkpoint(run_dir: Path) -> bool:
+    """A run that logged steps but was stopped before its first checkpoint: nothing can resume it."""
+    return (run_dir / "metrics.jsonl").exists() and not list_checkpoints(run_dir)
+
+
 def refuse_existing_run(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a finished or running run."""
-    if not resume and (list_checkpoints(run_dir) or (run_dir / "metrics.jsonl").exists()):
+    """Refuse to write a new run over a run, or into a directory holding anything else."""
+    if resume:
+        return
+    if stopped_before_a_checkpoint(run_dir):  # neither a new run nor --resume can use it: say so, not "--resume"
+        raise UserError(f"'{run_dir}' holds a run stopped before its first checkpoint, so nothing can resume it; "
+                        f"delete it to start again, or choose another --out")
+    if list_checkpoints(run_dir):
         raise UserError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it "
                         f"or choose another --out")
+    held = out_dir_entries(run_dir)
+    if held:  # --out . in a project: its own config.yaml would be replaced by the run's
+        raise UserError(f"run directory '{run_dir}' holds {some_names(held)}: give a new or empty directory "
+                        f"(nothing in it was changed)")
 
 
 def refuse_finished_resume(run_dir: Path, cfg: DictConfig) -> None:
@@ -80,6 +102,10 @@ def refuse_finished_resume(run_dir: Path, cfg: DictConfig) -> None:
     checkpoint and its summary resumes to write the summary (``Trainer.fit`` reads it back from the log)."""
     found = list_checkpoints(run_dir)
     if not found:
+        if stopped_before_a_checkpoint(run_dir):
+            raise UserError(f"nothing to resume: '{run_dir}' was stopped before its first checkpoint "
+                            f"(training.checkpoint_interval={cfg.training.checkpoint_interval}); delete it and "
+                            f"start again without --resume")
         return  # Trainer.resume says so
     step, ckpt = found[-1]
     tc = cfg.training
