@@ -319,7 +319,7 @@ def test_a_resume_with_nothing_left_to_train_changes_nothing(prepared, tmp_path)
         assert {p: p.read_bytes() for p in files} == files
     (out / "summary.json").unlink()
     rebuilt = run(prepared, out, "training.max_steps=4", "training.eval_interval=2", resume=True)
-    for key in ("val_loss", "val_bpb", "final_train_loss", "steps", "tokens"):
+    for key in ("val_loss", "val_bpb", "final_train_loss", "steps", "tokens", "sample"):
         assert rebuilt[key] == summary[key], key
     assert (out / "metrics.jsonl").read_bytes() == files[out / "metrics.jsonl"]  # read back, no row added
 

@@ -425,6 +425,8 @@ class Trainer:
         if self._cut_short:  # checkpointed above; an unfinished run must not pass for a result
             raise TrainingStopped(f"SIGTERM at step {self.step} of {tc.max_steps}")
         if self.step == start_step:  # resumed where it had finished: nothing trained, its log has the numbers
+            if self.sample is not None:  # the log has no sample: the same weights write it again (every rank)
+                self.last_eval = {"sample": self.sample(unwrap(self.model))}
             return self._result_from_log()
         steps_run = max(1, self.step - start_step)
         # the first step carries torch.compile's tracing and the allocator's warm-up: steady throughput leaves
