@@ -147,9 +147,12 @@ def test_no_stage_writes_into_a_directory_that_holds_another_run(trained_run, tm
     examples = tmp_path / "sft.jsonl"
     examples.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n" for i in range(8)))
     (tmp_path / "empty").mkdir()
-    code, _, _ = cli(capsys, "sft", "--pretrained", trained_run, "--data", examples, "--out", tmp_path / "empty",
-                     "rlhf.sft_steps=2", "rlhf.max_new_tokens=8")
-    assert code == 0 and (tmp_path / "empty" / "summary.json").exists()
+    # SFT on your own rows samples nothing: the 32-token model needs no shorter rlhf.max_new_tokens for it
+    code, _, err = cli(capsys, "sft", "--pretrained", trained_run, "--data", examples, "--out", tmp_path / "empty",
+                       "rlhf.sft_steps=2")
+    assert code == 0 and (tmp_path / "empty" / "summary.json").exists(), err
+    code, _, err = cli(capsys, "sft", "--pretrained", trained_run, "--out", tmp_path / "offline", "rlhf.sft_steps=2")
+    assert_one_line_error(code, err, "rlhf.max_new_tokens=32 leaves no room for prompts in model.max_seq_len=32")
 
 
 def test_sweep_with_no_runnable_budget_creates_no_output_directory(prepared, tmp_path, capsys):

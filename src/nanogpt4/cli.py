@@ -246,7 +246,7 @@ def cmd_sft(args) -> int:
     cfg = _load(args)
     out = _stage_out(args, "sft")
     device = resolve_device(cfg.device)
-    policy, cfg, tok = load_policy(cfg, args.pretrained, device)
+    policy, cfg, tok = load_policy(cfg, args.pretrained, device, generates=args.data is None)
     examples = load_sft(args.data) if args.data else None
     before = None
     if examples is None:  # offline tasks: the judge measures what SFT bought
@@ -274,7 +274,7 @@ def cmd_reward(args) -> int:
     cfg = _load(args)
     out = _stage_out(args, "reward")
     device = resolve_device(cfg.device)
-    sft, cfg, tok = load_policy(cfg, args.sft, device)
+    sft, cfg, tok = load_policy(cfg, args.sft, device, generates=args.data is None)
     centre = None
     if args.data:
         pairs = load_preferences(args.data)
@@ -340,7 +340,7 @@ def cmd_dpo(args) -> int:
     cfg = _load(args)
     out = _stage_out(args, "dpo")
     device = resolve_device(cfg.device)
-    policy, cfg, tok = load_policy(cfg, args.sft, device)
+    policy, cfg, tok = load_policy(cfg, args.sft, device, generates=not args.no_eval)
     pairs = load_preferences(args.data)
     sft = copy.deepcopy(policy).eval()
     result = train_dpo(cfg, policy.train().requires_grad_(True), tok, pairs, out, device, cfg.rlhf.dpo_steps)

@@ -86,14 +86,18 @@ def rm_scores(rm: RewardModel, tok, prompts: list[str], responses: list[str], de
     return torch.cat(out)
 
 
-def load_policy(cfg: DictConfig, run: Path, device) -> tuple[torch.nn.Module, DictConfig, object]:
-    """A trained LM (pretrain or SFT run) with its tokenizer; the run's model/data sections override ``cfg``."""
+def load_policy(cfg: DictConfig, run: Path, device,
+                generates: bool = True) -> tuple[torch.nn.Module, DictConfig, object]:
+    """A trained LM (pretrain or SFT run) with its tokenizer; the run's model/data sections override ``cfg``.
+    ``generates``: the stage samples responses (``rlhf.max_new_tokens`` must leave room for a prompt); SFT and a
+    reward model on your own data, and DPO without its evaluation, sample nothing."""
     policy, run_cfg, tok = load_model(run, device)
     if tok is None:
         raise UserError(f"'{run}' has no tokenizer.json; point at a `nanogpt4 pretrain` or `nanogpt4 sft` run")
     cfg = OmegaConf.merge(cfg, {"model": OmegaConf.to_container(run_cfg.model),
                                 "data": OmegaConf.to_container(run_cfg.data)})
-    check_response_room(cfg.rlhf.max_new_tokens, cfg.model.max_seq_len)
+    if generates:
+        check_response_room(cfg.rlhf.max_new_tokens, cfg.model.max_seq_len)
     return policy, cfg, tok
 
 
