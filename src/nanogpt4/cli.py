@@ -218,8 +218,7 @@ def cmd_rlhf(args) -> int:
     from nanogpt4.rlhf.run import run_rlhf
 
     cfg = _load(args)
-    out = _stage_out(args, "rlhf")
-    summary = run_rlhf(cfg, args.pretrained, out)
+    summary = run_rlhf(cfg, args.pretrained, _stage_out(args, "rlhf"))
     return _finish(args, summary)
 
 

@@ -312,6 +312,12 @@ def settings_changes(saved: DictConfig, now: DictConfig, sections: tuple[str, ..
             if old.get(k) != new.get(k) and k not in ignore]
 
 
+def changes_text(changes: list[tuple[str, Any, Any]], shown: int = 3) -> str:
+    """``settings_changes``' first ``shown`` changes as "key old -> new; ...", then how many more."""
+    text = "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes[:shown])
+    return text + (f" and {len(changes) - shown} more" if len(changes) > shown else "")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks that a type system cannot express."""
     for key, allowed in CHOICES.items():

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt4.config import load_config, settings_changes
+from nanogpt4.config import changes_text, load_config, settings_changes
 from nanogpt4.errors import UserError
 from nanogpt4.plan import (
     DEFAULT_MINUTES,
@@ -47,11 +47,9 @@ def _check_same_settings(run_dir: Path, cfg, sections: tuple[str, ...], ignore: 
     path = run_dir / "config.yaml"
     if not path.exists():
         return
-    changed = [f"{k} {old!r} -> {new!r}" for k, old, new in settings_changes(OmegaConf.load(path), cfg, sections,
-                                                                              ignore)]
+    changed = settings_changes(OmegaConf.load(path), cfg, sections, ignore)
     if changed:
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise UserError(f"{run_dir} was trained with other settings ({'; '.join(changed[:3])}{more}); give the "
+        raise UserError(f"{run_dir} was trained with other settings ({changes_text(changed)}); give the "
                         f"--scale/--minutes it ran with (no flag is --minutes {DEFAULT_MINUTES:g}, the full recipe "
                         f"--scale 1), pass a new --out, or delete {run_dir} to train that stage again")
 

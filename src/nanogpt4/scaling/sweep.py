@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt4.config import settings_changes
+from nanogpt4.config import changes_text, settings_changes
 from nanogpt4.errors import TrainingDiverged, UserError
 from nanogpt4.scaling.accounting import meta_model
 from nanogpt4.train.trainer import STAGE_RESET
@@ -174,10 +174,8 @@ def check_sweep_config(base: DictConfig, sweep_dir: Path, fix: str) -> None:
         return
     changes = settings_changes(OmegaConf.load(path), base, ("model", "data", "training", "seed"), SET_PER_RUN)
     if changes:
-        shown = "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes[:3])
-        more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
         overrides = " ".join(shlex.quote(f"{k}={'null' if old is None else old}") for k, old, _ in changes)
-        raise UserError(f"the sweep in '{sweep_dir}' was run with other settings ({shown}{more}); {fix}: add "
+        raise UserError(f"the sweep in '{sweep_dir}' was run with other settings ({changes_text(changes)}); {fix}: add "
                         f"{overrides} (its settings: {path})")
 
 

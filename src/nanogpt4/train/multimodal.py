@@ -405,7 +405,7 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
     summary["text_only_accuracy"] = headline_accuracy(s_blank)
     summary["text_only_digits_accuracy"] = s_blank["digits_accuracy"]
     summary["text_only_per_type"] = s_blank["per_type"]
-    summary["prior_accuracy"] = s_prior["scenes_accuracy"] if s_blank["scenes_accuracy"] is not None \
+    summary["prior_accuracy"] = s_prior["scenes_accuracy"] if s_prior["scenes_accuracy"] is not None \
         else s_prior["custom_accuracy"]
     summary["prior_per_type"] = s_prior["per_type"]
     summary["examples_eval"] = len(eval_items)
