@@ -55,6 +55,7 @@ def test_overrides_may_follow_the_flags(prepared, tmp_path, capsys):
     (["prepare", "--source=text:a.txt"], "e.g. data.source=..."),
     (["sample", "--run", "r", "training.max_steps=3"], "nanogpt4 sample: error: unrecognized arguments: training"),
     (["scaling", "fit", "--sweep", "s", "--bogus"], "nanogpt4 scaling fit: error: unrecognized arguments: --bogus"),
+    (["scaling", "plan", "--out", "plan"], "nanogpt4 scaling plan: error: unrecognized arguments: --out"),
 ])
 def test_unknown_arguments_are_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -166,6 +167,14 @@ def test_sweep_with_no_runnable_budget_creates_no_output_directory(prepared, tmp
 def test_scaling_plan_rejects_a_nonpositive_time_budget(capsys):
     code, _, err = cli(capsys, "scaling", "plan", "--config", "tiny", "--minutes", "-3")
     assert_one_line_error(code, err, "--minutes must be positive")
+
+
+def test_scaling_plan_refuses_flags_it_would_ignore(capsys):
+    # an --mfu without the --minutes budget it scales used to be accepted and ignored (as were --out and --seed)
+    code, _, err = cli(capsys, "scaling", "plan", "--mfu", "0.5")
+    assert_one_line_error(code, err, "--mfu is the utilisation assumed for a --minutes budget")
+    code, _, err = cli(capsys, "scaling", "plan", "--minutes", "1", "--mfu", "2")
+    assert_one_line_error(code, err, "--mfu in (0, 1]")
 
 
 

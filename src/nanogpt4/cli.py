@@ -15,13 +15,16 @@ from pathlib import Path
 from nanogpt4.errors import DiskFull, SaidByRankZero, TrainingStopped, UserError
 
 
-def _common(p: argparse.ArgumentParser, config_default: str | None = "tiny") -> None:
+def _common(p: argparse.ArgumentParser, config_default: str | None = "tiny", trains: bool = True) -> None:
+    """The config flags; `trains=False` for a command that writes no run (no --out, and no --seed to ignore)."""
     p.add_argument("--config", default=config_default,
                    help="YAML config file or preset name (tiny, base); default: %(default)s")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.max_steps=10")
-    p.add_argument("--out", type=Path, default=None, help="run directory")
+    if trains:
+        p.add_argument("--out", type=Path, default=None, help="run directory")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
-    p.add_argument("--seed", type=int, default=None)
+    if trains:
+        p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
 
 
@@ -93,7 +96,7 @@ def _overrides_with_flags(args) -> list[str]:
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
-    if args.seed is not None:
+    if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
     return overrides
 
@@ -509,13 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scaling", help="accounting, law fits and compute-optimal planning")
     ssub = p.add_subparsers(dest="scaling_command", required=True, metavar="SUBCOMMAND")
     sp = ssub.add_parser("plan", help="exact parameters, FLOPs, training memory, KV cache; compute-optimal size")
-    _common(sp)
+    _common(sp, trains=False)
     sp.add_argument("--batch-size", type=int, default=None, help="micro-batch (default: from the config)")
     sp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     sp.add_argument("--device-type", default="cuda", choices=["cpu", "cuda"], help="attention path to account for")
     sp.add_argument("--budget-flops", type=float, default=None, help="plan a compute-optimal model for this budget")
     sp.add_argument("--minutes", type=float, default=None, help="budget as minutes of this device")
-    sp.add_argument("--mfu", type=float, default=0.4, help="utilisation assumed with --minutes")
+    sp.add_argument("--mfu", type=float, default=None, help="utilisation assumed with --minutes (default: 0.4)")
     sp.set_defaults(func=cmd_scaling)
     sp = ssub.add_parser("fit", help="fit L(C) = a*C^b + c (and Chinchilla's L(N, D)) to a sweep")
     sp.add_argument("--sweep", type=Path, required=True,

@@ -27,14 +27,17 @@ def cmd_plan(args, cfg) -> dict:
 
     result = plan(cfg, args.batch_size, args.dtype, args.device_type)
     budget = args.budget_flops
+    if args.mfu is not None and args.minutes is None:
+        raise UserError("--mfu is the utilisation assumed for a --minutes budget; add --minutes, or drop --mfu")
     if args.minutes is not None:
-        if not (args.minutes > 0 and math.isfinite(args.minutes)) or not 0 < args.mfu <= 1:
-            raise UserError(f"--minutes must be positive and --mfu in (0, 1]; got {args.minutes} and {args.mfu}")
+        mfu = 0.4 if args.mfu is None else args.mfu
+        if not (args.minutes > 0 and math.isfinite(args.minutes)) or not 0 < mfu <= 1:
+            raise UserError(f"--minutes must be positive and --mfu in (0, 1]; got {args.minutes} and {mfu}")
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(args.dtype, device)
         peak = peak_flops(device, dtype)
-        budget = args.minutes * 60 * peak * args.mfu
-        result["budget_from_minutes"] = {"minutes": args.minutes, "measured_peak_flops": peak, "assumed_mfu": args.mfu}
+        budget = args.minutes * 60 * peak * mfu
+        result["budget_from_minutes"] = {"minutes": args.minutes, "measured_peak_flops": peak, "assumed_mfu": mfu}
     if budget is not None:
         if budget <= 0 or not math.isfinite(budget):
             raise UserError(f"compute budget must be a positive number of FLOPs, got {budget}")
