@@ -499,6 +499,13 @@ def test_scaling_fit_cli_and_errors(tmp_path, capsys):
     sweep.write_text("".join(json.dumps(r) + "\n" for r in grid[:-1] + [{**grid[-1], "val_loss": None}]))
     code, _, err = cli(capsys, "scaling", "fit", "--sweep", sweep)
     assert_one_line_error(code, err, "non-finite")
+    sweep.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    code, out, _ = cli(capsys, "scaling", "fit", "--sweep", sweep, "--target-flops", "1e15")  # was "95% [x, x]"
+    assert code == 0 and "95% [" not in out and "warning: no 95% interval: runs at 3 compute values" in out
+    for flag, value, needle in (("--bootstrap", "-5", "--bootstrap is a number of resamples"),
+                                ("--target-flops", "-1", "--target-flops must be a positive number")):
+        code, _, err = cli(capsys, "scaling", "fit", "--sweep", sweep, flag, value)
+        assert_one_line_error(code, err, needle)
     sweep.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     code, _, err = cli(capsys, "scaling", "fit", "--sweep", sweep)
     assert_one_line_error(code, err, "at least 3 runs")

@@ -26,6 +26,13 @@ def test_power_law_recovers_known_parameters_and_interval_covers():
     assert ci["b"][0] <= -0.12 <= ci["b"][1]
 
 
+def test_three_compute_values_give_no_interval_rather_than_a_zero_width_one():
+    C, L = synthetic(n=4)
+    assert not fit_power_law(C[:3], L[:3], bootstrap=50).bootstrap  # every usable resample is the same 3 runs
+    lo, hi = fit_power_law(C, L, bootstrap=50).interval(1e16)
+    assert hi - lo > 1e-3
+
+
 def test_power_law_noise_free_is_exact():
     C, L = synthetic(noise=0.0)
     fit = fit_power_law(C, L, bootstrap=0)

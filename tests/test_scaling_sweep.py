@@ -20,7 +20,7 @@ def quiet(_m):
 def test_sweep_resumes_where_it_stopped_and_prediction_is_registered_first(prepared, tmp_path):
     base = base_cfg(prepared)
     out = tmp_path / "sweep"
-    rows = sweep(base, out, [16, 32], [5e8, 1.5e9, 4e9], eval_iters=2, log=quiet)
+    rows = sweep(base, out, [16, 32], [5e8, 1e9, 2e9, 4e9], eval_iters=2, log=quiet)
     assert len(rows) >= 3
     first = {r["name"]: r for r in rows}
     # "interrupt": drop the last result and leave a half-written run directory behind
@@ -30,13 +30,22 @@ def test_sweep_resumes_where_it_stopped_and_prediction_is_registered_first(prepa
     last = json.loads(lines[-1])["name"]
     (out / "runs" / last / "summary.json").unlink()
     logs = []
-    rows = sweep(base, out, [16, 32], [5e8, 1.5e9, 4e9], eval_iters=2, log=logs.append)
+    rows = sweep(base, out, [16, 32], [5e8, 1e9, 2e9, 4e9], eval_iters=2, log=logs.append)
     assert sorted(r["name"] for r in rows) == sorted(first)  # nothing ran twice, the missing run ran again
     assert sum(1 for m in logs if m.startswith(("d16", "d32"))) == 1
     assert json.loads(path.read_text().splitlines()[-1])["val_loss"] == pytest.approx(first[last]["val_loss"])
     compute, loss, chosen = frontier(rows)
-    assert list(compute) == sorted(compute) and len(chosen) == 3
+    assert list(compute) == sorted(compute) and len(chosen) == 4
 
+    # three budgets fix a*C^b + c exactly: no interval to check a prediction against (it was a zero-width one)
+    three = tmp_path / "three" / "sweep.jsonl"
+    three.parent.mkdir()
+    three.write_text("".join(json.dumps(r) + "\n" for r in rows if r["budget"] != 4e9))
+    with pytest.raises(UserError, match=r"cannot register a prediction: no 95% interval: runs at 3 compute values"):
+        predict_and_check(base, three, 1.2e10, 32, tmp_path / "p3", bootstrap=20, log=quiet)
+    with pytest.raises(UserError, match="--bootstrap must be 20 or more"):
+        predict_and_check(base, path, 1.2e10, 32, tmp_path / "p3", bootstrap=5, log=quiet)
+    assert not (tmp_path / "p3").exists()
     result = predict_and_check(base, path, 1.2e10, 32, tmp_path / "predict", bootstrap=20, log=quiet)
     registered = json.loads((tmp_path / "predict" / "prediction.json").read_text())
     assert registered["predicted_loss"] == result["predicted_loss"]

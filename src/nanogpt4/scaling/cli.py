@@ -81,20 +81,26 @@ def load_runs(path: Path) -> list[dict]:
 
 
 def cmd_fit(args) -> dict:
-    from nanogpt4.scaling.laws import fit_chinchilla, fit_power_law, hindcast, hindcast_warning
+    from nanogpt4.scaling.laws import fit_chinchilla, fit_power_law, hindcast, hindcast_warning, no_interval_reason
     from nanogpt4.scaling.sweep import frontier
 
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap is a number of resamples (0: no intervals), got {args.bootstrap}")
+    if args.target_flops is not None and not (args.target_flops > 0 and math.isfinite(args.target_flops)):
+        raise UserError(f"--target-flops must be a positive number of FLOPs, got {args.target_flops}")
     rows = load_runs(sweep_file(args.sweep))
     compute, loss, chosen = frontier(rows)  # an IsoFLOP grid's minima, as `scaling predict` fits
     fit = fit_power_law(compute, loss, bootstrap=args.bootstrap)
     check = hindcast(compute, loss)
     warnings = [w for w in [hindcast_warning(check)] if w]
+    if args.bootstrap and not fit.bootstrap:
+        warnings.append(no_interval_reason(len(np.unique(compute))))
     result = {"fit": fit.as_dict(), "n_runs": len(chosen), "n_rows": len(rows), "hindcast": check,
               "warnings": warnings}
     if args.target_flops:
-        lo, hi = fit.interval(args.target_flops)
         result["prediction"] = {"flops": args.target_flops, "loss": float(fit.predict(args.target_flops)),
-                                "ci95": [lo, hi], "compute_ratio": args.target_flops / compute.max()}
+                                "ci95": list(fit.interval(args.target_flops)) if fit.bootstrap else None,
+                                "compute_ratio": args.target_flops / compute.max()}
     if all("mean_log_pass_rate" in r for r in chosen):
         from nanogpt4.scaling.laws import fit_pass_rate
 
@@ -120,8 +126,8 @@ def cmd_fit(args) -> dict:
             print(f"  {k}: 95% [{lo:.4g}, {hi:.4g}]")
         if "prediction" in result:
             p = result["prediction"]
-            print(f"prediction at {p['flops']:.3g} FLOPs ({p['compute_ratio']:.1f}x the largest run): "
-                  f"{p['loss']:.4f}  95% [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]")
+            print(f"prediction at {p['flops']:.3g} FLOPs ({p['compute_ratio']:.1f}x the largest run): {p['loss']:.4f}"
+                  + (f"  95% [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]" if p["ci95"] else ""))
         if check:
             print(f"hindcast (largest run held out, {check['compute_ratio']:.1f}x): predicted "
                   f"{check['predicted_loss']:.4f}, measured {check['actual_loss']:.4f} ({check['rel_error']:+.1%})")

@@ -162,8 +162,19 @@ def _fit_power_law_once(x: np.ndarray, y: np.ndarray, c_ref: float,
     return np.array([a_scaled, b, c]), value, ok, tuple(float(v) for v in p)
 
 
+INTERVAL_MIN_COMPUTES = 4
+
+
+def no_interval_reason(n_computes: int) -> str:
+    return (f"no 95% interval: runs at {n_computes} compute values fix L(C) = a*C^b + c exactly (every resample a "
+            f"fit can use is the same {n_computes} runs, the same curve), so the bootstrap has nothing to vary; "
+            f"add budgets to the sweep until {INTERVAL_MIN_COMPUTES} or more compute values are fitted")
+
+
 def fit_power_law(compute, loss, bootstrap: int = 200, seed: int = 0) -> PowerLawFit:
-    """Fit L(C) = a·C^b + c; ``bootstrap`` resamples runs with replacement for the intervals."""
+    """Fit L(C) = a·C^b + c; ``bootstrap`` resamples runs with replacement for the intervals. With runs at only
+    3 compute values the fit has no bootstrap (and no interval): a resample needs all 3 to fit the 3 parameters,
+    and those give back the same curve, a zero-width interval that would look like certainty."""
     x = np.asarray(compute, dtype=np.float64)
     y = np.asarray(loss, dtype=np.float64)
     check_points(x, y)
@@ -172,7 +183,7 @@ def fit_power_law(compute, loss, bootstrap: int = 200, seed: int = 0) -> PowerLa
     (a_s, b, c), value, ok, raw = _fit_power_law_once(x, y, c_ref)
     samples = []
     rng = np.random.default_rng(seed)
-    for _ in range(bootstrap):
+    for _ in range(bootstrap if len(np.unique(x)) >= INTERVAL_MIN_COMPUTES else 0):
         idx = rng.integers(0, len(x), len(x))
         if len(np.unique(x[idx])) < 3:
             continue

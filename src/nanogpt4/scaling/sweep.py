@@ -268,13 +268,23 @@ def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
             np.array([r["val_loss"] for r in chosen], dtype=np.float64), chosen)
 
 
+MIN_BOOTSTRAP = 20
+
+
 def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float | None, target_dim: int | None,
                       out: Path, bootstrap: int = 500, log=print) -> dict:
     """Fit the sweep's frontier, register the prediction, run the target, compare. For a recipe-matched family
     the target is the family's member at ``target_dim`` (its budget follows from the recipe)."""
     from nanogpt4.data.prepare import default_data_dir, load_meta
     from nanogpt4.scaling.capability import evaluate_capability
-    from nanogpt4.scaling.laws import fit_chinchilla, fit_pass_rate, fit_power_law, hindcast, hindcast_warning
+    from nanogpt4.scaling.laws import (
+        fit_chinchilla,
+        fit_pass_rate,
+        fit_power_law,
+        hindcast,
+        hindcast_warning,
+        no_interval_reason,
+    )
     from nanogpt4.train.checkpoint import latest_checkpoint, load_model
     from nanogpt4.train.pretrain import pretrain, resume_config
 
@@ -282,7 +292,6 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
     if not rows:
         raise UserError(f"no sweep results in '{sweep_path}'; run `nanogpt4 scaling sweep` first")
     check_sweep_config(base, sweep_path.parent, "the target must be trained as its runs were")
-    out.mkdir(parents=True, exist_ok=True)
     registered = out / "prediction.json"
     if registered.exists():  # the prediction was made before the target ran: never refit after seeing it
         pred = json.loads(registered.read_text())
@@ -294,6 +303,9 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
                             f"give this target its own --out (nothing was changed)")
         log(f"using the registered prediction from {pred['registered_at']}")
     else:
+        if bootstrap < MIN_BOOTSTRAP:
+            raise UserError(f"--bootstrap must be {MIN_BOOTSTRAP} or more: the prediction is checked against its 95% "
+                            f"interval, which fewer resamples cannot place (got {bootstrap})")
         compute, loss, chosen = frontier(rows)
         ratio = family_ratio(rows)
         if target_budget is None:
@@ -307,6 +319,9 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
                                  [r["val_loss"] for r in rows]) if len(rows) >= 5 else None
             target_dim = _best_dim(base, law, target_budget, [r["dim"] for r in chosen], meta["train_tokens"])
         fit = fit_power_law(compute, loss, bootstrap=bootstrap)
+        if not fit.bootstrap:
+            raise UserError(f"cannot register a prediction: {no_interval_reason(len(np.unique(compute)))} "
+                            f"(nothing was written)")
         cfg = size_config(base, target_dim)
         target_model = meta_model(cfg)
         tokens_per_step = base.training.batch_size * base.model.max_seq_len
@@ -337,6 +352,7 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
             pred["capability"] = {"predicted_neg_log_pass_rate": float(cap.predict(target_budget)),
                                   "ci95": [lo_c, hi_c], "fit": {"alpha": cap.a, "k": -cap.b},
                                   "fit_runs": [r["mean_log_pass_rate"] for r in chosen]}
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(registered, pred)
         log(f"registered: loss {pred['predicted_loss']:.4f} 95% [{lo:.4f}, {hi:.4f}] at {target_budget:.3g} FLOPs "
             f"({pred['compute_ratio']:.1f}x the largest fitted run), d={target_dim}")
