@@ -542,6 +542,8 @@ def test_scaling_fit_cli_fits_capability_and_chinchilla_when_the_runs_carry_them
     assert (law["alpha"], law["beta"], law["E"]) == pytest.approx((alpha, beta, E), rel=1e-3)  # an exact law
     assert (tmp_path / "capability_fit.png").stat().st_size > 0 and (tmp_path / "scaling_fit.png").exists()
     assert np.isfinite(result["prediction"]["loss"])
+    code, out, _ = cli(capsys, "scaling", "fit", "--sweep", sweep, "--target-flops", "1e16", "--bootstrap", "20")
+    assert "capability: -E[log pass rate] = 753.6 * C^-0.2000   (9 runs)" in out  # 3·1e12^0.2; was --json only
 
 
 def test_compile_without_a_cpp_compiler_is_a_one_line_error(prepared, trained_run, tmp_path, capsys, monkeypatch):

@@ -128,6 +128,13 @@ def cmd_fit(args) -> dict:
             p = result["prediction"]
             print(f"prediction at {p['flops']:.3g} FLOPs ({p['compute_ratio']:.1f}x the largest run): {p['loss']:.4f}"
                   + (f"  95% [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]" if p["ci95"] else ""))
+        if "capability" in result:  # fitted (and plotted) above; said here too, not only in --json
+            cap = result["capability"]
+            print(f"capability: -E[log pass rate] = {cap['alpha']:.4g} * C^-{cap['k']:.4f}   ({cap['n_runs']} runs)")
+            if "prediction" in cap:
+                q = cap["prediction"]
+                print(f"  at {args.target_flops:.3g} FLOPs: {q['neg_log_pass_rate']:.4f}  95% "
+                      f"[{q['ci95'][0]:.4f}, {q['ci95'][1]:.4f}]")
         if check:
             print(f"hindcast (largest run held out, {check['compute_ratio']:.1f}x): predicted "
                   f"{check['predicted_loss']:.4f}, measured {check['actual_loss']:.4f} ({check['rel_error']:+.1%})")
