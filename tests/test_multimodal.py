@@ -490,7 +490,8 @@ def test_your_own_rows_are_reported_with_their_controls(tmp_path, capsys):
     for key in ("custom_accuracy", "text_only_accuracy", "prior_accuracy"):
         assert 0 <= summary[key] <= 1, key
     assert summary["prior_accuracy"] == 0.5  # 2 held-out rows of each colour: the prior answers one colour
-    assert f"multimodal: your data {summary['custom_accuracy']}, text-only control" in said
+    assert (f"multimodal: accuracy your data {summary['custom_accuracy']:.3f}, blank-image control "
+            f"{summary['text_only_accuracy']:.3f}; report") in said  # no "scenes None", no 16-digit floats
     report = (out / "report.md").read_text()
     assert "your data's accuracy" in report and "scenes accuracy" not in report
 

@@ -365,10 +365,11 @@ def cmd_multimodal(args) -> int:
                         f"or leave it out to train the language model from scratch")
     out = _stage_out(args, "multimodal")
     summary = run_multimodal(cfg, args.pretrained, out, progress=_progress())
-    accuracy = (f"your data {summary['custom_accuracy']}" if summary.get("custom_accuracy") is not None
-                else f"scenes {summary['scenes_accuracy']}, digits {summary['digits_accuracy']}")
-    print(f"multimodal: {accuracy}, text-only control {summary['text_only_accuracy']}; report: {out / 'report.md'}; "
-          f"ask it: nanogpt4 ask --run {out} --image FILE")
+    accuracy = ", ".join(f"{name} {summary[key]:.3f}" for name, key in (
+        ("your data", "custom_accuracy"), ("scenes", "scenes_accuracy"), ("digits", "digits_accuracy"),
+        ("blank-image control", "text_only_accuracy")) if summary.get(key) is not None)
+    print(f"multimodal: accuracy {accuracy}; report: {out / 'report.md'}; ask it: nanogpt4 ask --run {out} "
+          f"--image FILE")
     return _finish(args, summary)
 
 
