@@ -317,6 +317,14 @@ def test_a_resume_with_nothing_left_to_train_changes_nothing(prepared, tmp_path)
         with pytest.raises(UserError, match=said):
             run(prepared, out, "training.eval_interval=2", *extra, resume=True)
         assert {p: p.read_bytes() for p in files} == files
+    # a run its time budget stopped: resumed under that budget it trained one more step and rewrote its summary
+    timed = tmp_path / "timed"
+    run(prepared, timed, "training.max_steps=50", "training.max_time_s=0.001")
+    timed_files = {p: p.read_bytes() for p in timed.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"has finished at step \d+: its time budget is spent \(.* s trained, "
+                                        r"training.max_time_s=0.001\); give a larger training.max_time_s"):
+        run(prepared, timed, "training.max_steps=50", "training.max_time_s=0.001", resume=True)
+    assert {p: p.read_bytes() for p in timed.rglob("*") if p.is_file()} == timed_files
     (out / "summary.json").unlink()
     rebuilt = run(prepared, out, "training.max_steps=4", "training.eval_interval=2", resume=True)
     for key in ("val_loss", "val_bpb", "final_train_loss", "steps", "tokens", "sample"):

@@ -112,10 +112,17 @@ def refuse_finished_resume(run_dir: Path, cfg: DictConfig) -> None:
     if step > tc.max_steps:
         raise UserError(f"'{run_dir}' is at step {step}, past training.max_steps={tc.max_steps}; give "
                         f"training.max_steps above {step} to train on (nothing was changed)")
-    tokens = load_trainer_state(ckpt)["tokens"] if tc.max_tokens is not None else 0  # read only when it decides
-    if budget_spent(tc, step, tokens) and (run_dir / "summary.json").exists():
+    if not (run_dir / "summary.json").exists():
+        return
+    state = load_trainer_state(ckpt) if tc.max_tokens is not None or tc.max_time_s is not None else {}
+    if budget_spent(tc, step, state.get("tokens", 0)):
         raise UserError(f"'{run_dir}' has finished at step {step}; give a larger training.max_steps (now "
                         f"{tc.max_steps}) or training.max_tokens to train on (nothing was changed)")
+    if tc.max_time_s is not None and state["train_time_s"] >= tc.max_time_s:  # it trained one more step
+        raise UserError(f"'{run_dir}' has finished at step {step}: its time budget is spent "
+                        f"({state['train_time_s']:.1f} s trained, training.max_time_s={tc.max_time_s:g}); give a "
+                        f"larger training.max_time_s, or "
+                        f"training.max_time_s=null, to train on (nothing was changed)")
 
 
 def refuse_other_tokenizer(run_dir: Path, data_dir: Path, cfg: DictConfig) -> None:
