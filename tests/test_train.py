@@ -625,6 +625,20 @@ def test_tensorboard_gets_the_logged_scalars(prepared, tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [
         (r["step"], pytest.approx(r["loss"])) for r in train]
     assert "val_loss" in events.Tags()["scalars"]
+    # stopped after step 4 with its last checkpoint at 2 (as a kill leaves it), then resumed: TensorBoard shows
+    # each step once, the resumed run's (the steps after the checkpoint used to show twice, from both runs)
+    out = tmp_path / "tb2"
+    run(prepared, out, "training.max_steps=4", "training.tensorboard=true", "training.checkpoint_interval=2",
+        "training.learning_rate=1e-2")
+    shutil.rmtree(out / "checkpoints" / "step_4")
+    (out / "summary.json").unlink()
+    run(prepared, out, "training.max_steps=4", "training.tensorboard=true", "training.checkpoint_interval=2",
+        resume=True)  # the default learning rate from step 3 on: other losses than the first run's
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(r["step"], pytest.approx(r["loss"])) for r in train]
 
 
 def test_allocator_tuning_is_applied_on_glibc_and_can_be_turned_off():

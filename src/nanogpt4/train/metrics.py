@@ -75,15 +75,18 @@ class MetricsLogger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tb = None
-        if enabled and tensorboard:
+        self._tb_dir = Path(run_dir) / "tensorboard" if enabled and tensorboard else None
+        self._purge_step: int | None = None
+        if self._tb_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise UserError("training.tensorboard=true needs tensorboard: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint, so the log equals an uninterrupted run's."""
+        """On resume: drop rows logged after the checkpoint, so the log equals an uninterrupted run's; TensorBoard
+        is told the same (its writer opens with ``purge_step``, and TensorBoard drops the old files' later steps)."""
+        self._purge_step = step + 1
         if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
@@ -95,7 +98,11 @@ class MetricsLogger:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
+        if self._tb_dir is not None:
+            if self.tb is None:  # opened at the first row, once a resume has said where it starts
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self._tb_dir), purge_step=self._purge_step)
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, row["step"])
