@@ -298,6 +298,9 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_sent_round_in_circles(
     with pytest.raises(UserError, match=r"nothing to resume: '.*' was stopped before its first checkpoint \(training"
                                         r".checkpoint_interval=6\); delete it and start again without --resume"):
         run(prepared, out, "training.max_steps=2", resume=True)
+    from nanogpt4.train.checkpoint import resolve_checkpoint  # `sample`/`export-hf --run` (was: "neither a run ...")
+    with pytest.raises(UserError, match="holds a run stopped before its first checkpoint: it has no weights to load"):
+        resolve_checkpoint(out)
     logs: list[str] = []
     ov, _ = prepared
     summary = _pretrain_stage(load_config("tiny", [*ov, "training.max_steps=2"]), out, False, logs.append)

@@ -192,6 +192,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         names = ", ".join(r.relative_to(p).as_posix() for r in inside)
         raise UserError(f"'{path}' holds {len(inside)} runs, not one: {names}; pass the one you mean "
                         f"({p.as_posix()}/NAME)")
+    if (p / "metrics.jsonl").exists() and (p / "config.yaml").exists():
+        raise UserError(f"'{path}' holds a run stopped before its first checkpoint: it has no weights to load; "
+                        f"train it again (delete it first), or give a lower training.checkpoint_interval")
     raise UserError(f"'{path}' is neither a checkpoint nor a run with checkpoints; "
                     f"pass a run directory (runs/NAME, after `nanogpt4 pretrain`) or a checkpoints/step_N directory")
 
