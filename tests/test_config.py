@@ -93,7 +93,8 @@ def test_a_config_extends_a_preset_or_another_file(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     (tmp_path / "list.yaml").write_text("extends: [tiny]\n")
     (tmp_path / "gone.yaml").write_text("extends: nope.yaml\n")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")  # trained the 124M schema defaults, unannounced
     for name, said in [("a.yaml", "extends itself"), ("list.yaml", "extends must be a preset name"),
-                       ("gone.yaml", "extends 'nope.yaml', which is not there")]:
+                       ("gone.yaml", "extends 'nope.yaml', which is not there"), ("empty.yaml", "sets nothing")]:
         with pytest.raises(UserError, match=said):
             load_config(tmp_path / name)

@@ -268,6 +268,9 @@ def _config_files(path: str | os.PathLike, beside: Path | None = None,
         raise UserError(f"cannot parse config '{p}': {str(e).splitlines()[0]}") from None
     if not isinstance(loaded, DictConfig):
         raise UserError(f"config '{p}' must be a YAML mapping of sections (model:, training:, ...)")
+    if not loaded:  # it would train the schema's defaults, the 124M GPT-2 shape, with no word said
+        raise UserError(f"config '{p}' sets nothing; write the keys to change (model:, training:, ...), with "
+                        f"`extends: tiny` (or base) for the rest, or pass --config tiny")
     parent = loaded.pop("extends", None)
     if parent is None:
         return [(p, loaded)]
