@@ -109,6 +109,15 @@ def test_jsonl_loaders_report_file_and_line(tmp_path):
     q.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n')
     with pytest.raises(UserError, match=r"pref.jsonl:2: malformed JSON"):
         load_preferences(q)
+    # a pair with chosen == rejected states no preference: it was trained on and scored as a miss
+    q.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    said = []
+    assert [p.rejected for p in load_preferences(q, warn=said.append)] == ["c"]
+    assert said == [f"warning: '{q}': skipped 1 pair(s) whose chosen and rejected responses are the same text: they "
+                    f"state no preference (kept 1)"]
+    q.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
+    with pytest.raises(UserError, match=r"holds no preference pairs \(only 1 pair\(s\) whose chosen and rejected"):
+        load_preferences(q)
     with pytest.raises(UserError, match="last message must be the assistant"):
         format_chat([{"role": "user", "content": "x"}])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +96,13 @@ def preference_from_row(row: dict, where: str) -> Preference:
                     f"transcripts)")
 
 
-def load_preferences(path: str | Path, max_rows: int | None = None) -> list[Preference]:
+def load_preferences(path: str | Path, max_rows: int | None = None, warn=None) -> list[Preference]:
     """Preference pairs from a jsonl file, or ``hf:NAME[:CONFIG]`` (e.g. ``hf:Anthropic/hh-rlhf``, streamed;
-    a local dataset directory works offline)."""
+    a local dataset directory works offline). Pairs whose chosen and rejected are the same text are skipped (and
+    ``warn`` told how many, stderr by default): they state no preference, give DPO and the reward model a
+    constant loss, and count as a miss in the held-out accuracy (HH-RLHF has such rows)."""
     out = []
+    same = 0
     spec = str(path)
     if spec.startswith("hf:"):
         from nanogpt4.data.sources import hf_rows
@@ -107,11 +111,19 @@ def load_preferences(path: str | Path, max_rows: int | None = None) -> list[Pref
     else:
         rows = _rows(path)
     for where, row in rows:
-        out.append(preference_from_row(row, where))
+        pair = preference_from_row(row, where)
+        if pair.chosen == pair.rejected:
+            same += 1
+            continue
+        out.append(pair)
         if max_rows is not None and len(out) >= max_rows:
             break
+    said = f"{same} pair(s) whose chosen and rejected responses are the same text"
     if not out:
-        raise UserError(f"'{path}' holds no preference pairs")
+        raise UserError(f"'{path}' holds no preference pairs" + (f" (only {said})" if same else ""))
+    if same:
+        (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: '{path}': skipped {said}: they state no "
+                                                        f"preference (kept {len(out)})")
     return out
 
 
