@@ -335,6 +335,7 @@ def test_batches_mask_everything_but_the_answer(vqa_tok):
 
     b = batches.get(3, 0, 1, DistInfo(), "cpu")
     assert b["images"].shape == (8, 3, 16, 16)
+    assert b["loss_tokens"] == int((b["labels"] != -100).sum())  # what grad accumulation weighs micro-batches by
     for r in range(8):
         conv = source.conversation(3, r)
         assert len({it.image.tobytes() for it in conv}) == 1  # one image, several questions about it

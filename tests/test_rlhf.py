@@ -348,6 +348,27 @@ def test_a_diverging_stage_names_its_own_learning_rate_setting(tiny, corpus_dir,
         train_sft(cfg, copy.deepcopy(base), tok, examples, tmp_path / "sft", torch.device("cpu"), log=lambda _m: None)
 
 
+def test_sft_with_grad_accumulation_matches_the_whole_batch(tiny, corpus_dir, tmp_path):
+    """Each micro-batch's loss is a mean over its own response tokens; averaged over micro-batches, a row with few
+    response tokens weighed as much as a whole micro-batch of long ones (the gradient-accumulation bug HF
+    transformers fixed in 4.46). Weighted by response tokens, 4 micro-batches of 2 rows train as one of 8."""
+    from omegaconf import OmegaConf
+
+    cfg, tok, base = tiny
+    examples = code_completion_examples([p.read_text() for p in sorted(corpus_dir.glob("*.py"))], 64, seed=0)
+    cfg = OmegaConf.merge(cfg, {"training": {"dtype": "float32"}})
+    losses, weights = {}, {}
+    for accum in (1, 4):
+        model = copy.deepcopy(base)
+        run_cfg = OmegaConf.merge(cfg, {"training": {"grad_accum_steps": accum}})
+        train_sft(run_cfg, model, tok, examples, tmp_path / f"a{accum}", torch.device("cpu"), log=lambda _m: None)
+        rows = [json.loads(line) for line in (tmp_path / f"a{accum}" / "metrics.jsonl").read_text().splitlines()]
+        losses[accum] = [r["step_loss"] for r in rows if "step_loss" in r]
+        weights[accum] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert len(losses[1]) == 6 and losses[4] == pytest.approx(losses[1], abs=1e-5)
+    assert torch.allclose(weights[4], weights[1], atol=1e-5)
+
+
 def test_prompts_from_prose_say_which_judge_reads_them(tmp_path):
     """PPO on a run pretrained on prose failed with "no function definitions found in the corpus", naming
     neither the corpus nor the setting that takes prose."""

@@ -37,7 +37,8 @@ class SFTBatches:
         rows = step_rows(len(self.encoded), self.batch_size, self.seed, step, micro, accum, info)
         ids = pad_right([self.encoded[i][0] for i in rows], self.pad, device)
         labels = pad_right([self.encoded[i][1] for i in rows], -100, device)
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, "loss_tokens": sum(int(t != -100) for i in rows
+                                                                       for t in self.encoded[i][1])}
 
 
 def step_rows(n_items: int, batch_size: int, seed: int, step: int, micro: int, accum: int,

@@ -151,6 +151,7 @@ class VQABatches:
         self.tokens_per_step = ids.numel() * accum * info.world_size
         return {"input_ids": ids,
                 "labels": pad_right([e[1] for e in encoded], -100, device),
+                "loss_tokens": sum(int(t != -100) for e in encoded for t in e[1]),  # what the loss averages over
                 "images": torch.from_numpy(np.stack([c[0].image for c in convs])).to(device)}
 
 

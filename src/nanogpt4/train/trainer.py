@@ -330,6 +330,19 @@ class Trainer:
             result["sample"] = self.sample(unwrap(self.model))
         return result
 
+    def _loss_scales(self, micro_batches: list[dict]) -> list[float]:
+        """What each micro-batch's mean loss is multiplied by, so that the step's gradient is the whole global
+        batch's: 1/accum where every micro-batch weighs alike (LM windows, preference pairs). A loss averaged over
+        a varying number of tokens (SFT responses, VQA answers: the batch's ``loss_tokens``) is weighed by the
+        micro-batch's share of those tokens in the global batch, every rank's (DDP then averages over ranks):
+        averaging per-micro-batch means gave a short response the weight of a whole micro-batch of long ones."""
+        if "loss_tokens" not in micro_batches[0]:
+            return [1.0 / len(micro_batches)] * len(micro_batches)
+        counts = [b["loss_tokens"] for b in micro_batches]
+        mine = torch.tensor(float(sum(counts)), dtype=torch.float64, device=self.device)
+        total = round(float(all_reduce_mean(mine, self.info)) * self.info.world_size)
+        return [c * self.info.world_size / max(total, 1) for c in counts]
+
     def fit(self) -> dict:
         tc, info = self.tc, self.info
         accum = tc.grad_accum_steps
@@ -356,13 +369,14 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss_sum = torch.zeros((), device=self.device)
-                for micro in range(accum):
-                    batch = self.batches.get(self.step, micro, accum, info, self.device)
+                micro_batches = [self.batches.get(self.step, micro, accum, info, self.device) for micro in range(accum)]
+                scales = self._loss_scales(micro_batches)
+                for micro, batch in enumerate(micro_batches):
                     sync = micro == accum - 1 or not hasattr(self.step_model, "no_sync")
                     ctx = contextlib.nullcontext() if sync else self.step_model.no_sync()
                     with ctx:
                         with autocast_ctx(self.device, self.dtype):
-                            loss = self.loss_fn(self.step_model, batch) / accum
+                            loss = self.loss_fn(self.step_model, batch) * scales[micro]
                         loss.backward()
                     loss_sum += loss.detach()
                 # every rank checks the mean, so all of them stop together (a NaN on one rank poisons it)
