@@ -41,16 +41,52 @@ def test_two_process_ddp_reproduces_single_process(prepared, tmp_path, extra):
 
 
 def test_a_command_that_trains_in_one_process_refuses_torchrun_once_and_writes_nothing(tmp_path):
-    """Under torchrun only pretrain and ppo split the work; multimodal ran whole on both ranks, into one directory."""
+    """Under torchrun only the text stages split the work; multimodal ran whole on both ranks, into one directory."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt4",
            "multimodal", "--out", str(tmp_path / "mm")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode != 0 and said == [
         "error: `nanogpt4 multimodal` runs in one process: under torchrun each of the 2 ranks would run all of it, "
-        "into the same files; run it without torchrun (`nanogpt4 pretrain` and `nanogpt4 ppo` train data-parallel "
-        "under it)"], res.stderr[-3000:]
+        "into the same files; run it without torchrun (`nanogpt4 pretrain` and `nanogpt4 sft` and `nanogpt4 reward` "
+        "and `nanogpt4 ppo` and `nanogpt4 dpo` train data-parallel under it)"], res.stderr[-3000:]
     assert not (tmp_path / "mm").exists()
+
+
+@pytest.mark.slow
+def test_two_process_sft_reward_and_dpo_reproduce_single_process(prepared, tmp_path, capsys):
+    """They ran whole on every rank (so torchrun refused them); now each rank trains on its share of every batch,
+    SFT's ranks weighed by their response tokens, and the losses are the single process's."""
+    import json
+
+    from nanogpt4.cli import main
+
+    ov, _ = prepared
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), *ov, "training.max_steps=4"]) == 0
+    data = tmp_path / "data"
+    data.mkdir()
+    # responses of very different lengths: a rank's mean over its own tokens is not the batch's
+    (data / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n", "response": "    return x"
+                                                        + " + x" * (i % 7) * 3 + "\n"}) + "\n" for i in range(40)))
+    (data / "prefs.jsonl").write_text("".join(json.dumps({"prompt": f"def g{i}(x):\n", "chosen": "    return x\n",
+                                                          "rejected": "    retur" + "n" * (i % 5) + "\n"}) + "\n"
+                                              for i in range(40)))
+    small = [*ov, "rlhf.sft_steps=4", "rlhf.reward_steps=4", "rlhf.dpo_steps=4", "rlhf.compare_frozen_base=false",
+             "--device", "cpu"]
+    stages = [["sft", "--pretrained", str(tmp_path / "pre"), "--data", str(data / "sft.jsonl")],
+              ["reward", "--sft", str(tmp_path / "sft-1"), "--data", str(data / "prefs.jsonl")],
+              ["dpo", "--sft", str(tmp_path / "sft-1"), "--data", str(data / "prefs.jsonl"), "--no-eval"]]
+    for argv in stages:
+        assert main([*argv, "--out", str(tmp_path / f"{argv[0]}-1"), *small]) == 0
+        capsys.readouterr()
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "nanogpt4", *argv, "--out", str(tmp_path / f"{argv[0]}-2"), *small, "--json"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads(res.stdout.strip().splitlines()[-1])["processes"] == 2
+        one, two = step_losses(tmp_path / f"{argv[0]}-1"), step_losses(tmp_path / f"{argv[0]}-2")
+        assert list(one) == list(two) == [1, 2, 3, 4], argv[0]
+        assert all(abs(one[s] - two[s]) < 1e-5 for s in one), (argv[0], one, two)
 
 
 def test_a_refusal_on_rank_zero_is_said_once_and_the_other_ranks_leave_quietly(prepared, tmp_path):

@@ -6,6 +6,7 @@ User mistakes raise :class:`UserError` and end as one ``error: ...`` line with e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -90,6 +91,12 @@ def cmd_pretrain(args) -> int:
         print(f"pretrain: val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}, "
               f"{summary['tok_per_s']:,.0f} tok/s, run in {out}")
     return _finish(args, summary)
+
+
+def _warn_once(message: str) -> None:
+    """A warning every torchrun rank would give alike (about the same input file), said by rank 0 alone."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
 
 
 def _overrides_with_flags(args) -> list[str]:
@@ -239,54 +246,76 @@ def _stage_out(args, name: str) -> Path:
 
 
 def cmd_sft(args) -> int:
+    """Also under ``torchrun``: the ranks split every batch; rank 0 alone evaluates and writes."""
     from nanogpt4.rlhf.data import load_sft
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy, sft_stage
+    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
     cfg = _load(args)
-    out = _stage_out(args, "sft")
-    device = resolve_device(cfg.device)
-    policy, cfg, tok = load_policy(cfg, args.pretrained, device, generates=args.data is None)
+    out = _stage_out(args, "sft")  # every rank reads the same directory: all refuse, before any collective
     examples = load_sft(args.data) if args.data else None
-    before = None
-    if examples is None:  # offline tasks: the judge measures what SFT bought
-        judge = load_judge(cfg.rlhf.judge)
-        before = evaluate_policies(cfg, {"pretrained": policy}, tok, judge, device)[0]
-    result = sft_stage(cfg, policy, tok, out, device, examples)
-    summary = {"sft_train_loss": result["final_train_loss"], "steps": result["steps"],
-               "examples": len(examples) if examples else cfg.rlhf.sft_examples, "device": str(device)}
-    if before is not None:
-        summary.update(before)
-        summary.update(evaluate_policies(cfg, {"sft": policy}, tok, judge, device)[0])
-    summary["wall_s"] = time.time() - t0
-    atomic_write_json(out / "summary.json", summary)
-    print(f"sft: done, checkpoint in {out / 'checkpoints'}")
-    return _finish(args, summary)
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        policy, cfg, tok = load_policy(cfg, args.pretrained, device, generates=args.data is None)
+        judge = load_judge(cfg.rlhf.judge) if examples is None else None  # offline tasks: it measures what SFT bought
+        before = evaluate_policies(cfg, {"pretrained": policy}, tok, judge, device)[0] \
+            if judge is not None and info.is_main else None
+        result = sft_stage(cfg, policy, tok, out, device, examples, info=info)
+        if not info.is_main:
+            return 0
+        summary = {"sft_train_loss": result["final_train_loss"], "steps": result["steps"],
+                   "examples": len(examples) if examples else cfg.rlhf.sft_examples, "processes": info.world_size,
+                   "device": str(device)}
+        if before is not None:
+            summary.update(before)
+            summary.update(evaluate_policies(cfg, {"sft": policy}, tok, judge, device)[0])
+        summary["wall_s"] = time.time() - t0
+        atomic_write_json(out / "summary.json", summary)
+        print(f"sft: done, checkpoint in {out / 'checkpoints'}")
+        return _finish(args, summary)
+    finally:
+        shutdown_distributed(wait_for=info)  # the other ranks wait for rank 0's evaluation
 
 
 def cmd_reward(args) -> int:
-    from nanogpt4.rlhf.data import load_preferences
+    """Also under ``torchrun``: rank 0 labels the pairs (and sends them to the others), the ranks split every
+    batch, rank 0 alone centres, evaluates and writes."""
+    from nanogpt4.rlhf.data import Preference, load_preferences
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import label_stage, load_policy, reward_stage
+    from nanogpt4.train.distributed import broadcast_text, init_distributed, on_rank_zero, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
     cfg = _load(args)
     out = _stage_out(args, "reward")
-    device = resolve_device(cfg.device)
-    sft, cfg, tok = load_policy(cfg, args.sft, device, generates=args.data is None)
-    centre = None
-    if args.data:
-        pairs = load_preferences(args.data)
-    else:
-        pairs, prompts, first = label_stage(cfg, sft, tok, load_judge(cfg.rlhf.judge), out)
-        centre = (prompts, first)
-    _, stats = reward_stage(cfg, sft, tok, pairs, out, device, centre)
-    summary = {**stats, "device": str(device), "wall_s": time.time() - t0}
-    atomic_write_json(out / "summary.json", summary)
-    return _finish(args, summary)
+    pairs = load_preferences(args.data, warn=_warn_once) if args.data else None
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        sft, cfg, tok = load_policy(cfg, args.sft, device, generates=args.data is None)
+        centre: list = []  # (prompts, the SFT policy's first sample of each), to centre the rewards on
+        if pairs is None:  # the judge labels the SFT policy's samples: once, on rank 0, which sends them on
+            labelled: list = []
+
+            def label() -> None:
+                found, prompts, first = label_stage(cfg, sft, tok, load_judge(cfg.rlhf.judge), out)
+                labelled.extend(found)
+                centre.extend([prompts, first])
+
+            on_rank_zero(info, device, label)
+            sent = broadcast_text(json.dumps([dataclasses.astuple(p) for p in labelled]), info, device)
+            pairs = [Preference(*row) for row in json.loads(sent)]
+        _, stats = reward_stage(cfg, sft, tok, pairs, out, device, tuple(centre) or None, info=info)
+        if not info.is_main:
+            return 0
+        summary = {**stats, "processes": info.world_size, "device": str(device), "wall_s": time.time() - t0}
+        atomic_write_json(out / "summary.json", summary)
+        return _finish(args, summary)
+    finally:
+        shutdown_distributed(wait_for=info)
 
 
 def cmd_ppo(args) -> int:
@@ -336,24 +365,32 @@ def cmd_dpo(args) -> int:
     from nanogpt4.rlhf.dpo import train_dpo
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy, save_policy
+    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
     cfg = _load(args)
     out = _stage_out(args, "dpo")
-    device = resolve_device(cfg.device)
-    policy, cfg, tok = load_policy(cfg, args.sft, device, generates=not args.no_eval)
-    pairs = load_preferences(args.data)
-    sft = copy.deepcopy(policy).eval()
-    result = train_dpo(cfg, policy.train().requires_grad_(True), tok, pairs, out, device, cfg.rlhf.dpo_steps)
-    summary = {"dpo_train_loss": result["final_train_loss"], "preference_pairs": len(pairs), "device": str(device)}
-    if not args.no_eval:
-        summary.update(evaluate_policies(cfg, {"sft": sft, "dpo": policy}, tok, load_judge(cfg.rlhf.judge),
-                                         device)[0])
-    save_policy(out, cfg.rlhf.dpo_steps, policy, cfg, tok)
-    summary["wall_s"] = time.time() - t0
-    atomic_write_json(out / "summary.json", summary)
-    return _finish(args, summary)
+    pairs = load_preferences(args.data, warn=_warn_once)
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        policy, cfg, tok = load_policy(cfg, args.sft, device, generates=not args.no_eval)
+        sft = copy.deepcopy(policy).eval()
+        result = train_dpo(cfg, policy.train().requires_grad_(True), tok, pairs, out, device, cfg.rlhf.dpo_steps,
+                           info=info)
+        if not info.is_main:
+            return 0
+        summary = {"dpo_train_loss": result["final_train_loss"], "preference_pairs": len(pairs),
+                   "processes": info.world_size, "device": str(device)}
+        if not args.no_eval:
+            summary.update(evaluate_policies(cfg, {"sft": sft, "dpo": policy}, tok, load_judge(cfg.rlhf.judge),
+                                             device)[0])
+        save_policy(out, cfg.rlhf.dpo_steps, policy, cfg, tok)
+        summary["wall_s"] = time.time() - t0
+        atomic_write_json(out / "summary.json", summary)
+        return _finish(args, summary)
+    finally:
+        shutdown_distributed(wait_for=info)
 
 
 def cmd_multimodal(args) -> int:
@@ -608,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the commands that train data-parallel under torchrun; any other would run whole on every rank, into the same files
-TORCHRUN_COMMANDS = ("pretrain", "ppo")
+TORCHRUN_COMMANDS = ("pretrain", "sft", "reward", "ppo", "dpo")
 
 
 def torchrun_refusal(command: str) -> str | None:

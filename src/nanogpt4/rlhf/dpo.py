@@ -12,7 +12,7 @@ from nanogpt4.data.tokenizer import Tokenizer
 from nanogpt4.rlhf.data import Example, Preference, encode_example
 from nanogpt4.rlhf.ops import dpo_loss, gather_logprobs
 from nanogpt4.rlhf.stages import PreferenceBatches, stage_training_cfg
-from nanogpt4.train.distributed import DistInfo
+from nanogpt4.train.distributed import DistInfo, unwrap
 from nanogpt4.train.trainer import Trainer
 
 
@@ -22,7 +22,7 @@ def sequence_logprob(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch
     target = labels[:, 1:]
     keep = target != -100
     rows = torch.arange(ids.size(0), device=ids.device)[:, None].expand_as(target)[keep]
-    lp = gather_logprobs(model.head(hidden[keep]), target[keep])
+    lp = gather_logprobs(unwrap(model).head(hidden[keep]), target[keep])  # the tied head, also under DDP
     return torch.zeros(ids.size(0), dtype=lp.dtype, device=ids.device).index_add(0, rows, lp)
 
 
@@ -64,13 +64,14 @@ def make_dpo_loss(beta: float):
 
 
 def train_dpo(cfg: DictConfig, policy, tok: Tokenizer, prefs: list[Preference], run_dir: Path, device,
-              steps: int, log=print) -> dict:
+              steps: int, log=print, info: DistInfo | None = None) -> dict:
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     tc = stage_training_cfg(cfg, max_steps=steps, learning_rate=cfg.rlhf.dpo_learning_rate, batch_size=16,
                             grad_accum_steps=1,
                             warmup_steps=min(20, steps // 10 + 1), eval_interval=steps, checkpoint_interval=steps,
                             dtype="float32")
     batches = DPOBatches(prefs, ref, tok, cfg.model.max_seq_len, tc.batch_size, cfg.seed)
-    trainer = Trainer(cfg, policy, batches, run_dir, DistInfo(), device, loss_fn=make_dpo_loss(cfg.rlhf.dpo_beta),
-                      train_cfg=tc, progress=False, log=log, lr_setting="rlhf.dpo_learning_rate")
+    trainer = Trainer(cfg, policy, batches, run_dir, info or DistInfo(), device,
+                      loss_fn=make_dpo_loss(cfg.rlhf.dpo_beta), train_cfg=tc, progress=False, log=log,
+                      lr_setting="rlhf.dpo_learning_rate")
     return trainer.fit()

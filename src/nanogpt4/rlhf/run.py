@@ -114,15 +114,18 @@ def check_same_trunk(theirs: torch.nn.Module, ours: torch.nn.Module, their_name:
 
 
 def sft_stage(cfg: DictConfig, policy, tok, out: Path, device, examples: list[Example] | None = None,
-              log=print) -> dict:
-    """Supervised fine-tuning on ``examples`` (default: the offline tasks); the policy is trained in place."""
+              log=print, info: DistInfo | None = None) -> dict:
+    """Supervised fine-tuning on ``examples`` (default: the offline tasks); the policy is trained in place (under
+    torchrun, ``info``, data-parallel: each rank its share of every batch, rank 0 writes)."""
+    info = info or DistInfo()
     examples = examples or make_tasks(cfg, cfg.rlhf.sft_examples, "train", cfg.seed)
-    log(f"rlhf: SFT on {len(examples)} examples for {cfg.rlhf.sft_steps} steps")
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(out / "tokenizer.json")
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    if info.is_main:
+        log(f"rlhf: SFT on {len(examples)} examples for {cfg.rlhf.sft_steps} steps")
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save(out / "tokenizer.json")
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     return train_sft(cfg, policy, tok, examples, out, device, log=lambda _m: None,
-                     tokenizer_path=out / "tokenizer.json")
+                     tokenizer_path=out / "tokenizer.json", info=info)
 
 
 def label_stage(cfg: DictConfig, sft, tok, judge, out: Path, log=print) -> tuple[list[Preference], list[str],
@@ -185,9 +188,12 @@ def clearest_pairs(pairs: list[Preference]) -> list[Preference]:
 
 
 def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, device,
-                 centre_on: tuple[list[str], list[str]] | None = None, log=print) -> tuple[RewardModel, dict]:
+                 centre_on: tuple[list[str], list[str]] | None = None, log=print,
+                 info: DistInfo | None = None) -> tuple[RewardModel, dict]:
     """Bradley-Terry reward model from the SFT weights (fine-tuned base; with ``rlhf.compare_frozen_base`` a
-    frozen-base twin is trained too and reported beside it), centred so SFT responses average 0."""
+    frozen-base twin is trained too and reported beside it), centred so SFT responses average 0. Under
+    torchrun (``info``) the ranks train it data-parallel; rank 0 alone centres and saves it."""
+    info = info or DistInfo()
     r, L = cfg.rlhf, cfg.model.max_seq_len
     train_pairs, val_all = split_pairs(pairs)
     # the headline accuracy is on each held-out prompt's clearest comparison (best vs worst of K); all of the
@@ -204,13 +210,15 @@ def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, 
     for suffix, freeze in variants:
         model = RewardModel(copy.deepcopy(sft), freeze_base=freeze, seed=cfg.seed).to(device)
         run_dir = out / suffix.lstrip("_") if suffix else out
-        train_reward(cfg, model, tok, train_pairs, val_pairs, run_dir, device, log=quiet)
+        train_reward(cfg, model, tok, train_pairs, val_pairs, run_dir, device, log=quiet, info=info)
         stats[f"rm_val_accuracy{suffix}"] = reward_accuracy(model, val_enc, tok.pad_id, device)
         if all_enc is not None:
             stats[f"rm_val_accuracy_all_pairs{suffix}"] = reward_accuracy(model, all_enc, tok.pad_id, device)
         if rm is None:
             rm = model
     stats["rm_freeze_base"] = r.freeze_base
+    if not info.is_main:
+        return rm, stats
     if centre_on is not None:
         rm.reward_offset.fill_(float(rm_scores(rm, tok, centre_on[0], centre_on[1], device, L).mean()))
     rm.eval().requires_grad_(False)

@@ -113,16 +113,26 @@ def on_rank_zero(info: DistInfo, device: torch.device, work: Callable[[], None])
             if not info.enabled:
                 raise
             error = str(e)
-    if info.enabled:  # the message as UTF-8 bytes in a tensor (no pickling), its length first
-        data = (error or "").encode()
-        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-        dist.broadcast(size, src=0)
-        if size.item():
-            buf = torch.tensor(list(data), dtype=torch.uint8, device=device) if info.is_main else \
-                torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-            dist.broadcast(buf, src=0)
-            error = bytes(buf.cpu().tolist()).decode()
+    if info.enabled:
+        error = broadcast_text(error or "", info, device)
+        if error:
             raise UserError(error) if info.is_main else SaidByRankZero(error)
+
+
+def broadcast_text(text: str, info: DistInfo, device: torch.device) -> str:
+    """Rank 0's ``text`` on every rank (the others pass anything): UTF-8 bytes in a tensor, its length first, so
+    nothing is pickled."""
+    if not info.enabled:
+        return text
+    data = text.encode() if info.is_main else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    if not size.item():
+        return ""
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if info.is_main else \
+        torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buf, src=0)
+    return bytes(buf.cpu().numpy()).decode()
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
