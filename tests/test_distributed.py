@@ -101,6 +101,14 @@ def test_a_refusal_on_rank_zero_is_said_once_and_the_other_ranks_leave_quietly(p
                     f"(nothing in it was changed)"], res.stderr[-3000:]
     assert "[rank1]" not in res.stderr and "exitcode: 2" in res.stderr, res.stderr[-3000:]
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["notes.txt"]
+    # refused before the ranks join a group (the same --out on each): said by rank 0 alone, not once per rank
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "nanogpt4", "sft", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=300)
+    said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and said == [f"error: --out '{tmp_path / 'r'}' already holds notes.txt: give a new or "
+                                            f"empty directory, or delete it to train this stage again (nothing in "
+                                            f"it was changed)"], res.stderr[-3000:]
 
 
 @pytest.mark.slow

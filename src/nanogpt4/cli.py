@@ -673,7 +673,10 @@ def _run(args: argparse.Namespace) -> int:
     except SaidByRankZero:  # another torchrun rank, whose rank 0 printed the error
         return 2
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from nanogpt4.train.distributed import said_by_every_rank
+
+        if not said_by_every_rank() or int(os.environ["RANK"]) == 0:  # every rank's alike: said once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         from nanogpt4.utils import disk_full

@@ -36,10 +36,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+_joined = False  # whether this process has joined torchrun's process group (it stays True after leaving it)
+
+
 def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    global _joined
     if not launched_by_torchrun():
         return DistInfo(), device
+    _joined = True
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
@@ -53,6 +58,12 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
 
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device
+
+
+def said_by_every_rank() -> bool:
+    """Whether an error now would be every torchrun rank's alike: one raised before the ranks joined a group
+    comes from the same command line and files on each (a refused --out, a bad data file), so rank 0 says it."""
+    return launched_by_torchrun() and not _joined
 
 
 def shutdown_distributed(wait_for: DistInfo | None = None) -> None:
