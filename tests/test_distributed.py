@@ -41,16 +41,17 @@ def test_two_process_ddp_reproduces_single_process(prepared, tmp_path, extra):
 
 
 def test_a_command_that_trains_in_one_process_refuses_torchrun_once_and_writes_nothing(tmp_path):
-    """Under torchrun only the text stages split the work; multimodal ran whole on both ranks, into one directory."""
+    """Under torchrun only the training stages split the work; the pipeline would run whole on both ranks, into
+    one directory."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt4",
-           "multimodal", "--out", str(tmp_path / "mm")]
+           "pipeline", "--out", str(tmp_path / "p")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode != 0 and said == [
-        "error: `nanogpt4 multimodal` runs in one process: under torchrun each of the 2 ranks would run all of it, "
-        "into the same files; run it without torchrun (`nanogpt4 pretrain` and `nanogpt4 sft` and `nanogpt4 reward` "
-        "and `nanogpt4 ppo` and `nanogpt4 dpo` train data-parallel under it)"], res.stderr[-3000:]
-    assert not (tmp_path / "mm").exists()
+        "error: `nanogpt4 pipeline` runs in one process: under torchrun each of the 2 ranks would run all of it, "
+        "into the same files; run it without torchrun (pretrain, sft, reward, ppo, dpo and multimodal train "
+        "data-parallel under it)"], res.stderr[-3000:]
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.slow
@@ -87,6 +88,31 @@ def test_two_process_sft_reward_and_dpo_reproduce_single_process(prepared, tmp_p
         one, two = step_losses(tmp_path / f"{argv[0]}-1"), step_losses(tmp_path / f"{argv[0]}-2")
         assert list(one) == list(two) == [1, 2, 3, 4], argv[0]
         assert all(abs(one[s] - two[s]) < 1e-5 for s in one), (argv[0], one, two)
+
+
+@pytest.mark.slow
+def test_two_process_multimodal_reproduces_single_process(tmp_path, capsys):
+    """`nanogpt4 multimodal` ran whole on every rank (so torchrun refused it); now the ranks split every batch,
+    each weighed by its answer tokens, and rank 0 alone evaluates and writes."""
+    import json
+
+    from nanogpt4.cli import main
+
+    small = ["multimodal.image_size=16", "multimodal.patch_size=8", "multimodal.encoder_dim=32",
+             "multimodal.eval_scenes=8", "multimodal.batch_size=8", "multimodal.tune_steps=4",
+             "multimodal.data=scenes", "training.log_interval=1", "training.dtype=float32", "--device", "cpu"]
+    assert main(["multimodal", "--out", str(tmp_path / "one"), *small]) == 0
+    capsys.readouterr()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "nanogpt4", "multimodal", "--out", str(tmp_path / "two"), *small, "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["processes"] == 2
+    assert res.stdout.count("multimodal: accuracy") == 1  # rank 0 said it
+    one, two = step_losses(tmp_path / "one" / "tune"), step_losses(tmp_path / "two" / "tune")
+    assert list(one) == list(two) == [1, 2, 3, 4]
+    assert all(abs(one[s] - two[s]) < 1e-5 for s in one), (one, two)
+    assert (tmp_path / "two" / "report.md").exists() and (tmp_path / "two" / "summary.json").exists()
 
 
 def test_a_refusal_on_rank_zero_is_said_once_and_the_other_ranks_leave_quietly(prepared, tmp_path):

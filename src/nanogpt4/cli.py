@@ -394,14 +394,23 @@ def cmd_dpo(args) -> int:
 
 
 def cmd_multimodal(args) -> int:
+    """Also under ``torchrun``: the ranks split every batch; rank 0 alone evaluates and writes."""
+    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
     from nanogpt4.train.multimodal import run_multimodal
+    from nanogpt4.utils import resolve_device
 
     cfg = _load(args)
     if args.pretrained is not None and not args.pretrained.exists():
         raise UserError(f"--pretrained '{args.pretrained}' does not exist; pass a `nanogpt4 pretrain` run directory "
                         f"or leave it out to train the language model from scratch")
     out = _stage_out(args, "multimodal")
-    summary = run_multimodal(cfg, args.pretrained, out, progress=_progress())
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        summary = run_multimodal(cfg, args.pretrained, out, progress=_progress(), info=info, device=device)
+    finally:
+        shutdown_distributed(wait_for=info)  # the other ranks wait for rank 0's evaluation
+    if not info.is_main:
+        return 0
     accuracy = ", ".join(f"{name} {summary[key]:.3f}" for name, key in (
         ("your data", "custom_accuracy"), ("scenes", "scenes_accuracy"), ("digits", "digits_accuracy"),
         ("blank-image control", "text_only_accuracy")) if summary.get(key) is not None)
@@ -645,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the commands that train data-parallel under torchrun; any other would run whole on every rank, into the same files
-TORCHRUN_COMMANDS = ("pretrain", "sft", "reward", "ppo", "dpo")
+TORCHRUN_COMMANDS = ("pretrain", "sft", "reward", "ppo", "dpo", "multimodal")
 
 
 def torchrun_refusal(command: str) -> str | None:
@@ -656,7 +665,7 @@ def torchrun_refusal(command: str) -> str | None:
         return None
     return (f"`nanogpt4 {command}` runs in one process: under torchrun each of the {os.environ['WORLD_SIZE']} ranks "
             f"would run all of it, into the same files; run it without torchrun (" +
-            " and ".join(f"`nanogpt4 {c}`" for c in TORCHRUN_COMMANDS) + " train data-parallel under it)")
+            ", ".join(TORCHRUN_COMMANDS[:-1]) + f" and {TORCHRUN_COMMANDS[-1]} train data-parallel under it)")
 
 
 def _run(args: argparse.Namespace) -> int:

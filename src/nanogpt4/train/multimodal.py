@@ -334,23 +334,28 @@ def build_model(cfg: DictConfig, pretrained: Path | None, source: VQASource, dev
 
 
 def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=print, progress: bool = True,
-                   deadline: float | None = None, evaluation_s: float = 0.0) -> dict:
+                   deadline: float | None = None, evaluation_s: float = 0.0, info: DistInfo | None = None,
+                   device: torch.device | None = None) -> dict:
     """Train (LLaVA's align then tune), evaluate and report. ``deadline`` (a ``time.time()``) is when the stage
     should be done, evaluation included: training stops before it by the evaluation's predicted seconds, even if
     steps are left, so that a time-budgeted pipeline keeps its budget when the machine slows down; the evaluation
     still runs in full. The prediction is ``predicted_evaluation_s`` from this stage's timed probe evaluations,
-    ``evaluation_s`` until it has timed one."""
+    ``evaluation_s`` until it has timed one. Under torchrun (``info``, ``device``: the rank's) the ranks train
+    data-parallel and rank 0 alone writes and evaluates; the others return after training."""
     t_start = time.time()
-    device = resolve_device(cfg.device)
+    info = info or DistInfo()
+    device = device or resolve_device(cfg.device)
+    log = log if info.is_main else (lambda _m: None)
     mm = cfg.multimodal
     source = VQASource(mm, mm.image_size, mm.channels, cfg.seed)
     model, tok, cfg = build_model(cfg, pretrained, source, device)
-    out.mkdir(parents=True, exist_ok=True)  # after the data and the model loaded: bad input leaves nothing
     if (model.image_size, model.channels) != (source.size, source.channels):  # a pretrained encoder's own input
         source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
     codec = TextCodec(tok, model)
-    tok.save(out / "tokenizer.json")
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    if info.is_main:  # after the data and the model loaded: bad input leaves nothing
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save(out / "tokenizer.json")
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     L = cfg.model.max_seq_len
     batches = VQABatches(source, codec, mm.batch_size, L)
     eval_items = source.eval_items()
@@ -364,7 +369,8 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
         probe_s.append(time.perf_counter() - t)
         return {k: v for k, v in s.items() if isinstance(v, float)}
 
-    summary: dict = {"device": str(device), "data": mm.data, "image_tokens": model.image_tokens,
+    summary: dict = {"device": str(device), "processes": info.world_size, "data": mm.data,
+                     "image_tokens": model.image_tokens,
                      "parameters": sum(p.numel() for p in model.parameters()),
                      "lm_pretrained": str(pretrained) if pretrained else None}
     stages = []  # (name, steps, the LM trains, the tune stage's schedule applies)
@@ -383,7 +389,7 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
         time_left = None if deadline is None else max(
             0.0, deadline - time.time() - predicted_evaluation_s(probe_s, len(probe), len(eval_items), evaluation_s))
         train_cfg = stage_cfg(cfg, steps, time_left, tune)
-        trainer = Trainer(cfg, model, batches, out / name, DistInfo(), device, loss_fn=vqa_loss,
+        trainer = Trainer(cfg, model, batches, out / name, info, device, loss_fn=vqa_loss,
                           evaluate=quick_eval, train_cfg=train_cfg, tokenizer_path=out / "tokenizer.json",
                           progress=progress, log=log, lr_setting="multimodal.learning_rate")
         result = trainer.fit()
@@ -395,6 +401,8 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
         train_s += time.time() - t0
     model.lm.requires_grad_(True)
     summary["train_s"] = train_s
+    if not info.is_main:
+        return summary
 
     log(f"multimodal: evaluating {len(eval_items)} held-out questions (with image, blank image, prior)")
     with_image = answer_questions(model, codec, eval_items, max_new_tokens=mm.max_new_tokens)
