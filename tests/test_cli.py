@@ -645,3 +645,15 @@ def test_a_stopped_sweep_or_prediction_says_that_finished_runs_are_kept(command,
     assert got == 143
     assert err.strip() == ("stopped: SIGTERM at step 7 of 40; finished runs are kept: run the same command again "
                            "to continue")
+
+
+@pytest.mark.parametrize("argv", [["reward", "--sft", "s"], ["ppo", "--sft", "s", "--reward", "r"],
+                                  ["dpo", "--sft", "s", "--data", "p.jsonl"], ["multimodal"]])
+def test_fsdp_outside_pretrain_and_sft_is_refused_under_torchrun(argv, tmp_path, capsys, monkeypatch):
+    """FSDP failed inside the reward model's and DPO's training ('invalid python storage'), and PPO ignored it."""
+    monkeypatch.setenv("RANK", "0")  # as torchrun starts rank 0 of 2: refused before any process group exists
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = cli(capsys, *argv, "--out", tmp_path / "o", "training.fsdp=true")
+    assert_one_line_error(code, err, f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; "
+                                     f"`nanogpt4 {argv[0]}` trains data-parallel with DDP under torchrun")
+    assert not (tmp_path / "o").exists()

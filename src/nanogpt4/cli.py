@@ -93,6 +93,16 @@ def cmd_pretrain(args) -> int:
     return _finish(args, summary)
 
 
+def _refuse_fsdp(cfg, command: str) -> None:
+    """FSDP shards pretraining and SFT (one model, trained through its own forward); the other stages' extra models
+    (a frozen reference, a value head, the LM head called outside the forward) train with DDP under torchrun."""
+    from nanogpt4.train.distributed import launched_by_torchrun
+
+    if cfg.training.fsdp and launched_by_torchrun():
+        raise UserError(f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; `nanogpt4 {command}` "
+                        f"trains data-parallel with DDP under torchrun: drop training.fsdp=true")
+
+
 def _warn_once(message: str) -> None:
     """A warning every torchrun rank would give alike (about the same input file), said by rank 0 alone."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -291,6 +301,7 @@ def cmd_reward(args) -> int:
 
     t0 = time.time()
     cfg = _load(args)
+    _refuse_fsdp(cfg, "reward")
     out = _stage_out(args, "reward")
     pairs = load_preferences(args.data, warn=_warn_once) if args.data else None
     info, device = init_distributed(resolve_device(cfg.device))
@@ -331,6 +342,7 @@ def cmd_ppo(args) -> int:
 
     t0 = time.time()
     cfg = _load(args)
+    _refuse_fsdp(cfg, "ppo")
     out = _stage_out(args, "ppo")  # every rank reads the same directory: all refuse, before any collective
     train_prompts, eval_prompts = load_prompts(args.prompts) if args.prompts else (None, None)
     info, device = init_distributed(resolve_device(cfg.device))
@@ -370,6 +382,7 @@ def cmd_dpo(args) -> int:
 
     t0 = time.time()
     cfg = _load(args)
+    _refuse_fsdp(cfg, "dpo")
     out = _stage_out(args, "dpo")
     pairs = load_preferences(args.data, warn=_warn_once)
     info, device = init_distributed(resolve_device(cfg.device))
@@ -403,6 +416,7 @@ def cmd_multimodal(args) -> int:
     if args.pretrained is not None and not args.pretrained.exists():
         raise UserError(f"--pretrained '{args.pretrained}' does not exist; pass a `nanogpt4 pretrain` run directory "
                         f"or leave it out to train the language model from scratch")
+    _refuse_fsdp(cfg, "multimodal")
     out = _stage_out(args, "multimodal")
     info, device = init_distributed(resolve_device(cfg.device))
     try:
