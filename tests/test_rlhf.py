@@ -369,6 +369,19 @@ def test_sft_with_grad_accumulation_matches_the_whole_batch(tiny, corpus_dir, tm
     assert torch.allclose(weights[4], weights[1], atol=1e-5)
 
 
+def test_your_preference_file_is_held_out_at_random_prompts():
+    """`reward --data` held out the file's first tenth of prompts: a file sorted by topic measured one topic."""
+    from nanogpt4.rlhf.run import split_pairs
+
+    pairs = [Preference(f"{topic} {i}", "good", f"bad {k}") for topic in ("maths", "poems") for i in range(50)
+             for k in range(2)]
+    first = {p.prompt.split()[0] for p in split_pairs(pairs)[1]}
+    train, val = split_pairs(pairs, seed=0)
+    assert first == {"maths"} and {p.prompt.split()[0] for p in val} == {"maths", "poems"}
+    assert not {p.prompt for p in val} & {p.prompt for p in train} and len(train) + len(val) == len(pairs)
+    assert split_pairs(pairs, seed=0) == (train, val)  # the same split on every run
+
+
 def test_prompts_from_prose_say_which_judge_reads_them(tmp_path):
     """PPO on a run pretrained on prose failed with "no function definitions found in the corpus", naming
     neither the corpus nor the setting that takes prose."""

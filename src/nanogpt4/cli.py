@@ -319,7 +319,8 @@ def cmd_reward(args) -> int:
             on_rank_zero(info, device, label)
             sent = broadcast_text(json.dumps([dataclasses.astuple(p) for p in labelled]), info, device)
             pairs = [Preference(*row) for row in json.loads(sent)]
-        _, stats = reward_stage(cfg, sft, tok, pairs, out, device, tuple(centre) or None, info=info)
+        _, stats = reward_stage(cfg, sft, tok, pairs, out, device, tuple(centre) or None, info=info,
+                                held_out_seed=cfg.seed if args.data else None)  # your file may be sorted
         if not info.is_main:
             return 0
         summary = {**stats, "processes": info.world_size, "device": str(device), "wall_s": time.time() - t0}

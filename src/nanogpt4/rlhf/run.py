@@ -160,15 +160,20 @@ def label_stage(cfg: DictConfig, sft, tok, judge, out: Path, log=print) -> tuple
     return pairs, label_prompts, k_samples[0]
 
 
-def split_pairs(pairs: list[Preference]) -> tuple[list[Preference], list[Preference]]:
-    """(train, held out): the pairs of the first tenth of the prompts are held out, so no prompt's
-    comparisons sit on both sides."""
+def split_pairs(pairs: list[Preference], seed: int | None = None) -> tuple[list[Preference], list[Preference]]:
+    """(train, held out): the pairs of a tenth of the prompts are held out, so no prompt's comparisons sit on
+    both sides. The first tenth, in the order given (the judge's labels come in random prompt order), or with
+    ``seed`` a random tenth: a file of your own may be sorted (by topic, by source), and its first tenth would
+    measure one kind of prompt only."""
     prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    if seed is not None:
+        random.Random(seed).shuffle(prompts)
     held = set(prompts[:max(1, len(prompts) // 10)])
     val = [p for p in pairs if p.prompt in held]
     if len(val) < 10:  # few prompts with many pairs each (or one prompt): fall back to splitting pairs
         n_val = max(10, len(pairs) // 10)
-        val, train = pairs[:n_val], pairs[n_val:]
+        order = random.Random(seed).sample(pairs, len(pairs)) if seed is not None else pairs
+        val, train = order[:n_val], order[n_val:]
     else:
         train = [p for p in pairs if p.prompt not in held]
     if len(train) < 10:
@@ -189,13 +194,13 @@ def clearest_pairs(pairs: list[Preference]) -> list[Preference]:
 
 def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, device,
                  centre_on: tuple[list[str], list[str]] | None = None, log=print,
-                 info: DistInfo | None = None) -> tuple[RewardModel, dict]:
+                 info: DistInfo | None = None, held_out_seed: int | None = None) -> tuple[RewardModel, dict]:
     """Bradley-Terry reward model from the SFT weights (fine-tuned base; with ``rlhf.compare_frozen_base`` a
     frozen-base twin is trained too and reported beside it), centred so SFT responses average 0. Under
     torchrun (``info``) the ranks train it data-parallel; rank 0 alone centres and saves it."""
     info = info or DistInfo()
     r, L = cfg.rlhf, cfg.model.max_seq_len
-    train_pairs, val_all = split_pairs(pairs)
+    train_pairs, val_all = split_pairs(pairs, held_out_seed)
     # the headline accuracy is on each held-out prompt's clearest comparison (best vs worst of K); all of the
     # held-out prompts' comparisons, close calls included, are reported beside it
     val_pairs = clearest_pairs(val_all)
