@@ -330,14 +330,15 @@ class Trainer:
             result["sample"] = self.sample(unwrap(self.model))
         return result
 
-    def _loss_scales(self, micro_batches: list[dict]) -> list[float]:
+    def _loss_scales(self, micro_batches: list[dict]) -> list[float] | None:
         """What each micro-batch's mean loss is multiplied by, so that the step's gradient is the whole global
-        batch's: 1/accum where every micro-batch weighs alike (LM windows, preference pairs). A loss averaged over
-        a varying number of tokens (SFT responses, VQA answers: the batch's ``loss_tokens``) is weighed by the
-        micro-batch's share of those tokens in the global batch, every rank's (DDP then averages over ranks):
-        averaging per-micro-batch means gave a short response the weight of a whole micro-batch of long ones."""
+        batch's; None where every micro-batch weighs alike (LM windows, preference pairs: each is divided by
+        accum). A loss averaged over a varying number of tokens (SFT responses, VQA answers: the batch's
+        ``loss_tokens``) is weighed by the micro-batch's share of those tokens in the global batch, every rank's
+        (DDP then averages over ranks): averaging per-micro-batch means gave a short response the weight of a
+        whole micro-batch of long ones."""
         if "loss_tokens" not in micro_batches[0]:
-            return [1.0 / len(micro_batches)] * len(micro_batches)
+            return None
         counts = [b["loss_tokens"] for b in micro_batches]
         mine = torch.tensor(float(sum(counts)), dtype=torch.float64, device=self.device)
         total = round(float(all_reduce_mean(mine, self.info)) * self.info.world_size)
@@ -376,7 +377,8 @@ class Trainer:
                     ctx = contextlib.nullcontext() if sync else self.step_model.no_sync()
                     with ctx:
                         with autocast_ctx(self.device, self.dtype):
-                            loss = self.loss_fn(self.step_model, batch) * scales[micro]
+                            loss = self.loss_fn(self.step_model, batch)
+                            loss = loss / accum if scales is None else loss * scales[micro]
                         loss.backward()
                     loss_sum += loss.detach()
                 # every rank checks the mean, so all of them stop together (a NaN on one rank poisons it)
