@@ -30,6 +30,19 @@ def run(prepared, out, *extra, resume=False):
     return pretrain(cfg, out, resume=resume, progress=False, log=quiet)
 
 
+def test_a_run_shorter_than_its_warmup_says_so(prepared, tmp_path):
+    ov, _ = prepared
+    said: list[str] = []
+    pretrain(load_config("tiny", [*ov, "training.max_steps=4", "training.warmup_steps=10"]), tmp_path / "r",
+             progress=False, log=said.append)
+    assert any(m.startswith("training: warmup_steps 10 is longer than the run (4 steps): the learning rate rises "
+                            "all run and peaks at ") and "give a training.warmup_steps below 4" in m for m in said)
+    said.clear()
+    pretrain(load_config("tiny", [*ov, "training.max_steps=4", "training.warmup_steps=4"]), tmp_path / "ok",
+             progress=False, log=said.append)
+    assert not any("warmup_steps" in m for m in said)  # a warmup as long as the run reaches the rate on its last step
+
+
 def test_lr_schedule_warmup_then_cosine_to_min():
     lrs = [lr_at(s, 1.0, 10, 110, 0.1) for s in range(130)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

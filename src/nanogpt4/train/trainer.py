@@ -153,6 +153,11 @@ class Trainer:
         self.progress = progress and info.is_main
         self.log = log if info.is_main else (lambda _msg: None)
         self._token_end = self._token_budget_end(batches.tokens_per_step)
+        end = self._token_end or self.tc.max_steps
+        if self.tc.warmup_steps > end:  # a run shorter than its warmup never trains at the rate it was given
+            self.log(f"training: warmup_steps {self.tc.warmup_steps} is longer than the run ({end} steps): the "
+                     f"learning rate rises all run and peaks at {lr_for(self.tc, end - 1):.2e}, not "
+                     f"{self.lr_setting}={self.tc.learning_rate:g}; give a training.warmup_steps below {end}")
         self.dtype = resolve_dtype(self.tc.dtype, device)
         if device.type == "cuda":  # fp32 training on a GPU uses TF32 tensor cores, as its MFU peak assumes
             torch.backends.cuda.matmul.allow_tf32 = True
