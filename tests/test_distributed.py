@@ -49,7 +49,7 @@ def test_a_command_that_trains_in_one_process_refuses_torchrun_once_and_writes_n
     said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert res.returncode != 0 and said == [
         "error: `nanogpt4 pipeline` runs in one process: under torchrun each of the 2 ranks would run all of it, "
-        "into the same files; run it without torchrun (pretrain, sft, reward, ppo, dpo and multimodal train "
+        "into the same files; run it without torchrun (pretrain, sft, reward, ppo, dpo, rlhf and multimodal train "
         "data-parallel under it)"], res.stderr[-3000:]
     assert not (tmp_path / "p").exists()
 
@@ -88,6 +88,37 @@ def test_two_process_sft_reward_and_dpo_reproduce_single_process(prepared, tmp_p
         one, two = step_losses(tmp_path / f"{argv[0]}-1"), step_losses(tmp_path / f"{argv[0]}-2")
         assert list(one) == list(two) == [1, 2, 3, 4], argv[0]
         assert all(abs(one[s] - two[s]) < 1e-5 for s in one), (argv[0], one, two)
+
+
+@pytest.mark.slow
+def test_two_process_rlhf_chain_matches_single_process(prepared, tmp_path, capsys):
+    """`nanogpt4 rlhf` under torchrun: rank 0 labels the pairs and sends them on, every stage trains data-parallel
+    (SFT, reward model and DPO to the single process's losses), the ranks' PPO reads one centred reward."""
+    import json
+
+    from nanogpt4.cli import main
+
+    ov, _ = prepared
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), *ov, "training.max_steps=20"]) == 0
+    small = [*ov, "rlhf.sft_steps=4", "rlhf.reward_steps=4", "rlhf.ppo_steps=2", "rlhf.dpo_steps=3",
+             "rlhf.sft_examples=60", "rlhf.label_prompts=120", "rlhf.eval_prompts=16", "rlhf.rollout_batch_size=8",
+             "rlhf.mini_batch_size=4", "rlhf.max_new_tokens=10", "rlhf.label_min_gap=0.0",
+             "rlhf.compare_frozen_base=false", "--device", "cpu"]
+    assert main(["rlhf", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "one"), *small]) == 0
+    capsys.readouterr()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "nanogpt4", "rlhf", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "two"),
+                          *small, "--json"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["processes"] == 2 and {"judge_sft", "judge_ppo", "judge_dpo", "kl_ppo"} <= summary.keys()
+    prefs = [(tmp_path / run / "preferences.jsonl").read_bytes() for run in ("one", "two")]
+    assert prefs[0] == prefs[1]
+    for stage in ("sft", "reward", "dpo"):
+        one, two = step_losses(tmp_path / "one" / stage), step_losses(tmp_path / "two" / stage)
+        assert list(one) == list(two) and all(abs(one[s] - two[s]) < 1e-5 for s in one), (stage, one, two)
+    ppo = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(ppo) == 2 and all(abs(r["reward"]) < 50 for r in ppo)
 
 
 @pytest.mark.slow

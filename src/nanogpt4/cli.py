@@ -6,7 +6,6 @@ User mistakes raise :class:`UserError` and end as one ``error: ...`` line with e
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -235,11 +234,20 @@ def cmd_scaling(args) -> int:
 
 
 def cmd_rlhf(args) -> int:
+    """Also under ``torchrun``: every stage data-parallel, rank 0 labelling, evaluating and writing."""
     from nanogpt4.rlhf.run import run_rlhf
+    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
+    from nanogpt4.utils import resolve_device
 
     cfg = _load(args)
-    summary = run_rlhf(cfg, args.pretrained, _stage_out(args, "rlhf"))
-    return _finish(args, summary)
+    _refuse_fsdp(cfg, "rlhf")
+    out = _stage_out(args, "rlhf")
+    info, device = init_distributed(resolve_device(cfg.device))
+    try:
+        summary = run_rlhf(cfg, args.pretrained, out, info=info, device=device)
+    finally:
+        shutdown_distributed(wait_for=info)  # the other ranks wait for rank 0's evaluation
+    return 0 if summary is None else _finish(args, summary)
 
 
 def _stage_out(args, name: str) -> Path:
@@ -293,10 +301,10 @@ def cmd_sft(args) -> int:
 def cmd_reward(args) -> int:
     """Also under ``torchrun``: rank 0 labels the pairs (and sends them to the others), the ranks split every
     batch, rank 0 alone centres, evaluates and writes."""
-    from nanogpt4.rlhf.data import Preference, load_preferences
+    from nanogpt4.rlhf.data import load_preferences
     from nanogpt4.rlhf.judges import load_judge
-    from nanogpt4.rlhf.run import label_stage, load_policy, reward_stage
-    from nanogpt4.train.distributed import broadcast_text, init_distributed, on_rank_zero, shutdown_distributed
+    from nanogpt4.rlhf.run import label_on_rank_zero, load_policy, reward_stage
+    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -307,19 +315,10 @@ def cmd_reward(args) -> int:
     info, device = init_distributed(resolve_device(cfg.device))
     try:
         sft, cfg, tok = load_policy(cfg, args.sft, device, generates=args.data is None)
-        centre: list = []  # (prompts, the SFT policy's first sample of each), to centre the rewards on
+        centre = None  # (prompts, the SFT policy's first sample of each), to centre the rewards on
         if pairs is None:  # the judge labels the SFT policy's samples: once, on rank 0, which sends them on
-            labelled: list = []
-
-            def label() -> None:
-                found, prompts, first = label_stage(cfg, sft, tok, load_judge(cfg.rlhf.judge), out)
-                labelled.extend(found)
-                centre.extend([prompts, first])
-
-            on_rank_zero(info, device, label)
-            sent = broadcast_text(json.dumps([dataclasses.astuple(p) for p in labelled]), info, device)
-            pairs = [Preference(*row) for row in json.loads(sent)]
-        _, stats = reward_stage(cfg, sft, tok, pairs, out, device, tuple(centre) or None, info=info,
+            pairs, centre = label_on_rank_zero(cfg, sft, tok, load_judge(cfg.rlhf.judge), out, device, info)
+        _, stats = reward_stage(cfg, sft, tok, pairs, out, device, centre, info=info,
                                 held_out_seed=cfg.seed if args.data else None)  # your file may be sorted
         if not info.is_main:
             return 0
@@ -669,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the commands that train data-parallel under torchrun; any other would run whole on every rank, into the same files
-TORCHRUN_COMMANDS = ("pretrain", "sft", "reward", "ppo", "dpo", "multimodal")
+TORCHRUN_COMMANDS = ("pretrain", "sft", "reward", "ppo", "dpo", "rlhf", "multimodal")
 
 
 def torchrun_refusal(command: str) -> str | None:

@@ -8,6 +8,7 @@ prompts from the validation split.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt4.data.sources import load_corpus
@@ -34,7 +36,7 @@ from nanogpt4.rlhf.stages import (
     train_sft,
 )
 from nanogpt4.train.checkpoint import load_model, save_checkpoint
-from nanogpt4.train.distributed import DistInfo
+from nanogpt4.train.distributed import DistInfo, broadcast_text, on_rank_zero
 from nanogpt4.utils import atomic_path, atomic_write_json, atomic_write_text, resolve_device, resolve_dtype
 
 
@@ -160,6 +162,18 @@ def label_stage(cfg: DictConfig, sft, tok, judge, out: Path, log=print) -> tuple
     return pairs, label_prompts, k_samples[0]
 
 
+def label_on_rank_zero(cfg: DictConfig, sft, tok, judge, out: Path, device, info: DistInfo,
+                       log=print) -> tuple[list[Preference], tuple[list[str], list[str]] | None]:
+    """``label_stage`` once, on rank 0, its pairs sent to every rank (as JSON: nothing is pickled); with them the
+    (prompts, first samples) the reward model is centred on, on rank 0 (which sends the others the offset)."""
+    labelled: list = []
+    on_rank_zero(info, device, lambda: labelled.extend(label_stage(cfg, sft, tok, judge, out, log=log)))
+    if not info.enabled:
+        return labelled[0], (labelled[1], labelled[2])
+    sent = broadcast_text(json.dumps([dataclasses.astuple(p) for p in labelled[0]] if labelled else []), info, device)
+    return [Preference(*row) for row in json.loads(sent)], (labelled[1], labelled[2]) if labelled else None
+
+
 def split_pairs(pairs: list[Preference], seed: int | None = None) -> tuple[list[Preference], list[Preference]]:
     """(train, held out): the pairs of a tenth of the prompts are held out, so no prompt's comparisons sit on
     both sides. The first tenth, in the order given (the judge's labels come in random prompt order), or with
@@ -222,11 +236,13 @@ def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, 
         if rm is None:
             rm = model
     stats["rm_freeze_base"] = r.freeze_base
+    if centre_on is not None and info.is_main:
+        rm.reward_offset.fill_(float(rm_scores(rm, tok, centre_on[0], centre_on[1], device, L).mean()))
+    if info.enabled:  # rank 0's centre on every rank: PPO's ranks must read the same rewards
+        dist.broadcast(rm.reward_offset, src=0)
+    rm.eval().requires_grad_(False)
     if not info.is_main:
         return rm, stats
-    if centre_on is not None:
-        rm.reward_offset.fill_(float(rm_scores(rm, tok, centre_on[0], centre_on[1], device, L).mean()))
-    rm.eval().requires_grad_(False)
     save_checkpoint(out, r.reward_steps, rm, cfg, None, {}, keep_last=1)
     others = ", ".join(f"{k[len('rm_val_accuracy_'):]} {v:.3f}" for k, v in stats.items()
                        if k.startswith("rm_val_accuracy_"))
@@ -322,27 +338,37 @@ def save_policy(out: Path, step: int, policy, cfg, tok) -> None:
     save_checkpoint(out, step, policy, cfg, out / "tokenizer.json", {}, keep_last=1)
 
 
-def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print) -> dict:
-    """SFT -> judge labels -> reward model -> PPO, DPO and best-of-n -> held-out judge scores."""
+def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print, info: DistInfo | None = None,
+             device: torch.device | None = None) -> dict | None:
+    """SFT -> judge labels -> reward model -> PPO, DPO and best-of-n -> held-out judge scores. Under torchrun
+    (``info``, ``device``: the rank's) every stage trains data-parallel; rank 0 labels the pairs (and sends them
+    to the others), evaluates and writes, and the other ranks return None once DPO is trained."""
     t_start = time.time()
-    device = resolve_device(cfg.device)
+    info = info or DistInfo()
+    device = device or resolve_device(cfg.device)
+    log = log if info.is_main else (lambda _m: None)
     policy, cfg, tok = load_policy(cfg, pretrained, device)
-    out.mkdir(parents=True, exist_ok=True)  # after the pretrained run loaded: a bad path leaves nothing
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    if info.is_main:  # after the pretrained run loaded: a bad path leaves nothing
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     r = cfg.rlhf
     judge = load_judge(r.judge)
-    summary: dict = {"judge": r.judge, "device": str(device)}
+    summary: dict = {"judge": r.judge, "processes": info.world_size, "device": str(device)}
 
-    sft_stage(cfg, policy, tok, out / "sft", device, log=log)
+    sft_stage(cfg, policy, tok, out / "sft", device, log=log, info=info)
     sft = copy.deepcopy(policy).eval()
-    pairs, label_prompts, first_samples = label_stage(cfg, sft, tok, judge, out, log=log)
-    rm, rm_stats = reward_stage(cfg, sft, tok, pairs, out / "reward", device, (label_prompts, first_samples), log)
+    pairs, centre = label_on_rank_zero(cfg, sft, tok, judge, out, device, info, log)
+    rm, rm_stats = reward_stage(cfg, sft, tok, pairs, out / "reward", device, centre, log, info=info)
     summary.update(rm_stats)
-    ppo, history = ppo_stage(cfg, policy, sft, rm, tok, judge, out, device, log)
+    ppo, history = ppo_stage(cfg, policy, sft, rm, tok, judge, out, device, log, info=info)
+    ppo.info = DistInfo()  # training is over: rank 0 evaluates alone, without collectives
 
     # DPO from the SFT model on the same pairs
     dpo_policy = copy.deepcopy(sft).train().requires_grad_(True)
-    train_dpo(cfg, dpo_policy, tok, split_pairs(pairs)[0], out / "dpo", device, r.dpo_steps, log=lambda _m: None)
+    train_dpo(cfg, dpo_policy, tok, split_pairs(pairs)[0], out / "dpo", device, r.dpo_steps, log=lambda _m: None,
+              info=info)
+    if not info.is_main:
+        return None
 
     results, prompts, samples = evaluate_policies(cfg, {"sft": sft, "ppo": policy, "dpo": dpo_policy}, tok, judge,
                                                   device, rm=rm, best_of_base=sft)
