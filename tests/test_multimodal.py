@@ -508,6 +508,15 @@ def test_multimodal_command_bad_input(tmp_path, capsys):
     assert "rows.jsonl:1: image" in capsys.readouterr().err
     assert main(["multimodal", "--out", str(tmp_path / "z"), "multimodal.patch_size=5"]) == 2
     assert "multiple of patch_size" in capsys.readouterr().err
+    # a question that cannot fit beside its image: it stopped the first training step that drew it, the run
+    # directory already made; now refused before anything is written
+    assert main(["multimodal", "--out", str(tmp_path / "long"), *MM_SMALL, "multimodal.patch_size=4",
+                 "model.max_seq_len=32"]) == 2
+    err = capsys.readouterr().err
+    assert "with its answer and the 16 image tokens needs" in err and "more than the language model's context " \
+        "(32): use fewer image tokens (a larger multimodal.patch_size or multimodal.token_merge=2), or raise " \
+        "model.max_seq_len" in err, err
+    assert not (tmp_path / "long").exists()
 
 
 def test_training_conversations_teach_vertical_order():

@@ -333,6 +333,19 @@ def build_model(cfg: DictConfig, pretrained: Path | None, source: VQASource, dev
     return model, tok, cfg
 
 
+def check_questions_fit(codec: TextCodec, items: list[VQAItem], max_len: int, pretrained: bool) -> None:
+    """Refuse, before anything is written or trained, a question that cannot fit with its image and answer: it
+    used to stop the first training step that drew it, after the run directory was made. The LM's context is a
+    pretrained run's own (positions cannot grow), so the fix there is fewer image tokens."""
+    longest = max(items, key=lambda it: len(codec.turn(it.question, True)) + len(codec.answer(it.answer)))
+    need = len(codec.turn(longest.question, True)) + len(codec.answer(longest.answer)) - 1  # targets shift by one
+    if need > max_len:
+        grow = "" if pretrained else ", or raise model.max_seq_len"
+        raise UserError(f"the question {longest.question!r} with its answer and the {codec.model.image_tokens} image "
+                        f"tokens needs {need} tokens, more than the language model's context ({max_len}): use fewer "
+                        f"image tokens (a larger multimodal.patch_size or multimodal.token_merge=2){grow}")
+
+
 def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=print, progress: bool = True,
                    deadline: float | None = None, evaluation_s: float = 0.0, info: DistInfo | None = None,
                    device: torch.device | None = None) -> dict:
@@ -352,13 +365,15 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
     if (model.image_size, model.channels) != (source.size, source.channels):  # a pretrained encoder's own input
         source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
     codec = TextCodec(tok, model)
-    if info.is_main:  # after the data and the model loaded: bad input leaves nothing
+    eval_items = source.eval_items()
+    first_turns = [source.conversation(step, row)[0] for step in range(8) for row in range(mm.batch_size)]
+    check_questions_fit(codec, eval_items + first_turns, cfg.model.max_seq_len, pretrained is not None)
+    if info.is_main:  # after the data and the model loaded and the questions fit: bad input leaves nothing
         out.mkdir(parents=True, exist_ok=True)
         tok.save(out / "tokenizer.json")
         atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     L = cfg.model.max_seq_len
     batches = VQABatches(source, codec, mm.batch_size, L)
-    eval_items = source.eval_items()
     probe = random.Random(0).sample(eval_items, min(256, len(eval_items)))
 
     probe_s: list[float] = []
