@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,25 @@ def test_two_process_rlhf_chain_matches_single_process(prepared, tmp_path, capsy
         assert list(one) == list(two) and all(abs(one[s] - two[s]) < 1e-5 for s in one), (stage, one, two)
     ppo = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(ppo) == 2 and all(abs(r["reward"]) < 50 for r in ppo)
+
+
+def test_a_judge_failing_on_rank_zero_before_sft_stops_every_rank_at_once(prepared, tmp_path):
+    """Rank 0 judges the pretrained policy before SFT while the others set up DDP: its error left them waiting
+    in that collective (until gloo's timeout); now it is sent to them, said once, and every rank exits 2."""
+    from nanogpt4.cli import main
+
+    ov, _ = prepared
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), *ov, "training.max_steps=2"]) == 0
+    (tmp_path / "broken_judge.py").write_text(
+        "from nanogpt4.errors import UserError\n\n\ndef score(prompts, responses):\n"
+        "    raise UserError('the judge cannot score these')\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "nanogpt4", "sft", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "sft"),
+                          *ov, "rlhf.judge=broken_judge:score", "rlhf.eval_prompts=4", "rlhf.max_new_tokens=4"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and said == ["error: the judge cannot score these"], res.stderr[-3000:]
 
 
 @pytest.mark.slow

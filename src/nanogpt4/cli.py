@@ -268,7 +268,7 @@ def cmd_sft(args) -> int:
     from nanogpt4.rlhf.data import load_sft
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy, sft_stage
-    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
+    from nanogpt4.train.distributed import init_distributed, on_rank_zero, shutdown_distributed
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -279,15 +279,17 @@ def cmd_sft(args) -> int:
     try:
         policy, cfg, tok = load_policy(cfg, args.pretrained, device, generates=args.data is None)
         judge = load_judge(cfg.rlhf.judge) if examples is None else None  # offline tasks: it measures what SFT bought
-        before = evaluate_policies(cfg, {"pretrained": policy}, tok, judge, device)[0] \
-            if judge is not None and info.is_main else None
+        before: dict = {}
+        if judge is not None:  # on rank 0, its error sent to the others (they would wait for it in DDP's setup)
+            on_rank_zero(info, device, lambda: before.update(
+                evaluate_policies(cfg, {"pretrained": policy}, tok, judge, device)[0]))
         result = sft_stage(cfg, policy, tok, out, device, examples, info=info)
         if not info.is_main:
             return 0
         summary = {"sft_train_loss": result["final_train_loss"], "steps": result["steps"],
                    "examples": len(examples) if examples else cfg.rlhf.sft_examples, "processes": info.world_size,
                    "device": str(device)}
-        if before is not None:
+        if judge is not None:
             summary.update(before)
             summary.update(evaluate_policies(cfg, {"sft": policy}, tok, judge, device)[0])
         summary["wall_s"] = time.time() - t0
