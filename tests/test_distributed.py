@@ -16,6 +16,14 @@ from nanogpt4.train.pretrain import pretrain
 from .conftest import step_losses
 
 
+def ranks_saying(*args, **kwargs):
+    """`nanogpt4 ARGS...` on 2 torchrun ranks, rank 0 slow to say an error (tests/workers/slow_rank_zero.py)."""
+    worker = Path(__file__).parent / "workers" / "slow_rank_zero.py"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(worker), *args], capture_output=True, text=True, timeout=300, **kwargs)
+    return res, [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+
+
 def torchrun(out, overrides, nproc=2, expect_rc=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "nanogpt4", "pretrain", "--out", str(out), *overrides]
@@ -44,10 +52,7 @@ def test_two_process_ddp_reproduces_single_process(prepared, tmp_path, extra):
 def test_a_command_that_trains_in_one_process_refuses_torchrun_once_and_writes_nothing(tmp_path):
     """Under torchrun only the training stages split the work; the pipeline would run whole on both ranks, into
     one directory."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt4",
-           "pipeline", "--out", str(tmp_path / "p")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    res, said = ranks_saying("pipeline", "--out", str(tmp_path / "p"))
     assert res.returncode != 0 and said == [
         "error: `nanogpt4 pipeline` runs in one process: under torchrun each of the 2 ranks would run all of it, "
         "into the same files; run it without torchrun (pretrain, sft, reward, ppo, dpo, rlhf and multimodal train "
@@ -132,12 +137,9 @@ def test_a_judge_failing_on_rank_zero_before_sft_stops_every_rank_at_once(prepar
     (tmp_path / "broken_judge.py").write_text(
         "from nanogpt4.errors import UserError\n\n\ndef score(prompts, responses):\n"
         "    raise UserError('the judge cannot score these')\n")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "nanogpt4", "sft", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "sft"),
-                          *ov, "rlhf.judge=broken_judge:score", "rlhf.eval_prompts=4", "rlhf.max_new_tokens=4"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    res, said = ranks_saying("sft", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "sft"), *ov,
+                             "rlhf.judge=broken_judge:score", "rlhf.eval_prompts=4", "rlhf.max_new_tokens=4",
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert res.returncode != 0 and said == ["error: the judge cannot score these"], res.stderr[-3000:]
 
 
@@ -172,17 +174,13 @@ def test_a_refusal_on_rank_zero_is_said_once_and_the_other_ranks_leave_quietly(p
     ov, _ = prepared
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "notes.txt").write_text("mine\n")
-    res = torchrun(tmp_path / "r", ov, expect_rc=2)
-    said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert said == [f"error: run directory '{tmp_path / 'r'}' holds notes.txt: give a new or empty directory "
-                    f"(nothing in it was changed)"], res.stderr[-3000:]
+    res, said = ranks_saying("pretrain", "--out", str(tmp_path / "r"), *ov)
+    assert res.returncode != 0 and said == [f"error: run directory '{tmp_path / 'r'}' holds notes.txt: give a new or "
+                                            f"empty directory (nothing in it was changed)"], res.stderr[-3000:]
     assert "[rank1]" not in res.stderr and "exitcode: 2" in res.stderr, res.stderr[-3000:]
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["notes.txt"]
     # refused before the ranks join a group (the same --out on each): said by rank 0 alone, not once per rank
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "nanogpt4", "sft", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=300)
-    said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    res, said = ranks_saying("sft", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "r"))
     assert res.returncode != 0 and said == [f"error: --out '{tmp_path / 'r'}' already holds notes.txt: give a new or "
                                             f"empty directory, or delete it to train this stage again (nothing in "
                                             f"it was changed)"], res.stderr[-3000:]

@@ -63,6 +63,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from nanogpt4.train.distributed import rank_zero_or_alone
     from nanogpt4.train.pretrain import pretrain, resume_config
 
     if args.resume:
@@ -86,7 +87,7 @@ def cmd_pretrain(args) -> int:
         if isinstance(e, OSError):
             e = DiskFull(f"the disk is full ({e})")
         raise _with_hint(e, hint) from None
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the summary; rank 0 says it
+    if rank_zero_or_alone():  # under torchrun every rank returns the summary
         print(f"pretrain: val_loss {summary['val_loss']:.4f}, val_bpb {summary['val_bpb']:.4f}, "
               f"{summary['tok_per_s']:,.0f} tok/s, run in {out}")
     return _finish(args, summary)
@@ -104,7 +105,9 @@ def _refuse_fsdp(cfg, command: str) -> None:
 
 def _warn_once(message: str) -> None:
     """A warning every torchrun rank would give alike (about the same input file), said by rank 0 alone."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    from nanogpt4.train.distributed import rank_zero_or_alone
+
+    if rank_zero_or_alone():
         print(message, file=sys.stderr)
 
 
@@ -236,17 +239,14 @@ def cmd_scaling(args) -> int:
 def cmd_rlhf(args) -> int:
     """Also under ``torchrun``: every stage data-parallel, rank 0 labelling, evaluating and writing."""
     from nanogpt4.rlhf.run import run_rlhf
-    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
+    from nanogpt4.train.distributed import process_group
     from nanogpt4.utils import resolve_device
 
     cfg = _load(args)
     _refuse_fsdp(cfg, "rlhf")
     out = _stage_out(args, "rlhf")
-    info, device = init_distributed(resolve_device(cfg.device))
-    try:
+    with process_group(resolve_device(cfg.device)) as (info, device):
         summary = run_rlhf(cfg, args.pretrained, out, info=info, device=device)
-    finally:
-        shutdown_distributed(wait_for=info)  # the other ranks wait for rank 0's evaluation
     return 0 if summary is None else _finish(args, summary)
 
 
@@ -268,15 +268,14 @@ def cmd_sft(args) -> int:
     from nanogpt4.rlhf.data import load_sft
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy, sft_stage
-    from nanogpt4.train.distributed import init_distributed, on_rank_zero, shutdown_distributed
+    from nanogpt4.train.distributed import on_rank_zero, process_group
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
     cfg = _load(args)
     out = _stage_out(args, "sft")  # every rank reads the same directory: all refuse, before any collective
     examples = load_sft(args.data) if args.data else None
-    info, device = init_distributed(resolve_device(cfg.device))
-    try:
+    with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.pretrained, device, generates=args.data is None)
         judge = load_judge(cfg.rlhf.judge) if examples is None else None  # offline tasks: it measures what SFT bought
         before: dict = {}
@@ -296,8 +295,6 @@ def cmd_sft(args) -> int:
         atomic_write_json(out / "summary.json", summary)
         print(f"sft: done, checkpoint in {out / 'checkpoints'}")
         return _finish(args, summary)
-    finally:
-        shutdown_distributed(wait_for=info)  # the other ranks wait for rank 0's evaluation
 
 
 def cmd_reward(args) -> int:
@@ -306,7 +303,7 @@ def cmd_reward(args) -> int:
     from nanogpt4.rlhf.data import load_preferences
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import label_on_rank_zero, load_policy, reward_stage
-    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
+    from nanogpt4.train.distributed import process_group
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -314,8 +311,7 @@ def cmd_reward(args) -> int:
     _refuse_fsdp(cfg, "reward")
     out = _stage_out(args, "reward")
     pairs = load_preferences(args.data, warn=_warn_once) if args.data else None
-    info, device = init_distributed(resolve_device(cfg.device))
-    try:
+    with process_group(resolve_device(cfg.device)) as (info, device):
         sft, cfg, tok = load_policy(cfg, args.sft, device, generates=args.data is None)
         centre = None  # (prompts, the SFT policy's first sample of each), to centre the rewards on
         if pairs is None:  # the judge labels the SFT policy's samples: once, on rank 0, which sends them on
@@ -327,8 +323,6 @@ def cmd_reward(args) -> int:
         summary = {**stats, "processes": info.world_size, "device": str(device), "wall_s": time.time() - t0}
         atomic_write_json(out / "summary.json", summary)
         return _finish(args, summary)
-    finally:
-        shutdown_distributed(wait_for=info)
 
 
 def cmd_ppo(args) -> int:
@@ -339,7 +333,7 @@ def cmd_ppo(args) -> int:
     from nanogpt4.rlhf.data import load_prompts
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import check_same_trunk, evaluate_policies, load_policy, ppo_kl, ppo_stage, save_policy
-    from nanogpt4.train.distributed import DistInfo, init_distributed, shutdown_distributed
+    from nanogpt4.train.distributed import DistInfo, process_group
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -347,8 +341,7 @@ def cmd_ppo(args) -> int:
     _refuse_fsdp(cfg, "ppo")
     out = _stage_out(args, "ppo")  # every rank reads the same directory: all refuse, before any collective
     train_prompts, eval_prompts = load_prompts(args.prompts) if args.prompts else (None, None)
-    info, device = init_distributed(resolve_device(cfg.device))
-    try:
+    with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.sft, device)
         rm = RewardModel.load_pretrained(args.reward, device)
         check_same_trunk(rm.transformer, policy, f"the reward model '{args.reward}'",
@@ -368,8 +361,6 @@ def cmd_ppo(args) -> int:
         save_policy(out, cfg.rlhf.ppo_steps, policy, cfg, tok)
         atomic_write_json(out / "summary.json", summary)
         return _finish(args, summary)
-    finally:
-        shutdown_distributed(wait_for=info)  # the other ranks wait for rank 0's evaluation
 
 
 def cmd_dpo(args) -> int:
@@ -379,7 +370,7 @@ def cmd_dpo(args) -> int:
     from nanogpt4.rlhf.dpo import train_dpo
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy, save_policy
-    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
+    from nanogpt4.train.distributed import process_group
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
@@ -387,8 +378,7 @@ def cmd_dpo(args) -> int:
     _refuse_fsdp(cfg, "dpo")
     out = _stage_out(args, "dpo")
     pairs = load_preferences(args.data, warn=_warn_once)
-    info, device = init_distributed(resolve_device(cfg.device))
-    try:
+    with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.sft, device, generates=not args.no_eval)
         sft = copy.deepcopy(policy).eval()
         result = train_dpo(cfg, policy.train().requires_grad_(True), tok, pairs, out, device, cfg.rlhf.dpo_steps,
@@ -404,13 +394,11 @@ def cmd_dpo(args) -> int:
         summary["wall_s"] = time.time() - t0
         atomic_write_json(out / "summary.json", summary)
         return _finish(args, summary)
-    finally:
-        shutdown_distributed(wait_for=info)
 
 
 def cmd_multimodal(args) -> int:
     """Also under ``torchrun``: the ranks split every batch; rank 0 alone evaluates and writes."""
-    from nanogpt4.train.distributed import init_distributed, shutdown_distributed
+    from nanogpt4.train.distributed import process_group
     from nanogpt4.train.multimodal import run_multimodal
     from nanogpt4.utils import resolve_device
 
@@ -420,11 +408,8 @@ def cmd_multimodal(args) -> int:
                         f"or leave it out to train the language model from scratch")
     _refuse_fsdp(cfg, "multimodal")
     out = _stage_out(args, "multimodal")
-    info, device = init_distributed(resolve_device(cfg.device))
-    try:
+    with process_group(resolve_device(cfg.device)) as (info, device):
         summary = run_multimodal(cfg, args.pretrained, out, progress=_progress(), info=info, device=device)
-    finally:
-        shutdown_distributed(wait_for=info)  # the other ranks wait for rank 0's evaluation
     if not info.is_main:
         return 0
     accuracy = ", ".join(f"{name} {summary[key]:.3f}" for name, key in (
@@ -684,24 +669,34 @@ def torchrun_refusal(command: str) -> str | None:
             ", ".join(TORCHRUN_COMMANDS[:-1]) + f" and {TORCHRUN_COMMANDS[-1]} train data-parallel under it)")
 
 
+def _say_once(error: str) -> int:
+    """An error every torchrun rank met alike, before joining a group: rank 0 says it, the others leave quietly."""
+    from nanogpt4.train.distributed import leave_after_rank_zero, rank_zero_or_alone
+
+    if rank_zero_or_alone():
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        leave_after_rank_zero()
+    return 2
+
+
 def _run(args: argparse.Namespace) -> int:
     from nanogpt4.utils import keep_freed_memory_for_reuse
 
     keep_freed_memory_for_reuse()
     refusal = torchrun_refusal(args.command)
     if refusal is not None:
-        if int(os.environ["RANK"]) == 0:  # said once, not once per rank
-            print(f"error: {refusal}", file=sys.stderr)
-        return 2
+        return _say_once(refusal)
     try:
         return args.func(args)
-    except SaidByRankZero:  # another torchrun rank, whose rank 0 printed the error
+    except SaidByRankZero:  # rank 0 said it, and the ranks met after that
         return 2
     except UserError as e:
         from nanogpt4.train.distributed import said_by_every_rank
 
-        if not said_by_every_rank() or int(os.environ["RANK"]) == 0:  # every rank's alike: said once
-            print(f"error: {e}", file=sys.stderr)
+        if said_by_every_rank():
+            return _say_once(str(e))
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         from nanogpt4.utils import disk_full

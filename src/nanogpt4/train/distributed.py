@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,11 @@ class DistInfo:
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several ranks that torchrun started."""
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank_zero_or_alone() -> bool:
+    """Whether this process says what every rank would say alike: rank 0 under torchrun, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 _joined = False  # whether this process has joined torchrun's process group (it stays True after leaving it)
@@ -77,6 +84,21 @@ def shutdown_distributed(wait_for: DistInfo | None = None) -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def process_group(device: torch.device, wait_on_error: bool = True) -> Iterator[tuple[DistInfo, torch.device]]:
+    """``init_distributed`` for the block, left as it ends. The ranks meet before leaving when it ends normally
+    (rank 0 may still be evaluating and writing alone) and, with ``wait_on_error``, when it raises too: the
+    training stages' errors after training are rank 0's alone (its evaluation, its judge), and the others wait
+    for it at that barrier already. Pretraining leaves at once on an error, whose rank may be mid-collective."""
+    info, device = init_distributed(device)
+    ended = False
+    try:
+        yield info, device
+        ended = True
+    finally:
+        shutdown_distributed(info if ended or wait_on_error else None)
+
+
 def comm_threads() -> list[str]:
     """Names of this process's communication threads (gloo's, c10d's) still alive; Linux's /proc, [] elsewhere."""
     tasks = Path("/proc/self/task")
@@ -114,8 +136,9 @@ def barrier(info: DistInfo) -> None:
 
 def on_rank_zero(info: DistInfo, device: torch.device, work: Callable[[], None]) -> None:
     """``work`` (checks and preparation only rank 0 does) on rank 0, the others waiting for it. Its UserError is
-    raised on every rank (``SaidByRankZero`` on the others, which exit quietly): at a plain barrier they were left
-    waiting for a rank that had exited, and died with a traceback of their own."""
+    said by rank 0 and raised on every rank as ``SaidByRankZero`` (the CLI exits 2 without repeating it): at a
+    plain barrier the others were left waiting for a rank that had exited, and died with a traceback each.
+    Rank 0 says it before the ranks part, since torchrun ends every rank as soon as one exits with an error."""
     error = None
     if info.is_main:
         try:
@@ -127,7 +150,19 @@ def on_rank_zero(info: DistInfo, device: torch.device, work: Callable[[], None])
     if info.enabled:
         error = broadcast_text(error or "", info, device)
         if error:
-            raise UserError(error) if info.is_main else SaidByRankZero(error)
+            if info.is_main:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            barrier(info)
+            raise SaidByRankZero(error)
+
+
+# how long a rank that leaves on an error only rank 0 says (one every rank met before joining the group) waits
+# first: torchrun ends the other ranks as soon as one exits with an error, and rank 0 could go before saying it
+RANK_ZERO_GRACE_S = 5.0
+
+
+def leave_after_rank_zero() -> None:
+    time.sleep(RANK_ZERO_GRACE_S)
 
 
 def broadcast_text(text: str, info: DistInfo, device: torch.device) -> str:

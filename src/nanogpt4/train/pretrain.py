@@ -17,7 +17,7 @@ from nanogpt4.data.tokenizer import Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
 from nanogpt4.train.checkpoint import list_checkpoints, load_trainer_state
-from nanogpt4.train.distributed import DistInfo, init_distributed, on_rank_zero, shutdown_distributed
+from nanogpt4.train.distributed import DistInfo, on_rank_zero, process_group
 from nanogpt4.train.trainer import Trainer, budget_spent, rank_rows
 from nanogpt4.utils import (
     atomic_write_json,
@@ -161,10 +161,10 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
              log=print) -> dict:
     t_wall = time.time()
     run_dir = Path(run_dir)
-    info, device = init_distributed(resolve_device(cfg.device))
-    log = log if info.is_main else (lambda _m: None)
-    wait_for = None  # set on success only: a failed rank must not leave the others waiting at a barrier
-    try:
+    # a rank that fails mid-training leaves at once: waiting for the others at a barrier, it would be met by
+    # their next gradient all-reduce instead
+    with process_group(resolve_device(cfg.device), wait_on_error=False) as (info, device):
+        log = log if info.is_main else (lambda _m: None)
         data_dir = default_data_dir(cfg)
         def check_and_prepare() -> None:
             refuse_existing_run(run_dir, resume)
@@ -242,7 +242,4 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             from nanogpt4.report import plot_training_curves
 
             plot_training_curves(run_dir)
-        wait_for = info  # the other ranks wait for rank 0's summary and plot before teardown
-        return summary
-    finally:
-        shutdown_distributed(wait_for)
+        return summary  # the other ranks wait for rank 0's summary and plot before leaving the group
