@@ -72,6 +72,11 @@ class TextCodec:
             self._cache[key] = self.tok.encode(f"{USER}{question}{END}{ASSISTANT}")
         return self._cache[key]
 
+    def first_turn_length(self, item: VQAItem) -> int:
+        """Positions a conversation opening with ``item`` takes: its image, question and answer (the targets are
+        the next tokens, so the last token is never input)."""
+        return len(self.turn(item.question, True)) + len(self.answer(item.answer)) - 1
+
     def conversation(self, items: list[VQAItem], max_len: int) -> tuple[list[int], list[int]]:
         """(input_ids, next-token labels) of a multi-turn conversation about one image, the loss on the answers
         (and their end tokens) only; turns that do not fit in ``max_len`` are dropped, the first never is."""
@@ -81,9 +86,9 @@ class TextCodec:
             p, a = self.turn(item.question, k == 0), self.answer(item.answer)
             if len(ids) + len(p) + len(a) > max_len + 1:
                 if k == 0:
-                    raise UserError(f"a question + answer needs {len(p) + len(a)} tokens but model.max_seq_len="
-                                    f"{max_len}; raise model.max_seq_len or use fewer image tokens (larger "
-                                    f"multimodal.patch_size)")
+                    raise UserError(f"a question + answer needs {self.first_turn_length(item)} tokens but "
+                                    f"model.max_seq_len={max_len}; raise model.max_seq_len or use fewer image "
+                                    f"tokens (larger multimodal.patch_size)")
                 break
             ids += p + a
             targets += [-100] * len(p) + a
@@ -337,8 +342,8 @@ def check_questions_fit(codec: TextCodec, items: list[VQAItem], max_len: int, pr
     """Refuse, before anything is written or trained, a question that cannot fit with its image and answer: it
     used to stop the first training step that drew it, after the run directory was made. The LM's context is a
     pretrained run's own (positions cannot grow), so the fix there is fewer image tokens."""
-    longest = max(items, key=lambda it: len(codec.turn(it.question, True)) + len(codec.answer(it.answer)))
-    need = len(codec.turn(longest.question, True)) + len(codec.answer(longest.answer)) - 1  # targets shift by one
+    longest = max(items, key=codec.first_turn_length)
+    need = codec.first_turn_length(longest)
     if need > max_len:
         grow = "" if pretrained else ", or raise model.max_seq_len"
         raise UserError(f"the question {longest.question!r} with its answer and the {codec.model.image_tokens} image "
