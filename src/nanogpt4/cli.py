@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanogpt4.errors import DiskFull, SaidByRankZero, TrainingStopped, UserError
+from nanogpt4.errors import DiskFull, SaidByRankZero, TrainingDiverged, TrainingStopped, UserError
 
 
 def _common(p: argparse.ArgumentParser, config_default: str | None = "tiny", trains: bool = True) -> None:
@@ -694,7 +694,7 @@ def _run(args: argparse.Namespace) -> int:
     except UserError as e:
         from nanogpt4.train.distributed import said_by_every_rank
 
-        if said_by_every_rank():
+        if said_by_every_rank() or isinstance(e, TrainingDiverged):  # the latter from all-reduced numbers
             return _say_once(str(e))
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,8 @@ class DiskFull(UserError):
 
 
 class TrainingDiverged(UserError):
-    """The training loss became non-finite: a setting to change (learning rate, precision), not a bug."""
+    """The training loss became non-finite: a setting to change (learning rate, precision), not a bug. Under
+    torchrun every rank meets it at the same step (it is checked on all-reduced numbers), and rank 0 says it."""
 
     def __init__(self, message: str, step: int, tokens: int):
         super().__init__(message)
