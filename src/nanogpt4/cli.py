@@ -93,14 +93,17 @@ def cmd_pretrain(args) -> int:
     return _finish(args, summary)
 
 
-def _refuse_fsdp(cfg, command: str) -> None:
-    """FSDP shards pretraining and SFT (one model, trained through its own forward); the other stages' extra models
-    (a frozen reference, a value head, the LM head called outside the forward) train with DDP under torchrun."""
+def _stage_setup(args, name: str) -> tuple:
+    """A training stage's (config, run directory), refused before any rank joins a group or writes. FSDP shards
+    pretraining and SFT (one model, trained through its own forward); the other stages' extra models (a frozen
+    reference, a value head, the LM head called outside the forward) train with DDP under torchrun."""
     from nanogpt4.train.distributed import launched_by_torchrun
 
-    if cfg.training.fsdp and launched_by_torchrun():
-        raise UserError(f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; `nanogpt4 {command}` "
+    cfg = _load(args)
+    if name != "sft" and cfg.training.fsdp and launched_by_torchrun():
+        raise UserError(f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; `nanogpt4 {name}` "
                         f"trains data-parallel with DDP under torchrun: drop training.fsdp=true")
+    return cfg, _stage_out(args, name)  # every rank reads the same directory: all refuse, before any collective
 
 
 def _warn_once(message: str) -> None:
@@ -242,9 +245,7 @@ def cmd_rlhf(args) -> int:
     from nanogpt4.train.distributed import process_group
     from nanogpt4.utils import resolve_device
 
-    cfg = _load(args)
-    _refuse_fsdp(cfg, "rlhf")
-    out = _stage_out(args, "rlhf")
+    cfg, out = _stage_setup(args, "rlhf")
     with process_group(resolve_device(cfg.device)) as (info, device):
         summary = run_rlhf(cfg, args.pretrained, out, info=info, device=device)
     return 0 if summary is None else _finish(args, summary)
@@ -272,8 +273,7 @@ def cmd_sft(args) -> int:
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
-    cfg = _load(args)
-    out = _stage_out(args, "sft")  # every rank reads the same directory: all refuse, before any collective
+    cfg, out = _stage_setup(args, "sft")
     examples = load_sft(args.data) if args.data else None
     with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.pretrained, device, generates=args.data is None)
@@ -307,9 +307,7 @@ def cmd_reward(args) -> int:
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
-    cfg = _load(args)
-    _refuse_fsdp(cfg, "reward")
-    out = _stage_out(args, "reward")
+    cfg, out = _stage_setup(args, "reward")
     pairs = load_preferences(args.data, warn=_warn_once) if args.data else None
     with process_group(resolve_device(cfg.device)) as (info, device):
         sft, cfg, tok = load_policy(cfg, args.sft, device, generates=args.data is None)
@@ -337,9 +335,7 @@ def cmd_ppo(args) -> int:
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
-    cfg = _load(args)
-    _refuse_fsdp(cfg, "ppo")
-    out = _stage_out(args, "ppo")  # every rank reads the same directory: all refuse, before any collective
+    cfg, out = _stage_setup(args, "ppo")
     train_prompts, eval_prompts = load_prompts(args.prompts) if args.prompts else (None, None)
     with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.sft, device)
@@ -374,9 +370,7 @@ def cmd_dpo(args) -> int:
     from nanogpt4.utils import atomic_write_json, resolve_device
 
     t0 = time.time()
-    cfg = _load(args)
-    _refuse_fsdp(cfg, "dpo")
-    out = _stage_out(args, "dpo")
+    cfg, out = _stage_setup(args, "dpo")
     pairs = load_preferences(args.data, warn=_warn_once)
     with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.sft, device, generates=not args.no_eval)
@@ -402,12 +396,10 @@ def cmd_multimodal(args) -> int:
     from nanogpt4.train.multimodal import run_multimodal
     from nanogpt4.utils import resolve_device
 
-    cfg = _load(args)
     if args.pretrained is not None and not args.pretrained.exists():
         raise UserError(f"--pretrained '{args.pretrained}' does not exist; pass a `nanogpt4 pretrain` run directory "
                         f"or leave it out to train the language model from scratch")
-    _refuse_fsdp(cfg, "multimodal")
-    out = _stage_out(args, "multimodal")
+    cfg, out = _stage_setup(args, "multimodal")
     with process_group(resolve_device(cfg.device)) as (info, device):
         summary = run_multimodal(cfg, args.pretrained, out, progress=_progress(), info=info, device=device)
     if not info.is_main:
