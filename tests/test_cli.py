@@ -127,6 +127,30 @@ def test_bad_stage_input_creates_no_output_directory(argv, needle, tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.parametrize("settings,needle", [
+    (["rlhf.judge=python-syntax"], "the corpus has no function definitions ('def' lines)"),
+    (["rlhf.judge=no_such_module:score"], "cannot load judge 'no_such_module:score'"),
+    (["rlhf.judge=sentiment"], "rlhf.max_new_tokens=32 leaves no room for prompts in model.max_seq_len=32"),
+    (["rlhf.judge=sentiment", "rlhf.max_new_tokens=8", "multimodal.data=jsonl:/no/such/vqa.jsonl"],
+     "multimodal data file '/no/such/vqa.jsonl' not found"),
+])
+def test_pipeline_refuses_what_its_later_stages_cannot_use_before_pretraining(settings, needle, tmp_path, capsys):
+    """Prose with the default python-syntax judge (its prompts are the corpus's functions), or a context too
+    short for the RLHF responses or the multimodal stage's image tokens, stopped the pipeline at that stage,
+    after pretraining had run its minutes (the image tokens even as they were timed, with an internal error)."""
+    prose = tmp_path / "prose.txt"
+    prose.write_text("".join(f"Line {i} of a story, told plainly.\n" for i in range(400)))
+    out = tmp_path / "p"
+    code, _, err = cli(capsys, "pipeline", "--out", out, "--scale", "0.01", *settings,
+                       *small_overrides(prose.parent, tmp_path / "data", **{"data.source": f"text:{prose}"}))
+    assert_one_line_error(code, err, needle)
+    code, _, err = cli(capsys, "pipeline", "--out", out, "rlhf.judge=sentiment", "rlhf.max_new_tokens=8",
+                       *small_overrides(prose.parent, tmp_path / "data", **{"data.source": f"text:{prose}"}))
+    assert_one_line_error(code, err, "the multimodal stage's shortest question with its answer and the 64 image "
+                                     "tokens needs 68 tokens, more than the language model's context (32)")
+    assert not out.exists()
+
+
 def test_no_stage_writes_into_a_directory_that_holds_another_run(trained_run, tmp_path, capsys):
     """`sft --out` its own pretrained run's directory used to overwrite that run's summary and config and put its
     checkpoints beside the pretraining's; every training stage now wants a new or empty directory."""

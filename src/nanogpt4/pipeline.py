@@ -34,8 +34,9 @@ from nanogpt4.plan import (
 )
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.rlhf.judges import valid_python_lines
+from nanogpt4.rlhf.run import check_tasks
 from nanogpt4.train.checkpoint import latest_checkpoint, load_model
-from nanogpt4.train.multimodal import per_type_table
+from nanogpt4.train.multimodal import VQASource, per_type_table
 from nanogpt4.utils import out_dir_entries, some_names
 
 SAMPLE_PROMPTS = ["def", "class", "import os\n", "    for i in range("]
@@ -177,12 +178,22 @@ def refuse_foreign_out(out_dir: Path) -> None:
                         f"pipeline's to continue it (nothing in it was changed)")
 
 
+def check_later_stages(cfg: DictConfig) -> None:
+    """What the RLHF and multimodal stages read and judge with, checked in seconds before pretraining: a prose
+    corpus under the python-syntax judge, an unknown judge or a missing multimodal data file stopped the pipeline
+    at that stage, after pretraining (and RLHF) had run their minutes."""
+    check_tasks(cfg)
+    mm = cfg.multimodal
+    VQASource(mm, mm.image_size, mm.channels, cfg.seed)  # loads its data
+
+
 def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: bool = True, log=print,
                  scale: float | None = None, minutes: float | None = None) -> dict:
     t0 = time.time()
     out_dir = Path(out_dir)
     base = load_config(config, overrides)  # a bad config fails before anything is created
     refuse_foreign_out(out_dir)
+    check_later_stages(base)
     plan = pipeline_plan(base, out_dir, scale, minutes, log)
     cfg = scaled(base, plan.scale)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,7 @@ def probe(cfg: DictConfig, lm: bool = True) -> tuple[float | None, float]:
     and data."""
     from nanogpt4.model.multimodal import MultimodalTransformer
     from nanogpt4.model.transformer import Transformer
+    from nanogpt4.train.multimodal import SHORTEST_TURN, refuse_longer_than_context
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.training.dtype, device)
@@ -215,9 +216,12 @@ def probe(cfg: DictConfig, lm: bool = True) -> tuple[float | None, float]:
 
             return _time_steps(step)
 
+        vlm = MultimodalTransformer(OmegaConf.merge(cfg, {"multimodal": {"image_token_id": 2}}))
+        # the pipeline's multimodal stage uses its pretrained LM: say now if no question can fit, not after it
+        refuse_longer_than_context("the multimodal stage's shortest question with its answer",
+                                   vlm.image_tokens + SHORTEST_TURN - 1, vlm.image_tokens, m.max_seq_len, False)
         lm_s = timed(Transformer(cfg), cfg.training.batch_size, images=False) if lm else None
-        vlm_cfg = OmegaConf.merge(cfg, {"multimodal": {"image_token_id": 2}})
-        vlm_s = timed(MultimodalTransformer(vlm_cfg), mm.batch_size, images=True)
+        vlm_s = timed(vlm, mm.batch_size, images=True)
     return lm_s, vlm_s
 
 

@@ -61,8 +61,17 @@ def make_tasks(cfg: DictConfig, n: int, split: str, seed: int) -> list[Example]:
         try:
             return code_completion_examples(docs, n, seed)
         except UserError as e:  # the prompts come from the run's pretraining data: say which
-            raise UserError(f"{e} (data.source={cfg.data.source}, from the run)") from None
+            raise UserError(f"{e} (data.source={cfg.data.source}, the pretraining data)") from None
     return line_examples(docs, n, seed)
+
+
+def check_tasks(cfg: DictConfig) -> None:
+    """Refuse, in a second, the data, judge and context ``run_rlhf`` could not work with (the pipeline's check
+    before pretraining)."""
+    load_judge(cfg.rlhf.judge)
+    for split in ("train", "val"):
+        make_tasks(cfg, 1, split, cfg.seed)
+    check_response_room(cfg.rlhf.max_new_tokens, cfg.model.max_seq_len)
 
 
 def mean_ci(values, resamples: int = 2000) -> tuple[float, list[float]]:

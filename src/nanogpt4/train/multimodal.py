@@ -343,12 +343,20 @@ def check_questions_fit(codec: TextCodec, items: list[VQAItem], max_len: int, pr
     used to stop the first training step that drew it, after the run directory was made. The LM's context is a
     pretrained run's own (positions cannot grow), so the fix there is fewer image tokens."""
     longest = max(items, key=codec.first_turn_length)
-    need = codec.first_turn_length(longest)
+    refuse_longer_than_context(f"the question {longest.question!r} with its answer", codec.first_turn_length(longest),
+                               codec.model.image_tokens, max_len, pretrained)
+
+
+# the chat template's tokens around a question (user, end, assistant) and the shortest answer with its end token
+SHORTEST_TURN = 5
+
+
+def refuse_longer_than_context(what: str, need: int, image_tokens: int, max_len: int, pretrained: bool) -> None:
     if need > max_len:
         grow = "" if pretrained else ", or raise model.max_seq_len"
-        raise UserError(f"the question {longest.question!r} with its answer and the {codec.model.image_tokens} image "
-                        f"tokens needs {need} tokens, more than the language model's context ({max_len}): use fewer "
-                        f"image tokens (a larger multimodal.patch_size or multimodal.token_merge=2){grow}")
+        raise UserError(f"{what} and the {image_tokens} image tokens needs {need} tokens, more than the language "
+                        f"model's context ({max_len}): use fewer image tokens (a larger multimodal.patch_size or "
+                        f"multimodal.token_merge=2){grow}")
 
 
 def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=print, progress: bool = True,
