@@ -29,6 +29,8 @@ from nanogpt4.rlhf.judges import (
 from nanogpt4.rlhf.models import RewardModel, last_token_index
 from nanogpt4.rlhf.stages import encode_pair, generate_responses, reward_accuracy, train_reward, train_sft
 
+from .conftest import small_overrides
+
 
 def test_syntax_judge():
     assert syntax_score("x = 1\ny = 2\n") == 1.0
@@ -90,11 +92,38 @@ def test_sentiment_judge_and_labelling():
 
 def test_load_judge_by_module_path():
     assert load_judge("python-syntax") is python_syntax
-    assert load_judge("nanogpt4.rlhf.judges:syntax_score") is syntax_score
+    assert load_judge("nanogpt4.rlhf.judges:syntax_score").__wrapped__ is syntax_score
     with pytest.raises(UserError, match="unknown judge"):
         load_judge("bogus")
     with pytest.raises(UserError, match="cannot load judge"):
         load_judge("nanogpt4.rlhf.judges:nope")
+
+
+def test_a_module_judge_must_give_one_finite_number_per_completion(corpus_dir, tmp_path, monkeypatch):
+    """One score for 16 prompts was read as the first one's (judge_sft 1.0), NaN reached summary.json, strings
+    stopped the stage with numpy's traceback; the pipeline has the judge score one task before pretraining."""
+    from nanogpt4.rlhf.run import check_tasks
+
+    (tmp_path / "my_judges.py").write_text(
+        "import numpy as np\n\n\ndef length(prompts, completions):\n"
+        "    return np.array([len(c) for c in completions])\n\n\ndef one(prompts, completions):\n"
+        "    return [1.0]\n\n\ndef words(prompts, completions):\n    return ['good' for c in completions]\n\n\n"
+        "def nan(prompts, completions):\n    return [float('nan') if len(c) == 1 else 0.0 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_judge("my_judges:length")(["p", "q"], ["a", "bb"]) == [1.0, 2.0]
+    for name, said in [("one", "judge 'my_judges:one' returned 1 scores for 2 completions: it must return one finite "
+                               "number per completion"),
+                       ("words", "judge 'my_judges:words' returned list ['good', 'good']: it must return one finite "
+                                 "number per completion (could not convert string to float: 'good')"),
+                       ("nan", "judge 'my_judges:nan' gave nan to the completion 'a': it must return one finite "
+                               "number per completion")]:
+        with pytest.raises(UserError) as e:
+            load_judge(f"my_judges:{name}")(["p", "q"], ["a", "bb"])
+        assert str(e.value) == said
+    ov = small_overrides(corpus_dir, tmp_path / "data") + ["rlhf.max_new_tokens=8"]
+    check_tasks(load_config("tiny", ov + ["rlhf.judge=my_judges:length"]))
+    with pytest.raises(UserError, match="returned 1 scores for 2 completions"):  # two held-out tasks
+        check_tasks(load_config("tiny", ov + ["rlhf.judge=my_judges:one"]))
 
 
 def test_jsonl_loaders_report_file_and_line(tmp_path):

@@ -7,7 +7,9 @@ optimises the *learned* reward model), so the gap between the two exposes reward
 from __future__ import annotations
 
 import codeop
+import functools
 import importlib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -101,7 +103,35 @@ def load_judge(name: str) -> Judge:
         raise UserError(f"cannot load judge '{name}': {e}") from None
     if not callable(fn):
         raise UserError(f"judge '{name}' is not callable")
-    return fn
+    return checked_judge(fn, name)
+
+
+def checked_judge(fn: Judge, name: str) -> Judge:
+    """``fn`` with its scores checked: one finite number per completion. A judge returning fewer scores was read
+    as the first ones (one score for 16 prompts gave a judge_sft of 1.0), NaN reached summary.json as NaN, and
+    strings stopped the stage with numpy's traceback."""
+
+    @functools.wraps(fn)
+    def judge(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        scores = fn(prompts, completions)
+        fix = "it must return one finite number per completion"
+        try:
+            values = [float(s) for s in scores]
+        except (TypeError, ValueError) as e:
+            raise UserError(f"judge '{name}' returned {type(scores).__name__} {_short(scores)}: {fix} ({e})") from None
+        if len(values) != len(completions):
+            raise UserError(f"judge '{name}' returned {len(values)} scores for {len(completions)} completions: {fix}")
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise UserError(f"judge '{name}' gave {values[bad]} to the completion {_short(completions[bad])}: {fix}")
+        return values
+
+    return judge
+
+
+def _short(value: object, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def label_pairs(judge: Judge | None, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
