@@ -460,6 +460,10 @@ def test_multimodal_command_from_a_pretrained_run(prepared, tmp_path, capsys, mo
     assert asked["answer"] == greedy_answers(model, codec, [item.question], item.image[None], 24)[0]
     assert main(["ask", "--run", str(tmp_path / "pre"), "--image", str(png)]) == 2
     assert "text-only model" in capsys.readouterr().err
+    monkeypatch.setattr(multimodal, "greedy_answers", lambda *a: [""])  # an answer ended at once: not a blank line
+    assert main(["ask", "--run", str(out), "--image", str(png)]) == 0
+    assert "the answer is empty" in capsys.readouterr().err
+    monkeypatch.undo()
     assert main(["ask", "--run", str(out), "--image", str(tmp_path / "none.png")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["ask", "--run", str(out), "--image", str(png), "--question", "why? " * 60]) == 2

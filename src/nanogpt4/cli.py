@@ -428,6 +428,9 @@ def cmd_ask(args) -> int:
     image = load_image(args.image, model.image_size, model.channels, "--image", fix="check the path")
     answer = greedy_answers(model, codec, [args.question], image[None], args.max_new_tokens)[0]
     print(answer)
+    if not answer.strip():  # else a blank line, which reads like a failure to run
+        print("ask: the answer is empty (the model ended its turn at once); a model that trained longer answers",
+              file=sys.stderr)
     return _finish(args, {"question": args.question, "answer": answer, "image": str(args.image)})
 
 
