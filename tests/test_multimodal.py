@@ -499,6 +499,12 @@ def test_your_own_rows_are_reported_with_their_controls(tmp_path, capsys):
             f"{summary['text_only_accuracy']:.3f}; report") in said  # no "scenes None", no 16-digit floats
     report = (out / "report.md").read_text()
     assert "your data's accuracy" in report and "scenes accuracy" not in report
+    assert "warning" not in said
+    # one row trains and is the evaluation too: its accuracy is no held-out one, which the run says
+    (tmp_path / "one.jsonl").write_text(rows[0] + "\n")
+    assert main(["multimodal", "--out", str(tmp_path / "one"), f"multimodal.data=jsonl:{tmp_path / 'one.jsonl'}",
+                 *MM_SMALL, "multimodal.align_steps=1", "multimodal.tune_steps=1"]) == 0
+    assert "one.jsonl has one row, which trains and is evaluated on" in capsys.readouterr().out
 
 
 def test_multimodal_command_bad_input(tmp_path, capsys):

@@ -378,6 +378,9 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
     if (model.image_size, model.channels) != (source.size, source.channels):  # a pretrained encoder's own input
         source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
     codec = TextCodec(tok, model)
+    if source.custom_eval and any(row is source.custom_eval[0] for row in source.custom_train):
+        log(f"multimodal: warning: {mm.data[len('jsonl:'):]} has one row, which trains and is evaluated on: its "
+            f"accuracy is not held out (every 10th row is, from 2 rows on)")
     eval_items = source.eval_items()
     first_turns = [source.conversation(step, row)[0] for step in range(8) for row in range(mm.batch_size)]
     check_questions_fit(codec, eval_items + first_turns, cfg.model.max_seq_len, pretrained is not None)
