@@ -52,6 +52,20 @@ def test_unknown_keys_suggest_what_they_mean(override, meant):
     ("rlhf.dpo_learning_rate=0", "rlhf.dpo_learning_rate must be positive"),
     ("rlhf.ppo_learning_rate=-1e-5", "rlhf.ppo_learning_rate must be positive"),
     ("multimodal.token_merge=3", "token_merge=3 must divide the patch grid"),
+    # these reached torch's own errors (a traceback) or trained with nonsense
+    ("model.n_kv_heads=0", "model.n_kv_heads must be positive (or null: model.n_heads), got 0"),
+    ("training.max_tokens=0", "training.max_tokens must be positive (or null: no limit), got 0"),
+    ("training.max_time_s=-5", "training.max_time_s must be positive (or null: no limit), got -5.0"),
+    ("training.lr_decay_steps=-3", "training.lr_decay_steps must be positive (or null: max_steps), got -3"),
+    ("training.beta1=1.5", "training.beta1 and beta2 must be in [0, 1) and training.eps positive"),
+    ("training.eps=0", "training.beta1 and beta2 must be in [0, 1) and training.eps positive"),
+    ("training.sample_tokens=-1", "training.sample_tokens must be >= 0 (0: no samples), got -1"),
+    ("rlhf.mini_batch_size=0", "rlhf.mini_batch_size must be positive, got 0"),
+    ("rlhf.ppo_steps=-1", "rlhf.ppo_steps must be >= 0, got -1"),
+    ("rlhf.samples_per_prompt=1", "rlhf.samples_per_prompt must be >= 2 (the judge ranks them in pairs)"),
+    ("rlhf.lam=1.5", "rlhf.gamma and rlhf.lam must be in [0, 1], got 1.0 and 1.5"),
+    ("rlhf.target_kl=0", "rlhf.target_kl must be positive (or null: a fixed rlhf.kl_coef), got 0.0"),
+    ("multimodal.learning_rate=0", "multimodal.learning_rate must be positive, got 0.0"),
 ])
 def test_bad_values_raise_clear_errors(override, needle):
     with pytest.raises(UserError, match=None) as e:

@@ -337,12 +337,21 @@ def validate(cfg: DictConfig) -> None:
                 "training.checkpoint_interval", "training.keep_last"):
         if OmegaConf.select(cfg, key) <= 0:
             raise UserError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    if t.eval_batch_size is not None and t.eval_batch_size <= 0:
-        raise UserError(f"training.eval_batch_size must be positive (or null), got {t.eval_batch_size}")
+    for key, unset in (("eval_batch_size", "min(batch_size, 32)"), ("max_tokens", "no limit"),
+                       ("max_time_s", "no limit"), ("lr_decay_steps", "max_steps")):
+        if t[key] is not None and not t[key] > 0:
+            raise UserError(f"training.{key} must be positive (or null: {unset}), got {t[key]}")
+    if not (0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0 and t.eps > 0):
+        raise UserError(f"training.beta1 and beta2 must be in [0, 1) and training.eps positive, got {t.beta1}, "
+                        f"{t.beta2}, {t.eps}")
+    if t.sample_tokens < 0:
+        raise UserError(f"training.sample_tokens must be >= 0 (0: no samples), got {t.sample_tokens}")
     if m.dim % m.n_heads:
         raise UserError(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
+    if m.n_kv_heads is not None and m.n_kv_heads <= 0:
+        raise UserError(f"model.n_kv_heads must be positive (or null: model.n_heads), got {m.n_kv_heads}")
     kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
-    if kv <= 0 or m.n_heads % kv:
+    if m.n_heads % kv:
         raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")
     if m.pos_embedding == "rope" and (m.dim // m.n_heads) % 2:
         raise UserError(f"rope needs an even head dim, got {m.dim // m.n_heads}; change model.dim or n_heads")
@@ -352,9 +361,22 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if t.learning_rate <= 0:
         raise UserError(f"training.learning_rate must be positive, got {t.learning_rate}")
-    for key in ("sft_learning_rate", "reward_model_lr", "ppo_learning_rate", "dpo_learning_rate"):
-        if cfg.rlhf[key] <= 0:
-            raise UserError(f"rlhf.{key} must be positive, got {cfg.rlhf[key]}")
+    r = cfg.rlhf
+    for key in ("sft_learning_rate", "reward_model_lr", "ppo_learning_rate", "dpo_learning_rate", "sft_examples",
+                "label_prompts", "eval_prompts", "best_of_n", "ppo_epochs", "rollout_batch_size", "mini_batch_size",
+                "max_new_tokens", "kl_horizon", "clip_epsilon", "value_clip", "dpo_beta"):
+        if not r[key] > 0:
+            raise UserError(f"rlhf.{key} must be positive, got {r[key]}")
+    for key in ("sft_steps", "reward_steps", "dpo_steps", "ppo_steps", "label_min_gap", "kl_coef"):
+        if not r[key] >= 0:
+            raise UserError(f"rlhf.{key} must be >= 0, got {r[key]}")
+    if r.samples_per_prompt < 2:
+        raise UserError(f"rlhf.samples_per_prompt must be >= 2 (the judge ranks them in pairs), got "
+                        f"{r.samples_per_prompt}")
+    if not (0.0 <= r.gamma <= 1.0 and 0.0 <= r.lam <= 1.0):
+        raise UserError(f"rlhf.gamma and rlhf.lam must be in [0, 1], got {r.gamma} and {r.lam}")
+    if r.target_kl is not None and not r.target_kl > 0:
+        raise UserError(f"rlhf.target_kl must be positive (or null: a fixed rlhf.kl_coef), got {r.target_kl}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise UserError(f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0:
@@ -366,7 +388,8 @@ def validate(cfg: DictConfig) -> None:
                         f"training.grad_accum_steps={t.grad_accum_steps}")
     mm = cfg.multimodal
     for key in ("image_size", "patch_size", "token_merge", "channels", "encoder_dim", "encoder_layers",
-                "encoder_heads", "batch_size", "eval_scenes", "max_new_tokens"):
+                "encoder_heads", "batch_size", "eval_scenes", "max_new_tokens", "learning_rate", "encoder_lr_scale",
+                "projector_lr_scale"):
         if mm[key] <= 0:
             raise UserError(f"multimodal.{key} must be positive, got {mm[key]}")
     if mm.align_steps < 0 or mm.tune_steps < 0 or mm.align_steps + mm.tune_steps == 0:
