@@ -66,6 +66,7 @@ def test_unknown_keys_suggest_what_they_mean(override, meant):
     ("rlhf.lam=1.5", "rlhf.gamma and rlhf.lam must be in [0, 1], got 1.0 and 1.5"),
     ("rlhf.target_kl=0", "rlhf.target_kl must be positive (or null: a fixed rlhf.kl_coef), got 0.0"),
     ("multimodal.learning_rate=0", "multimodal.learning_rate must be positive, got 0.0"),
+    ("data.max_bytes=0", "data.max_bytes must be positive (or null: all of the source), got 0"),
 ])
 def test_bad_values_raise_clear_errors(override, needle):
     with pytest.raises(UserError, match=None) as e:

@@ -412,6 +412,8 @@ def validate(cfg: DictConfig) -> None:
                         f"{mm.encoder_heads}")
     if not 0.0 <= mm.digits_fraction <= 1.0:
         raise UserError(f"multimodal.digits_fraction must be in [0, 1], got {mm.digits_fraction}")
+    if cfg.data.max_bytes is not None and not cfg.data.max_bytes > 0:
+        raise UserError(f"data.max_bytes must be positive (or null: all of the source), got {cfg.data.max_bytes}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
 
