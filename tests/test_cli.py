@@ -185,6 +185,13 @@ def test_sweep_with_no_runnable_budget_creates_no_output_directory(prepared, tmp
     out = tmp_path / "sweep"
     code, _, err = cli(capsys, "scaling", "sweep", "--out", out, "--dims", "16", "--budgets", "1e3", *ov)
     assert_one_line_error(code, err, "no run of the sweep fits")
+    # --eval-iters 0 ended in a ZeroDivisionError with the runs' directory made; a width given twice stopped at
+    # its second run, after the first had trained
+    for flags, said in ([("--eval-iters", "0"), "--eval-iters must be positive, got 0"],
+                        [("--dims", "16,32,16"), "--dims gives 16 more than once; list each once"],
+                        [("--budgets", "1e10,1e10"), "--budgets gives 1e+10 more than once; list each once"]):
+        code, _, err = cli(capsys, "scaling", "sweep", "--out", out, *flags, *ov)
+        assert_one_line_error(code, err, said)
     assert not out.exists()
 
 

@@ -194,6 +194,12 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
           log=print, tokens_per_param: float | None = None) -> list[dict]:
     from nanogpt4.data.prepare import default_data_dir, prepare_data
 
+    if eval_iters <= 0:
+        raise UserError(f"--eval-iters must be positive, got {eval_iters}")
+    for flag, values in (("--dims", dims), ("--budgets", budgets)):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:  # the second run of a width and budget met the first one's directory, after a run had trained
+            raise UserError(f"{flag} gives {', '.join(f'{v:g}' for v in twice)} more than once; list each once")
     path = out / "sweep.jsonl"
     previous = read_jsonl(path) if path.exists() else []
     kinds = {r.get("tokens_per_param") for r in previous}
