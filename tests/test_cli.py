@@ -195,6 +195,28 @@ def test_sweep_with_no_runnable_budget_creates_no_output_directory(prepared, tmp
     assert not out.exists()
 
 
+def test_predict_refuses_rows_no_sweep_wrote_and_bad_targets(tmp_path, capsys):
+    """Pretrain summaries (enough for `scaling fit`) or a nonpositive target reached the fit and ended in a
+    KeyError's traceback."""
+    rows = [{"flops": c, "val_loss": 2 + 50 * c ** -0.12, "tokens": c / 6e5, "non_embedding_params": 1e5}
+            for c in (1e12, 3e12, 1e13, 3e13, 1e14)]
+    summaries = tmp_path / "summaries.jsonl"
+    summaries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = cli(capsys, "scaling", "predict", "--sweep", summaries, "--out", tmp_path / "p",
+                       "--target-flops", "1e15")
+    assert_one_line_error(code, err, f"{summaries}:1 lacks name, dim, budget: predict reads the sweep.jsonl of "
+                                     f"`nanogpt4 scaling sweep`")
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text("".join(json.dumps({**r, "name": f"d32_{i}", "dim": 32, "budget": r["flops"]}) + "\n"
+                             for i, r in enumerate(rows)))
+    for flags, said in ((("--target-flops", "0"), "--target-flops must be positive, got 0"),
+                        (("--target-flops", "1e15", "--target-dim", "12"),
+                         "--target-dim must be a positive multiple of 8 (as the sweep's widths), got 12")):
+        code, _, err = cli(capsys, "scaling", "predict", "--sweep", sweep, "--out", tmp_path / "p", *flags)
+        assert_one_line_error(code, err, said)
+    assert not (tmp_path / "p").exists()
+
+
 def test_scaling_plan_rejects_a_nonpositive_time_budget(capsys):
     code, _, err = cli(capsys, "scaling", "plan", "--config", "tiny", "--minutes", "-3")
     assert_one_line_error(code, err, "--minutes must be positive")

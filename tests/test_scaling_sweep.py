@@ -130,7 +130,8 @@ def test_family_trains_every_width_on_the_same_tokens_per_parameter(prepared):
 
 
 def test_family_fits_every_run_and_refuses_to_mix_with_a_grid(prepared, tmp_path):
-    rows = [{"name": f"d{d}", "flops": f, "val_loss": v, "budget": f, "tokens_per_param": 20.0}
+    rows = [{"name": f"d{d}", "dim": d, "flops": f, "val_loss": v, "budget": f, "tokens_per_param": 20.0,
+             "tokens": f / (6 * 20 * d * d), "non_embedding_params": 20 * d * d}
             for d, f, v in [(32, 3e9, 5.0), (16, 1e9, 5.5), (48, 9e9, 4.6), (32, 3e9, 5.1)]]  # d32 run twice
     compute, loss, chosen = frontier(rows)
     # every run, in compute order; a repeated width is a second point, not a competitor for its budget

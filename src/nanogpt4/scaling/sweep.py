@@ -277,6 +277,10 @@ def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
 MIN_BOOTSTRAP = 20
 
 
+# what a sweep writes for each run and predict reads
+SWEEP_ROW_KEYS = ("name", "dim", "budget", "flops", "tokens", "non_embedding_params", "val_loss")
+
+
 def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float | None, target_dim: int | None,
                       out: Path, bootstrap: int = 500, log=print) -> dict:
     """Fit the sweep's frontier, register the prediction, run the target, compare. For a recipe-matched family
@@ -297,6 +301,15 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
     rows = read_jsonl(sweep_path) if sweep_path.exists() else []
     if not rows:
         raise UserError(f"no sweep results in '{sweep_path}'; run `nanogpt4 scaling sweep` first")
+    for line, row in enumerate(rows, 1):
+        lacks = [k for k in SWEEP_ROW_KEYS if k not in row]
+        if lacks:  # a KeyError's traceback, deep in the fit, was all that said so
+            raise UserError(f"{sweep_path}:{line} lacks {', '.join(lacks)}: predict reads the sweep.jsonl of "
+                            f"`nanogpt4 scaling sweep` (`nanogpt4 scaling fit` reads any pretrain summaries)")
+    if target_budget is not None and not target_budget > 0:
+        raise UserError(f"--target-flops must be positive, got {target_budget:g}")
+    if target_dim is not None and (target_dim <= 0 or target_dim % 8):
+        raise UserError(f"--target-dim must be a positive multiple of 8 (as the sweep's widths), got {target_dim}")
     check_sweep_config(base, sweep_path.parent, "the target must be trained as its runs were")
     registered = out / "prediction.json"
     if registered.exists():  # the prediction was made before the target ran: never refit after seeing it
