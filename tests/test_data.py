@@ -254,6 +254,29 @@ def test_prepare_never_writes_into_a_directory_of_other_files(corpus_dir, tmp_pa
         prepare_data(cfg, tmp_path / "file", progress=False, log=lambda _m: None)
 
 
+def test_prepare_out_keeps_data_prepared_there_from_another_source(corpus_dir, tmp_path, capsys):
+    """`nanogpt4 prepare --out DIR` with another data.source replaced the data there without a word (a run
+    trained on it could then no longer resume); its own source's data is reused, or rebuilt when it changed."""
+    from nanogpt4.cli import main
+
+    data = tmp_path / "data"
+    ov = [o for o in small_overrides(corpus_dir, data) if not o.startswith("data.dir=")]
+    assert main(["prepare", "--out", str(data), *ov]) == 0
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in sorted(corpus_dir.glob("*.py"))[:3]:
+        (other / name.name).write_text(name.read_text())
+    capsys.readouterr()
+    assert main(["prepare", "--out", str(data), *ov, f"data.source=text:{other}/*.py"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --out '{data}' holds data prepared with data.source=text:{corpus_dir}/*.py, not "
+                   f"data.source=text:{other}/*.py: give another --out, or delete it to prepare it again (it is "
+                   f"left as it is)\n")
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    assert main(["prepare", "--out", str(data), *ov]) == 0 and "is up to date" in capsys.readouterr().out
+
+
 def test_an_interrupted_re_prepare_leaves_no_meta_vouching_for_its_shards(corpus_dir, tmp_path, monkeypatch):
     from nanogpt4.data import prepare
 

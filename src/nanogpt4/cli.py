@@ -58,7 +58,8 @@ def cmd_prepare(args) -> int:
     from nanogpt4.data.prepare import prepare_data
 
     cfg = _load(args)
-    meta = prepare_data(cfg, args.out, progress=_progress())
+    meta = prepare_data(cfg, args.out, progress=_progress(), keep_other=args.out is not None or bool(cfg.data.dir),
+                        named_by="--out" if args.out is not None else "data.dir")
     return _finish(args, meta)
 
 

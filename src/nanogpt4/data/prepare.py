@@ -88,24 +88,27 @@ def prepared_with(meta: dict) -> dict[str, object]:
             "model.vocab_size": meta.get("requested_vocab_size")}
 
 
-def _refuse_other_data(out: Path, meta: dict, cfg: DictConfig) -> None:
-    """A training stage given ``data.dir`` must not overwrite data prepared there from another source (or for
-    another tokenizer): it would train on something else than the user prepared, and lose that data."""
+def _refuse_other_data(out: Path, meta: dict, cfg: DictConfig, named_by: str) -> None:
+    """A training stage given ``data.dir``, or ``nanogpt4 prepare --out``, must not overwrite data prepared there
+    from another source (or for another tokenizer): it would train on something else than the user prepared,
+    and lose that data (a run trained on it could no longer resume)."""
     theirs = prepared_with(meta)
     ours = {k: OmegaConf.select(cfg, k) for k in theirs}
     differ = [k for k in theirs if theirs[k] != ours[k] and theirs[k] is not None]
     if differ:
-        raise UserError(f"data.dir '{out}' holds data prepared with {', '.join(f'{k}={theirs[k]}' for k in differ)}, "
-                        f"not {', '.join(f'{k}={ours[k]}' for k in differ)}: add "
-                        f"{' '.join(shlex.quote(f'{k}={theirs[k]}') for k in differ)} to train on it, or give "
-                        f"another data.dir (it is left as it is)")
+        fix = ("give another --out, or delete it to prepare it again" if named_by == "--out" else
+               f"add {' '.join(shlex.quote(f'{k}={theirs[k]}') for k in differ)} to train on it, or give another "
+               f"data.dir")
+        raise UserError(f"{named_by} '{out}' holds data prepared with "
+                        f"{', '.join(f'{k}={theirs[k]}' for k in differ)}, not "
+                        f"{', '.join(f'{k}={ours[k]}' for k in differ)}: {fix} (it is left as it is)")
 
 
 def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: bool = True,
-                 log=print, keep_other: bool = False) -> dict:
+                 log=print, keep_other: bool = False, named_by: str = "data.dir") -> dict:
     """Build (or reuse) the token shards for ``cfg.data``; returns the meta dict. ``keep_other``: refuse to
-    replace data prepared in ``out_dir`` with other settings (a training stage's ``data.dir``); the same
-    source's data is rebuilt when its files changed."""
+    replace data prepared in ``out_dir`` with other settings (``named_by``: the flag or key that chose the
+    directory, ``data.dir`` or ``prepare --out``); the same source's data is rebuilt when its files changed."""
     out = Path(out_dir) if out_dir else default_data_dir(cfg)
     d = cfg.data
     t0 = time.time()
@@ -116,7 +119,7 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
         raise UserError(f"'{out}' holds {some_names(other)}, which prepared data does not: prepared data needs a "
                         f"directory of its own, new or empty (nothing in it was changed)")
     if keep_other and (out / "meta.json").exists():
-        _refuse_other_data(out, json.loads((out / "meta.json").read_text()), cfg)
+        _refuse_other_data(out, json.loads((out / "meta.json").read_text()), cfg, named_by)
     given = tokenizer_file(cfg)
     given_tok = load_given_tokenizer(given) if given is not None else None  # before the corpus: fail fast
     given_sha = file_sha256(given) if given is not None else None
