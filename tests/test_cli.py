@@ -136,19 +136,28 @@ def test_bad_stage_input_creates_no_output_directory(argv, needle, tmp_path, cap
 ])
 def test_pipeline_refuses_what_its_later_stages_cannot_use_before_pretraining(settings, needle, tmp_path, capsys):
     """Prose with the default python-syntax judge (its prompts are the corpus's functions), or a context too
-    short for the RLHF responses or the multimodal stage's image tokens, stopped the pipeline at that stage,
-    after pretraining had run its minutes (the image tokens even as they were timed, with an internal error)."""
-    prose = tmp_path / "prose.txt"
-    prose.write_text("".join(f"Line {i} of a story, told plainly.\n" for i in range(400)))
+    short for the RLHF responses, stopped the pipeline at that stage, after pretraining had run its minutes."""
     out = tmp_path / "p"
-    code, _, err = cli(capsys, "pipeline", "--out", out, "--scale", "0.01", *settings,
-                       *small_overrides(prose.parent, tmp_path / "data", **{"data.source": f"text:{prose}"}))
+    code, _, err = cli(capsys, "pipeline", "--out", out, "--scale", "0.01", *settings, *_prose_overrides(tmp_path))
     assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
+def test_pipeline_refuses_image_tokens_longer_than_the_context_before_pretraining(tmp_path, capsys):
+    """They stopped the multimodal stage after pretraining and RLHF; as the pipeline timed its models, the probe
+    failed first, with an internal error ("text_input has 1984 <|image|> slots but 64 images need 4096")."""
+    out = tmp_path / "p"
     code, _, err = cli(capsys, "pipeline", "--out", out, "rlhf.judge=sentiment", "rlhf.max_new_tokens=8",
-                       *small_overrides(prose.parent, tmp_path / "data", **{"data.source": f"text:{prose}"}))
+                       *_prose_overrides(tmp_path))
     assert_one_line_error(code, err, "the multimodal stage's shortest question with its answer and the 64 image "
                                      "tokens needs 68 tokens, more than the language model's context (32)")
     assert not out.exists()
+
+
+def _prose_overrides(tmp_path) -> list[str]:
+    prose = tmp_path / "prose.txt"
+    prose.write_text("".join(f"Line {i} of a story, told plainly.\n" for i in range(400)))
+    return small_overrides(prose.parent, tmp_path / "data", **{"data.source": f"text:{prose}"})
 
 
 def test_no_stage_writes_into_a_directory_that_holds_another_run(trained_run, tmp_path, capsys):

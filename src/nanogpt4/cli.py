@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanogpt4.errors import DiskFull, SaidByRankZero, TrainingDiverged, TrainingStopped, UserError
+from nanogpt4.errors import DiskFull, SaidByRankZero, TrainingDiverged, TrainingStopped, UserError, say_error
 
 
 def _common(p: argparse.ArgumentParser, config_default: str | None = "tiny", trains: bool = True) -> None:
@@ -58,8 +58,8 @@ def cmd_prepare(args) -> int:
     from nanogpt4.data.prepare import prepare_data
 
     cfg = _load(args)
-    meta = prepare_data(cfg, args.out, progress=_progress(), keep_other=args.out is not None or bool(cfg.data.dir),
-                        named_by="--out" if args.out is not None else "data.dir")
+    kept_by = "--out" if args.out is not None else "data.dir" if cfg.data.dir else None
+    meta = prepare_data(cfg, args.out, progress=_progress(), keep_other=kept_by)
     return _finish(args, meta)
 
 
@@ -670,7 +670,7 @@ def _say_once(error: str) -> int:
     from nanogpt4.train.distributed import leave_after_rank_zero, rank_zero_or_alone
 
     if rank_zero_or_alone():
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        say_error(error)
     else:
         leave_after_rank_zero()
     return 2
@@ -692,7 +692,7 @@ def _run(args: argparse.Namespace) -> int:
 
         if said_by_every_rank() or isinstance(e, TrainingDiverged):  # the latter from all-reduced numbers
             return _say_once(str(e))
-        print(f"error: {e}", file=sys.stderr)
+        say_error(str(e))
         return 2
     except OSError as e:
         from nanogpt4.utils import disk_full
@@ -700,7 +700,7 @@ def _run(args: argparse.Namespace) -> int:
         if not disk_full(e, getattr(args, "out", None) or Path.cwd()):
             raise
         # every write goes through a temp file, so what a full disk stopped was never half-written
-        print(f"error: the disk is full ({e}); free space, or write elsewhere with --out", file=sys.stderr)
+        say_error(f"the disk is full ({e}); free space, or write elsewhere with --out")
         return 2
     except KeyboardInterrupt as e:
         print("interrupted" + _stop_reason(e), file=sys.stderr)

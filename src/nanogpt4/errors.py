@@ -1,5 +1,12 @@
 """User-facing errors: the CLI prints them as one line and exits with code 2."""
 
+import sys
+
+
+def say_error(message: str) -> None:
+    """The one line a UserError ends as (flushed: under torchrun the rank may be ended right after)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing data, incompatible checkpoint).

@@ -105,10 +105,10 @@ def _refuse_other_data(out: Path, meta: dict, cfg: DictConfig, named_by: str) ->
 
 
 def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: bool = True,
-                 log=print, keep_other: bool = False, named_by: str = "data.dir") -> dict:
-    """Build (or reuse) the token shards for ``cfg.data``; returns the meta dict. ``keep_other``: refuse to
-    replace data prepared in ``out_dir`` with other settings (``named_by``: the flag or key that chose the
-    directory, ``data.dir`` or ``prepare --out``); the same source's data is rebuilt when its files changed."""
+                 log=print, keep_other: str | None = None) -> dict:
+    """Build (or reuse) the token shards for ``cfg.data``; returns the meta dict. ``keep_other``: the key or flag
+    that named ``out_dir`` (``data.dir``, ``prepare --out``), where data prepared with other settings is kept and
+    refused rather than replaced; the same source's data is rebuilt when its files changed."""
     out = Path(out_dir) if out_dir else default_data_dir(cfg)
     d = cfg.data
     t0 = time.time()
@@ -118,8 +118,8 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
     if other:  # a run directory given as the data's: its tokenizer.json would be replaced by the data's
         raise UserError(f"'{out}' holds {some_names(other)}, which prepared data does not: prepared data needs a "
                         f"directory of its own, new or empty (nothing in it was changed)")
-    if keep_other and (out / "meta.json").exists():
-        _refuse_other_data(out, json.loads((out / "meta.json").read_text()), cfg, named_by)
+    if keep_other is not None and (out / "meta.json").exists():
+        _refuse_other_data(out, json.loads((out / "meta.json").read_text()), cfg, keep_other)
     given = tokenizer_file(cfg)
     given_tok = load_given_tokenizer(given) if given is not None else None  # before the corpus: fail fast
     given_sha = file_sha256(given) if given is not None else None

@@ -67,11 +67,11 @@ def make_tasks(cfg: DictConfig, n: int, split: str, seed: int) -> list[Example]:
 
 def check_tasks(cfg: DictConfig) -> None:
     """Refuse, in a second, the data, judge and context ``run_rlhf`` could not work with (the pipeline's check
-    before pretraining): the judge scores one held-out task."""
+    before pretraining): tasks are made from both splits, and the judge scores two held-out ones."""
     judge = load_judge(cfg.rlhf.judge)
-    for split in ("train", "val"):
-        tasks = make_tasks(cfg, 2, split, cfg.seed)
-    judge([t.prompt for t in tasks], [t.response for t in tasks])  # a module it needs, its scores' form
+    make_tasks(cfg, 2, "train", cfg.seed)
+    held_out = make_tasks(cfg, 2, "val", cfg.seed)
+    judge([t.prompt for t in held_out], [t.response for t in held_out])  # a module it needs, its scores' form
     check_response_room(cfg.rlhf.max_new_tokens, cfg.model.max_seq_len)
 
 

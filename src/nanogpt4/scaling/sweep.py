@@ -209,7 +209,7 @@ def sweep(base: DictConfig, out: Path, dims: list[int], budgets: list[float], ev
                         f"two designs")
     check_sweep_config(base, out, "give this sweep its own --out, or continue it with its own settings")
     meta = prepare_data(base, default_data_dir(base), progress=False, log=lambda _m: None,
-                        keep_other=bool(base.data.dir))
+                        keep_other="data.dir" if base.data.dir else None)
     runs, skipped = plan_runs(base, dims, budgets, meta["train_tokens"], tokens_per_param)
     out.mkdir(parents=True, exist_ok=True)  # after the plan is known to hold at least one run
     if not (out / SWEEP_CONFIG).exists():

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nanogpt4.errors import SaidByRankZero, UserError
+from nanogpt4.errors import SaidByRankZero, UserError, say_error
 
 
 @dataclass
@@ -151,7 +151,7 @@ def on_rank_zero(info: DistInfo, device: torch.device, work: Callable[[], None])
         error = broadcast_text(error or "", info, device)
         if error:
             if info.is_main:
-                print(f"error: {error}", file=sys.stderr, flush=True)
+                say_error(error)
             barrier(info)
             raise SaidByRankZero(error)
 

@@ -108,11 +108,14 @@ class VQASource:
         self.digits = load_digits_split() if "digits" in self.kinds else None
         self.custom_train: list[VQAItem] = []
         self.custom_eval: list[VQAItem] = []
+        self.evaluates_on_training = False  # a one-row file: its row is both
         if "jsonl" in self.kinds:
             rows = load_vqa_jsonl(mm.data[len("jsonl:"):], size, channels)
             # every 10th row is held out (at least one), so the split never depends on the machine
             self.custom_eval = rows[::10]
-            self.custom_train = [r for i, r in enumerate(rows) if i % 10] or rows
+            self.custom_train = [r for i, r in enumerate(rows) if i % 10]
+            if not self.custom_train:
+                self.custom_train, self.evaluates_on_training = rows, True
 
     def conversation(self, step: int, row: int) -> list[VQAItem]:
         """Training row ``row`` of ``step``: one image and the questions asked about it."""
@@ -378,7 +381,7 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
     if (model.image_size, model.channels) != (source.size, source.channels):  # a pretrained encoder's own input
         source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
     codec = TextCodec(tok, model)
-    if source.custom_eval and any(row is source.custom_eval[0] for row in source.custom_train):
+    if source.evaluates_on_training:
         log(f"multimodal: warning: {mm.data[len('jsonl:'):]} has one row, which trains and is evaluated on: its "
             f"accuracy is not held out (every 10th row is, from 2 rows on)")
     eval_items = source.eval_items()

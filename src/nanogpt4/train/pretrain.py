@@ -170,7 +170,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             refuse_existing_run(run_dir, resume)
             if resume:
                 refuse_finished_resume(run_dir, cfg)
-            prepare_data(cfg, data_dir, progress=progress, log=log, keep_other=bool(cfg.data.dir))
+            prepare_data(cfg, data_dir, progress=progress, log=log, keep_other="data.dir" if cfg.data.dir else None)
             if resume:
                 refuse_other_tokenizer(run_dir, data_dir, cfg)
 
