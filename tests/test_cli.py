@@ -231,6 +231,12 @@ def test_scaling_plan_rejects_a_nonpositive_time_budget(capsys):
     assert_one_line_error(code, err, "--minutes must be positive")
 
 
+def test_scaling_plan_rejects_a_nonpositive_batch(capsys):
+    # 0 was read as "not given" and the config's 32 accounted for without a word
+    code, _, err = cli(capsys, "scaling", "plan", "--batch-size", "0")
+    assert_one_line_error(code, err, "--batch-size must be >= 1 (the micro-batch to account for), got 0")
+
+
 def test_scaling_plan_refuses_flags_it_would_ignore(capsys):
     # an --mfu without the --minutes budget it scales used to be accepted and ignored (as were --out and --seed)
     code, _, err = cli(capsys, "scaling", "plan", "--mfu", "0.5")

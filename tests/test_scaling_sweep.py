@@ -137,7 +137,9 @@ def test_family_fits_every_run_and_refuses_to_mix_with_a_grid(prepared, tmp_path
     # every run, in compute order; a repeated width is a second point, not a competitor for its budget
     assert list(compute) == [1e9, 3e9, 3e9, 9e9] and list(loss) == [5.5, 5.0, 5.1, 4.6]
     grid = [dict(r, tokens_per_param=None, budget=1e9) for r in rows]
-    assert len(frontier(grid)[2]) == 1  # a grid keeps each budget's best run only
+    # a grid keeps each budget's best run only: one budget is one point, said as the sweep's shape
+    with pytest.raises(UserError, match=r"these 4 runs span 1 budget\(s\); it needs 3 or more: add budgets"):
+        frontier(grid)
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grid))

@@ -190,7 +190,7 @@ def plan(config, batch_size: int | None = None, dtype: str = "bfloat16", device_
     """What ``nanogpt4 scaling plan`` prints."""
     c = model_section(config)
     m = meta_model(config)
-    B = batch_size or (config.training.batch_size // config.training.grad_accum_steps
+    B = batch_size if batch_size is not None else (config.training.batch_size // config.training.grad_accum_steps
                        if hasattr(config, "training") else 1)
     counts = analytic_params(config)
     mem = training_memory(config, B, c.max_seq_len, dtype, device_type)

@@ -25,6 +25,8 @@ def cmd_plan(args, cfg) -> dict:
     from nanogpt4.train.metrics import peak_flops
     from nanogpt4.utils import resolve_device, resolve_dtype
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (the micro-batch to account for), got {args.batch_size}")
     result = plan(cfg, args.batch_size, args.dtype, args.device_type)
     budget = args.budget_flops
     if args.mfu is not None and args.minutes is None:

@@ -270,6 +270,9 @@ def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
             if r["budget"] not in best or r["val_loss"] < best[r["budget"]]["val_loss"]:
                 best[r["budget"]] = r
         chosen = [best[b] for b in sorted(best)]
+        if len(chosen) < 3 <= len(rows):  # said as the sweep's shape: "3 runs, got 2" read wrong beside 6 runs
+            raise UserError(f"L(C) is fitted to each budget's best run, and these {len(rows)} runs span "
+                            f"{len(chosen)} budget(s); it needs 3 or more: add budgets to the sweep (--budgets)")
     return (np.array([r["flops"] for r in chosen], dtype=np.float64),
             np.array([r["val_loss"] for r in chosen], dtype=np.float64), chosen)
 
@@ -325,13 +328,13 @@ def predict_and_check(base: DictConfig, sweep_path: Path, target_budget: float |
         if bootstrap < MIN_BOOTSTRAP:
             raise UserError(f"--bootstrap must be {MIN_BOOTSTRAP} or more: the prediction is checked against its 95% "
                             f"interval, which fewer resamples cannot place (got {bootstrap})")
-        compute, loss, chosen = frontier(rows)
         ratio = family_ratio(rows)
         if target_budget is None:
             if ratio is None or target_dim is None:
                 raise UserError("give --target-flops (an IsoFLOP sweep), or --target-dim for a sweep run with "
                                 "--tokens-per-param (the target is then the family's member of that width)")
             target_budget = family_budget(base, target_dim, ratio)
+        compute, loss, chosen = frontier(rows)
         meta = load_meta(default_data_dir(base))
         if target_dim is None:
             law = fit_chinchilla([r["non_embedding_params"] for r in rows], [r["tokens"] for r in rows],
