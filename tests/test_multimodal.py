@@ -314,6 +314,8 @@ def test_user_images_read_as_a_viewer_shows_them(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     with pytest.raises(UserError, match=r"--image: cannot read image '.*broken.png'"):
         load_image(tmp_path / "broken.png", 16, 3, "--image")
+    with pytest.raises(UserError, match=r"--image: '.*' is a directory, not an image; give an image file"):
+        load_image(tmp_path, 16, 3, "--image")  # it said "not found"
 
 
 # ------------------------------------------------------------------------------------------- training side

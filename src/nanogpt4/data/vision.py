@@ -259,6 +259,8 @@ def load_image(path: Path, size: int, channels: int, where: str,
                fix: str = "paths are relative to the jsonl file") -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    if path.is_dir():
+        raise UserError(f"{where}: '{path}' is a directory, not an image; give an image file")
     if not path.is_file():
         raise UserError(f"{where}: image '{path}' not found; {fix}")
     try:
