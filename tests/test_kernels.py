@@ -116,6 +116,31 @@ def test_matmul_attention_matches_sdpa(kv_heads):
     assert (matmul_attention(qb, kb, vb, is_causal=True).float() - ref).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("case", ["causal", "no-mask", "padding-mask"])
+def test_matmul_attention_gradients_match_sdpa(case):
+    # the scale and the mask ride inside one baddbmm (no backward of their own): the gradients must still be SDPA's
+    torch.manual_seed(0)
+    leaves = [torch.randn(2, 4, 10, 8, requires_grad=True) for _ in range(3)]
+    kwargs = {"scale": 0.3}  # a non-default scale (muP's 1/d_head) has to reach the scores
+    if case == "causal":
+        kwargs["is_causal"] = True
+    elif case == "padding-mask":
+        mask = torch.ones(2, 10, dtype=torch.long)
+        mask[0, :3] = 0
+        kwargs["attn_mask"] = attention_mask_4d(mask, 10, 0)
+    grad = torch.randn(2, 4, 10, 8)
+    outs, grads = [], []
+    for fn in (lambda q, k, v: reference_attention(q, k, v, **kwargs),
+               lambda q, k, v: matmul_attention(q, k, v, mask=kwargs.get("attn_mask"),
+                                                is_causal=kwargs.get("is_causal", False), scale=0.3)):
+        out = fn(*leaves)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(out, leaves, grad))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    for ref, mine in zip(*grads, strict=True):
+        assert torch.allclose(ref, mine, atol=1e-5)
+
+
 def test_bf16_cpu_model_matches_fp32_model():
     from nanogpt4.config import load_config
     from nanogpt4.model.transformer import Transformer

@@ -116,19 +116,33 @@ def matmul_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=N
     if k.size(1) != q.size(1):  # grouped-query attention: share each kv head across its query group
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    scores = (q * (scale if scale is not None else q.size(-1) ** -0.5)) @ k.transpose(-2, -1)
+    B, H, T, D = q.shape
+    S = k.size(2)
     if is_causal:
-        mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - q.size(2))
-    if mask is not None:
-        # masking as an in-place add of a 0/-inf bias: vectorises better than a broadcast masked_fill, and an add
-        # of a constant needs no backward op
-        scores = scores.add_(torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
-                             .masked_fill_(~mask, float("-inf")))
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    # the scale and the mask (as a 0/-inf bias) ride in one baddbmm: a separate q * scale and a masked add
+    # cost two more passes forward and one backward (6x384, T=256, bf16 CPU: 8.6 -> 6.8 ms a layer); the bias
+    # needs no gradient, so the backward is the two matmuls alone
+    if mask is None:
+        bias, beta = q.new_zeros(()), 0.0
+    else:
+        bias, beta = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf")), 1.0
+        if bias.dim() > 2:
+            bias = bias.expand(B, H, T, S).reshape(B * H, T, S)
+    q3, k3, v3 = (t.reshape(B * H, -1, D) for t in (q, k, v))
+    scale = scale if scale is not None else D ** -0.5
+    if torch.compiler.is_compiling():  # inductor fuses the scale and the mask into its own kernels, and the C++
+        # GEMM templates of compiled decoding (max-autotune) have no baddbmm with an alpha
+        scores = torch.bmm(q3 * scale, k3.transpose(1, 2))
+        if beta:
+            scores = scores + bias
+    else:
+        scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), beta=beta, alpha=scale)
     with torch.autocast(q.device.type, enabled=False):
         probs = scores.softmax(-1)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    return probs.to(v.dtype) @ v
+    return torch.bmm(probs.to(v3.dtype), v3).view(B, H, T, D)
 
 
 # F.scaled_dot_product_attention's enable_gqa arrived in torch 2.5; the project supports 2.4
