@@ -189,6 +189,27 @@ def test_no_stage_writes_into_a_directory_that_holds_another_run(trained_run, tm
     assert_one_line_error(code, err, "rlhf.max_new_tokens=32 leaves no room for prompts in model.max_seq_len=32")
 
 
+def test_rows_longer_than_the_context_are_said_not_cut_silently(trained_run, tmp_path, capsys):
+    # a 32-token model: the long rows were cut to fit (prompts from the left, responses from the right, their end
+    # token with them) without a word
+    long = "x = 1\n" * 40
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": long, "response": "a"}) + "\n" + json.dumps({"prompt": "q", "response": "a"}))
+    code, _, err = cli(capsys, "sft", "--pretrained", trained_run, "--data", sft, "--out", tmp_path / "s",
+                       "rlhf.sft_steps=1")
+    assert code == 0 and "warning: 1 of 2 examples do not fit the model's context (model.max_seq_len)" in err, err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": "q", "chosen": long, "rejected": "b"},
+                                                            {"prompt": "r", "chosen": "a", "rejected": "b"}]))
+    code, _, err = cli(capsys, "dpo", "--sft", trained_run, "--data", pairs, "--out", tmp_path / "d",
+                       "rlhf.dpo_steps=1", "--no-eval")
+    assert code == 0 and "warning: 1 of 4 responses (chosen and rejected, each after its prompt) do not fit" in err
+    sft.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    code, _, err = cli(capsys, "sft", "--pretrained", trained_run, "--data", sft, "--out", tmp_path / "s2",
+                       "rlhf.sft_steps=1")
+    assert code == 0 and "warning" not in err, err
+
+
 def test_sweep_with_no_runnable_budget_creates_no_output_directory(prepared, tmp_path, capsys):
     ov, _ = prepared
     out = tmp_path / "sweep"

@@ -12,11 +12,13 @@ from nanogpt4.rlhf.data import (
     Example,
     Preference,
     code_completion_examples,
+    cut_examples,
     encode_example,
     format_chat,
     load_preferences,
     load_prompts,
     load_sft,
+    warn_long_prompts,
 )
 from nanogpt4.rlhf.judges import (
     label_pairs,
@@ -169,6 +171,22 @@ def test_encode_example_masks_prompt_and_truncates(tiny):
     assert ids[-1] == tok.eot_id
     ids, labels = encode_example(tok, Example("x = 1\n" * 100, "y = 2\n"), 32)  # over-long prompt
     assert len(ids) == 32 and labels[-1] == tok.eot_id and labels.count(-100) == 32 - len(tok.encode("y = 2\n")) - 1
+
+
+def test_cut_rows_are_counted_as_encode_example_cuts_them(tiny):
+    cfg, tok, _ = tiny
+    fits, long_prompt, long_answer = (Example("def f(x):\n", "    return x\n"), Example("x = 1\n" * 100, "y\n"),
+                                      Example("q", "y = 2\n" * 100))
+    n = len(encode_example(tok, fits, 1000)[0])  # its whole length, the end token included
+    assert cut_examples(tok, [fits], n) == 0 and cut_examples(tok, [fits], n - 1) == 1
+    assert len(encode_example(tok, fits, n - 1)[0]) == n - 1
+    assert cut_examples(tok, [fits, long_prompt, long_answer], 32) == 2
+    said = []
+    warn_long_prompts(tok, ["a", "x = 1\n" * 100], 16, said.append)
+    assert said == ["warning: 1 of 2 prompts are longer than the 16 tokens the context leaves before a response "
+                    "(model.max_seq_len - rlhf.max_new_tokens): they keep their last 16 tokens"]
+    warn_long_prompts(tok, ["a"], 16, said.append)
+    assert len(said) == 1
 
 
 def test_reward_model_reads_the_last_real_token(tiny):

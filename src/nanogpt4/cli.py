@@ -115,6 +115,14 @@ def _warn_once(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _warn_cut_pairs(tok, pairs: list, max_len: int) -> None:
+    """A preference file's pairs as the reward model and DPO read them: prompt + chosen, prompt + rejected."""
+    from nanogpt4.rlhf.data import Example, warn_cut
+
+    warn_cut(tok, [Example(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)], max_len,
+             "responses (chosen and rejected, each after its prompt)", _warn_once)
+
+
 def _overrides_with_flags(args) -> list[str]:
     overrides = list(args.overrides)
     if args.device:
@@ -267,7 +275,7 @@ def _stage_out(args, name: str) -> Path:
 
 def cmd_sft(args) -> int:
     """Also under ``torchrun``: the ranks split every batch; rank 0 alone evaluates and writes."""
-    from nanogpt4.rlhf.data import load_sft
+    from nanogpt4.rlhf.data import load_sft, warn_cut
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import evaluate_policies, load_policy, sft_stage
     from nanogpt4.train.distributed import on_rank_zero, process_group
@@ -278,6 +286,8 @@ def cmd_sft(args) -> int:
     examples = load_sft(args.data) if args.data else None
     with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.pretrained, device, generates=args.data is None)
+        if examples:  # SFT sequences hold max_seq_len + 1 tokens: inputs and their next-token targets
+            warn_cut(tok, examples, cfg.model.max_seq_len + 1, "examples", _warn_once)
         judge = load_judge(cfg.rlhf.judge) if examples is None else None  # offline tasks: it measures what SFT bought
         before: dict = {}
         if judge is not None:  # on rank 0, its error sent to the others (they would wait for it in DDP's setup)
@@ -312,6 +322,8 @@ def cmd_reward(args) -> int:
     pairs = load_preferences(args.data, warn=_warn_once) if args.data else None
     with process_group(resolve_device(cfg.device)) as (info, device):
         sft, cfg, tok = load_policy(cfg, args.sft, device, generates=args.data is None)
+        if pairs is not None:
+            _warn_cut_pairs(tok, pairs, cfg.model.max_seq_len)
         centre = None  # (prompts, the SFT policy's first sample of each), to centre the rewards on
         if pairs is None:  # the judge labels the SFT policy's samples: once, on rank 0, which sends them on
             pairs, centre = label_on_rank_zero(cfg, sft, tok, load_judge(cfg.rlhf.judge), out, device, info)
@@ -329,7 +341,7 @@ def cmd_ppo(args) -> int:
     import copy
 
     from nanogpt4.rlhf import RewardModel
-    from nanogpt4.rlhf.data import load_prompts
+    from nanogpt4.rlhf.data import load_prompts, warn_long_prompts
     from nanogpt4.rlhf.judges import load_judge
     from nanogpt4.rlhf.run import check_same_trunk, evaluate_policies, load_policy, ppo_kl, ppo_stage, save_policy
     from nanogpt4.train.distributed import DistInfo, process_group
@@ -340,6 +352,9 @@ def cmd_ppo(args) -> int:
     train_prompts, eval_prompts = load_prompts(args.prompts) if args.prompts else (None, None)
     with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.sft, device)
+        if train_prompts:
+            warn_long_prompts(tok, train_prompts + eval_prompts, cfg.model.max_seq_len - cfg.rlhf.max_new_tokens,
+                              _warn_once)
         rm = RewardModel.load_pretrained(args.reward, device)
         check_same_trunk(rm.transformer, policy, f"the reward model '{args.reward}'",
                          f"the SFT policy '{args.sft}'", f"train one from it with `nanogpt4 reward --sft {args.sft}`")
@@ -375,6 +390,7 @@ def cmd_dpo(args) -> int:
     pairs = load_preferences(args.data, warn=_warn_once)
     with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.sft, device, generates=not args.no_eval)
+        _warn_cut_pairs(tok, pairs, cfg.model.max_seq_len)
         sft = copy.deepcopy(policy).eval()
         result = train_dpo(cfg, policy.train().requires_grad_(True), tok, pairs, out, device, cfg.rlhf.dpo_steps,
                            info=info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,15 +184,42 @@ def code_completion_examples(docs: list[str], n: int, seed: int, prompt_lines: t
     return out
 
 
+def example_tokens(tok: Tokenizer, ex: Example) -> tuple[list[int], list[int]]:
+    """The prompt's tokens (an empty one: the end token) and the response's, the end token included."""
+    return tok.encode(ex.prompt) or [tok.eot_id], tok.encode(ex.response) + [tok.eot_id]
+
+
 def encode_example(tok: Tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with the prompt masked (-100). Over-long prompts keep their last tokens."""
-    p, r = tok.encode(ex.prompt), tok.encode(ex.response) + [tok.eot_id]
+    """(input_ids, labels) with the prompt masked (-100). Over-long prompts keep their last tokens, over-long
+    responses their first (``cut_examples`` counts them, for a warning)."""
+    p, r = example_tokens(tok, ex)
     r = r[: max_len - 1]
     p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
-    p = p or [tok.eot_id]
     ids = (p + r)[:max_len]
     labels = ([-100] * len(p) + r)[:max_len]
     return ids, labels
+
+
+def cut_examples(tok: Tokenizer, examples: Iterable[Example], max_len: int) -> int:
+    """How many of ``examples`` ``encode_example`` cuts to fit ``max_len`` tokens."""
+    return sum(sum(map(len, example_tokens(tok, ex))) > max_len for ex in examples)
+
+
+def warn_cut(tok: Tokenizer, examples: list[Example], max_len: int, what: str, warn) -> None:
+    """Say (through ``warn``) how many examples of a user's file do not fit the context, not cut them silently."""
+    n = cut_examples(tok, examples, max_len)
+    if n:
+        warn(f"warning: {n} of {len(examples)} {what} do not fit the model's context (model.max_seq_len): their "
+             f"prompts keep their last tokens and their responses their first, a cut response without its end "
+             f"token; shorten them or train a model with a longer context")
+
+
+def warn_long_prompts(tok: Tokenizer, prompts: list[str], room: int, warn) -> None:
+    """PPO's prompts keep their last ``room`` tokens (the context less the response's): say how many are cut."""
+    n = sum(len(tok.encode(p)) > room for p in prompts)
+    if n:
+        warn(f"warning: {n} of {len(prompts)} prompts are longer than the {room} tokens the context leaves before "
+             f"a response (model.max_seq_len - rlhf.max_new_tokens): they keep their last {room} tokens")
 
 
 def pad_right(seqs: list[list[int]], value: int, device) -> torch.Tensor:
