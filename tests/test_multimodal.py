@@ -624,11 +624,17 @@ def test_the_tune_stage_trains_on_its_schedule(tmp_path):
         "multimodal.data": "scenes", "model.vocab_size": 512, "model.max_seq_len": 64,
         "multimodal.lr_decay_steps": 600, "multimodal.cooldown_steps": 2, "training.log_interval": 1}
     cfg = small_cfg(**settings)
-    run_multimodal(cfg, None, tmp_path / "mm", log=lambda _m: None, progress=False)
+    said = []
+    run_multimodal(cfg, None, tmp_path / "mm", log=said.append, progress=False)
     lr = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "mm" / "tune" / "metrics.jsonl") if "lr" in r}
     peak = cfg.multimodal.learning_rate
     assert lr[1] == pytest.approx(peak / 61)  # warming up over 61 steps, as a 600-step stage would
     assert lr[4] == pytest.approx(peak * 4 / 61) and lr[6] == pytest.approx(peak * cfg.training.min_lr_ratio)
+    # the warning names what sets this warmup: training.warmup_steps, which it named, has no say in it
+    warned = [m for m in said if "is longer than the run" in m]
+    assert len(warned) == 1 and "training.warmup_steps" not in warned[0], said
+    assert warned[0].endswith("here multimodal.lr_decay_steps=600: give more steps or a shorter "
+                              "multimodal.lr_decay_steps (a pipeline's --scale keeps the full run's)")
 
 
 @pytest.mark.parametrize("bad, said", [("multimodal.cooldown_steps=-1", "multimodal.cooldown_steps must be in"),

@@ -425,7 +425,10 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
         train_cfg = stage_cfg(cfg, steps, time_left, tune)
         trainer = Trainer(cfg, model, batches, out / name, info, device, loss_fn=vqa_loss,
                           evaluate=quick_eval, train_cfg=train_cfg, tokenizer_path=out / "tokenizer.json",
-                          progress=progress, log=log, lr_setting="multimodal.learning_rate")
+                          progress=progress, log=log, lr_setting="multimodal.learning_rate",
+                          warmup_fix=f"the stage's warmup is a tenth of its schedule (at most 100 steps), here "
+                                     f"multimodal.lr_decay_steps={train_cfg.lr_decay_steps}: give more steps or a "
+                                     f"shorter multimodal.lr_decay_steps (a pipeline's --scale keeps the full run's)")
         result = trainer.fit()
         if result["steps"] < steps:
             log(f"multimodal: stage {name} stopped at step {result['steps']} of {steps}: the time budget is spent")

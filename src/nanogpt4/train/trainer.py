@@ -137,7 +137,8 @@ class Trainer:
                  evaluate: Callable[[nn.Module], dict] | None = None,
                  sample: Callable[[nn.Module], str] | None = None, tokenizer_path: Path | None = None,
                  flops_per_token: float | None = None, train_cfg=None, progress: bool = True,
-                 log: Callable[[str], None] = print, lr_setting: str = "training.learning_rate"):
+                 log: Callable[[str], None] = print, lr_setting: str = "training.learning_rate",
+                 warmup_fix: str | None = None):
         self.cfg = cfg
         self.tc = train_cfg if train_cfg is not None else cfg.training
         self.lr_setting = lr_setting  # the config key a user changes to change this stage's learning rate
@@ -157,7 +158,8 @@ class Trainer:
         if self.tc.warmup_steps > end:  # a run shorter than its warmup never trains at the rate it was given
             self.log(f"training: warmup_steps {self.tc.warmup_steps} is longer than the run ({end} steps): the "
                      f"learning rate rises all run and peaks at {lr_for(self.tc, end - 1):.2e}, not "
-                     f"{self.lr_setting}={self.tc.learning_rate:g}; give a training.warmup_steps below {end}")
+                     f"{self.lr_setting}={self.tc.learning_rate:g}; "
+                     + (warmup_fix or f"give a training.warmup_steps below {end}"))
         self.dtype = resolve_dtype(self.tc.dtype, device)
         if device.type == "cuda":  # fp32 training on a GPU uses TF32 tensor cores, as its MFU peak assumes
             torch.backends.cuda.matmul.allow_tf32 = True
