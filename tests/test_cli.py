@@ -56,6 +56,11 @@ def test_overrides_may_follow_the_flags(prepared, tmp_path, capsys):
     (["sample", "--run", "r", "training.max_steps=3"], "nanogpt4 sample: error: unrecognized arguments: training"),
     (["scaling", "fit", "--sweep", "s", "--bogus"], "nanogpt4 scaling fit: error: unrecognized arguments: --bogus"),
     (["scaling", "plan", "--out", "plan"], "nanogpt4 scaling plan: error: unrecognized arguments: --out"),
+    # argparse's own errors printed its whole usage block above the line
+    (["sample"], "nanogpt4 sample: error: the following arguments are required: --run; see `nanogpt4 sample --help`"),
+    (["sample", "--run", "r", "--top-k", "abc"], "argument --top-k: invalid int value: 'abc'"),
+    (["sample", "--run", "r", "--chat", "--raw-prompt"], "argument --raw-prompt: not allowed with argument --chat"),
+    (["scaling", "count"], "nanogpt4 scaling: error: argument SUBCOMMAND: invalid choice: 'count'"),
 ])
 def test_unknown_arguments_are_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -360,6 +365,37 @@ def test_a_sample_that_ends_its_document_early_says_so(trained_run, capsys, monk
     assert "after 1 of the 6 new tokens" in err
 
 
+def test_chat_samples_reply_to_a_user_turn_and_stop_at_its_end(trained_run, capsys, monkeypatch):
+    import torch
+
+    from nanogpt4.model.transformer import Transformer
+    from nanogpt4.rlhf.data import format_chat
+    from nanogpt4.train.checkpoint import load_model
+
+    tok = load_model(trained_run)[2]
+    end = tok.token_id("<|end|>")
+    reply = tok.encode("hello there")
+    asked = []
+
+    def generate(self, x, n, **k):
+        asked.append((x[0].tolist(), k["stop_tokens"]))
+        for t in reply + [end]:
+            k["on_token"](torch.tensor([t])) if k["on_token"] else None
+        return torch.cat([x, torch.tensor([reply + [end, tok.eot_id]] * x.size(0))], 1)
+
+    monkeypatch.setattr(Transformer, "generate", generate)
+    code, out, err = cli(capsys, "sample", "--run", trained_run, "--chat", "--prompt", "hi", "--json")
+    # the prompt as SFT encoded a {"messages": [...]} row's: the template, no file-start EOT
+    template = format_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]).prompt
+    assert code == 0 and asked[0] == (tok.encode(template), [tok.eot_id, end])
+    assert template == "<|user|>hi<|end|><|assistant|>"
+    lines = out.splitlines()
+    assert lines[0] == "hello there" and json.loads(lines[-1])["samples"] == ["hello there"]
+    assert err == ""  # ending at its <|end|> is a reply's end: no note about an early end of text
+    code, out, _ = cli(capsys, "sample", "--run", trained_run, "--chat", "--prompt", "hi", "--num-samples", 2)
+    assert code == 0 and out == "--- sample 0\nhello there\n--- sample 1\nhello there\n"
+
+
 def test_streamed_text_waits_for_whole_characters(capsys):
     import torch
 
@@ -378,6 +414,26 @@ def test_streamed_text_waits_for_whole_characters(capsys):
         shown.append(capsys.readouterr().out)
     stream.finish("caf\u00e9!")
     assert shown == ["caf", "\u00e9", "!", "", ""] and capsys.readouterr().out == "\n"
+
+
+def test_a_streamed_chat_reply_stops_short_of_a_spelled_out_end(capsys):
+    import torch
+
+    from nanogpt4.cli import TextStream
+    from nanogpt4.data.tokenizer import Tokenizer
+
+    class Bytes(Tokenizer):  # as GPT-2's BPE: <|end|> is text, written over several tokens
+        eot_id = pad_id = 256
+
+        def decode(self, ids):
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    stream, shown = TextStream(Bytes(), list(b"<|user|>q<|end|><|assistant|>"), reply_only=True), []
+    for t in b"a<b<|end|>zz":
+        stream(torch.tensor([t]))
+        shown.append(capsys.readouterr().out)
+    # "<" is held back while it could open <|end|>, shown once it does not; nothing from <|end|> on
+    assert "".join(shown) == "a<b" and shown[:4] == ["a", "", "<b", ""]
 
 
 def test_sample_and_long_prompt_warning(trained_run, capsys):

@@ -135,6 +135,7 @@ def _overrides_with_flags(args) -> list[str]:
 def cmd_sample(args) -> int:
     import torch
 
+    from nanogpt4.rlhf.data import END, format_chat
     from nanogpt4.train.checkpoint import load_model
     from nanogpt4.utils import require_compiler, resolve_device
 
@@ -150,31 +151,41 @@ def cmd_sample(args) -> int:
     model, cfg, tok = load_model(args.run, device)  # a vision-language or reward model is refused by name
     if tok is None:
         raise UserError(f"'{args.run}' has no tokenizer.json; sample from a run made by `nanogpt4 pretrain`")
-    ids = (tok.encode(args.prompt) or [tok.eot_id]) if args.raw_prompt else tok.prompt_ids(args.prompt)
+    if args.chat:  # encoded as SFT encodes a messages row's prompt: the template alone, no file-start EOT
+        ids = tok.encode(format_chat([{"role": "user", "content": args.prompt},
+                                      {"role": "assistant", "content": ""}]).prompt)
+    else:
+        ids = (tok.encode(args.prompt) or [tok.eot_id]) if args.raw_prompt else tok.prompt_ids(args.prompt)
     L = cfg.model.max_seq_len
     if len(ids) > L:
-        n_prompt = len(ids) - (0 if args.raw_prompt else 1)  # not counting the file-start EOT
+        n_prompt = len(ids) - (0 if args.raw_prompt or args.chat else 1)  # not counting the file-start EOT
         print(f"warning: prompt is {n_prompt} tokens, longer than the context ({L}); keeping the last {L}",
               file=sys.stderr)
         ids = ids[-L:]
     g = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 0)
     x = torch.tensor([ids] * args.num_samples, device=device)
-    stream = TextStream(tok, ids) if args.num_samples == 1 else None  # one sample prints as it is written
+    # a reply ends at <|end|> (one token in nanogpt4's BPE; text in GPT-2's, whose reply is cut there after)
+    end_id = tok.token_id(END) if args.chat else None
+    stream = TextStream(tok, ids, reply_only=args.chat) if args.num_samples == 1 else None  # printed as written
     out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, stop_tokens=[tok.eot_id], generator=g, pad_token_id=tok.pad_id,
-                         compile=args.compile, on_token=stream)
+                         top_p=args.top_p, stop_tokens=[tok.eot_id] + ([end_id] if end_id is not None else []),
+                         generator=g, pad_token_id=tok.pad_id, compile=args.compile, on_token=stream)
     rows = out.tolist()
     samples = [tok.continuation_text(ids, row) for row in rows]
+    if args.chat:
+        prompt_text = tok.decode(ids)
+        samples = [s[len(prompt_text):].split(END, 1)[0] if s.startswith(prompt_text) else s for s in samples]
     if stream is not None:
         stream.finish(samples[0])
     else:
         for i, s in enumerate(samples):
             print(f"--- sample {i}")
             print(s)
-    # a sample shorter than asked for is the model ending its document, not a limit: say so, off stdout
+    # a sample shorter than asked for is the model ending its document, not a limit: say so, off stdout (a
+    # chat reply ending at its <|end|> is the reply's end, and needs no note)
     ended = [new.index(tok.eot_id) if tok.eot_id in new else None for new in (row[len(ids):] for row in rows)]
     early = [n for n in ended if n is not None]
-    if early:
+    if early and not args.chat:
         which = ("the sample" if len(rows) == 1 else f"all {len(rows)} samples" if len(early) == len(rows)
                  else f"{len(early)} of the {len(rows)} samples")
         after = f"{early[0]}" if len(set(early)) == 1 else f"{min(early)}-{max(early)}"
@@ -188,8 +199,13 @@ class TextStream:
     decodes to whole characters (a byte-level token can end mid-character), so the sample's stdout is the same
     as printing it whole at the end."""
 
-    def __init__(self, tok, prompt_ids: list[int]):
+    def __init__(self, tok, prompt_ids: list[int], reply_only: bool = False):
         self.tok, self.prompt_ids, self.new, self.shown = tok, list(prompt_ids), [], ""
+        # a chat reply is shown alone, up to its <|end|>: the template's prompt is not the user's text
+        from nanogpt4.rlhf.data import END
+
+        self.skip = len(tok.decode(prompt_ids)) if reply_only else 0
+        self.end = END if reply_only else None
         self._show()
 
     def __call__(self, next_tok) -> None:
@@ -197,7 +213,10 @@ class TextStream:
         self._show()
 
     def _show(self) -> None:
-        text = self.tok.continuation_text(self.prompt_ids, self.prompt_ids + self.new)
+        text = self.tok.continuation_text(self.prompt_ids, self.prompt_ids + self.new)[self.skip:]
+        if self.end:  # held back while it could be the start of <|end|> (GPT-2's BPE spells it out)
+            text = text.split(self.end, 1)[0]
+            text = next((text[:-k] for k in range(len(self.end) - 1, 0, -1) if text.endswith(self.end[:k])), text)
         if not text.endswith("\ufffd") and text.startswith(self.shown):
             print(text[len(self.shown):], end="", flush=True)
             self.shown = text
@@ -472,8 +491,17 @@ class _PrintVersions(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as the project's: one line naming the problem and where the flags are listed, exit 2
+    (argparse printed its whole usage block above the line). Subcommands' parsers are made of this class too."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanogpt4", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="nanogpt4", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action=_PrintVersions)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -500,9 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling seed (default: 0, so the same command gives the same text)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: 20-30 s to compile per shape, then 2-3.5x faster per token")
-    p.add_argument("--raw-prompt", action="store_true",
-                   help="do not start the prompt as a new file (<|endoftext|> first): for policies tuned on "
-                        "mid-file prompts, as `nanogpt4 rlhf`'s code prompts and chat templates are")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--raw-prompt", action="store_true",
+                      help="do not start the prompt as a new file (<|endoftext|> first): for policies tuned on "
+                           "mid-file prompts, as `nanogpt4 rlhf`'s code prompts are")
+    form.add_argument("--chat", action="store_true",
+                      help="for a model fine-tuned on {\"messages\": [...]} rows: the prompt is a user turn of "
+                           "their chat template (<|user|>PROMPT<|end|><|assistant|>), the sample the assistant's "
+                           "reply, up to its <|end|>")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sample)
 
