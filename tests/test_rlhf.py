@@ -173,6 +173,26 @@ def test_encode_example_masks_prompt_and_truncates(tiny):
     assert len(ids) == 32 and labels[-1] == tok.eot_id and labels.count(-100) == 32 - len(tok.encode("y = 2\n")) - 1
 
 
+def test_sft_on_a_conversation_learns_every_assistant_turn(tiny):
+    # only the last reply was learned: a three-turn chat taught one of its three answers
+    cfg, tok, _ = tiny
+    ex = format_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "x = 1"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "y = 2"}, {"role": "user", "content": "c"},
+                      {"role": "assistant", "content": "z = 3"}])
+    assert [ex.prompt[s:e] for s, e in ex.replies] == ["x = 1<|end|>", "y = 2<|end|>"]
+    ids, labels = encode_example(tok, ex, 200)
+    assert ids == tok.encode(ex.prompt + ex.response) + [tok.eot_id]  # the same tokens as the whole text
+    learned = tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != -100])
+    assert learned == "x = 1<|end|>y = 2<|end|>z = 3<|end|><|endoftext|>"
+    assert all(lab in (-100, t) for t, lab in zip(ids, labels, strict=True))
+    # cut from the left, the labels go with their tokens: the first reply's are gone, the second's stay
+    n = len(ids) - len(tok.encode("<|system|>be brief<|end|><|user|>a<|end|><|assistant|>x = 1<|end|>"))
+    cut_ids, cut_labels = encode_example(tok, ex, n)
+    assert cut_ids == ids[-n:] and cut_labels == labels[-n:]
+    assert tok.decode([t for t, lab in zip(cut_ids, cut_labels, strict=True) if lab != -100]).startswith("y = 2")
+
+
 def test_cut_rows_are_counted_as_encode_example_cuts_them(tiny):
     cfg, tok, _ = tiny
     fits, long_prompt, long_answer = (Example("def f(x):\n", "    return x\n"), Example("x = 1\n" * 100, "y\n"),

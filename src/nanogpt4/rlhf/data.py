@@ -23,6 +23,8 @@ END = "<|end|>"
 class Example:
     prompt: str
     response: str
+    # a chat's earlier assistant turns inside ``prompt``, as (start, end) character spans: SFT trains on them too
+    replies: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,9 @@ class Preference:
 
 
 def format_chat(messages: list[dict], where: str = "messages") -> Example:
-    """All turns but the last assistant turn become the prompt (ending in ``<|assistant|>``)."""
+    """All turns but the last assistant turn become the prompt (ending in ``<|assistant|>``); the earlier
+    assistant turns in it are marked (``Example.replies``), so that SFT learns every reply, as it would from
+    the conversation cut after each."""
     if not messages or not isinstance(messages, list):
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     for m in messages:
@@ -42,8 +46,13 @@ def format_chat(messages: list[dict], where: str = "messages") -> Example:
             raise UserError(f"{where}: each message needs role (system|user|assistant) and string content")
     if messages[-1]["role"] != "assistant":
         raise UserError(f"{where}: the last message must be the assistant's reply")
-    prompt = "".join(f"{ROLE_TOKENS[m['role']]}{m['content']}{END}" for m in messages[:-1])
-    return Example(prompt + ROLE_TOKENS["assistant"], messages[-1]["content"] + END)
+    prompt, replies = "", []
+    for m in messages[:-1]:
+        prompt += ROLE_TOKENS[m["role"]]
+        if m["role"] == "assistant":
+            replies.append((len(prompt), len(prompt) + len(m["content"]) + len(END)))
+        prompt += m["content"] + END
+    return Example(prompt + ROLE_TOKENS["assistant"], messages[-1]["content"] + END, tuple(replies))
 
 
 def _rows(path: str | Path):
@@ -184,25 +193,35 @@ def code_completion_examples(docs: list[str], n: int, seed: int, prompt_lines: t
     return out
 
 
-def example_tokens(tok: Tokenizer, ex: Example) -> tuple[list[int], list[int]]:
-    """The prompt's tokens (an empty one: the end token) and the response's, the end token included."""
-    return tok.encode(ex.prompt) or [tok.eot_id], tok.encode(ex.response) + [tok.eot_id]
+def example_tokens(tok: Tokenizer, ex: Example) -> tuple[list[int], list[int], list[int]]:
+    """The prompt's tokens (an empty one: the end token), their labels (-100 but on ``ex.replies``) and the
+    response's tokens, the end token included. A chat's replies are encoded apart from the turns around them:
+    with nanogpt4's BPE the same tokens (its role and end markers are special tokens, which split the text)."""
+    ids, labels, at = [], [], 0
+    for start, end in (*ex.replies, (len(ex.prompt), len(ex.prompt))):
+        for text, learned in ((ex.prompt[at:start], False), (ex.prompt[start:end], True)):
+            t = tok.encode(text) if text else []
+            ids += t
+            labels += t if learned else [-100] * len(t)
+        at = end
+    if not ids:
+        ids, labels = [tok.eot_id], [-100]
+    return ids, labels, tok.encode(ex.response) + [tok.eot_id]
 
 
 def encode_example(tok: Tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with the prompt masked (-100). Over-long prompts keep their last tokens, over-long
-    responses their first (``cut_examples`` counts them, for a warning)."""
-    p, r = example_tokens(tok, ex)
+    """(input_ids, labels): the response learned, the prompt masked (-100) but for a chat's earlier replies.
+    Over-long prompts keep their last tokens, over-long responses their first (``cut_examples`` counts them)."""
+    p, p_labels, r = example_tokens(tok, ex)
     r = r[: max_len - 1]
-    p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
-    ids = (p + r)[:max_len]
-    labels = ([-100] * len(p) + r)[:max_len]
-    return ids, labels
+    if len(p) + len(r) > max_len:
+        p, p_labels = p[len(p) + len(r) - max_len:], p_labels[len(p) + len(r) - max_len:]
+    return p + r, p_labels + r
 
 
 def cut_examples(tok: Tokenizer, examples: Iterable[Example], max_len: int) -> int:
     """How many of ``examples`` ``encode_example`` cuts to fit ``max_len`` tokens."""
-    return sum(sum(map(len, example_tokens(tok, ex))) > max_len for ex in examples)
+    return sum(len(p) + len(r) > max_len for p, _, r in (example_tokens(tok, ex) for ex in examples))
 
 
 def warn_cut(tok: Tokenizer, examples: list[Example], max_len: int, what: str, warn) -> None:
