@@ -477,6 +477,15 @@ def test_export_hf_cli_with_tokenizer(trained_run, tmp_path, capsys):
     x = torch.tensor([ids])
     with torch.no_grad():
         assert torch.allclose(hf(x).logits, model(x), atol=1e-4)
+    # a chat-tuned model is used as it was trained: apply_chat_template writes the template `sft --data` encodes
+    # from messages rows, and generate() ends a reply at its <|end|>
+    from nanogpt4.rlhf.data import format_chat
+
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "bye"}]
+    assert (hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == format_chat([*chat, {"role": "assistant", "content": ""}]).prompt)
+    assert hf.generation_config.eos_token_id == [tok.eot_id, tok.token_id("<|end|>")]
 
 
 def test_export_hf_replaces_only_an_earlier_export(trained_run, tmp_path, capsys, monkeypatch):

@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="for a model fine-tuned on {\"messages\": [...]} rows: the prompt is a user turn of "
                            "their chat template (<|user|>PROMPT<|end|><|assistant|>), the sample the assistant's "
                            "reply, up to its <|end|>")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the samples as JSON on the last stdout line")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face transformers model directory")
@@ -597,9 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "which is what such a model understands: 'what colour is the circle?', 'what shape is the "
                         "red object?', 'how many objects are there?', 'is there a blue square?', 'is the red "
                         "circle left of the blue square?' (or above), 'what digit is this?', 'is the digit even?'")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: 24)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON on the last stdout line")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("scaling", help="accounting, law fits and compute-optimal planning")
@@ -617,9 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sweep", type=Path, required=True,
                     help="a sweep's directory or its sweep.jsonl, or any JSONL of pretrain summaries (one per line)")
     sp.add_argument("--target-flops", type=float, default=None, help="predict the loss at this compute")
-    sp.add_argument("--bootstrap", type=int, default=200)
+    sp.add_argument("--bootstrap", type=int, default=200,
+                    help="resamples for the 95%% intervals (default: 200; 0: no intervals)")
     sp.add_argument("--out", type=Path, default=None, help="directory for scaling_fit.png")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the fit as JSON on the last stdout line")
     sp.set_defaults(func=cmd_scaling)
 
     sp = ssub.add_parser("sweep", help="pretrain a grid of widths x compute budgets into sweep.jsonl (resumable)")
@@ -629,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokens-per-param", type=float, default=None,
                     help="a recipe-matched family instead of a grid: each width trains on this many tokens per "
                          "parameter (--budgets is then unused)")
-    sp.add_argument("--eval-iters", type=int, default=40)
+    sp.add_argument("--eval-iters", type=int, default=40,
+                    help="validation batches for each run's final loss (default: 40)")
     sp.set_defaults(func=cmd_scaling)
     sp = ssub.add_parser("predict", help="register a prediction from a sweep, run the target, check it")
     _common(sp)
@@ -637,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target-flops", type=float, default=None,
                     help="the target's compute (for a --tokens-per-param family it follows from --target-dim)")
     sp.add_argument("--target-dim", type=int, default=None, help="default: the width the fitted law prefers")
-    sp.add_argument("--bootstrap", type=int, default=500)
+    sp.add_argument("--bootstrap", type=int, default=500,
+                    help="resamples for the prediction's 95%% interval (default: 500, at least 20)")
     sp.add_argument("--record", type=Path, default=None,
                     help="also write the result here, e.g. benchmarks/results/scaling_predict.json")
     sp.set_defaults(func=cmd_scaling)

@@ -18,7 +18,13 @@ from nanogpt4.utils import atomic_path
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 IMAGE = "<|image|>"
-SPECIAL_TOKENS = [EOT, PAD, IMAGE, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# the chat template (SFT's {"messages": [...]} rows, the multimodal stage's turns): <|role|>content<|end|> per turn
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END = "<|end|>"
+SPECIAL_TOKENS = [EOT, PAD, IMAGE, *ROLE_TOKENS.values(), END]
+# the same template for Hugging Face's ``apply_chat_template`` (written by ``export-hf``)
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '" + END
+                 + "' }}{% endfor %}{% if add_generation_prompt %}{{ '" + ROLE_TOKENS["assistant"] + "' }}{% endif %}")
 
 
 class Tokenizer:

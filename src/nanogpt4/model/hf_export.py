@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from nanogpt4.data.tokenizer import EOT, PAD, BPETokenizer, Tokenizer
+from nanogpt4.data.tokenizer import CHAT_TEMPLATE, END, EOT, PAD, BPETokenizer, Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
 from nanogpt4.utils import atomic_dir, some_names
@@ -139,6 +139,9 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():  # not an earlier export
         _refuse_to_replace(out_dir, sorted(p.name for p in out.iterdir()))
     # resolved: '.' has no name to put a temp directory beside, and a link to an earlier export stays a link to it
+    end_id = tokenizer.token_id(END) if tokenizer is not None else None
+    if end_id is not None:  # generate() ends a chat reply at its <|end|>, as `nanogpt4 sample --chat` does
+        hf_model.generation_config.eos_token_id = [tokenizer.eot_id, end_id]
     with atomic_dir(out.resolve()) as tmp:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         if isinstance(tokenizer, BPETokenizer):
@@ -146,6 +149,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
 
             fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, bos_token=EOT, eos_token=EOT,
                                            pad_token=PAD, model_max_length=model.cfg.max_seq_len)
+            fast.chat_template = CHAT_TEMPLATE  # apply_chat_template writes what `sft --data` trained on
             fast.save_pretrained(tmp)
         # the new directory replaces the old one whole: only an earlier export may be replaced, never a folder
         # holding anything this export does not write again

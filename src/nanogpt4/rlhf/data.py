@@ -11,12 +11,9 @@ from pathlib import Path
 
 import torch
 
-from nanogpt4.data.tokenizer import Tokenizer
+from nanogpt4.data.tokenizer import END, ROLE_TOKENS, Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.utils import iter_jsonl_objects
-
-ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-END = "<|end|>"
 
 
 @dataclass

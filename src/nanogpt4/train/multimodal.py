@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt4.data.tokenizer import BPETokenizer, Tokenizer
+from nanogpt4.data.tokenizer import END, IMAGE, ROLE_TOKENS, BPETokenizer, Tokenizer
 from nanogpt4.data.vision import (
     EVAL_SEED_BASE,
     QUESTION_TYPES,
@@ -37,7 +37,7 @@ from nanogpt4.train.distributed import DistInfo
 from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
 
-USER, ASSISTANT, END, IMAGE = "<|user|>", "<|assistant|>", "<|end|>", "<|image|>"
+USER, ASSISTANT = ROLE_TOKENS["user"], ROLE_TOKENS["assistant"]
 
 
 def prompt_text(question: str) -> str:
