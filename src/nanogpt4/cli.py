@@ -135,7 +135,8 @@ def _overrides_with_flags(args) -> list[str]:
 def cmd_sample(args) -> int:
     import torch
 
-    from nanogpt4.rlhf.data import END, format_chat
+    from nanogpt4.data.tokenizer import END
+    from nanogpt4.rlhf.data import format_chat
     from nanogpt4.train.checkpoint import load_model
     from nanogpt4.utils import require_compiler, resolve_device
 
@@ -202,7 +203,7 @@ class TextStream:
     def __init__(self, tok, prompt_ids: list[int], reply_only: bool = False):
         self.tok, self.prompt_ids, self.new, self.shown = tok, list(prompt_ids), [], ""
         # a chat reply is shown alone, up to its <|end|>: the template's prompt is not the user's text
-        from nanogpt4.rlhf.data import END
+        from nanogpt4.data.tokenizer import END
 
         self.skip = len(tok.decode(prompt_ids)) if reply_only else 0
         self.end = END if reply_only else None
