@@ -240,9 +240,12 @@ def test_an_mfu_above_one_measures_the_peak_again(prepared, tmp_path, monkeypatc
 def test_resume_reproduces_losses_bitwise(prepared, tmp_path):
     run(prepared, tmp_path / "full", "training.max_steps=12")
     # stopped by a token budget after 6 of 12 steps, as an interrupted run would be (same schedule)
-    run(prepared, tmp_path / "part", "training.max_steps=12", f"training.max_tokens={6 * 8 * 32}")
+    first = run(prepared, tmp_path / "part", "training.max_steps=12", f"training.max_tokens={6 * 8 * 32}")
     assert list_checkpoints(tmp_path / "part")[-1][0] == 6
-    run(prepared, tmp_path / "part", "training.max_steps=12", "training.max_tokens=null", resume=True)
+    second = run(prepared, tmp_path / "part", "training.max_steps=12", "training.max_tokens=null", resume=True)
+    # the summary's run totals span both commands: its training time too (wall_s is the command's own)
+    assert second["steps"] == 12 and second["tokens"] == 12 * 8 * 32
+    assert second["train_time_s"] > 1.5 * first["train_time_s"] > 0  # two commands of 6 steps each
     full, part = step_losses(tmp_path / "full"), step_losses(tmp_path / "part")
     assert list(full) == list(range(1, 13)) and list(part) == list(range(1, 13))
     assert full == part  # exact float equality, every step

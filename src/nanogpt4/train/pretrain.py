@@ -232,7 +232,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             "dtype": str(dtype).replace("torch.", ""),
             "world_size": info.world_size,
             "data_dir": str(data_dir),
-            "wall_s": time.time() - t_wall,
+            "wall_s": time.time() - t_wall,  # this command's; after --resume the run's tokens and flops are all of it
+            "train_time_s": trainer.train_time,  # the run's training loop time, every --resume's included
             "device": str(device),
         }
         if trainer.last_eval.get("sample"):
