@@ -218,3 +218,20 @@ def test_the_multimodal_stage_is_fitted_to_the_time_left():
     faster = Plan(0.1, 15.0, 0.1, 0.2, vlm_step_now_s=0.15)
     assert plan_mod.multimodal_scale(cfg, faster, 300.0, **quiet) == s
     assert plan_mod.evaluation_reserve_s(faster) == plan_mod.evaluation_reserve_s(plan)
+
+
+def test_the_report_samples_prose_as_prose():
+    # a pipeline on prose (data.source=text:book.txt, rlhf.judge=sentiment) was sampled from "def" and "class" and
+    # scored by CPython's parser: "the first 1 of 85 lines parse"
+    from pathlib import Path
+
+    from nanogpt4.pipeline import _next_steps, is_python_source, samples_section
+
+    assert all(is_python_source(s) for s in ("stdlib", "stdlib:all", "text:src/**/*.py"))
+    assert not any(is_python_source(s) for s in ("shakespeare", "text:book.txt", "jsonl:x.jsonl", "hf:a/b"))
+    md, scores = samples_section([("", "ROMEO:\nO, she doth teach")], python=False)
+    assert scores == {} and "parser accepts" not in md and "```text\nROMEO:\nO, she doth teach\n```" in md
+    md, scores = samples_section([("def", "def f(x):\n    return x\nclass (")], python=True)
+    assert scores == {"sample_python_lines": 2 / 3, "sample_python_lines_so_far": 2 / 3}
+    assert md.startswith("CPython's parser accepts the first 2 of 3 lines")
+    assert "--prompt" not in _next_steps(Path("p"), python=False) and '"def parse("' in _next_steps(Path("p"))

@@ -39,7 +39,14 @@ from nanogpt4.train.checkpoint import latest_checkpoint, load_model
 from nanogpt4.train.multimodal import VQASource, per_type_table
 from nanogpt4.utils import out_dir_entries, some_names
 
-SAMPLE_PROMPTS = ["def", "class", "import os\n", "    for i in range("]
+SAMPLE_PROMPTS = ["def", "class", "import os\n", "    for i in range("]  # a Python corpus's openings
+
+
+def is_python_source(source: str) -> bool:
+    """Whether ``data.source`` is Python code: the report then samples from Python openings and asks CPython's
+    parser about them; any other text is sampled from the start of a document and shown as it is."""
+    return source == "stdlib" or source.startswith("stdlib:") or (source.startswith("text:")
+                                                                   and source.endswith(".py"))
 
 
 def _check_same_settings(run_dir: Path, cfg, sections: tuple[str, ...], ignore: tuple[str, ...] = ()) -> None:
@@ -72,10 +79,10 @@ def _pretrain_stage(cfg, run_dir: Path, progress: bool, log) -> dict:
     return pretrain(cfg, run_dir, progress=progress, log=log)
 
 
-def _samples(run_dir: Path, n_tokens: int = 120) -> list[tuple[str, str]]:
+def _samples(run_dir: Path, python: bool, n_tokens: int = 120) -> list[tuple[str, str]]:
     model, _, tok = load_model(run_dir)
     out = []
-    for i, prompt in enumerate(SAMPLE_PROMPTS):
+    for i, prompt in enumerate(SAMPLE_PROMPTS if python else [""] * len(SAMPLE_PROMPTS)):
         ids = tok.prompt_ids(prompt)
         g = torch.Generator().manual_seed(i)
         row = model.generate(torch.tensor([ids]), n_tokens, temperature=0.8, top_k=50, generator=g,
@@ -117,16 +124,36 @@ def _ci_line(rl: dict) -> str:
     return "Held-out judge score, 95% interval: " + "; ".join(parts)
 
 
-def _next_steps(out_dir: Path) -> str:
+def _next_steps(out_dir: Path, python: bool = True) -> str:
     """The commands that read this run's outputs (a policy dir is listed only where its checkpoint exists)."""
-    lines = [f'nanogpt4 sample --run {out_dir / "pretrain"} --prompt "def parse("      # the pretrained model']
+    prompt, policy_prompt = (' --prompt "def parse("', ' --raw-prompt --prompt "def area(r):"') if python else ("", "")
+    lines = [f'nanogpt4 sample --run {out_dir / "pretrain"}{prompt}      # the pretrained model']
     for name in ("ppo", "dpo"):
         if (out_dir / "rlhf" / name / "checkpoints").exists():
-            lines.append(f'nanogpt4 sample --run {out_dir / "rlhf" / name} --raw-prompt --prompt "def area(r):"  '
-                         f'# the {name.upper()} policy')
+            lines.append(f'nanogpt4 sample --run {out_dir / "rlhf" / name}{policy_prompt}  # the {name.upper()} '
+                         f'policy')
     lines += [f'nanogpt4 ask --run {out_dir / "multimodal"} --image photo.png --question "how many objects are there?"',
               f"nanogpt4 export-hf --run {out_dir / 'pretrain'} --out {out_dir / 'hf'}  # a transformers model"]
     return "```bash\n" + "\n".join(lines) + "\n```"
+
+
+def samples_section(samples: list[tuple[str, str]], python: bool) -> tuple[str, dict]:
+    """The report's samples, and for Python how much of them CPython's parser accepts (the summary's scores)."""
+    if not python:
+        return ("From the start of a document (the corpus is not Python, so no parser is asked about them):\n\n"
+                + "\n\n".join(f"```text\n{s}\n```" for _, s in samples)), {}
+    parsed = [valid_python_lines(s) for _, s in samples]
+    so_far = [valid_python_lines(s, unfinished_ok=True)[0] for _, s in samples]
+    lines_parsed, lines_total = sum(n for n, _ in parsed), sum(t for _, t in parsed)
+    md = (f"CPython's parser accepts the first {lines_parsed} of {lines_total} lines "
+          "of these samples (each sample's longest parseable start; one cut at its token limit ends "
+          f"mid-statement), and the first {sum(so_far)} as Python so far (a valid start that it would take "
+          "more input after: a function with no body yet, an unclosed docstring or bracket).\n\n"
+          + "\n\n".join(f"Prompt `{p!r}` (first {n} of {t} lines parse, {m} are Python so far):"
+                          f"\n\n```python\n{s}\n```"
+                          for (p, s), (n, t), m in zip(samples, parsed, so_far, strict=True)))
+    return md, {"sample_python_lines": lines_parsed / max(1, lines_total),
+                "sample_python_lines_so_far": sum(so_far) / max(1, lines_total)}
 
 
 def _scaling_section(cfg, pre: dict) -> str:
@@ -204,7 +231,8 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
 
     pre_cfg = shortened_pretraining(base, plan.scale)
     pre = _pretrain_stage(pre_cfg, out_dir / "pretrain", progress, log)
-    samples = _samples(out_dir / "pretrain")
+    python = is_python_source(cfg.data.source)
+    samples = _samples(out_dir / "pretrain", python)
     rl = _rlhf_stage(cfg, out_dir / "pretrain", out_dir / "rlhf", log)
     deadline, evaluation_s = None, 0.0
     if plan.minutes is not None:
@@ -229,16 +257,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
     if (out_dir / "multimodal" / "plots" / "examples.png").exists():
         shutil.copyfile(out_dir / "multimodal" / "plots" / "examples.png", plots / "multimodal_examples.png")
 
-    parsed = [valid_python_lines(s) for _, s in samples]
-    so_far = [valid_python_lines(s, unfinished_ok=True)[0] for _, s in samples]
-    lines_parsed, lines_total = sum(n for n, _ in parsed), sum(t for _, t in parsed)
-    sample_md = (f"CPython's parser accepts the first {lines_parsed} of {lines_total} lines "
-                 "of these samples (each sample's longest parseable start; one cut at its token limit ends "
-                 f"mid-statement), and the first {sum(so_far)} as Python so far (a valid start that it would take "
-                 "more input after: a function with no body yet, an unclosed docstring or bracket).\n\n"
-                 + "\n\n".join(f"Prompt `{p!r}` (first {n} of {t} lines parse, {m} are Python so far):"
-                                 f"\n\n```python\n{s}\n```"
-                                 for (p, s), (n, t), m in zip(samples, parsed, so_far, strict=True)))
+    sample_md, sample_scores = samples_section(samples, python)
     sections = [
         ("Pretraining", summary_table(pre, ["params", "non_embedding_params", "steps", "tokens", "final_train_loss",
                                             "val_loss", "val_bpb", "tok_per_s", "mfu", "dtype", "wall_s"])
@@ -254,7 +273,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
          + "\n\n![held-out examples](plots/multimodal_examples.png)\n\nDetails: "
          "[multimodal/report.md](multimodal/report.md)"),
         ("Scaling accounting (the pretrained model)", _scaling_section(pre_cfg, pre)),
-        ("Use the results", _next_steps(out_dir)),
+        ("Use the results", _next_steps(out_dir, python)),
     ]
     if plan.shortened:
         sections.insert(0, ("Shortened run", shortened_note(plan, pre_cfg)))
@@ -263,8 +282,7 @@ def run_pipeline(config: str, overrides: list[str], out_dir: Path, progress: boo
         "pretrain_val_bpb": pre.get("val_bpb"),
         "pretrain_tok_per_s": pre.get("tok_per_s"),
         "pretrain_params": pre.get("params"),
-        "sample_python_lines": lines_parsed / max(1, lines_total),
-        "sample_python_lines_so_far": sum(so_far) / max(1, lines_total),
+        **sample_scores,
         **{f"rlhf_{k}": rl[k] for k in ("rm_val_accuracy", "judge_sft", "judge_ppo", "judge_dpo", "judge_best_of_n",
                                         "kl_ppo")},
         **{f"multimodal_{k}": mm[k] for k in ("scenes_accuracy", "digits_accuracy", "text_only_accuracy",
