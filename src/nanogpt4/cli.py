@@ -172,10 +172,7 @@ def cmd_sample(args) -> int:
                          top_p=args.top_p, stop_tokens=[tok.eot_id] + ([end_id] if end_id is not None else []),
                          generator=g, pad_token_id=tok.pad_id, compile=args.compile, on_token=stream)
     rows = out.tolist()
-    samples = [tok.continuation_text(ids, row) for row in rows]
-    if args.chat:
-        prompt_text = tok.decode(ids)
-        samples = [s[len(prompt_text):].split(END, 1)[0] if s.startswith(prompt_text) else s for s in samples]
+    samples = [chat_reply(tok, ids, row) if args.chat else tok.continuation_text(ids, row) for row in rows]
     if stream is not None:
         stream.finish(samples[0])
     else:
@@ -195,6 +192,17 @@ def cmd_sample(args) -> int:
     return _finish(args, {"samples": samples, "ended_at_end_of_text": [n is not None for n in ended]})
 
 
+def chat_reply(tok, prompt_ids: list[int], row: list[int], streaming: bool = False) -> str:
+    """A ``sample --chat`` row's reply alone: what follows the chat template's prompt, up to its <|end|>. While
+    ``streaming``, text that could open <|end|> is held back too (GPT-2's BPE spells it out over several tokens)."""
+    from nanogpt4.data.tokenizer import END
+
+    text = tok.continuation_text(prompt_ids, row)[len(tok.decode(prompt_ids)):].split(END, 1)[0]
+    if streaming:
+        text = next((text[:-k] for k in range(len(END) - 1, 0, -1) if text.endswith(END[:k])), text)
+    return text
+
+
 class TextStream:
     """``generate``'s ``on_token`` for one row: prints the prompt, then each new token's text as soon as it
     decodes to whole characters (a byte-level token can end mid-character), so the sample's stdout is the same
@@ -202,11 +210,7 @@ class TextStream:
 
     def __init__(self, tok, prompt_ids: list[int], reply_only: bool = False):
         self.tok, self.prompt_ids, self.new, self.shown = tok, list(prompt_ids), [], ""
-        # a chat reply is shown alone, up to its <|end|>: the template's prompt is not the user's text
-        from nanogpt4.data.tokenizer import END
-
-        self.skip = len(tok.decode(prompt_ids)) if reply_only else 0
-        self.end = END if reply_only else None
+        self.reply_only = reply_only  # a chat reply is shown alone: the template's prompt is not the user's text
         self._show()
 
     def __call__(self, next_tok) -> None:
@@ -214,10 +218,9 @@ class TextStream:
         self._show()
 
     def _show(self) -> None:
-        text = self.tok.continuation_text(self.prompt_ids, self.prompt_ids + self.new)[self.skip:]
-        if self.end:  # held back while it could be the start of <|end|> (GPT-2's BPE spells it out)
-            text = text.split(self.end, 1)[0]
-            text = next((text[:-k] for k in range(len(self.end) - 1, 0, -1) if text.endswith(self.end[:k])), text)
+        row = self.prompt_ids + self.new
+        text = (chat_reply(self.tok, self.prompt_ids, row, streaming=True) if self.reply_only
+                else self.tok.continuation_text(self.prompt_ids, row))
         if not text.endswith("\ufffd") and text.startswith(self.shown):
             print(text[len(self.shown):], end="", flush=True)
             self.shown = text
@@ -497,8 +500,13 @@ class _Parser(argparse.ArgumentParser):
     (argparse printed its whole usage block above the line). Subcommands' parsers are made of this class too."""
 
     def error(self, message: str):
-        print(f"{self.prog}: error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
+        usage_error(self.prog, message)
+
+
+def usage_error(prog: str, message: str):
+    """A command line argparse cannot read: one line, exit 2."""
+    print(f"{prog}: error: {message}; see `{prog} --help`", file=sys.stderr)
+    sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -671,9 +679,7 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
         extra = [a for a in extra if a not in later]
     if extra:
         prog = " ".join(["nanogpt4", *(c for c in (args.command, getattr(args, "scaling_command", None)) if c)])
-        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}{_flag_hint(extra, args)}; see "
-              f"`{prog} --help`", file=sys.stderr)
-        sys.exit(2)
+        usage_error(prog, f"unrecognized arguments: {' '.join(extra)}{_flag_hint(extra, args)}")
     return args
 
 
