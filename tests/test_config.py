@@ -26,6 +26,8 @@ def test_overrides_and_access():
     ("model.n_embd=64", "'model.dim'"),
     ("model.block_size=64", "'model.max_seq_len'"),
     ("training.max_iters=9", "'training.max_steps'"),
+    ("data.data_dir=runs/x", "'data.dir'"),
+    ("data.dataset=shakespeare", "'data.source'"),
     ("lr=1e-3", "'training.learning_rate'"),  # no section: the first one that has it
     ("training.n_layer=2", "'model.n_layers'"),  # the wrong section: never one of its own keys
     ("rlhf.kl=1", "one of 'rlhf.kl_coef', 'rlhf.target_kl', 'rlhf.kl_horizon'"),
@@ -36,6 +38,17 @@ def test_unknown_keys_suggest_what_they_mean(override, meant):
     with pytest.raises(UserError) as e:
         load_config("tiny", [override])
     assert str(e.value).endswith(f"did you mean {meant}?")
+
+
+@pytest.mark.parametrize("override,ending", [
+    # nothing close in a known section: its keys, not a pointer to a file the user may not have
+    ("data.path=x", "; data has source, tokenizer, dir, val_fraction, max_bytes, text_field, cache_dir"),
+    ("foo.bar=1", "; the top-level keys are model, data, training, rlhf, multimodal, seed, device"),
+])
+def test_unknown_keys_with_nothing_close_list_what_there_is(override, ending):
+    with pytest.raises(UserError) as e:
+        load_config("tiny", [override])
+    assert str(e.value).endswith(ending)
 
 
 @pytest.mark.parametrize("override,needle", [

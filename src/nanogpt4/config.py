@@ -208,6 +208,7 @@ KEY_ALIASES = {
     "max_iters": "max_steps", "steps": "max_steps", "warmup_iters": "warmup_steps",
     "lr_decay_iters": "lr_decay_steps", "gradient_accumulation_steps": "grad_accum_steps",
     "micro_batch_size": "batch_size", "grad_norm_clip": "grad_clip", "max_grad_norm": "grad_clip",
+    "data_dir": "dir", "dataset": "source",
 }
 
 
@@ -233,7 +234,14 @@ def _unknown_key_error(key: str, schema: DictConfig, where: str) -> UserError:
         m = difflib.get_close_matches(meant, list(leaves), n=1, cutoff=0.6)
         close = [leaves[m[0]]] if m else []
     meaning = f"one of {', '.join(repr(k) for k in close)}" if len(close) > 1 else repr(close[0]) if close else ""
-    hint = f"; did you mean {meaning}?" if close else "; see configs/base.yaml for the known keys"
+    if close:
+        hint = f"; did you mean {meaning}?"
+    elif section and siblings:  # a section the schema has, and nothing in it close: its keys are the list
+        hint = f"; {section} has {', '.join(siblings)}"
+    elif not section:
+        hint = f"; the top-level keys are {', '.join(schema)}"
+    else:
+        hint = "; see configs/base.yaml for the known keys"
     return UserError(f"unknown config key '{key}' in {where}{hint}")
 
 
