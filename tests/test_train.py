@@ -13,7 +13,7 @@ from nanogpt4.config import load_config
 from nanogpt4.errors import UserError
 from nanogpt4.train.checkpoint import list_checkpoints, load_model, load_trainer_state, load_weights
 from nanogpt4.train.distributed import DistInfo
-from nanogpt4.train.pretrain import pretrain
+from nanogpt4.train.pretrain import data_passes_note, pretrain
 from nanogpt4.train.trainer import Trainer, anneal_step, budget_end_step, lm_loss, lr_at, rank_rows
 from nanogpt4.utils import read_jsonl
 
@@ -41,6 +41,24 @@ def test_a_run_shorter_than_its_warmup_says_so(prepared, tmp_path):
     pretrain(load_config("tiny", [*ov, "training.max_steps=4", "training.warmup_steps=4"]), tmp_path / "ok",
              progress=False, log=said.append)
     assert not any("warmup_steps" in m for m in said)  # a warmup as long as the run reaches the rate on its last step
+
+
+def test_the_run_says_how_often_it_reads_its_data(prepared, tmp_path):
+    ov, data_dir = prepared
+    train_tokens = json.loads((data_dir / "meta.json").read_text())["train_tokens"]
+    said: list[str] = []
+    s = pretrain(load_config("tiny", [*ov, "training.max_steps=3"]), tmp_path / "r", progress=False,
+                 log=said.append)
+    notes = [m for m in said if "passes over" in m]
+    planned = 3 * 8 * 32
+    assert notes == [f"training: {planned:,} tokens (training.max_steps 3 x batch 8 x 32), "
+                     f"{planned / train_tokens:.3g} passes over the {train_tokens:,} training tokens"]
+    assert s["epochs"] == pytest.approx(planned / train_tokens)
+    tc = load_config("tiny", ["training.max_steps=1000", "training.batch_size=8", "training.max_tokens=40000"]).training
+    note = data_passes_note(5000, tc, 32)  # 256,000 tokens in the steps, capped at 40,000: 8 passes over 5,000
+    assert note.startswith("training: 40,000 tokens (training.max_steps 1000 x batch 8 x 32, capped by "
+                           "training.max_tokens), 8 passes over the 5,000 training tokens; past a few")
+    assert note.endswith("watch val_loss, and train on more text or for fewer steps if it turns up")
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():

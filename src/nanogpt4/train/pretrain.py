@@ -157,6 +157,22 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def data_passes_note(train_tokens: int, tc: DictConfig, seq_len: int) -> str:
+    """How many times the run reads its training split: a small corpus trained for many steps repeats, and
+    the user should know before the val loss turns (a few passes cost little; far more, the model memorises)."""
+    planned = tc.max_steps * tc.batch_size * seq_len
+    if tc.max_tokens is not None:
+        planned = min(planned, tc.max_tokens)
+    passes = planned / train_tokens
+    note = (f"training: {planned:,} tokens (training.max_steps {tc.max_steps} x batch {tc.batch_size} x {seq_len}"
+            f"{', capped by training.max_tokens' if planned == tc.max_tokens else ''}), {passes:.3g} passes over the "
+            f"{train_tokens:,} training tokens")
+    if passes > 4:
+        note += ("; past a few the model starts to memorise them: watch val_loss, and train on more text or for "
+                 "fewer steps if it turns up")
+    return note
+
+
 def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
              log=print) -> dict:
     t_wall = time.time()
@@ -194,6 +210,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
         log(f"model: {n_params / 1e6:.2f}M parameters ({model.num_parameters(True) / 1e6:.2f}M non-embedding), "
             f"{fpt / 1e6:.1f} MFLOP/token, device {device}, {str(dtype).replace('torch.', '')}"
             + (f", {info.world_size} ranks" if info.enabled else ""))
+        log(data_passes_note(meta["train_tokens"], tc, T))
         if info.is_main:
             if not resume:  # made once its data has windows for a batch: bad input leaves no run directory behind
                 init_run_dir(run_dir, cfg)
@@ -219,6 +236,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
             "val_loss": result.get("val_loss"),
             "val_bpb": result.get("val_bpb"),
             "tokens": result["tokens"],
+            "epochs": result["tokens"] / meta["train_tokens"],  # passes over the training split
             "steps": result["steps"],
             "params": n_params,
             "non_embedding_params": model.num_parameters(True),
