@@ -148,6 +148,26 @@ def test_pipeline_refuses_what_its_later_stages_cannot_use_before_pretraining(se
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["prepare", "pipeline"])
+def test_a_bpe_vocabulary_too_small_is_refused_before_the_corpus_is_read(command, tmp_path, capsys, monkeypatch):
+    """It was refused once the BPE trainer started: after reading the corpus (stdlib: seconds), and in the
+    pipeline after its planning had timed its models."""
+    import nanogpt4.data.prepare as prepare
+    import nanogpt4.rlhf.run as rlhf_run
+
+    def unread(*_args, **_kwargs):
+        raise AssertionError("the corpus was read")
+
+    monkeypatch.setattr(prepare, "load_corpus", unread)
+    monkeypatch.setattr(rlhf_run, "load_corpus", unread)
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, command, "--out", out, "--scale" if command == "pipeline" else "--seed", "1",
+                       *_prose_overrides(tmp_path), "rlhf.judge=sentiment", "model.vocab_size=100")
+    assert_one_line_error(code, err, "model.vocab_size=100 is too small for a byte-level BPE (needs > 263: 256 "
+                                     "bytes + 7 special tokens)")
+    assert not out.exists()
+
+
 def test_pipeline_refuses_image_tokens_longer_than_the_context_before_pretraining(tmp_path, capsys):
     """They stopped the multimodal stage after pretraining and RLHF; as the pipeline timed its models, the probe
     failed first, with an internal error ("text_input has 1984 <|image|> slots but 64 images need 4096")."""

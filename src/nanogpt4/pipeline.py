@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt4.config import changes_text, load_config, settings_changes
+from nanogpt4.data.prepare import check_tokenizer_settings
 from nanogpt4.errors import UserError
 from nanogpt4.plan import (
     DEFAULT_MINUTES,
@@ -209,6 +210,7 @@ def check_later_stages(cfg: DictConfig) -> None:
     """What the RLHF and multimodal stages read and judge with, checked in seconds before pretraining: a prose
     corpus under the python-syntax judge, an unknown judge or a missing multimodal data file stopped the pipeline
     at that stage, after pretraining (and RLHF) had run their minutes."""
+    check_tokenizer_settings(cfg)  # the first stage's, refused here before the planning's timed steps
     check_tasks(cfg)
     mm = cfg.multimodal
     VQASource(mm, mm.image_size, mm.channels, cfg.seed)  # loads its data

@@ -47,6 +47,17 @@ def default_data_dir(cfg: DictConfig) -> Path:
     return Path("runs") / "data" / f"{slug}-{tag}{cap}"
 
 
+def check_tokenizer_settings(cfg: DictConfig) -> Tokenizer | None:
+    """Refuse what ``data.tokenizer`` and ``model.vocab_size`` can be refused for without reading the corpus;
+    returns the tokenizer a ``data.tokenizer`` path names, loaded (None for ``bpe`` / ``gpt2``)."""
+    given = tokenizer_file(cfg)
+    if given is not None:
+        return load_given_tokenizer(given)
+    if cfg.data.tokenizer == "bpe":
+        BPETokenizer.check_vocab_size(cfg.model.vocab_size)
+    return None
+
+
 def load_given_tokenizer(path: Path) -> Tokenizer:
     if not path.is_file():
         raise UserError(f"data.tokenizer file '{path}' not found; give a run's tokenizer.json "
@@ -121,7 +132,7 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
     if keep_other is not None and (out / "meta.json").exists():
         _refuse_other_data(out, json.loads((out / "meta.json").read_text()), cfg, keep_other)
     given = tokenizer_file(cfg)
-    given_tok = load_given_tokenizer(given) if given is not None else None  # before the corpus: fail fast
+    given_tok = check_tokenizer_settings(cfg)  # before the corpus (seconds to read, minutes to encode): fail fast
     given_sha = file_sha256(given) if given is not None else None
     corpus = load_corpus(d.source, d.val_fraction, d.max_bytes, d.text_field, d.cache_dir)
     for note in corpus.notes:

@@ -85,18 +85,23 @@ class BPETokenizer(Tokenizer):
         self.eot_id = tok.token_to_id(EOT)
         self.pad_id = tok.token_to_id(PAD)
 
+    @staticmethod
+    def check_vocab_size(vocab_size: int) -> None:
+        """A byte-level BPE holds every byte and the special tokens before its first merge."""
+        n_base = 256 + len(SPECIAL_TOKENS)
+        if vocab_size < n_base + 1:
+            raise UserError(f"model.vocab_size={vocab_size} is too small for a byte-level BPE "
+                            f"(needs > {n_base}: 256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+
     @classmethod
     def train(cls, texts: Iterator[str] | list[str], vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
+        cls.check_vocab_size(vocab_size)
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        n_base = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
-        if vocab_size < n_base + 1:
-            raise UserError(f"model.vocab_size={vocab_size} is too small for a byte-level BPE "
-                            f"(needs > {n_base}: 256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=SPECIAL_TOKENS, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
