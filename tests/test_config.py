@@ -57,7 +57,7 @@ def test_unknown_keys_with_nothing_close_list_what_there_is(override, ending):
     ("model.dim=100", "divisible by model.n_heads"),
     ("training.learning_rate=-1", "learning_rate must be positive"),
     ("model.dim=abc", "bad value for 'model.dim'"),
-    ("model.mlp=relu", "not one of gelu, swiglu"),
+    ("model.mlp=relu", "not one of gelu, gelu_tanh, swiglu"),
     ("model.n_kv_heads=4", "multiple of model.n_kv_heads"),
     ("training.dtype=fp8", "not one of auto"),
     ("max_steps", "must look like section.key=value"),

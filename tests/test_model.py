@@ -10,6 +10,7 @@ from nanogpt4.model.transformer import Transformer, sample_next
 
 VARIANTS = {
     "gpt2": [],
+    "gpt2-tanh": ["model.mlp=gelu_tanh"],  # GPT-2's own GELU, for its imported weights
     "llama": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"],
     "gqa": ["model.pos_embedding=rope", "model.n_kv_heads=2"],
     "untied": ["model.tie_embeddings=false", "model.mlp=swiglu"],
@@ -124,7 +125,9 @@ def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
         packed = DecodeWeights("blocked", {layer: blocked_weight(weight)}, {layer: blocked_bias(layer.bias.detach())})
     with torch.no_grad():
         torch.testing.assert_close(decode_linear(layer, x, packed), layer(x), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(decode_linear(layer, x, packed, gelu=True), F.gelu(layer(x)), atol=1e-6, rtol=1e-6)
+        for form in ("none", "tanh"):  # the exact GELU, and GPT-2's tanh approximation (model.mlp=gelu_tanh)
+            torch.testing.assert_close(decode_linear(layer, x, packed, gelu=form),
+                                       F.gelu(layer(x), approximate=form), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(decode_linear(layer, x, packed, residual=residual), residual + layer(x),
                                    atol=1e-6, rtol=1e-6)
 
@@ -154,7 +157,7 @@ def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
     assert pack(m.to(torch.float16), 4, 100) is None
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+@pytest.mark.parametrize("variant", ["gpt2", "gpt2-tanh", "llama"])
 def test_bf16_decodes_through_onednn_where_onednn_takes_bf16(variant, monkeypatch):
     from nanogpt4.model.decoding import PACK_MIN_NEW_TOKENS, onednn_takes_bf16
     from nanogpt4.model.transformer import KVCache

@@ -244,6 +244,26 @@ def cmd_export_hf(args) -> int:
     return _finish(args, {"out": str(out)})
 
 
+def cmd_import_hf(args) -> int:
+    from nanogpt4.config import load_config
+    from nanogpt4.model.hf_import import import_hf
+
+    fixed = [k for k in (o.split("=", 1)[0].strip() for o in args.overrides)
+             if k.startswith("model.") and k != "model.dropout"]
+    if fixed:
+        raise UserError(f"import-hf takes model.* from the imported model's config (model.dropout aside): drop "
+                        f"{', '.join(fixed)}")
+    cfg = load_config(args.config, args.overrides)
+    summary = import_hf(args.model, cfg, args.out)
+    print(f"imported {summary['architecture']} ({summary['params'] / 1e6:.2f}M parameters, "
+          f"{summary['layout']}) to {summary['out']}; use it: nanogpt4 sample --run {summary['out']}, "
+          f"nanogpt4 sft --pretrained {summary['out']} --data FILE")
+    if not summary["tokenizer"]:
+        print(f"warning: '{args.model}' has no tokenizer transformers can load: the checkpoint has none; put the "
+              f"tokenizer.json it was trained with beside its model.safetensors", file=sys.stderr)
+    return _finish(args, summary)
+
+
 def cmd_pipeline(args) -> int:
     from nanogpt4.pipeline import run_pipeline
 
@@ -554,6 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory to write (config.json, model.safetensors, tokenizer files)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("import-hf", help="write a transformers GPT-2 or Llama model as a nanogpt4 checkpoint")
+    p.add_argument("--model", required=True,
+                   help="a transformers model directory, or a model's name already in the Hugging Face cache "
+                        "(nothing is downloaded)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write (new or empty)")
+    p.add_argument("--config", default="tiny",
+                   help="config for the stages that read the checkpoint (training, rlhf, ...); model.* comes from "
+                        "the imported model; default: %(default)s")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.dropout=0.1")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("rlhf", help="SFT -> judge-labelled preferences -> reward model -> PPO, DPO, best-of-n")
     _common(p)

@@ -33,7 +33,7 @@ class ModelConfig:
     bias: bool = True
     pos_embedding: str = "learned"  # learned | rope
     norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: str = "gelu"  # gelu (exact, erf) | gelu_tanh (GPT-2's "gelu_new": its tanh approximation) | swiglu
     mlp_hidden: int | None = None  # None = 4*dim for gelu, the 2/3*4*dim rounded to 64 for swiglu
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -166,7 +166,7 @@ class Config:
 CHOICES = {
     "model.pos_embedding": ("learned", "rope"),
     "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
+    "model.mlp": ("gelu", "gelu_tanh", "swiglu"),
     "model.parametrization": ("sp", "mup"),
     "training.dtype": ("auto", "float32", "bfloat16"),
     "multimodal.encoder": ("vit", "cnn"),

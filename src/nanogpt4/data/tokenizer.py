@@ -22,6 +22,7 @@ IMAGE = "<|image|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"
 SPECIAL_TOKENS = [EOT, PAD, IMAGE, *ROLE_TOKENS.values(), END]
+FOREIGN_END_TOKENS = ("</s>", "<|end_of_text|>", "<eos>")  # Llama 2's, Llama 3's, Gemma's end of text
 # the same template for Hugging Face's ``apply_chat_template`` (written by ``export-hf``)
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '" + END
                  + "' }}{% endfor %}{% if add_generation_prompt %}{{ '" + ROLE_TOKENS["assistant"] + "' }}{% endif %}")
@@ -82,8 +83,11 @@ class BPETokenizer(Tokenizer):
     def __init__(self, tok):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.eot_id = tok.token_to_id(EOT)
-        self.pad_id = tok.token_to_id(PAD)
+        # ours has both; one from elsewhere (an imported model's) ends its text with its own token, and pads
+        # with it, as GPT-2's does
+        self.eot_id = next((i for i in map(tok.token_to_id, (EOT, *FOREIGN_END_TOKENS)) if i is not None), None)
+        pad = tok.token_to_id(PAD)
+        self.pad_id = pad if pad is not None else self.eot_id
 
     @staticmethod
     def check_vocab_size(vocab_size: int) -> None:

@@ -18,13 +18,13 @@ from nanogpt4.utils import atomic_dir, some_names
 
 def hf_architecture(model: Transformer) -> str:
     c = model.cfg
-    if c.pos_embedding == "learned" and c.norm == "layernorm" and c.mlp == "gelu" and \
+    if c.pos_embedding == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh") and \
             (c.n_kv_heads or c.n_heads) == c.n_heads and c.mlp_hidden in (None, 4 * c.dim):
         return "gpt2"
     if c.pos_embedding == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu":
         return "llama"
-    raise UserError(f"export-hf supports GPT-2 (learned/layernorm/gelu, no GQA) and Llama (rope/rmsnorm/swiglu) "
-                    f"layouts; this model is {c.pos_embedding}/{c.norm}/{c.mlp}")
+    raise UserError(f"export-hf supports GPT-2 (learned/layernorm/gelu or gelu_tanh, no GQA) and Llama "
+                    f"(rope/rmsnorm/swiglu) layouts; this model is {c.pos_embedding}/{c.norm}/{c.mlp}")
 
 
 def exported_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -54,7 +54,8 @@ def _gpt2(model: Transformer, special: dict):
 
     c = model.cfg
     hf_cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.dim, n_layer=c.n_layers,
-                        n_head=c.n_heads, activation_function="gelu", layer_norm_epsilon=c.norm_eps,
+                        n_head=c.n_heads, layer_norm_epsilon=c.norm_eps,
+                        activation_function="gelu_pytorch_tanh" if c.mlp == "gelu_tanh" else "gelu",
                         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
                         tie_word_embeddings=c.tie_embeddings, **special)
     sd = exported_state_dict(model)

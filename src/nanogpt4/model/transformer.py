@@ -225,6 +225,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.gelu = None if self.swiglu else "tanh" if cfg.mlp == "gelu_tanh" else "none"  # F.gelu's approximate
         hidden = cfg.mlp_hidden or (swiglu_hidden(cfg.dim) if self.swiglu else 4 * cfg.dim)
         # SwiGLU's gate and up projections share one matmul
         self.fc = nn.Linear(cfg.dim, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
@@ -236,7 +237,7 @@ class FeedForward(nn.Module):
 
     def decode(self, x: torch.Tensor, packed: DecodeWeights | None, residual: torch.Tensor) -> torch.Tensor:
         """``residual + forward(x)`` for one token per row, x: (B, C); GELU rides in the first matmul."""
-        h = decode_linear(self.fc, x, packed, gelu=not self.swiglu)
+        h = decode_linear(self.fc, x, packed, gelu=self.gelu)
         if self.swiglu:
             h = self.activation(h)
         return decode_linear(self.proj, h, packed, residual=residual)
@@ -245,7 +246,9 @@ class FeedForward(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
-        return F.gelu(h)  # exact (erf) GELU, as the seed's nn.GELU(); ~5x cheaper than tanh on CPU
+        # exact (erf) GELU by default, as the seed's nn.GELU() (~5x cheaper than tanh on CPU); "tanh" for weights
+        # trained with it (GPT-2's, imported)
+        return F.gelu(h, approximate=self.gelu)
 
 
 class Block(nn.Module):

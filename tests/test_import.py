@@ -1,0 +1,124 @@
+"""import-hf: transformers GPT-2 and Llama models in, the same logits out; export then import is the identity."""
+
+import json
+
+import pytest
+import torch
+
+from nanogpt4.cli import main
+from nanogpt4.model.hf_export import export_hf
+from nanogpt4.train.checkpoint import load_model
+
+from .test_cli import assert_one_line_error, cli
+from .test_export import ARCHS, trained_like
+
+transformers = pytest.importorskip("transformers")
+
+
+def save_tokenizer(d, specials):
+    """A byte-level BPE of 300 tokens whose special tokens are ``specials`` (the last one its end of text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[-1]).save_pretrained(d)
+
+
+def gpt2_dir(tmp_path, **kw):
+    """A GPT-2 as transformers makes it (tanh GELU, dropout 0.1), with a byte-level BPE holding <|endoftext|>."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=40, **kw)
+    d = tmp_path / "gpt2"
+    m = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # MLP inputs of order 1, where the GELUs' exact and tanh forms part
+        for block in m.transformer.h:
+            block.mlp.c_fc.weight.mul_(30)
+            block.mlp.c_proj.weight.mul_(30)
+    m.save_pretrained(d)
+    save_tokenizer(d, ["<|endoftext|>"])
+    return d
+
+
+def llama_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300, max_position_embeddings=40,
+                                   rope_theta=5000.0, tie_word_embeddings=False)
+    m = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norms, as after training
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    d = tmp_path / "llama"
+    m.save_pretrained(d)
+    save_tokenizer(d, ["<s>", "</s>"])  # Llama 2's: no <|endoftext|>, no pad token
+    return d
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_imported_logits_and_greedy_tokens_equal_the_transformers_model(kind, tmp_path, capsys):
+    src = gpt2_dir(tmp_path) if kind == "gpt2" else llama_dir(tmp_path)
+    out = tmp_path / "ckpt"
+    code, printed, _ = cli(capsys, "import-hf", "--model", src, "--out", out, "--json")
+    assert code == 0
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert summary["layout"] == ("learned/layernorm/gelu_tanh" if kind == "gpt2" else "rope/rmsnorm/swiglu")
+    assert summary["tokenizer"]
+    ours, cfg, tok = load_model(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, ours(x), atol=1e-5)
+        greedy = hf.generate(x[:, :5], max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy, ours.generate(x[:, :5], 10, temperature=0))
+    assert cfg.model.dropout == 0.0  # the config's, not GPT-2's 0.1: weights do not fix it
+    # the imported tokenizer's own end of text ends and pads samples (</s> for Llama 2's), through the CLI
+    assert tok is not None and tok.eot_id == tok.pad_id == (0 if kind == "gpt2" else 1)
+    code, printed, _ = cli(capsys, "sample", "--run", out, "--prompt", "def f(", "--max-new-tokens", "5")
+    assert code == 0 and printed.startswith("def f(")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_then_import_gives_the_same_model(arch, tmp_path, capsys):
+    m = trained_like(ARCHS[arch])
+    export_hf(m, None, tmp_path / "hf")
+    assert main(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, cfg, _ = load_model(tmp_path / "back")
+    x = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():  # µP's multipliers come back folded into the weights of a standard model
+        assert torch.allclose(back(x), m(x), atol=1e-5)
+    if "mup" not in arch and "nobias" not in arch:  # GPT-2 has biases: an unbiased model comes back with zeros
+        for k, v in m.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("relu", "import-hf cannot hold this model: activation_function='relu'"),
+    ("layer-scaled", "import-hf cannot hold this model: attention scores not scaled by 1/sqrt(head_dim) alone"),
+    ("missing", "is neither a directory nor a model in the Hugging Face cache (nothing is downloaded"),
+    ("no-config", "has no config.json: give a transformers model directory"),
+    ("taken-out", "is not a new or empty directory"),
+    ("model-override", "import-hf takes model.* from the imported model's config (model.dropout aside): drop "
+                       "model.dim"),
+])
+def test_what_cannot_be_imported_is_refused_in_one_line(case, needle, tmp_path, capsys):
+    src, out, extra = tmp_path / "nothing-here", tmp_path / "ckpt", []
+    if case == "relu":
+        src = gpt2_dir(tmp_path, activation_function="relu")
+    elif case == "layer-scaled":
+        src = gpt2_dir(tmp_path, scale_attn_by_inverse_layer_idx=True)
+    elif case == "no-config":
+        src.mkdir()
+    elif case == "taken-out":
+        src = gpt2_dir(tmp_path)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "model-override":
+        src, extra = gpt2_dir(tmp_path), ["model.dim=128"]
+    code, _, err = cli(capsys, "import-hf", "--model", src, "--out", out, *extra)
+    assert_one_line_error(code, err, needle)
+    assert (out / "notes.txt").read_text() == "mine" if case == "taken-out" else not out.exists()
