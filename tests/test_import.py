@@ -119,6 +119,33 @@ def test_what_cannot_be_imported_is_refused_in_one_line(case, needle, tmp_path, 
         (out / "notes.txt").write_text("mine")
     elif case == "model-override":
         src, extra = gpt2_dir(tmp_path), ["model.dim=128"]
+    capsys.readouterr()  # what making the model printed (transformers' progress bars)
     code, _, err = cli(capsys, "import-hf", "--model", src, "--out", out, *extra)
     assert_one_line_error(code, err, needle)
     assert (out / "notes.txt").read_text() == "mine" if case == "taken-out" else not out.exists()
+
+
+def test_pretraining_starts_from_an_imported_checkpoint(tmp_path, capsys):
+    """training.init_from: the checkpoint's architecture, tokenizer and weights, then training as any run."""
+    ckpt = tmp_path / "ckpt"
+    assert main(["import-hf", "--model", str(gpt2_dir(tmp_path)), "--out", str(ckpt)]) == 0
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(2000)))
+    common = [f"data.source=text:{text}", f"data.dir={tmp_path / 'data'}", "training.batch_size=4",
+              "training.learning_rate=1e-9", "training.warmup_steps=1", "training.eval_interval=1",
+              "training.eval_iters=1", "training.sample_tokens=0", "training.max_steps=1"]
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "pretrain", "--out", run, f"training.init_from={ckpt}", *common)
+    assert code == 0, err
+    trained, cfg, _ = load_model(run)
+    start, start_cfg, _ = load_model(ckpt)
+    assert cfg.model == start_cfg.model and cfg.model.mlp == "gelu_tanh"
+    assert (run / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    for name, weight in start.state_dict().items():  # one step at a learning rate of 1e-9 from those weights
+        torch.testing.assert_close(trained.state_dict()[name], weight, atol=1e-6, rtol=0)
+    code, printed, err = cli(capsys, "pretrain", "--out", run, "--resume", "training.max_steps=2", "--json")
+    assert code == 0 and json.loads(printed.strip().splitlines()[-1])["steps"] == 2, err
+    code, _, err = cli(capsys, "pretrain", "--out", tmp_path / "other", f"training.init_from={run}", "model.dim=32",
+                       *common)
+    assert_one_line_error(code, err, "training.init_from takes model.* from its checkpoint (model.dropout aside): "
+                                     "drop model.dim")

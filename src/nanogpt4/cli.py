@@ -63,6 +63,14 @@ def cmd_prepare(args) -> int:
     return _finish(args, meta)
 
 
+def refuse_model_overrides(overrides: list[str], why: str) -> None:
+    """Where the weights fix the architecture, a model.* override (model.dropout aside) would be dropped."""
+    fixed = [k for k in (o.split("=", 1)[0].strip() for o in overrides)
+             if k.startswith("model.") and k != "model.dropout"]
+    if fixed:
+        raise UserError(f"{why} (model.dropout aside): drop {', '.join(fixed)}")
+
+
 def cmd_pretrain(args) -> int:
     from nanogpt4.train.distributed import rank_zero_or_alone
     from nanogpt4.train.pretrain import pretrain, resume_config
@@ -72,7 +80,12 @@ def cmd_pretrain(args) -> int:
             raise UserError("--resume needs --out RUN_DIR, the run to continue")
         cfg = resume_config(args.out, _overrides_with_flags(args))
     else:
+        given = [o.split("=", 1)[0].strip() for o in args.overrides]
+        if "training.init_from" in given:  # before the config's checks, which would judge the dropped keys
+            refuse_model_overrides(args.overrides, "training.init_from takes model.* from its checkpoint")
         cfg = _load(args)
+        if cfg.training.init_from:  # set in a config file
+            refuse_model_overrides(args.overrides, "training.init_from takes model.* from its checkpoint")
     out = args.out or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
     try:
         summary = pretrain(cfg, out, resume=args.resume, progress=_progress())
@@ -248,11 +261,7 @@ def cmd_import_hf(args) -> int:
     from nanogpt4.config import load_config
     from nanogpt4.model.hf_import import import_hf
 
-    fixed = [k for k in (o.split("=", 1)[0].strip() for o in args.overrides)
-             if k.startswith("model.") and k != "model.dropout"]
-    if fixed:
-        raise UserError(f"import-hf takes model.* from the imported model's config (model.dropout aside): drop "
-                        f"{', '.join(fixed)}")
+    refuse_model_overrides(args.overrides, "import-hf takes model.* from the imported model's config")
     cfg = load_config(args.config, args.overrides)
     summary = import_hf(args.model, cfg, args.out)
     print(f"imported {summary['architecture']} ({summary['params'] / 1e6:.2f}M parameters, "

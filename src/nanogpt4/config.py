@@ -86,6 +86,9 @@ class TrainingConfig:
     tensorboard: bool = False
     sample_tokens: int = 64  # a sample is generated at each eval; 0 disables
     sample_prompt: str = ""
+    # pretrain from this checkpoint's weights (a run, checkpoints/step_N, or `import-hf`'s): its model.* (dropout
+    # aside) and, unless data.tokenizer names one, its tokenizer
+    init_from: str | None = None
 
 
 @dataclass

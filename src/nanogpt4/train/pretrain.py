@@ -8,15 +8,21 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from nanogpt4.config import to_yaml
+from nanogpt4.config import config_from_yaml_text, to_yaml
 from nanogpt4.data.loader import TokenWindows
 from nanogpt4.data.prepare import default_data_dir, load_meta, prepare_data
 from nanogpt4.data.tokenizer import Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
-from nanogpt4.train.checkpoint import list_checkpoints, load_trainer_state
+from nanogpt4.train.checkpoint import (
+    list_checkpoints,
+    load_trainer_state,
+    load_weights,
+    refuse_other_models,
+    resolve_stage_checkpoint,
+)
 from nanogpt4.train.distributed import DistInfo, on_rank_zero, process_group
 from nanogpt4.train.trainer import Trainer, budget_spent, rank_rows
 from nanogpt4.utils import (
@@ -173,10 +179,29 @@ def data_passes_note(train_tokens: int, tc: DictConfig, seq_len: int) -> str:
     return note
 
 
+def init_from_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """``cfg`` for a run that starts from ``training.init_from``'s weights: that checkpoint's ``model`` section
+    (``model.dropout`` kept: weights do not fix it) and, where ``data.tokenizer`` is the default ``bpe``, its
+    tokenizer.json (the embeddings' meanings); and the checkpoint directory."""
+    ckpt = resolve_stage_checkpoint(cfg.training.init_from)
+    refuse_other_models(cfg.training.init_from, ckpt)
+    saved = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    changes: dict = {"model": {**OmegaConf.to_container(saved.model), "dropout": cfg.model.dropout}}
+    if cfg.data.tokenizer == "bpe":
+        if not (ckpt / "tokenizer.json").is_file():
+            raise UserError(f"training.init_from '{cfg.training.init_from}' has no tokenizer.json to encode the data "
+                            f"with; give data.tokenizer=PATH of the tokenizer its weights were trained with")
+        changes["data"] = {"tokenizer": str(ckpt / "tokenizer.json")}
+    return config_from_yaml_text(to_yaml(OmegaConf.merge(cfg, changes))), ckpt
+
+
 def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
              log=print) -> dict:
     t_wall = time.time()
     run_dir = Path(run_dir)
+    init_ckpt = None
+    if cfg.training.init_from and not resume:  # a resumed run has its config already, and its own weights
+        cfg, init_ckpt = init_from_config(cfg)
     # a rank that fails mid-training leaves at once: waiting for the others at a barrier, it would be met by
     # their next gradient all-reduce instead
     with process_group(resolve_device(cfg.device), wait_on_error=False) as (info, device):
@@ -204,6 +229,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
                                f"smaller model.max_seq_len")
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg).to(device)
+        if init_ckpt is not None:
+            load_weights(model, init_ckpt / "model.safetensors")
         dtype = resolve_dtype(tc.dtype, device)
         fpt = model.flops_per_token(T)
         n_params = model.num_parameters()
