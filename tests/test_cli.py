@@ -148,6 +148,18 @@ def test_pipeline_refuses_what_its_later_stages_cannot_use_before_pretraining(se
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["pipeline", "--scale", "0.01"], "the pipeline pretrains from scratch: drop training.init_from"),
+    (["scaling", "sweep", "--dims", "16,32", "--budgets", "1e9,2e9"],
+     "a scaling sweep trains each size from scratch: drop training.init_from"),
+])
+def test_commands_that_train_from_scratch_refuse_init_from(argv, needle, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, *argv, "--out", out, "training.init_from=runs/some-run")
+    assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["prepare", "pipeline"])
 def test_a_bpe_vocabulary_too_small_is_refused_before_the_corpus_is_read(command, tmp_path, capsys, monkeypatch):
     """It was refused once the BPE trainer started: after reading the corpus (stdlib: seconds), and in the

@@ -210,6 +210,9 @@ def check_later_stages(cfg: DictConfig) -> None:
     """What the RLHF and multimodal stages read and judge with, checked in seconds before pretraining: a prose
     corpus under the python-syntax judge, an unknown judge or a missing multimodal data file stopped the pipeline
     at that stage, after pretraining (and RLHF) had run their minutes."""
+    if cfg.training.init_from:  # its plan times the config's model, and its report is about one trained here
+        raise UserError("the pipeline pretrains from scratch: drop training.init_from (to go on from a checkpoint, "
+                        "run `nanogpt4 pretrain training.init_from=...`, then `nanogpt4 rlhf --pretrained`)")
     check_tokenizer_settings(cfg)  # the first stage's, refused here before the planning's timed steps
     check_tasks(cfg)
     mm = cfg.multimodal

@@ -59,6 +59,8 @@ def size_config(base: DictConfig, dim: int) -> DictConfig:
     ratio ~ the tiny preset's 48)."""
     if dim % WIDTH_STEP or dim <= 0:
         raise UserError(f"sweep widths must be positive multiples of {WIDTH_STEP}, got {dim}")
+    if base.training.init_from:  # it would replace every size with the checkpoint's
+        raise UserError("a scaling sweep trains each size from scratch: drop training.init_from")
     heads = max(h for h in range(1, max(1, dim // HEAD_DIM) + 1) if dim % h == 0)
     layers = max(2, round(dim / 48))
     return OmegaConf.merge(base, {"model": {"dim": dim, "n_heads": heads, "n_kv_heads": None,
