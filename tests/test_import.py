@@ -28,7 +28,7 @@ def save_tokenizer(d, specials):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[-1]).save_pretrained(d)
 
 
-def gpt2_dir(tmp_path, **kw):
+def gpt2_dir(tmp_path, tokenizer=True, **kw):
     """A GPT-2 as transformers makes it (tanh GELU, dropout 0.1), with a byte-level BPE holding <|endoftext|>."""
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=40, **kw)
@@ -39,7 +39,8 @@ def gpt2_dir(tmp_path, **kw):
             block.mlp.c_fc.weight.mul_(30)
             block.mlp.c_proj.weight.mul_(30)
     m.save_pretrained(d)
-    save_tokenizer(d, ["<|endoftext|>"])
+    if tokenizer:
+        save_tokenizer(d, ["<|endoftext|>"])
     return d
 
 
@@ -149,3 +150,13 @@ def test_pretraining_starts_from_an_imported_checkpoint(tmp_path, capsys):
                        *common)
     assert_one_line_error(code, err, "training.init_from takes model.* from its checkpoint (model.dropout aside): "
                                      "drop model.dim")
+
+
+def test_a_model_without_tokenizer_files_is_imported_without_one(tmp_path, capsys):
+    """transformers 5 makes an empty GPT-2 tokenizer for such a directory: written, it encoded text as nothing."""
+    out = tmp_path / "ckpt"
+    src = gpt2_dir(tmp_path, tokenizer=False)
+    capsys.readouterr()
+    code, printed, err = cli(capsys, "import-hf", "--model", src, "--out", out, "--json")
+    assert code == 0 and not json.loads(printed.strip().splitlines()[-1])["tokenizer"]
+    assert "has no tokenizer transformers can load" in err and not (out / "tokenizer.json").exists()

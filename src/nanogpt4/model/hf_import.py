@@ -163,6 +163,8 @@ def import_hf(source: str | Path, cfg: DictConfig, out_dir: str | Path) -> dict:
     hf_model, tok = load_hf(source)
     model, new_cfg = from_hf(hf_model, cfg)
     backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and backend.get_vocab_size(with_added_tokens=False) == 0:
+        backend = None  # transformers 5 makes an empty GPT-2 tokenizer for a directory without tokenizer files
     with atomic_dir(out.resolve()) as tmp:
         save_weights(model, tmp / "model.safetensors", metadata={"imported_from": str(source)})
         (tmp / "config.yaml").write_text(to_yaml(new_cfg), encoding="utf-8")
