@@ -439,3 +439,9 @@ def config_from_yaml_text(text: str) -> DictConfig:
     cfg = _merge(schema, OmegaConf.create(text), "checkpoint config.yaml", schema)
     validate(cfg)
     return cfg
+
+
+def with_weights_model(cfg: DictConfig, model: dict) -> DictConfig:
+    """``cfg`` with the ``model`` section of weights it will load (an import's, ``training.init_from``'s),
+    ``model.dropout`` kept (weights do not fix it), validated as any config is."""
+    return config_from_yaml_text(to_yaml(OmegaConf.merge(cfg, {"model": {**model, "dropout": cfg.model.dropout}})))

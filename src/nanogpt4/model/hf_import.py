@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nanogpt4.config import config_from_yaml_text, to_yaml
+from nanogpt4.config import to_yaml, with_weights_model
 from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
 
@@ -97,8 +97,7 @@ def from_hf(hf_model, cfg: DictConfig) -> tuple[Transformer, DictConfig]:
     """Our Transformer holding ``hf_model``'s weights, and ``cfg`` with its ``model`` section set to match
     (``model.dropout`` kept: weights do not fix it). The logits are checked against the model's own."""
     settings = model_settings(hf_model.config)
-    merged = OmegaConf.merge(cfg, {"model": {**settings, "dropout": cfg.model.dropout}})
-    new_cfg = config_from_yaml_text(to_yaml(merged))  # validated as any config is
+    new_cfg = with_weights_model(cfg, settings)
     model = Transformer(new_cfg).eval()
     sd = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
     n = new_cfg.model.n_layers
@@ -158,7 +157,7 @@ def import_hf(source: str | Path, cfg: DictConfig, out_dir: str | Path) -> dict:
     from nanogpt4.utils import atomic_dir, out_dir_entries
 
     out = Path(out_dir)
-    if out.is_file() or out_dir_entries(out):
+    if out_dir_entries(out):  # (a file there is refused by it)
         raise UserError(f"--out '{out_dir}' is not a new or empty directory; give one (nothing was changed)")
     hf_model, tok = load_hf(source)
     model, new_cfg = from_hf(hf_model, cfg)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt4.config import config_from_yaml_text, to_yaml
+from nanogpt4.config import config_from_yaml_text, to_yaml, with_weights_model
 from nanogpt4.data.loader import TokenWindows
 from nanogpt4.data.prepare import default_data_dir, load_meta, prepare_data
 from nanogpt4.data.tokenizer import Tokenizer
@@ -186,13 +186,12 @@ def init_from_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     ckpt = resolve_stage_checkpoint(cfg.training.init_from)
     refuse_other_models(cfg.training.init_from, ckpt)
     saved = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    changes: dict = {"model": {**OmegaConf.to_container(saved.model), "dropout": cfg.model.dropout}}
     if cfg.data.tokenizer == "bpe":
         if not (ckpt / "tokenizer.json").is_file():
             raise UserError(f"training.init_from '{cfg.training.init_from}' has no tokenizer.json to encode the data "
                             f"with; give data.tokenizer=PATH of the tokenizer its weights were trained with")
-        changes["data"] = {"tokenizer": str(ckpt / "tokenizer.json")}
-    return config_from_yaml_text(to_yaml(OmegaConf.merge(cfg, changes))), ckpt
+        cfg = OmegaConf.merge(cfg, {"data": {"tokenizer": str(ckpt / "tokenizer.json")}})
+    return with_weights_model(cfg, OmegaConf.to_container(saved.model)), ckpt
 
 
 def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
