@@ -12,6 +12,7 @@ import torch
 
 from nanogpt4.data.tokenizer import CHAT_TEMPLATE, END, EOT, PAD, BPETokenizer, Tokenizer
 from nanogpt4.errors import UserError
+from nanogpt4.model.hf_layout import hf_layout, to_hf_tensors
 from nanogpt4.model.transformer import Transformer
 from nanogpt4.utils import atomic_dir, some_names
 
@@ -49,66 +50,26 @@ def exported_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _gpt2(model: Transformer, special: dict):
+def _gpt2_model(c, special: dict):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    c = model.cfg
-    hf_cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.dim, n_layer=c.n_layers,
-                        n_head=c.n_heads, layer_norm_epsilon=c.norm_eps,
-                        activation_function="gelu_pytorch_tanh" if c.mlp == "gelu_tanh" else "gelu",
-                        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-                        tie_word_embeddings=c.tie_embeddings, **special)
-    sd = exported_state_dict(model)
-
-    def bias(name: str, size: int) -> torch.Tensor:
-        return sd.get(name, torch.zeros(size))
-
-    out = {"transformer.wte.weight": sd["token_embed.weight"], "transformer.wpe.weight": sd["pos_embed.weight"],
-           "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": bias("ln_f.bias", c.dim),
-           "lm_head.weight": sd["head.weight"]}
-    for i in range(c.n_layers):
-        p, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
-            out[h + theirs + ".weight"] = sd[p + ours + ".weight"]
-            out[h + theirs + ".bias"] = bias(p + ours + ".bias", c.dim)
-        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                             ("ff.fc", "mlp.c_fc"), ("ff.proj", "mlp.c_proj")):
-            w = sd[p + ours + ".weight"]
-            out[h + theirs + ".weight"] = w.t().contiguous()  # GPT-2's Conv1D stores (in, out)
-            out[h + theirs + ".bias"] = bias(p + ours + ".bias", w.size(0))
-    return GPT2LMHeadModel(hf_cfg), out
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.dim, n_layer=c.n_layers, n_head=c.n_heads,
+        layer_norm_epsilon=c.norm_eps, activation_function="gelu_pytorch_tanh" if c.mlp == "gelu_tanh" else "gelu",
+        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_embeddings,
+        **special))
 
 
-def _llama(model: Transformer, special: dict):
+def _llama_model(model: Transformer, special: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.cfg
-    n_kv = c.n_kv_heads or c.n_heads
-    hd = c.dim // c.n_heads
-    hidden = model.blocks[0].ff.proj.in_features
-    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=hidden,
-                         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=n_kv,
-                         head_dim=hd, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-                         rope_theta=c.rope_theta, attention_bias=c.bias, mlp_bias=c.bias, hidden_act="silu",
-                         tie_word_embeddings=c.tie_embeddings, attention_dropout=c.dropout, **special)
-    sd = exported_state_dict(model)
-    out = {"model.embed_tokens.weight": sd["token_embed.weight"], "model.norm.weight": sd["ln_f.weight"],
-           "lm_head.weight": sd["head.weight"]}
-    sizes = [c.n_heads * hd, n_kv * hd, n_kv * hd]
-    for i in range(c.n_layers):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out[h + "input_layernorm.weight"] = sd[p + "ln1.weight"]
-        out[h + "post_attention_layernorm.weight"] = sd[p + "ln2.weight"]
-        for suffix in ("weight", "bias") if c.bias else ("weight",):
-            for name, t in zip(("q_proj", "k_proj", "v_proj"), sd[p + "attn.qkv." + suffix].split(sizes),
-                               strict=True):
-                out[h + f"self_attn.{name}.{suffix}"] = t.contiguous()
-            out[h + f"self_attn.o_proj.{suffix}"] = sd[p + "attn.proj." + suffix]
-            gate, up = sd[p + "ff.fc." + suffix].chunk(2, dim=0)
-            out[h + f"mlp.gate_proj.{suffix}"] = gate.contiguous()
-            out[h + f"mlp.up_proj.{suffix}"] = up.contiguous()
-            out[h + f"mlp.down_proj.{suffix}"] = sd[p + "ff.proj." + suffix]
-    return LlamaForCausalLM(hf_cfg), out
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=model.blocks[0].ff.proj.in_features,
+        num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads or c.n_heads,
+        head_dim=c.dim // c.n_heads, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, attention_bias=c.bias, mlp_bias=c.bias, hidden_act="silu",
+        tie_word_embeddings=c.tie_embeddings, attention_dropout=c.dropout, **special))
 
 
 def to_hf(model: Transformer, tokenizer: Tokenizer | None = None):
@@ -121,7 +82,10 @@ def to_hf(model: Transformer, tokenizer: Tokenizer | None = None):
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer is not None:
         special = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id}
-    hf_model, tensors = (_gpt2 if arch == "gpt2" else _llama)(model, special)
+    hf_model = _gpt2_model(model.cfg, special) if arch == "gpt2" else _llama_model(model, special)
+    hf_shapes = {k: v.shape for k, v in hf_model.state_dict().items()}
+    tensors = to_hf_tensors(exported_state_dict(model), hf_layout(arch, model.cfg.n_layers, model.cfg.bias),
+                            hf_shapes)
     missing, unexpected = hf_model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith("attn.bias") and not k.endswith("masked_bias")]
     if missing or unexpected:

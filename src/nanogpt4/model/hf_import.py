@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from nanogpt4.config import to_yaml, with_weights_model
 from nanogpt4.errors import UserError
+from nanogpt4.model.hf_layout import from_hf_tensors, hf_layout
 from nanogpt4.model.transformer import Transformer
 
 GPT2_GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
@@ -62,37 +63,6 @@ def model_settings(hf_cfg) -> dict:
     raise _refuse(f"model_type {kind!r}")
 
 
-def _gpt2_state(sd: dict, n_layers: int) -> dict[str, torch.Tensor]:
-    out = {"token_embed.weight": sd["transformer.wte.weight"], "pos_embed.weight": sd["transformer.wpe.weight"],
-           "ln_f.weight": sd["transformer.ln_f.weight"], "ln_f.bias": sd["transformer.ln_f.bias"],
-           "head.weight": sd.get("lm_head.weight", sd["transformer.wte.weight"])}
-    for i in range(n_layers):
-        p, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
-            for suffix in ("weight", "bias"):
-                out[f"{p}{ours}.{suffix}"] = sd[f"{h}{theirs}.{suffix}"]
-        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                             ("ff.fc", "mlp.c_fc"), ("ff.proj", "mlp.c_proj")):
-            out[f"{p}{ours}.weight"] = sd[f"{h}{theirs}.weight"].t()  # GPT-2's Conv1D stores (in, out)
-            out[f"{p}{ours}.bias"] = sd[f"{h}{theirs}.bias"]
-    return out
-
-
-def _llama_state(sd: dict, n_layers: int, bias: bool) -> dict[str, torch.Tensor]:
-    out = {"token_embed.weight": sd["model.embed_tokens.weight"], "ln_f.weight": sd["model.norm.weight"],
-           "head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])}
-    for i in range(n_layers):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out[p + "ln1.weight"] = sd[h + "input_layernorm.weight"]
-        out[p + "ln2.weight"] = sd[h + "post_attention_layernorm.weight"]
-        for suffix in ("weight", "bias") if bias else ("weight",):
-            out[f"{p}attn.qkv.{suffix}"] = torch.cat([sd[f"{h}self_attn.{n}_proj.{suffix}"] for n in "qkv"])
-            out[f"{p}attn.proj.{suffix}"] = sd[f"{h}self_attn.o_proj.{suffix}"]
-            out[f"{p}ff.fc.{suffix}"] = torch.cat([sd[f"{h}mlp.gate_proj.{suffix}"], sd[f"{h}mlp.up_proj.{suffix}"]])
-            out[f"{p}ff.proj.{suffix}"] = sd[f"{h}mlp.down_proj.{suffix}"]
-    return out
-
-
 def from_hf(hf_model, cfg: DictConfig) -> tuple[Transformer, DictConfig]:
     """Our Transformer holding ``hf_model``'s weights, and ``cfg`` with its ``model`` section set to match
     (``model.dropout`` kept: weights do not fix it). The logits are checked against the model's own."""
@@ -100,9 +70,9 @@ def from_hf(hf_model, cfg: DictConfig) -> tuple[Transformer, DictConfig]:
     new_cfg = with_weights_model(cfg, settings)
     model = Transformer(new_cfg).eval()
     sd = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
-    n = new_cfg.model.n_layers
-    state = _gpt2_state(sd, n) if settings["pos_embedding"] == "learned" else _llama_state(sd, n, settings["bias"])
-    missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    arch = "gpt2" if settings["pos_embedding"] == "learned" else "llama"
+    state = from_hf_tensors(sd, hf_layout(arch, settings["n_layers"], settings["bias"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "head.weight" and new_cfg.model.tie_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"HF import mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
