@@ -160,6 +160,22 @@ def test_commands_that_train_from_scratch_refuse_init_from(argv, needle, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["override", "config file"])
+def test_pretraining_from_a_checkpoint_refuses_model_settings_before_judging_them(where, tmp_path, capsys):
+    """model.* under training.init_from would be dropped for the checkpoint's: refused as such, not judged by the
+    config's checks first (model.dim=7 is no multiple of the heads), wherever init_from is set."""
+    if where == "override":
+        source = ["training.init_from=runs/some-run"]
+    else:
+        (tmp_path / "mine.yaml").write_text("training:\n  init_from: runs/some-run\n")
+        source = ["--config", tmp_path / "mine.yaml"]
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "pretrain", "--out", out, *source, "model.dim=7", "model.dropout=0.1")
+    assert_one_line_error(code, err, "training.init_from takes model.* from its checkpoint (model.dropout aside): "
+                                     "drop model.dim")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["prepare", "pipeline"])
 def test_a_bpe_vocabulary_too_small_is_refused_before_the_corpus_is_read(command, tmp_path, capsys, monkeypatch):
     """It was refused once the BPE trainer started: after reading the corpus (stdlib: seconds), and in the

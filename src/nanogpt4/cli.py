@@ -80,12 +80,12 @@ def cmd_pretrain(args) -> int:
             raise UserError("--resume needs --out RUN_DIR, the run to continue")
         cfg = resume_config(args.out, _overrides_with_flags(args))
     else:
-        given = [o.split("=", 1)[0].strip() for o in args.overrides]
-        if "training.init_from" in given:  # before the config's checks, which would judge the dropped keys
+        from nanogpt4.config import load_config, validate
+
+        cfg = load_config(args.config, _overrides_with_flags(args), check=False)
+        if cfg.training.init_from:  # before the config's checks, which would judge the model.* it drops
             refuse_model_overrides(args.overrides, "training.init_from takes model.* from its checkpoint")
-        cfg = _load(args)
-        if cfg.training.init_from:  # set in a config file
-            refuse_model_overrides(args.overrides, "training.init_from takes model.* from its checkpoint")
+        validate(cfg)
     out = args.out or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
     try:
         summary = pretrain(cfg, out, resume=args.resume, progress=_progress())

@@ -290,8 +290,10 @@ def _config_files(path: str | os.PathLike, beside: Path | None = None,
     return [*_config_files(parent, p.parent, (*chain, p.resolve())), (p, loaded)]
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Load a YAML config (or a preset name) over the typed defaults, apply ``key=value`` overrides."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                check: bool = True) -> DictConfig:
+    """Load a YAML config (or a preset name) over the typed defaults, apply ``key=value`` overrides, and
+    (``check``) validate the result: a caller that replaces a section first validates after it."""
     schema = OmegaConf.structured(Config)
     cfg = schema
     for p, loaded in _config_files(path) if path is not None else []:
@@ -306,7 +308,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         except Exception as e:
             raise UserError(f"cannot parse override '{item}': {str(e).splitlines()[0]}") from None
         cfg = _merge(cfg, dotlist, f"override '{item}'", schema)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
