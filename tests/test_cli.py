@@ -171,8 +171,8 @@ def test_pretraining_from_a_checkpoint_refuses_model_settings_before_judging_the
         source = ["--config", tmp_path / "mine.yaml"]
     out = tmp_path / "run"
     code, _, err = cli(capsys, "pretrain", "--out", out, *source, "model.dim=7", "model.dropout=0.1")
-    assert_one_line_error(code, err, "training.init_from takes model.* from its checkpoint (model.dropout aside): "
-                                     "drop model.dim")
+    assert_one_line_error(code, err, "training.init_from takes model.* from its checkpoint (model.dropout and "
+                                     "model.max_seq_len aside): drop model.dim")
     assert not out.exists()
 
 

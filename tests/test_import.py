@@ -126,15 +126,20 @@ def test_what_cannot_be_imported_is_refused_in_one_line(case, needle, tmp_path, 
     assert (out / "notes.txt").read_text() == "mine" if case == "taken-out" else not out.exists()
 
 
+def one_step_at_a_tiny_lr(tmp_path) -> list[str]:
+    """Overrides for one pretraining step at lr 1e-9 on a small corpus: the weights stay the loaded ones."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(2000)))
+    return [f"data.source=text:{text}", f"data.dir={tmp_path / 'data'}", "training.batch_size=4",
+            "training.learning_rate=1e-9", "training.warmup_steps=1", "training.eval_interval=1",
+            "training.eval_iters=1", "training.sample_tokens=0", "training.max_steps=1"]
+
+
 def test_pretraining_starts_from_an_imported_checkpoint(tmp_path, capsys):
     """training.init_from: the checkpoint's architecture, tokenizer and weights, then training as any run."""
     ckpt = tmp_path / "ckpt"
     assert main(["import-hf", "--model", str(gpt2_dir(tmp_path)), "--out", str(ckpt)]) == 0
-    text = tmp_path / "corpus.txt"
-    text.write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(2000)))
-    common = [f"data.source=text:{text}", f"data.dir={tmp_path / 'data'}", "training.batch_size=4",
-              "training.learning_rate=1e-9", "training.warmup_steps=1", "training.eval_interval=1",
-              "training.eval_iters=1", "training.sample_tokens=0", "training.max_steps=1"]
+    common = one_step_at_a_tiny_lr(tmp_path)
     run = tmp_path / "run"
     code, _, err = cli(capsys, "pretrain", "--out", run, f"training.init_from={ckpt}", *common)
     assert code == 0, err
@@ -148,8 +153,38 @@ def test_pretraining_starts_from_an_imported_checkpoint(tmp_path, capsys):
     assert code == 0 and json.loads(printed.strip().splitlines()[-1])["steps"] == 2, err
     code, _, err = cli(capsys, "pretrain", "--out", tmp_path / "other", f"training.init_from={run}", "model.dim=32",
                        *common)
-    assert_one_line_error(code, err, "training.init_from takes model.* from its checkpoint (model.dropout aside): "
-                                     "drop model.dim")
+    assert_one_line_error(code, err, "training.init_from takes model.* from its checkpoint (model.dropout and "
+                                     "model.max_seq_len aside): drop model.dim")
+
+
+@pytest.mark.parametrize("layout", ["gpt2", "llama"])
+def test_pretraining_from_a_checkpoint_at_another_context(layout, tmp_path, capsys):
+    """model.max_seq_len under training.init_from (nanoGPT's crop_block_size): a learned position table keeps
+    its first rows, and cannot grow (refused, nothing written); RoPE holds any length."""
+    ckpt = tmp_path / "ckpt"
+    source = gpt2_dir(tmp_path) if layout == "gpt2" else llama_dir(tmp_path)
+    assert main(["import-hf", "--model", str(source), "--out", str(ckpt)]) == 0
+    context = 16 if layout == "gpt2" else 64  # the checkpoint's: 40
+    run = tmp_path / "run"
+    code, printed, err = cli(capsys, "pretrain", "--out", run, f"training.init_from={ckpt}",
+                             f"model.max_seq_len={context}", *one_step_at_a_tiny_lr(tmp_path))
+    assert code == 0, err
+    assert f"context 40 -> {context} tokens (model.max_seq_len)" in printed
+    trained, cfg, _ = load_model(run)
+    start, _, _ = load_model(ckpt)
+    assert cfg.model.max_seq_len == context
+    for name, weight in start.state_dict().items():
+        expected = weight[:context] if name == "pos_embed.weight" else weight
+        torch.testing.assert_close(trained.state_dict()[name], expected, atol=1e-6, rtol=0)
+    code, printed, err = cli(capsys, "pretrain", "--out", run, "--resume", "training.max_steps=2", "--json")
+    assert code == 0 and json.loads(printed.strip().splitlines()[-1])["steps"] == 2, err
+    if layout == "gpt2":
+        longer = tmp_path / "longer"
+        code, _, err = cli(capsys, "pretrain", "--out", longer, f"training.init_from={ckpt}", "model.max_seq_len=41",
+                           *one_step_at_a_tiny_lr(tmp_path))
+        assert_one_line_error(code, err, "model.max_seq_len=41 is longer than training.init_from's learned position "
+                                         "table (40 positions); give at most 40")
+        assert not longer.exists()
 
 
 def test_a_model_without_tokenizer_files_is_imported_without_one(tmp_path, capsys):

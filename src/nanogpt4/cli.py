@@ -63,18 +63,22 @@ def cmd_prepare(args) -> int:
     return _finish(args, meta)
 
 
-def refuse_model_overrides(overrides: list[str], why: str) -> None:
-    """Where the weights fix the architecture, a model.* override (model.dropout aside) would be dropped."""
-    fixed = [k for k in (o.split("=", 1)[0].strip() for o in overrides)
-             if k.startswith("model.") and k != "model.dropout"]
+def override_keys(overrides: list[str]) -> list[str]:
+    return [o.split("=", 1)[0].strip() for o in overrides]
+
+
+def refuse_model_overrides(overrides: list[str], why: str, allowed: tuple[str, ...] = ("model.dropout",)) -> None:
+    """Where the weights fix the architecture, a model.* override (``allowed`` aside) would be dropped."""
+    fixed = [k for k in override_keys(overrides) if k.startswith("model.") and k not in allowed]
     if fixed:
-        raise UserError(f"{why} (model.dropout aside): drop {', '.join(fixed)}")
+        raise UserError(f"{why} ({' and '.join(allowed)} aside): drop {', '.join(fixed)}")
 
 
 def cmd_pretrain(args) -> int:
     from nanogpt4.train.distributed import rank_zero_or_alone
     from nanogpt4.train.pretrain import pretrain, resume_config
 
+    init_context = None
     if args.resume:
         if args.out is None:
             raise UserError("--resume needs --out RUN_DIR, the run to continue")
@@ -84,11 +88,14 @@ def cmd_pretrain(args) -> int:
 
         cfg = load_config(args.config, _overrides_with_flags(args), check=False)
         if cfg.training.init_from:  # before the config's checks, which would judge the model.* it drops
-            refuse_model_overrides(args.overrides, "training.init_from takes model.* from its checkpoint")
+            refuse_model_overrides(args.overrides, "training.init_from takes model.* from its checkpoint",
+                                   allowed=("model.dropout", "model.max_seq_len"))
+            if "model.max_seq_len" in override_keys(args.overrides):
+                init_context = cfg.model.max_seq_len
         validate(cfg)
     out = args.out or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
     try:
-        summary = pretrain(cfg, out, resume=args.resume, progress=_progress())
+        summary = pretrain(cfg, out, resume=args.resume, progress=_progress(), init_context=init_context)
     except (KeyboardInterrupt, TrainingStopped, DiskFull, OSError) as e:
         from nanogpt4.train.checkpoint import latest_checkpoint
         from nanogpt4.utils import disk_full

@@ -72,13 +72,17 @@ def is_multimodal(ckpt: Path) -> bool:
     return any(k.startswith("projector.") for k in tensor_names(Path(ckpt) / "model.safetensors"))
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load safetensors weights, naming the first missing/unexpected/mis-shaped tensor on mismatch."""
+def load_weights(model: nn.Module, path: Path, crop_positions: bool = False) -> None:
+    """Load safetensors weights, naming the first missing/unexpected/mis-shaped tensor on mismatch.
+    ``crop_positions``: a longer learned position table than the model's keeps its first rows."""
     try:
         tensors = load_file(str(path))
     except Exception as e:
         raise _unreadable(path, str(e)) from None
     expected = model_tensors(model)
+    table = tensors.get("pos_embed.weight")
+    if crop_positions and table is not None and "pos_embed.weight" in expected:
+        tensors["pos_embed.weight"] = table[:expected["pos_embed.weight"].shape[0]]
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:

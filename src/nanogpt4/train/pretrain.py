@@ -179,10 +179,13 @@ def data_passes_note(train_tokens: int, tc: DictConfig, seq_len: int) -> str:
     return note
 
 
-def init_from_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+def init_from_config(cfg: DictConfig, context: int | None = None) -> tuple[DictConfig, Path, str | None]:
     """``cfg`` for a run that starts from ``training.init_from``'s weights: that checkpoint's ``model`` section
     (``model.dropout`` kept: weights do not fix it) and, where ``data.tokenizer`` is the default ``bpe``, its
-    tokenizer.json (the embeddings' meanings); and the checkpoint directory."""
+    tokenizer.json (the embeddings' meanings); the checkpoint directory; a line on a changed context, if any.
+
+    ``context``: train at another ``model.max_seq_len`` than the checkpoint's (nanoGPT's ``crop_block_size``):
+    a learned position table keeps its first ``context`` rows, so it can only shorten; RoPE holds any length."""
     ckpt = resolve_stage_checkpoint(cfg.training.init_from)
     refuse_other_models(cfg.training.init_from, ckpt)
     saved = config_from_yaml_text((ckpt / "config.yaml").read_text(encoding="utf-8"))
@@ -191,16 +194,27 @@ def init_from_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
             raise UserError(f"training.init_from '{cfg.training.init_from}' has no tokenizer.json to encode the data "
                             f"with; give data.tokenizer=PATH of the tokenizer its weights were trained with")
         cfg = OmegaConf.merge(cfg, {"data": {"tokenizer": str(ckpt / "tokenizer.json")}})
-    return with_weights_model(cfg, OmegaConf.to_container(saved.model)), ckpt
+    model = OmegaConf.to_container(saved.model)
+    note = None
+    if context is not None and context != model["max_seq_len"]:
+        if model["pos_embedding"] == "learned" and context > model["max_seq_len"]:
+            raise UserError(f"model.max_seq_len={context} is longer than training.init_from's learned position "
+                            f"table ({model['max_seq_len']} positions); give at most {model['max_seq_len']}")
+        note = (f"training.init_from: context {model['max_seq_len']} -> {context} tokens (model.max_seq_len)"
+                + (", its position table cropped" if model["pos_embedding"] == "learned" else ""))
+        model["max_seq_len"] = context
+    return with_weights_model(cfg, model), ckpt, note
 
 
 def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-             log=print) -> dict:
+             log=print, init_context: int | None = None) -> dict:
+    """Train ``cfg``'s model into ``run_dir`` (or go on with it, ``resume``). ``init_context``: the context to
+    train ``training.init_from``'s weights at, where it is not theirs (``init_from_config``)."""
     t_wall = time.time()
     run_dir = Path(run_dir)
-    init_ckpt = None
+    init_ckpt = context_note = None
     if cfg.training.init_from and not resume:  # a resumed run has its config already, and its own weights
-        cfg, init_ckpt = init_from_config(cfg)
+        cfg, init_ckpt, context_note = init_from_config(cfg, init_context)
     # a rank that fails mid-training leaves at once: waiting for the others at a barrier, it would be met by
     # their next gradient all-reduce instead
     with process_group(resolve_device(cfg.device), wait_on_error=False) as (info, device):
@@ -229,13 +243,15 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
         torch.manual_seed(cfg.seed)
         model = Transformer(cfg).to(device)
         if init_ckpt is not None:
-            load_weights(model, init_ckpt / "model.safetensors")
+            load_weights(model, init_ckpt / "model.safetensors", crop_positions=True)
         dtype = resolve_dtype(tc.dtype, device)
         fpt = model.flops_per_token(T)
         n_params = model.num_parameters()
         log(f"model: {n_params / 1e6:.2f}M parameters ({model.num_parameters(True) / 1e6:.2f}M non-embedding), "
             f"{fpt / 1e6:.1f} MFLOP/token, device {device}, {str(dtype).replace('torch.', '')}"
             + (f", {info.world_size} ranks" if info.enabled else ""))
+        if context_note:
+            log(context_note)
         log(data_passes_note(meta["train_tokens"], tc, T))
         if info.is_main:
             if not resume:  # made once its data has windows for a batch: bad input leaves no run directory behind
