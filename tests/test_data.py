@@ -175,6 +175,27 @@ def test_prompts_start_a_document_and_samples_end_at_its_end(corpus_dir):
     assert tok.continuation_text(ids[-3:], ids[-3:] + tok.encode(" pass")) == tok.decode(ids[-3:]) + " pass"
 
 
+@pytest.mark.parametrize("specials,start,end", [(["<s>", "</s>"], "<s>", "</s>"),  # Llama 2's
+                                                 (["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>",
+                                                  "<|end_of_text|>"),  # Llama 3's
+                                                 (["<|endoftext|>", "<s>"], "<|endoftext|>", "<|endoftext|>")])
+def test_a_tokenizer_with_its_own_start_token_starts_prompts_with_it(specials, start, end):
+    """An imported model's tokenizer without <|endoftext|>: documents (and so prompts) start with its start
+    token, as its model was trained to see, and end with its end token; with <|endoftext|>, EOT does both."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator(["def f(x):\n    return x\n"] * 20, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = BPETokenizer(hf)
+    assert tok.doc_start_id == tok.token_id(start) and tok.eot_id == tok.token_id(end)
+    ids = tok.prompt_ids("def f(")
+    assert ids == [tok.token_id(start)] + tok.encode("def f(")
+    assert tok.continuation_text(ids, ids + tok.encode("x):") + [tok.eot_id]) == "def f(x):"
+
+
 def test_tiktoken_wrapper_on_a_local_encoding():
     tiktoken = pytest.importorskip("tiktoken")
     ranks = {bytes([i]): i for i in range(256)}

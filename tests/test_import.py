@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,8 +80,23 @@ def test_imported_logits_and_greedy_tokens_equal_the_transformers_model(kind, tm
     assert cfg.model.dropout == 0.0  # the config's, not GPT-2's 0.1: weights do not fix it
     # the imported tokenizer's own end of text ends and pads samples (</s> for Llama 2's), through the CLI
     assert tok is not None and tok.eot_id == tok.pad_id == (0 if kind == "gpt2" else 1)
+    # and a prompt starts as its documents did: after <|endoftext|> for GPT-2, with <s> for Llama
+    assert tok.prompt_ids("def f(")[0] == (tok.eot_id if kind == "gpt2" else tok.token_id("<s>"))
     code, printed, _ = cli(capsys, "sample", "--run", out, "--prompt", "def f(", "--max-new-tokens", "5")
     assert code == 0 and printed.startswith("def f(")
+
+
+def test_an_imported_llama_exports_with_its_own_special_tokens(tmp_path, capsys):
+    """export-hf named nanogpt4's <|endoftext|> and <|pad|> as the tokenizer's bos/eos/pad: for an imported
+    Llama's tokenizer, which has neither, transformers added them as two new tokens the model never saw."""
+    src = llama_dir(tmp_path)
+    assert main(["import-hf", "--model", str(src), "--out", str(tmp_path / "ckpt")]) == 0
+    assert main(["export-hf", "--run", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    before, after = (transformers.AutoTokenizer.from_pretrained(d) for d in (src, tmp_path / "hf"))
+    assert len(after) == len(before) and after("def f(x):")["input_ids"] == before("def f(x):")["input_ids"]
+    assert (after.bos_token, after.eos_token, after.pad_token) == ("<s>", "</s>", "</s>")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 1, 1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -178,6 +194,11 @@ def test_pretraining_from_a_checkpoint_at_another_context(layout, tmp_path, caps
         torch.testing.assert_close(trained.state_dict()[name], expected, atol=1e-6, rtol=0)
     code, printed, err = cli(capsys, "pretrain", "--out", run, "--resume", "training.max_steps=2", "--json")
     assert code == 0 and json.loads(printed.strip().splitlines()[-1])["steps"] == 2, err
+    if layout == "llama":  # its tokenizer's documents run <s> ... </s>, as Llama's training data did
+        tokens = np.fromfile(next((tmp_path / "data").rglob("train.bin")), dtype=np.uint16).tolist()
+        starts = [i for i, t in enumerate(tokens) if t == 0]
+        assert starts and starts[0] == 0 and all(tokens[i - 1] == 1 for i in starts[1:])
+        assert tokens.count(0) == tokens.count(1)
     if layout == "gpt2":
         longer = tmp_path / "longer"
         code, _, err = cli(capsys, "pretrain", "--out", longer, f"training.init_from={ckpt}", "model.max_seq_len=41",

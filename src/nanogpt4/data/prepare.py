@@ -76,7 +76,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _encode_split(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dtype, desc: str, progress: bool) -> int:
-    """Encode documents in batches (``tokenizers`` parallelises each batch), EOT after each document."""
+    """Encode documents in batches (``tokenizers`` parallelises each batch), EOT after each document (and a
+    tokenizer's own start token, if it has one, before it)."""
     n_tokens = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as f, \
             tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress, leave=False) as bar:
@@ -84,6 +85,8 @@ def _encode_split(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dtype, 
             batch = docs[i:i + ENCODE_BATCH_DOCS]
             flat: list[int] = []
             for ids in tok.encode_batch(batch):
+                if tok.bos_id is not None:
+                    flat.append(tok.bos_id)
                 flat.extend(ids)
                 flat.append(tok.eot_id)
             np.asarray(flat, dtype=dtype).tofile(f)

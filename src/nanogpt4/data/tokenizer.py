@@ -23,6 +23,7 @@ ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
 END = "<|end|>"
 SPECIAL_TOKENS = [EOT, PAD, IMAGE, *ROLE_TOKENS.values(), END]
 FOREIGN_END_TOKENS = ("</s>", "<|end_of_text|>", "<eos>")  # Llama 2's, Llama 3's, Gemma's end of text
+FOREIGN_START_TOKENS = ("<s>", "<|begin_of_text|>", "<bos>")  # and their start of text
 # the same template for Hugging Face's ``apply_chat_template`` (written by ``export-hf``)
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '" + END
                  + "' }}{% endfor %}{% if add_generation_prompt %}{{ '" + ROLE_TOKENS["assistant"] + "' }}{% endif %}")
@@ -35,6 +36,7 @@ class Tokenizer:
     vocab_size: int
     eot_id: int
     pad_id: int
+    bos_id: int | None = None  # a start-of-text token apart from EOT (an imported Llama's <s>); ours has none
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -45,18 +47,24 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    @property
+    def doc_start_id(self) -> int:
+        """What a document follows: EOT, as `prepare` puts it between documents; a tokenizer with a start token
+        of its own (an imported Llama's ``<s>``) starts them with it, as its model was trained to see."""
+        return self.eot_id if self.bos_id is None else self.bos_id
+
     def prompt_ids(self, prompt: str) -> list[int]:
-        """A prompt as the start of a document: EOT first, as `prepare` puts it between documents. Without it the
-        model reads the prompt's first token as an arbitrary position inside a file (training windows start
-        anywhere): the tiny preset's greedy continuation of a bare "def" is "def", after EOT it is " test"."""
-        return [self.eot_id] + self.encode(prompt)
+        """A prompt as the start of a document (``doc_start_id`` first). Without it the model reads the prompt's
+        first token as an arbitrary position inside a file (training windows start anywhere): the tiny preset's
+        greedy continuation of a bare "def" is "def", after EOT it is " test"."""
+        return [self.doc_start_id] + self.encode(prompt)
 
     def continuation_text(self, prompt_ids: list[int], row: list[int]) -> str:
         """The prompt and what the model wrote after it, up to the document's end (the next EOT)."""
         new = list(row[len(prompt_ids):])
         if self.eot_id in new:
             new = new[:new.index(self.eot_id)]
-        start = 1 if prompt_ids[:1] == [self.eot_id] else 0
+        start = 1 if prompt_ids[:1] == [self.doc_start_id] else 0
         return self.decode(list(prompt_ids[start:]) + new)
 
     def token_id(self, token: str) -> int | None:
@@ -88,6 +96,8 @@ class BPETokenizer(Tokenizer):
         self.eot_id = next((i for i in map(tok.token_to_id, (EOT, *FOREIGN_END_TOKENS)) if i is not None), None)
         pad = tok.token_to_id(PAD)
         self.pad_id = pad if pad is not None else self.eot_id
+        if tok.token_to_id(EOT) is None:
+            self.bos_id = next((i for i in map(tok.token_to_id, FOREIGN_START_TOKENS) if i is not None), None)
 
     @staticmethod
     def check_vocab_size(vocab_size: int) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from nanogpt4.data.tokenizer import CHAT_TEMPLATE, END, EOT, PAD, BPETokenizer, Tokenizer
+from nanogpt4.data.tokenizer import CHAT_TEMPLATE, END, BPETokenizer, Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.model.hf_layout import hf_layout, to_hf_tensors
 from nanogpt4.model.transformer import Transformer
@@ -81,7 +81,8 @@ def to_hf(model: Transformer, tokenizer: Tokenizer | None = None):
         raise UserError("export-hf needs transformers: pip install 'nanogpt4[hf]'") from None
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer is not None:
-        special = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id}
+        special = {"bos_token_id": tokenizer.doc_start_id, "eos_token_id": tokenizer.eot_id,
+                   "pad_token_id": tokenizer.pad_id}
     hf_model = _gpt2_model(model.cfg, special) if arch == "gpt2" else _llama_model(model, special)
     hf_shapes = {k: v.shape for k, v in hf_model.state_dict().items()}
     tensors = to_hf_tensors(exported_state_dict(model), hf_layout(arch, model.cfg.n_layers, model.cfg.bias),
@@ -112,8 +113,12 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
         if isinstance(tokenizer, BPETokenizer):
             from transformers import PreTrainedTokenizerFast
 
-            fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, bos_token=EOT, eos_token=EOT,
-                                           pad_token=PAD, model_max_length=model.cfg.max_seq_len)
+            # its own special tokens by id: an imported Llama's are <s>, </s>, and </s> for padding; naming ours
+            # (<|endoftext|>, <|pad|>) there added them as new tokens the model never saw
+            name = tokenizer.tok.id_to_token
+            fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, bos_token=name(tokenizer.doc_start_id),
+                                           eos_token=name(tokenizer.eot_id), pad_token=name(tokenizer.pad_id),
+                                           model_max_length=model.cfg.max_seq_len)
             fast.chat_template = CHAT_TEMPLATE  # apply_chat_template writes what `sft --data` trained on
             fast.save_pretrained(tmp)
         # the new directory replaces the old one whole: only an earlier export may be replaced, never a folder
