@@ -194,6 +194,9 @@ def test_a_tokenizer_with_its_own_start_token_starts_prompts_with_it(specials, s
     ids = tok.prompt_ids("def f(")
     assert ids == [tok.token_id(start)] + tok.encode("def f(")
     assert tok.continuation_text(ids, ids + tok.encode("x):") + [tok.eot_id]) == "def f(x):"
+    from nanogpt4.rlhf.data import Example, example_tokens
+
+    assert example_tokens(tok, Example("", "x"))[0] == [tok.token_id(start)]  # SFT's empty prompt
 
 
 def test_tiktoken_wrapper_on_a_local_encoding():

@@ -191,9 +191,10 @@ def code_completion_examples(docs: list[str], n: int, seed: int, prompt_lines: t
 
 
 def example_tokens(tok: Tokenizer, ex: Example) -> tuple[list[int], list[int], list[int]]:
-    """The prompt's tokens (an empty one: the end token), their labels (-100 but on ``ex.replies``) and the
-    response's tokens, the end token included. A chat's replies are encoded apart from the turns around them:
-    with nanogpt4's BPE the same tokens (its role and end markers are special tokens, which split the text)."""
+    """The prompt's tokens (an empty one: the document start, nanogpt4's EOT or an imported model's <s>), their
+    labels (-100 but on ``ex.replies``) and the response's tokens, the end token included. A chat's replies are
+    encoded apart from the turns around them: with nanogpt4's BPE the same tokens (its role and end markers are
+    special tokens, which split the text)."""
     ids, labels, at = [], [], 0
     for start, end in (*ex.replies, (len(ex.prompt), len(ex.prompt))):
         for text, learned in ((ex.prompt[at:start], False), (ex.prompt[start:end], True)):
@@ -202,7 +203,7 @@ def example_tokens(tok: Tokenizer, ex: Example) -> tuple[list[int], list[int], l
             labels += t if learned else [-100] * len(t)
         at = end
     if not ids:
-        ids, labels = [tok.eot_id], [-100]
+        ids, labels = [tok.doc_start_id], [-100]
     return ids, labels, tok.encode(ex.response) + [tok.eot_id]
 
 
