@@ -175,13 +175,8 @@ def test_prompts_start_a_document_and_samples_end_at_its_end(corpus_dir):
     assert tok.continuation_text(ids[-3:], ids[-3:] + tok.encode(" pass")) == tok.decode(ids[-3:]) + " pass"
 
 
-@pytest.mark.parametrize("specials,start,end", [(["<s>", "</s>"], "<s>", "</s>"),  # Llama 2's
-                                                 (["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>",
-                                                  "<|end_of_text|>"),  # Llama 3's
-                                                 (["<|endoftext|>", "<s>"], "<|endoftext|>", "<|endoftext|>")])
-def test_a_tokenizer_with_its_own_start_token_starts_prompts_with_it(specials, start, end):
-    """An imported model's tokenizer without <|endoftext|>: documents (and so prompts) start with its start
-    token, as its model was trained to see, and end with its end token; with <|endoftext|>, EOT does both."""
+def tokenizer_with(specials: list[str]) -> BPETokenizer:
+    """A small byte-level BPE whose only special tokens are ``specials`` (an imported model's, say)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -189,7 +184,17 @@ def test_a_tokenizer_with_its_own_start_token_starts_prompts_with_it(specials, s
     hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     hf.train_from_iterator(["def f(x):\n    return x\n"] * 20, trainers.BpeTrainer(
         vocab_size=280, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = BPETokenizer(hf)
+    return BPETokenizer(hf)
+
+
+@pytest.mark.parametrize("specials,start,end", [(["<s>", "</s>"], "<s>", "</s>"),  # Llama 2's
+                                                 (["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>",
+                                                  "<|end_of_text|>"),  # Llama 3's
+                                                 (["<|endoftext|>", "<s>"], "<|endoftext|>", "<|endoftext|>")])
+def test_a_tokenizer_with_its_own_start_token_starts_prompts_with_it(specials, start, end):
+    """An imported model's tokenizer without <|endoftext|>: documents (and so prompts) start with its start
+    token, as its model was trained to see, and end with its end token; with <|endoftext|>, EOT does both."""
+    tok = tokenizer_with(specials)
     assert tok.doc_start_id == tok.token_id(start) and tok.eot_id == tok.token_id(end)
     ids = tok.prompt_ids("def f(")
     assert ids == [tok.token_id(start)] + tok.encode("def f(")
@@ -197,6 +202,25 @@ def test_a_tokenizer_with_its_own_start_token_starts_prompts_with_it(specials, s
     from nanogpt4.rlhf.data import Example, example_tokens
 
     assert example_tokens(tok, Example("", "x"))[0] == [tok.token_id(start)]  # SFT's empty prompt
+
+
+def test_data_prepared_before_documents_had_a_start_token_is_rebuilt(corpus_dir, tmp_path):
+    """With a Llama-like tokenizer file, documents run <s> ... </s>; data prepared before that (a meta.json
+    without bos_id, shards without <s>) was reused as up to date."""
+    given = tmp_path / "llama.json"
+    tokenizer_with(["<s>", "</s>"]).save(given)
+    cfg = load_config("tiny", small_overrides(corpus_dir, tmp_path / "d", **{"data.tokenizer": str(given)}))
+    meta = prepare_data(cfg, tmp_path / "d", progress=False, log=lambda _m: None)
+    train = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
+    assert meta["bos_id"] == 0 and train[0] == 0 and (train == 0).sum() == (train == 1).sum() == meta["train_docs"]
+    old = {k: v for k, v in meta.items() if k != "bos_id"}  # as written before
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(old))
+    logs: list[str] = []
+    assert prepare_data(cfg, tmp_path / "d", progress=False, log=logs.append)["bos_id"] == 0
+    assert not any("up to date" in m for m in logs)
+    logs.clear()
+    prepare_data(cfg, tmp_path / "d", progress=False, log=logs.append)  # and then it is
+    assert "up to date" in logs[-1]
 
 
 def test_tiktoken_wrapper_on_a_local_encoding():

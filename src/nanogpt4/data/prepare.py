@@ -146,7 +146,9 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
         meta = json.loads(meta_path.read_text())
         if (meta.get("source_fingerprint") == fingerprint and meta.get("tokenizer") == d.tokenizer
                 and meta.get("requested_vocab_size") == cfg.model.vocab_size
-                and (given is None or meta.get("tokenizer_sha256") == given_sha)):
+                and (given is None or meta.get("tokenizer_sha256") == given_sha)
+                # a tokenizer's own start token opens each document: data prepared before it did has none
+                and meta.get("bos_id") == (given_tok.bos_id if given_tok is not None else None)):
             log(f"data: {out} is up to date ({meta['train_tokens']:,} train tokens)")
             return meta
     if given_tok is not None:
@@ -181,6 +183,7 @@ def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: b
         "vocab_size": tok.vocab_size,
         "requested_vocab_size": cfg.model.vocab_size,
         "eot_id": tok.eot_id,
+        "bos_id": tok.bos_id,
         "dtype": dtype.name,
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
