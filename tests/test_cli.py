@@ -160,6 +160,21 @@ def test_commands_that_train_from_scratch_refuse_init_from(argv, needle, tmp_pat
     assert not out.exists()
 
 
+def test_pretrain_help_examples_name_real_flags_and_keys():
+    """Each example under `nanogpt4 pretrain --help` parses, and its overrides load as a config."""
+    import shlex
+
+    from nanogpt4.cli import PRETRAIN_EXAMPLES, build_parser
+    from nanogpt4.config import load_config
+
+    examples = [line.split("#")[0] for line in PRETRAIN_EXAMPLES.splitlines()[1:] if line.strip()]
+    assert len(examples) == 5
+    for line in examples:
+        words = shlex.split(line)
+        args = build_parser().parse_args(words[words.index("pretrain"):])
+        load_config(args.config, args.overrides)
+
+
 @pytest.mark.parametrize("where", ["override", "config file"])
 def test_pretraining_from_a_checkpoint_refuses_model_settings_before_judging_them(where, tmp_path, capsys):
     """model.* under training.init_from would be dropped for the checkpoint's: refused as such, not judged by the

@@ -531,6 +531,15 @@ class _PrintVersions(argparse.Action):
         parser.exit()
 
 
+PRETRAIN_EXAMPLES = """examples:
+  nanogpt4 pretrain --out runs/tiny training.max_steps=300              # stdlib, the tiny model
+  nanogpt4 pretrain --out runs/mine data.source=text:notes.txt          # your own text (also jsonl:, hf:)
+  nanogpt4 pretrain --out runs/tiny --resume training.max_steps=600     # go on, to a later step
+  nanogpt4 pretrain --out runs/ft training.init_from=runs/gpt2 model.max_seq_len=256   # from a checkpoint
+  torchrun --nproc_per_node=2 -m nanogpt4 pretrain --out runs/ddp        # DDP (training.fsdp=true: FSDP2)
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's errors as the project's: one line naming the problem and where the flags are listed, exit 2
     (argparse printed its whole usage block above the line). Subcommands' parsers are made of this class too."""
@@ -554,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("pretrain", help="next-token pretraining (torchrun-aware)")
+    p = sub.add_parser("pretrain", help="next-token pretraining (torchrun-aware)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PRETRAIN_EXAMPLES)
     _common(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.set_defaults(func=cmd_pretrain)
