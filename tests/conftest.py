@@ -27,6 +27,19 @@ def corpus_dir(tmp_path_factory) -> Path:
     return d
 
 
+def tokenizer_with(specials: list[str]):
+    """A byte-level BPE of 300 tokens whose only special tokens are ``specials`` (an imported model's, say)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from nanogpt4.data.tokenizer import BPETokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return BPETokenizer(tok)
+
+
 def small_overrides(corpus_dir: Path, data_dir: Path, **extra) -> list[str]:
     base = {
         "data.source": f"text:{corpus_dir}/*.py",

@@ -16,7 +16,7 @@ from nanogpt4.data.sources import load_corpus
 from nanogpt4.data.tokenizer import SPECIAL_TOKENS, BPETokenizer, TiktokenTokenizer, Tokenizer
 from nanogpt4.errors import UserError
 
-from .conftest import small_overrides
+from .conftest import small_overrides, tokenizer_with
 
 
 def test_stdlib_source_excludes_tests_and_site_packages():
@@ -175,18 +175,6 @@ def test_prompts_start_a_document_and_samples_end_at_its_end(corpus_dir):
     assert tok.continuation_text(ids[-3:], ids[-3:] + tok.encode(" pass")) == tok.decode(ids[-3:]) + " pass"
 
 
-def tokenizer_with(specials: list[str]) -> BPETokenizer:
-    """A small byte-level BPE whose only special tokens are ``specials`` (an imported model's, say)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    hf.train_from_iterator(["def f(x):\n    return x\n"] * 20, trainers.BpeTrainer(
-        vocab_size=280, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return BPETokenizer(hf)
-
-
 @pytest.mark.parametrize("specials,start,end", [(["<s>", "</s>"], "<s>", "</s>"),  # Llama 2's
                                                  (["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>",
                                                   "<|end_of_text|>"),  # Llama 3's
@@ -199,6 +187,7 @@ def test_a_tokenizer_with_its_own_start_token_starts_prompts_with_it(specials, s
     ids = tok.prompt_ids("def f(")
     assert ids == [tok.token_id(start)] + tok.encode("def f(")
     assert tok.continuation_text(ids, ids + tok.encode("x):") + [tok.eot_id]) == "def f(x):"
+    assert tok.raw_prompt_ids("") == [tok.token_id(start)] and tok.raw_prompt_ids("def") == tok.encode("def")
     from nanogpt4.rlhf.data import Example, example_tokens
 
     assert example_tokens(tok, Example("", "x"))[0] == [tok.token_id(start)]  # SFT's empty prompt

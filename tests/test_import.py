@@ -10,6 +10,7 @@ from nanogpt4.cli import main
 from nanogpt4.model.hf_export import export_hf
 from nanogpt4.train.checkpoint import load_model
 
+from .conftest import tokenizer_with
 from .test_cli import assert_one_line_error, cli
 from .test_export import ARCHS, trained_like
 
@@ -17,16 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 
 def save_tokenizer(d, specials):
-    """A byte-level BPE of 300 tokens whose special tokens are ``specials`` (the last one its end of text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[-1]).save_pretrained(d)
+    """``tokenizer_with(specials)`` as transformers saves it (the last special token its end of text)."""
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer_with(specials).tok,
+                                         eos_token=specials[-1]).save_pretrained(d)
 
 
 def gpt2_dir(tmp_path, tokenizer=True, **kw):

@@ -176,7 +176,7 @@ def cmd_sample(args) -> int:
         ids = tok.encode(format_chat([{"role": "user", "content": args.prompt},
                                       {"role": "assistant", "content": ""}]).prompt)
     else:
-        ids = (tok.encode(args.prompt) or [tok.doc_start_id]) if args.raw_prompt else tok.prompt_ids(args.prompt)
+        ids = tok.raw_prompt_ids(args.prompt) if args.raw_prompt else tok.prompt_ids(args.prompt)
     L = cfg.model.max_seq_len
     if len(ids) > L:
         n_prompt = len(ids) - (0 if args.raw_prompt or args.chat else 1)  # not counting the file-start EOT

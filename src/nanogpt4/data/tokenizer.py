@@ -59,6 +59,11 @@ class Tokenizer:
         greedy continuation of a bare "def" is "def", after EOT it is " test"."""
         return [self.doc_start_id] + self.encode(prompt)
 
+    def raw_prompt_ids(self, prompt: str) -> list[int]:
+        """A prompt's tokens as given, no document start before them (RLHF's prompts, ``sample --raw-prompt``);
+        an empty one is the document start alone, as generation needs a token to begin from."""
+        return self.encode(prompt) or [self.doc_start_id]
+
     def continuation_text(self, prompt_ids: list[int], row: list[int]) -> str:
         """The prompt and what the model wrote after it, up to the document's end (the next EOT)."""
         new = list(row[len(prompt_ids):])

@@ -133,7 +133,7 @@ class PPOTrainer:
     def rollout(self, prompts: list[str]) -> Rollout:
         c, tok = self.c, self.tok
         limit = self.policy.cfg.max_seq_len - c.max_new_tokens
-        enc = [(tok.encode(p) or [tok.doc_start_id])[-limit:] for p in prompts]
+        enc = [tok.raw_prompt_ids(p)[-limit:] for p in prompts]
         prompt_ids, prompt_mask = pad_left(enc, tok.pad_id, self.device)
         P = prompt_ids.size(1)
         seq = self.sampler().generate(prompt_ids, c.max_new_tokens, temperature=1.0, attention_mask=prompt_mask,

@@ -139,7 +139,7 @@ def generate_responses(model, tok: Tokenizer, prompts: list[str], max_new_tokens
     limit = model.cfg.max_seq_len - max_new_tokens
     out = []
     for i in range(0, len(prompts), batch_size):
-        enc = [(tok.encode(p) or [tok.doc_start_id])[-limit:] for p in prompts[i:i + batch_size]]
+        enc = [tok.raw_prompt_ids(p)[-limit:] for p in prompts[i:i + batch_size]]
         ids, mask = pad_left(enc, tok.pad_id, device)
         gen = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, attention_mask=mask,
                              stop_tokens=[tok.eot_id], pad_token_id=tok.pad_id, generator=g)
