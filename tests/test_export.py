@@ -12,6 +12,7 @@ ARCHS = {
     "gpt2": [],
     "gpt2-nobias": ["model.bias=false"],
     "gpt2-tanh": ["model.mlp=gelu_tanh"],
+    "gpt2-narrow-mlp": ["model.mlp_hidden=96"],  # GPT2Config's n_inner, not 4 x n_embd
     "llama": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"],
     "llama-gqa-bias": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.n_kv_heads=2"],
     "llama-untied": ["model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu",

@@ -20,7 +20,7 @@ from nanogpt4.utils import atomic_dir, some_names
 def hf_architecture(model: Transformer) -> str:
     c = model.cfg
     if c.pos_embedding == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh") and \
-            (c.n_kv_heads or c.n_heads) == c.n_heads and c.mlp_hidden in (None, 4 * c.dim):
+            (c.n_kv_heads or c.n_heads) == c.n_heads:
         return "gpt2"
     if c.pos_embedding == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu":
         return "llama"
@@ -55,6 +55,7 @@ def _gpt2_model(c, special: dict):
 
     return GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.dim, n_layer=c.n_layers, n_head=c.n_heads,
+        n_inner=c.mlp_hidden,  # None: GPT-2's 4 x n_embd
         layer_norm_epsilon=c.norm_eps, activation_function="gelu_pytorch_tanh" if c.mlp == "gelu_tanh" else "gelu",
         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=c.tie_embeddings,
         **special))
