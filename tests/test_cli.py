@@ -257,6 +257,34 @@ def test_no_stage_writes_into_a_directory_that_holds_another_run(trained_run, tm
     assert_one_line_error(code, err, "rlhf.max_new_tokens=32 leaves no room for prompts in model.max_seq_len=32")
 
 
+def test_dpo_refuses_an_evaluation_it_cannot_run_before_training(tmp_path, capsys, monkeypatch):
+    """On a corpus without `def` lines the python-syntax judge has no held-out prompts: DPO trained on the pairs
+    and then ended with that error, its policy unsaved (a checkpoint directory, no tokenizer, no summary)."""
+    ov = _prose_overrides(tmp_path)
+    assert main(["pretrain", "--out", str(tmp_path / "prose-run"), *ov, "training.max_steps=2"]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Line {i}", "chosen": " of a story", "rejected": " x"}) + "\n"
+                             for i in range(8)))
+    dpo = ["dpo", "--sft", tmp_path / "prose-run", "--data", pairs, "rlhf.dpo_steps=2", "rlhf.max_new_tokens=8"]
+    code, _, err = cli(capsys, *dpo, "--out", tmp_path / "d")
+    assert_one_line_error(code, err, "the corpus has no function definitions ('def' lines) for the python-syntax "
+                                     "judge's code prompts")
+    assert not any((tmp_path / "d").rglob("*"))  # refused before training: nothing written
+    assert "or pass --no-eval to skip the held-out judge evaluation" in err
+    # a judge that fails only when it scores: the trained policy is saved before the evaluation meets it
+    (tmp_path / "one_score.py").write_text("def judge(prompts, completions):\n    return [0.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = cli(capsys, *dpo, "--out", tmp_path / "d1", "rlhf.judge=one_score:judge", "rlhf.eval_prompts=4")
+    assert_one_line_error(code, err, "judge 'one_score:judge' returned 1 scores for 4 completions")
+    code, _, err = cli(capsys, "sample", "--run", tmp_path / "d1", "--prompt", "Line", "--max-new-tokens", "3")
+    assert code == 0, err
+    code, _, err = cli(capsys, *dpo, "--out", tmp_path / "d2", "rlhf.judge=sentiment", "rlhf.eval_prompts=4")
+    assert code == 0, err
+    assert "judge_dpo" in json.loads((tmp_path / "d2" / "summary.json").read_text())
+    code, _, err = cli(capsys, "sample", "--run", tmp_path / "d2", "--prompt", "Line", "--max-new-tokens", "3")
+    assert code == 0, err
+
+
 def test_rows_longer_than_the_context_are_said_not_cut_silently(trained_run, tmp_path, capsys):
     # a 32-token model: the long rows were cut to fit (prompts from the left, responses from the right, their end
     # token with them) without a word

@@ -425,11 +425,11 @@ def cmd_ppo(args) -> int:
         ppo.info = DistInfo()  # training is over: rank 0 evaluates alone, without collectives
         if not info.is_main:
             return 0
+        save_policy(out, cfg.rlhf.ppo_steps, policy, cfg, tok)  # first: whatever the evaluation meets, it is kept
         results, prompts, _ = evaluate_policies(cfg, {"sft": sft, "ppo": policy}, tok, judge, device,
                                                 prompts=eval_prompts)
         summary = {**results, "kl_ppo": ppo_kl(ppo, prompts), "processes": info.world_size, "device": str(device),
                    "wall_s": time.time() - t0}
-        save_policy(out, cfg.rlhf.ppo_steps, policy, cfg, tok)
         atomic_write_json(out / "summary.json", summary)
         return _finish(args, summary)
 
@@ -440,7 +440,7 @@ def cmd_dpo(args) -> int:
     from nanogpt4.rlhf.data import load_preferences
     from nanogpt4.rlhf.dpo import train_dpo
     from nanogpt4.rlhf.judges import load_judge
-    from nanogpt4.rlhf.run import evaluate_policies, load_policy, save_policy
+    from nanogpt4.rlhf.run import evaluate_policies, held_out_prompts, load_policy, save_policy
     from nanogpt4.train.distributed import process_group
     from nanogpt4.utils import atomic_write_json, resolve_device
 
@@ -450,17 +450,23 @@ def cmd_dpo(args) -> int:
     with process_group(resolve_device(cfg.device)) as (info, device):
         policy, cfg, tok = load_policy(cfg, args.sft, device, generates=not args.no_eval)
         _warn_cut_pairs(tok, pairs, cfg.model.max_seq_len)
+        judge, prompts = None, None
+        if not args.no_eval:  # before training: a judge or corpus the evaluation cannot use is refused now
+            try:
+                judge, prompts = load_judge(cfg.rlhf.judge), held_out_prompts(cfg)
+            except UserError as e:
+                raise UserError(f"{e}; or pass --no-eval to skip the held-out judge evaluation") from None
         sft = copy.deepcopy(policy).eval()
         result = train_dpo(cfg, policy.train().requires_grad_(True), tok, pairs, out, device, cfg.rlhf.dpo_steps,
                            info=info)
         if not info.is_main:
             return 0
+        save_policy(out, cfg.rlhf.dpo_steps, policy, cfg, tok)  # first: whatever the evaluation meets, it is kept
         summary = {"dpo_train_loss": result["final_train_loss"], "preference_pairs": len(pairs),
                    "processes": info.world_size, "device": str(device)}
-        if not args.no_eval:
-            summary.update(evaluate_policies(cfg, {"sft": sft, "dpo": policy}, tok, load_judge(cfg.rlhf.judge),
-                                             device)[0])
-        save_policy(out, cfg.rlhf.dpo_steps, policy, cfg, tok)
+        if judge is not None:
+            summary.update(evaluate_policies(cfg, {"sft": sft, "dpo": policy}, tok, judge, device,
+                                             prompts=prompts)[0])
         summary["wall_s"] = time.time() - t0
         atomic_write_json(out / "summary.json", summary)
         return _finish(args, summary)

@@ -312,14 +312,18 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     return ppo, history
 
 
+def held_out_prompts(cfg: DictConfig) -> list[str]:
+    """The prompts ``evaluate_policies`` scores by default: ``rlhf.eval_prompts`` held-out tasks of the corpus."""
+    return [e.prompt for e in make_tasks(cfg, cfg.rlhf.eval_prompts, "val", cfg.seed + 3)]
+
+
 def evaluate_policies(cfg: DictConfig, policies: dict, tok, judge, device, rm: RewardModel | None = None,
                       best_of_base=None, prompts: list[str] | None = None) -> tuple[dict, list[str], dict]:
     """Mean held-out judge score (with a 95% interval) of each policy, and best-of-n of ``best_of_base``
     ranked by ``rm``, on ``prompts`` (at most ``rlhf.eval_prompts``; default: the run corpus' held-out tasks).
     Returns (summary entries, prompts, samples)."""
     r, L = cfg.rlhf, cfg.model.max_seq_len
-    prompts = (prompts[:r.eval_prompts] if prompts is not None
-               else [e.prompt for e in make_tasks(cfg, r.eval_prompts, "val", cfg.seed + 3)])
+    prompts = (prompts if prompts is not None else held_out_prompts(cfg))[:r.eval_prompts]
     results, samples = {}, {}
     for name, model in policies.items():
         samples[name] = generate_responses(model.eval(), tok, prompts, r.max_new_tokens, 1.0, seed=7)
