@@ -24,10 +24,10 @@ def quiet(_msg):
     pass
 
 
-def run(prepared, out, *extra, resume=False):
+def run(prepared, out, *extra, resume=False, log=quiet):
     ov, _ = prepared
     cfg = load_config("tiny", ov + list(extra))
-    return pretrain(cfg, out, resume=resume, progress=False, log=quiet)
+    return pretrain(cfg, out, resume=resume, progress=False, log=log)
 
 
 def test_a_run_shorter_than_its_warmup_says_so(prepared, tmp_path):
@@ -387,11 +387,17 @@ def test_a_resume_reads_its_data_with_its_own_tokenizer_and_a_refused_one_change
         run(prepared, out, "training.max_steps=8", "training.batch_size=100000", resume=True)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     ours = [new_source, f"data.dir={tmp_path / 'ours'}", f"data.tokenizer={out}/tokenizer.json"]
-    assert run(prepared, out, "training.max_steps=8", *ours, resume=True)["steps"] == 8
+    said: list[str] = []
+    assert run(prepared, out, "training.max_steps=8", *ours, resume=True, log=said.append)["steps"] == 8
+    # the new text goes on silently no more: the run cannot match an uninterrupted one
+    assert "warning: the training data is not what step 4 was trained on" in "\n".join(said)
     assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == before[out / "tokenizer.json"]
     assert (out / "tokenizer.json").read_bytes() == before[out / "tokenizer.json"]
     written = (out / "config.yaml").read_text()
     assert f"tokenizer: {out}/tokenizer.json" in written and "max_steps: 8" in written
+    said.clear()
+    assert run(prepared, out, "training.max_steps=10", *ours, resume=True, log=said.append)["steps"] == 10
+    assert not any("warning" in m for m in said), said  # the data step 8 trained on
     for bad, said in [("nope.json", "data.tokenizer file 'nope.json' not found"),
                       (str(out / "summary.json"), "is not a tokenizer.json"), ("bpe2", "is not one of bpe, gpt2")]:
         with pytest.raises(UserError, match=said):

@@ -118,6 +118,12 @@ def _refuse_other_data(out: Path, meta: dict, cfg: DictConfig, named_by: str) ->
                         f"{', '.join(f'{k}={ours[k]}' for k in differ)}: {fix} (it is left as it is)")
 
 
+def data_identity(meta: dict) -> str:
+    """A short id of prepared data: its source text, train/val split and tokenizer (what a resumed run compares)."""
+    keys = ("source_fingerprint", "tokenizer_sha256", "train_tokens", "val_tokens")
+    return hashlib.sha256(json.dumps([meta.get(k) for k in keys]).encode()).hexdigest()[:16]
+
+
 def prepare_data(cfg: DictConfig, out_dir: str | Path | None = None, progress: bool = True,
                  log=print, keep_other: str | None = None) -> dict:
     """Build (or reuse) the token shards for ``cfg.data``; returns the meta dict. ``keep_other``: the key or flag

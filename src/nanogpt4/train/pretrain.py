@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nanogpt4.config import config_from_yaml_text, to_yaml, with_weights_model
 from nanogpt4.data.loader import TokenWindows
-from nanogpt4.data.prepare import default_data_dir, load_meta, prepare_data
+from nanogpt4.data.prepare import data_identity, default_data_dir, load_meta, prepare_data
 from nanogpt4.data.tokenizer import Tokenizer
 from nanogpt4.errors import UserError
 from nanogpt4.model.transformer import Transformer
@@ -263,7 +263,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, resume: bool = False, progres
                                        meta["val_bytes"] / meta["val_tokens"], device, dtype),
             sample=make_sampler(tokenizer, tc.sample_prompt, tc.sample_tokens, device, cfg.seed)
             if tc.sample_tokens > 0 else None,
-            tokenizer_path=run_dir / "tokenizer.json", flops_per_token=fpt, progress=progress, log=log)
+            tokenizer_path=run_dir / "tokenizer.json", flops_per_token=fpt, progress=progress, log=log,
+            data_id=data_identity(meta))
         if resume:
             trainer.resume()
             if info.is_main:  # a resume's overrides are written once its checkpoint has loaded

@@ -138,8 +138,9 @@ class Trainer:
                  sample: Callable[[nn.Module], str] | None = None, tokenizer_path: Path | None = None,
                  flops_per_token: float | None = None, train_cfg=None, progress: bool = True,
                  log: Callable[[str], None] = print, lr_setting: str = "training.learning_rate",
-                 warmup_fix: str | None = None):
+                 warmup_fix: str | None = None, data_id: str | None = None):
         self.cfg = cfg
+        self.data_id = data_id  # the training data's identity, kept in checkpoints and compared on resume
         self.tc = train_cfg if train_cfg is not None else cfg.training
         self.lr_setting = lr_setting  # the config key a user changes to change this stage's learning rate
         self.model = model  # the plain model; self.step_model is what runs forward/backward
@@ -230,7 +231,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self, optimizer_state: dict | None = None) -> dict:
         return {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time,
-                "best_val": self.best_val, "data_step": self.step, "anneal_lr": self._anneal_lr,
+                "best_val": self.best_val, "data_step": self.step, "data_id": self.data_id,
+                "anneal_lr": self._anneal_lr,
                 "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
                 "rng": rng_state()}
 
@@ -248,6 +250,10 @@ class Trainer:
         set_rng_state(state["rng"])
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {ckpt} (step {self.step}, {self.tokens:,} tokens)")
+        if self.data_id and state.get("data_id") and state["data_id"] != self.data_id:
+            self.log(f"warning: the training data is not what step {self.step} was trained on (its text or "
+                     f"train/val split changed since): training goes on with this data, so the run will not match "
+                     f"an uninterrupted one")
         return self.step
 
     def save(self, best: bool = False) -> None:
