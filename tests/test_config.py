@@ -99,6 +99,15 @@ def test_missing_and_malformed_files(tmp_path, monkeypatch):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(UserError, match="cannot parse"):
         load_config(bad)
+    # where and what, on one line: the first line of PyYAML's message ("mapping values are not allowed here",
+    # or "while parsing a flow sequence") said neither
+    bad.write_text("model:\n  dim: 64\n  n_layers: 2\n   n_heads: 4\n")
+    with pytest.raises(UserError, match=r"^cannot parse config '.*bad.yaml': line 4, column 11: mapping values are "
+                                        r"not allowed"):
+        load_config(bad)
+    with pytest.raises(UserError, match=r"^cannot parse override 'model.dim=\[1,2': [^\n]*expected ',' or '\]'[^\n]* "
+                                        r"\(while parsing a flow sequence\)$"):  # libyaml's words or PyYAML's
+        load_config("tiny", ["model.dim=[1,2"])
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  n_layer: 3\n")
     with pytest.raises(UserError, match="did you mean 'model.n_layers'"):

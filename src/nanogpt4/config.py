@@ -260,6 +260,20 @@ def _merge(base: DictConfig, other: Any, where: str, schema: DictConfig) -> Dict
         raise UserError(f"invalid config in {where}: {str(e).splitlines()[0]}") from None
 
 
+def yaml_problem(e: Exception, one_line: bool = False) -> str:
+    """One line for a YAML error: where and what (its message spans several lines, the file's quoted among them;
+    its first line alone, "while parsing a flow sequence", said neither). ``one_line``: an override's value, where
+    the place (past its end, often) tells nothing."""
+    import yaml
+
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        context = f" ({e.context})" if e.context else ""
+        where = "" if one_line else f"line {mark.line + 1}, column {mark.column + 1}: "
+        return f"{where}{e.problem}{context}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _config_files(path: str | os.PathLike, beside: Path | None = None,
                   chain: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
     """A config file and the files it ``extends:`` (a preset name or a YAML path, relative to the file that names
@@ -275,8 +289,8 @@ def _config_files(path: str | os.PathLike, beside: Path | None = None,
         raise UserError(f"config '{p}' extends itself ({' -> '.join(str(c) for c in (*chain, p.resolve()))})")
     try:
         loaded = OmegaConf.load(p)
-    except Exception as e:  # yaml errors carry multi-line context; keep the first line
-        raise UserError(f"cannot parse config '{p}': {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise UserError(f"cannot parse config '{p}': {yaml_problem(e)}") from None
     if not isinstance(loaded, DictConfig):
         raise UserError(f"config '{p}' must be a YAML mapping of sections (model:, training:, ...)")
     if not loaded:  # it would train the schema's defaults, the 124M GPT-2 shape, with no word said
@@ -306,7 +320,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         try:
             dotlist = OmegaConf.from_dotlist([f"{key}={value}"])
         except Exception as e:
-            raise UserError(f"cannot parse override '{item}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot parse override '{item}': {yaml_problem(e, one_line=True)}") from None
         cfg = _merge(cfg, dotlist, f"override '{item}'", schema)
     if check:
         validate(cfg)
