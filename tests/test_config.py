@@ -135,3 +135,36 @@ def test_a_config_extends_a_preset_or_another_file(tmp_path):
                        ("gone.yaml", "extends 'nope.yaml', which is not there"), ("empty.yaml", "sets nothing")]:
         with pytest.raises(UserError, match=said):
             load_config(tmp_path / name)
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny", ["model.dim=240", "training.learning_rate=2e-5", "rlhf.target_kl=null", "data.source=text:a b.txt"]),
+    ("base", []),
+])
+def test_config_prints_a_yaml_file_that_loads_back_to_the_same_config(preset, overrides, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from .test_cli import cli
+
+    code, printed, _ = cli(capsys, "config", "--config", preset, *overrides)
+    assert code == 0
+    (tmp_path / "c.yaml").write_text(printed)
+    expected = OmegaConf.to_container(load_config(preset, overrides))
+    assert OmegaConf.to_container(load_config(tmp_path / "c.yaml")) == expected
+    # every key, each with what its schema says of it
+    assert "  n_kv_heads: null  # None = n_heads (multi-head); fewer = grouped-query attention" in printed.splitlines()
+    assert "  learning_rate: 2.0e-05" in printed.splitlines() or preset == "base"
+    code, _, err = cli(capsys, "config", "--config", preset, "model.dims=3")
+    assert code == 2 and "did you mean 'model.dim'" in err
+
+
+def test_commented_yaml_keeps_any_string():
+    from omegaconf import OmegaConf
+
+    from nanogpt4.config import commented_yaml, config_from_yaml_text
+
+    cfg = load_config("tiny")
+    cfg.training.sample_prompt = 'def f():\n\treturn "é\\\\"  # no comment: µ'
+    cfg.training.learning_rate = 3e-7
+    back = config_from_yaml_text(commented_yaml(cfg))
+    assert OmegaConf.to_container(back) == OmegaConf.to_container(cfg)

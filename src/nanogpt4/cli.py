@@ -63,6 +63,13 @@ def cmd_prepare(args) -> int:
     return _finish(args, meta)
 
 
+def cmd_config(args) -> int:
+    from nanogpt4.config import commented_yaml
+
+    print(commented_yaml(_load(args)), end="")
+    return 0
+
+
 def override_keys(overrides: list[str]) -> list[str]:
     return [o.split("=", 1)[0].strip() for o in overrides]
 
@@ -564,6 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanogpt4", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action=_PrintVersions)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("config", help="print a config (preset or file + overrides) as YAML, each key explained",
+                       description="Print the config a command would run with, as a YAML file that --config reads "
+                                   "back: every key, its value and what it means. E.g. `nanogpt4 config --config "
+                                   "tiny model.pos_embedding=rope > my.yaml`, edit, then `nanogpt4 pretrain --config "
+                                   "my.yaml`.")
+    p.add_argument("--config", default="tiny",
+                   help="YAML config file or preset name (tiny, base); default: %(default)s")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.max_steps=10")
+    p.set_defaults(func=cmd_config, device=None)
 
     p = sub.add_parser("prepare", help="read a data source, train the tokenizer, write token shards")
     _common(p)

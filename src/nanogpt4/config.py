@@ -8,8 +8,9 @@ a wrong type is caught at load time instead of hours into a run.
 from __future__ import annotations
 
 import difflib
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class DataConfig:
     # (e.g. a run's: new data encoded with the tokenizer that run was trained with)
     tokenizer: str = "bpe"
     dir: str | None = None  # where prepared shards live; None = runs/data/<source>-<tokenizer>-<vocab>
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # share of the documents held out for validation
     max_bytes: int | None = None  # cap on the raw text read (quick experiments)
     text_field: str = "text"  # field read by jsonl: and hf: sources
     cache_dir: str | None = None  # downloads (shakespeare); None = ~/.cache/nanogpt4
@@ -73,19 +74,19 @@ class TrainingConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
-    eval_interval: int = 100
-    eval_iters: int = 10
+    eval_interval: int = 100  # steps between evaluations (val loss, bits per byte, a sample)
+    eval_iters: int = 10  # batches per evaluation
     eval_batch_size: int | None = None  # windows per eval batch; None = min(batch_size, 32)
-    log_interval: int = 10
-    checkpoint_interval: int = 500
-    keep_last: int = 2
+    log_interval: int = 10  # steps between rows of metrics.jsonl
+    checkpoint_interval: int = 500  # steps between checkpoints
+    keep_last: int = 2  # latest checkpoints kept (checkpoints/best apart)
     dtype: str = "auto"  # auto | float32 | bfloat16
     compile: bool = False
     fsdp: bool = False
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     tensorboard: bool = False
     sample_tokens: int = 64  # a sample is generated at each eval; 0 disables
-    sample_prompt: str = ""
+    sample_prompt: str = ""  # what those samples continue; empty: a document's start
     # pretrain from this checkpoint's weights (a run, checkpoints/step_N, or `import-hf`'s): its model.* (dropout
     # aside) and, unless data.tokenizer names one, its tokenizer
     init_from: str | None = None
@@ -95,7 +96,7 @@ class TrainingConfig:
 class RLHFConfig:
     sft_steps: int = 200
     sft_learning_rate: float = 1e-4
-    sft_examples: int = 4000
+    sft_examples: int = 4000  # offline tasks SFT trains on (without --data)
     reward_model_lr: float = 1e-5
     reward_steps: int = 200
     freeze_base: bool = False
@@ -110,20 +111,20 @@ class RLHFConfig:
     dpo_steps: int = 150
     dpo_learning_rate: float = 5e-5
     ppo_learning_rate: float = 2e-5
-    no_eos_penalty: float = 0.5
+    no_eos_penalty: float = 0.5  # taken off the score of a PPO response that never ends
     ppo_epochs: int = 4
     ppo_steps: int = 100
-    clip_epsilon: float = 0.2
-    value_clip: float = 0.2
-    kl_coef: float = 0.05
-    target_kl: float | None = 6.0
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
+    clip_epsilon: float = 0.2  # PPO's clip of the probability ratio
+    value_clip: float = 0.2  # clip of the value head's change per update
+    kl_coef: float = 0.05  # starting weight of the per-token KL penalty to the SFT model
+    target_kl: float | None = 6.0  # KL the adaptive controller steers kl_coef to; None: kl_coef fixed
+    kl_horizon: int = 10000  # the controller's horizon (Ziegler et al.): larger, slower changes
+    gamma: float = 1.0  # GAE's discount
+    lam: float = 0.95  # GAE's lambda
     rollout_batch_size: int = 32
     mini_batch_size: int = 8
     max_new_tokens: int = 32
-    dpo_beta: float = 0.1
+    dpo_beta: float = 0.1  # DPO's beta: how far from the SFT model the policy may move (larger: less far)
 
 
 @dataclass
@@ -448,6 +449,73 @@ def validate(cfg: DictConfig) -> None:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
+
+
+def schema_comments() -> dict[str, str]:
+    """Each schema key's comment in this file (``"model.n_kv_heads"`` -> ``"None = n_heads (multi-head); ..."``),
+    the lines above a field and the one beside it: what ``nanogpt4 config`` prints beside the key. Empty where
+    the source cannot be read."""
+    import ast
+    import inspect
+    import io
+    import sys
+    import tokenize
+    from dataclasses import fields
+
+    try:
+        source = inspect.getsource(sys.modules[__name__])
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    sections = {f.default_factory.__name__: f.name for f in fields(Config) if f.default_factory is not MISSING}
+    out = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.ClassDef) and node.name in sections):
+            continue
+        for item in node.body:
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                above, line = [], item.lineno - 1
+                while line in comments and lines[line - 1].lstrip().startswith("#"):
+                    above.insert(0, comments[line])
+                    line -= 1
+                said = " ".join(above + ([comments[item.lineno]] if item.lineno in comments else []))
+                if said:
+                    out[f"{sections[node.name]}.{item.target.id}"] = said
+    return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)  # YAML 1.1 reads 2e-05 as a string: its mantissa needs a dot
+        mantissa, e, exponent = text.partition("e")
+        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value)  # a double-quoted YAML string
+
+
+def commented_yaml(cfg: DictConfig) -> str:
+    """``cfg`` as a YAML file that loads back to it, each key with its schema comment."""
+    comments = schema_comments()
+    out = []
+
+    def line(text: str, key: str) -> None:
+        out.append(f"{text}  # {comments[key]}" if key in comments else text)
+
+    for section, value in OmegaConf.to_container(cfg).items():
+        if isinstance(value, dict):
+            out.append(f"{section}:")
+            for key, v in value.items():
+                line(f"  {key}: {_yaml_scalar(v)}", f"{section}.{key}")
+        else:
+            line(f"{section}: {_yaml_scalar(value)}", section)
+    return "\n".join(out) + "\n"
 
 
 def config_from_yaml_text(text: str) -> DictConfig:
