@@ -285,6 +285,45 @@ def test_dpo_refuses_an_evaluation_it_cannot_run_before_training(tmp_path, capsy
     assert code == 0, err
 
 
+def test_eval_scores_every_token_once_as_the_model_does(trained_run, tmp_path, capsys, monkeypatch):
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from nanogpt4.train.checkpoint import load_model
+
+    monkeypatch.chdir(tmp_path)  # its shards go to runs/data/ here, as `prepare`'s do
+    code, out, err = cli(capsys, "eval", "--run", trained_run, "--json", "--batch-size", "5")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    model, cfg, _ = load_model(trained_run)
+    (data_dir,) = (tmp_path / "runs" / "data").iterdir()
+    meta = json.loads((data_dir / "meta.json").read_text())
+    val = np.fromfile(data_dir / "val.bin", dtype=meta["dtype"]).astype(np.int64)
+    # encoded with the run's tokenizer: the very val split the run held out, token for token
+    assert np.array_equal(np.fromfile(Path(cfg.data.dir) / "val.bin", dtype=meta["dtype"]), val)
+    T, n = cfg.model.max_seq_len, len(val) - 1
+    with torch.no_grad():  # by hand: consecutive windows of T, every token after the first scored once
+        losses = torch.cat([F.cross_entropy(model(torch.tensor(val[s:min(s + T, n)])[None])[0],
+                                            torch.tensor(val[s + 1:min(s + T, n) + 1]), reduction="none")
+                            for s in range(0, n, T)])
+    # a short last window in a batch of full ones: it goes alone
+    assert summary["tokens"] == n == losses.numel() and n % T and (n // T + 1) % 5 > 1
+    assert summary["loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert summary["bpb"] == pytest.approx(summary["loss"] / math.log(2) / (meta["val_bytes"] / meta["val_tokens"]))
+    (tmp_path / "new.txt").write_text("def area(r):\n    return 3.14 * r * r\n" * 40)
+    code, out, err = cli(capsys, "eval", "--run", trained_run, "--data", f"text:{tmp_path / 'new.txt'}",
+                         "--split", "train", "--max-tokens", "50", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["tokens"] == 50
+    for argv, said in [(["model.dim=64"], "eval takes the model, its tokenizer and its settings from --run"),
+                       (["data.tokenizer=gpt2"], "drop data.tokenizer"), (["--max-tokens", "0"], "must be >= 1")]:
+        code, _, err = cli(capsys, "eval", "--run", trained_run, *argv)
+        assert_one_line_error(code, err, said)
+
+
 def test_rows_longer_than_the_context_are_said_not_cut_silently(trained_run, tmp_path, capsys):
     # a 32-token model: the long rows were cut to fit (prompts from the left, responses from the right, their end
     # token with them) without a word

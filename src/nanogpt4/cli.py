@@ -271,6 +271,48 @@ def cmd_export_hf(args) -> int:
     return _finish(args, {"out": str(out)})
 
 
+def cmd_eval(args) -> int:
+    import math
+
+    import numpy as np
+
+    from nanogpt4.config import load_config
+    from nanogpt4.data.prepare import default_data_dir, prepare_data
+    from nanogpt4.train.checkpoint import load_model, resolve_stage_checkpoint
+    from nanogpt4.train.pretrain import split_loss
+    from nanogpt4.utils import resolve_device, resolve_dtype
+
+    keys = override_keys(args.overrides)
+    other = [k for k in keys if not k.startswith("data.") or k in ("data.tokenizer", "data.source")]
+    if other:
+        raise UserError(f"eval takes the model, its tokenizer and its settings from --run, and the text from --data; "
+                        f"overrides may set data.* (data.val_fraction, data.text_field, ...): drop {', '.join(other)}")
+    if args.max_tokens is not None and args.max_tokens < 1 or args.batch_size < 1:
+        raise UserError("--max-tokens and --batch-size must be >= 1")
+    model, saved, tok = load_model(args.run)
+    ckpt = resolve_stage_checkpoint(args.run)
+    if tok is None:
+        raise UserError(f"'{args.run}' has no tokenizer.json to encode the text with; put the one its weights were "
+                        f"trained with beside its model.safetensors")
+    source = args.data or saved.data.source
+    # the run's own settings (its split of the same source is the held-out text it never trained on), its
+    # tokenizer, and a data directory of their own (the run's data.dir holds its own shards)
+    cfg = load_config(ckpt / "config.yaml", [f"data.source={source}", f"data.tokenizer={ckpt / 'tokenizer.json'}",
+                                             "data.dir=null", *_overrides_with_flags(args)])
+    data_dir = default_data_dir(cfg)
+    meta = prepare_data(cfg, data_dir, progress=_progress(), log=lambda m: print(m, file=sys.stderr))
+    device = resolve_device(cfg.device)
+    tokens = np.memmap(data_dir / f"{args.split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    loss, scored = split_loss(model.to(device), tokens, cfg.model.max_seq_len, args.batch_size, device,
+                              resolve_dtype(cfg.training.dtype, device), args.max_tokens, progress=_progress())
+    bytes_per_token = meta[f"{args.split}_bytes"] / meta[f"{args.split}_tokens"]
+    summary = {"loss": loss, "bpb": loss / math.log(2) / bytes_per_token, "perplexity": math.exp(min(loss, 700.0)),
+               "tokens": scored, "split": args.split, "source": source, "run": str(args.run)}
+    print(f"eval: {args.split} loss {loss:.4f} nats/token, {summary['bpb']:.4f} bits/byte, perplexity "
+          f"{summary['perplexity']:.2f}, over {scored:,} tokens of {source} ({args.run})")
+    return _finish(args, summary)
+
+
 def cmd_import_hf(args) -> int:
     from nanogpt4.config import load_config
     from nanogpt4.model.hf_import import import_hf
@@ -623,6 +665,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory to write (config.json, model.safetensors, tokenizer files)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("eval", help="a model's loss and bits per byte on a data source, every token read once")
+    p.add_argument("--run", required=True, type=Path, help="a text model's run directory or checkpoints/step_N")
+    p.add_argument("--data", default=None,
+                   help="a data.source (text:PATH, jsonl:PATH, stdlib, shakespeare, hf:NAME); default: the run's, "
+                        "whose val split it never trained on")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="default: %(default)s")
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="data.* settings, e.g. data.val_fraction=0.5 or data.text_field=body")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("import-hf", help="write a transformers GPT-2 or Llama model as a nanogpt4 checkpoint")
     p.add_argument("--model", required=True,

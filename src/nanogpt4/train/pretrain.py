@@ -7,6 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -68,6 +69,39 @@ def make_lm_evaluator(val: TokenWindows, iters: int, batch_size: int, bytes_per_
         return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
 
     return evaluate
+
+
+@torch.no_grad()
+def split_loss(model, tokens: np.ndarray, seq_len: int, batch_size: int, device: torch.device, dtype: torch.dtype,
+               max_tokens: int | None = None, progress: bool = False) -> tuple[float, int]:
+    """Mean next-token loss (nats) of ``model`` over ``tokens`` read once, in consecutive windows of ``seq_len``
+    that do not overlap (each window starts without context, as the usual non-overlapping perplexity does), up
+    to ``max_tokens`` scored tokens. Returns (mean loss, tokens scored)."""
+    from tqdm import tqdm
+
+    n = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
+    if n < 1:
+        raise UserError(f"{len(tokens)} token(s) leave nothing to score: give more text")
+    full = list(range(0, n - seq_len + 1, seq_len))
+    batches = [(full[i:i + batch_size], seq_len) for i in range(0, len(full), batch_size)]
+    end = len(full) * seq_len
+    if end < n:
+        batches.append(([end], n - end))  # the shorter last window, alone
+    total, scored = 0.0, 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=n, desc="eval", unit="tok", disable=not progress, leave=False)
+    for rows, length in batches:
+        idx = np.asarray(rows)[:, None] + np.arange(length + 1)[None, :]
+        chunk = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
+        with autocast_ctx(device, dtype):
+            loss = model(chunk[:, :-1], labels=chunk[:, 1:])
+        total += float(loss) * chunk[:, 1:].numel()
+        scored += chunk[:, 1:].numel()
+        bar.update(chunk[:, 1:].numel())
+    bar.close()
+    model.train(was_training)
+    return total / scored, scored
 
 
 def make_sampler(tokenizer: Tokenizer, prompt: str, n_tokens: int, device: torch.device, seed: int):
