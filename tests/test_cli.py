@@ -382,6 +382,16 @@ def test_predict_refuses_rows_no_sweep_wrote_and_bad_targets(tmp_path, capsys):
     assert not (tmp_path / "p").exists()
 
 
+def test_scaling_plan_says_where_activation_checkpointing_saves_nothing(capsys):
+    """A 22B model at micro-batch 32 x 128 read "330.5 GiB (...; 335.7 GiB with activation checkpointing)", as if
+    checkpointing were worth turning on: its peak is the weight gradients, beside which it keeps block inputs."""
+    code, out, _ = cli(capsys, "scaling", "plan", "--config", "base", "model.n_layers=48", "model.dim=6144",
+                       "model.n_heads=48")
+    assert code == 0 and "activation checkpointing saves nothing here (335.7 GiB)" in out, out
+    code, out, _ = cli(capsys, "scaling", "plan", "--config", "tiny")
+    assert code == 0 and "; 207.8 MiB with activation checkpointing)" in out, out
+
+
 def test_scaling_plan_rejects_a_nonpositive_time_budget(capsys):
     code, _, err = cli(capsys, "scaling", "plan", "--config", "tiny", "--minutes", "-3")
     assert_one_line_error(code, err, "--minutes must be positive")

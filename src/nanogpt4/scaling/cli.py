@@ -48,9 +48,14 @@ def cmd_plan(args, cfg) -> dict:
     if not args.json:
         print(f"parameters           {result['params']:,} ({result['non_embedding_params']:,} non-embedding)")
         print(f"train FLOPs/token    {result['train_flops_per_token']:,.0f}")
-        print(f"train memory         {_fmt_bytes(result['train_memory_bytes'])} "
-              f"(micro-batch {result['micro_batch_size']} x {result['seq_len']}, {result['dtype']}; "
-              f"{_fmt_bytes(result['train_memory_bytes_checkpointed'])} with activation checkpointing)")
+        plain, ckpt = result["train_memory_bytes"], result["train_memory_bytes_checkpointed"]
+        # checkpointing frees saved activations only: where the peak is the weight gradients (a large model at a
+        # small batch), keeping each block's input beside them costs a little more
+        ckpt_note = (f"{_fmt_bytes(ckpt)} with activation checkpointing" if ckpt < plain else
+                     f"activation checkpointing saves nothing here ({_fmt_bytes(ckpt)}): the step's peak is not "
+                     f"its saved activations")
+        print(f"train memory         {_fmt_bytes(plain)} "
+              f"(micro-batch {result['micro_batch_size']} x {result['seq_len']}, {result['dtype']}; {ckpt_note})")
         print(f"KV cache / token     {_fmt_bytes(result['inference_kv_bytes_per_token'])}")
         if "compute_optimal" in result:
             o = result["compute_optimal"]
