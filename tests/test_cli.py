@@ -535,6 +535,21 @@ def test_chat_samples_reply_to_a_user_turn_and_stop_at_its_end(trained_run, caps
     code, out, _ = cli(capsys, "sample", "--run", trained_run, "--chat", "--prompt", "hi", "--num-samples", 2)
     assert code == 0 and out == "--- sample 0\nhello there\n--- sample 1\nhello there\n"
 
+    # a model never tuned on chat rows ends its document, or runs on, instead of ending its turn: a note says so
+    def untuned(self, x, n, **k):
+        rows = [reply + [tok.eot_id] + [tok.pad_id] * (n - len(reply) - 1), (reply * n)[:n]]
+        return torch.cat([x, torch.tensor(rows[:x.size(0)])], 1)
+
+    monkeypatch.setattr(Transformer, "generate", untuned)
+    common = ("sample", "--run", trained_run, "--chat", "--prompt", "hi", "--max-new-tokens", 8)
+    code, out, err = cli(capsys, *common, "--num-samples", 2)
+    assert code == 0 and out.startswith("--- sample 0\nhello there\n")
+    assert err == ("note: 2 of the 2 replies did not end at <|end|> (some at the end-of-text token, some at the "
+                   "token limit); a model tuned on chat rows (`nanogpt4 sft`) ends its replies at <|end|>, so this "
+                   "one may not know the chat template\n")
+    code, out, err = cli(capsys, *common)
+    assert code == 0 and err.startswith("note: the reply ended at the end-of-text token, not at <|end|>; ")
+
 
 def test_streamed_text_waits_for_whole_characters(capsys):
     import torch

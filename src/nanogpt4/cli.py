@@ -216,6 +216,18 @@ def cmd_sample(args) -> int:
         after = f"{early[0]}" if len(set(early)) == 1 else f"{min(early)}-{max(early)}"
         print(f"note: {which} ended at the end-of-text token, where the model ends its text, after {after} of the "
               f"{args.max_new_tokens} new tokens asked for", file=sys.stderr)
+    if args.chat:  # a model never tuned on chat rows does not end a turn: say why its reply ran on
+        start = len(tok.decode(ids))  # GPT-2's BPE spells <|end|> out: look for it in the text
+        unended = [n for n, row in zip(ended, rows, strict=True)
+                   if end_id not in row[len(ids):] and END not in tok.continuation_text(ids, row)[start:]]
+        if unended:
+            which = "the reply" if len(rows) == 1 else f"{len(unended)} of the {len(rows)} replies"
+            at_eot = sum(n is not None for n in unended)
+            how = ("ended at the end-of-text token, not at <|end|>" if at_eot == len(unended)
+                   else f"did not reach <|end|> in the {args.max_new_tokens} new tokens asked for" if at_eot == 0
+                   else "did not end at <|end|> (some at the end-of-text token, some at the token limit)")
+            print(f"note: {which} {how}; a model tuned on chat rows (`nanogpt4 sft`) ends its replies at <|end|>, "
+                  f"so this one may not know the chat template", file=sys.stderr)
     return _finish(args, {"samples": samples, "ended_at_end_of_text": [n is not None for n in ended]})
 
 
@@ -279,7 +291,7 @@ def cmd_eval(args) -> int:
     from nanogpt4.config import load_config
     from nanogpt4.data.prepare import default_data_dir, prepare_data
     from nanogpt4.train.checkpoint import load_model, resolve_stage_checkpoint
-    from nanogpt4.train.pretrain import split_loss
+    from nanogpt4.train.pretrain import bits_per_byte, split_loss
     from nanogpt4.utils import resolve_device, resolve_dtype
 
     keys = override_keys(args.overrides)
@@ -306,7 +318,7 @@ def cmd_eval(args) -> int:
     loss, scored = split_loss(model.to(device), tokens, cfg.model.max_seq_len, args.batch_size, device,
                               resolve_dtype(cfg.training.dtype, device), args.max_tokens, progress=_progress())
     bytes_per_token = meta[f"{args.split}_bytes"] / meta[f"{args.split}_tokens"]
-    summary = {"loss": loss, "bpb": loss / math.log(2) / bytes_per_token, "perplexity": math.exp(min(loss, 700.0)),
+    summary = {"loss": loss, "bpb": bits_per_byte(loss, bytes_per_token), "perplexity": math.exp(min(loss, 700.0)),
                "tokens": scored, "split": args.split, "source": source, "run": str(args.run)}
     print(f"eval: {args.split} loss {loss:.4f} nats/token, {summary['bpb']:.4f} bits/byte, perplexity "
           f"{summary['perplexity']:.2f}, over {scored:,} tokens of {source} ({args.run})")
