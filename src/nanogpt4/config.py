@@ -77,7 +77,7 @@ class TrainingConfig:
     eval_interval: int = 100  # steps between evaluations (val loss, bits per byte, a sample)
     eval_iters: int = 10  # batches per evaluation
     eval_batch_size: int | None = None  # windows per eval batch; None = min(batch_size, 32)
-    log_interval: int = 10  # steps between rows of metrics.jsonl
+    log_interval: int = 10  # steps between training-loss rows of metrics.jsonl (evaluations log their own)
     checkpoint_interval: int = 500  # steps between checkpoints
     keep_last: int = 2  # latest checkpoints kept (checkpoints/best apart)
     dtype: str = "auto"  # auto | float32 | bfloat16

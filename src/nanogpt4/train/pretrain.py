@@ -50,6 +50,11 @@ class LMBatches:
         return {"input_ids": x, "labels": y}
 
 
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """A loss in nats per token as bits per UTF-8 byte of text: comparable across tokenizers."""
+    return loss / math.log(2) / bytes_per_token
+
+
 def make_lm_evaluator(val: TokenWindows, iters: int, batch_size: int, bytes_per_token: float,
                       device: torch.device, dtype: torch.dtype):
     """Mean val loss over a fixed set of windows (the same at every eval) and bits per byte."""
@@ -66,7 +71,7 @@ def make_lm_evaluator(val: TokenWindows, iters: int, batch_size: int, bytes_per_
             total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
         model.train(was_training)
         loss = total / iters
-        return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
+        return {"val_loss": loss, "val_bpb": bits_per_byte(loss, bytes_per_token)}
 
     return evaluate
 
