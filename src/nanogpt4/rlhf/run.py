@@ -132,7 +132,7 @@ def sft_stage(cfg: DictConfig, policy, tok, out: Path, device, examples: list[Ex
     info = info or DistInfo()
     examples = examples or make_tasks(cfg, cfg.rlhf.sft_examples, "train", cfg.seed)
     if info.is_main:
-        log(f"rlhf: SFT on {len(examples)} examples for {cfg.rlhf.sft_steps} steps")
+        log(f"sft: {len(examples)} examples for {cfg.rlhf.sft_steps} steps")
         out.mkdir(parents=True, exist_ok=True)
         tok.save(out / "tokenizer.json")
         atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -167,7 +167,7 @@ def label_stage(cfg: DictConfig, sft, tok, judge, out: Path, log=print) -> tuple
         for p in pairs:
             f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
                                 "judge_gap": p.gap}) + "\n")
-    log(f"rlhf: {len(pairs)} preference pairs labelled by {r.judge} ({len(label_prompts)} prompts x "
+    log(f"label: {len(pairs)} preference pairs labelled by {r.judge} ({len(label_prompts)} prompts x "
         f"{len(k_samples)} samples)")
     return pairs, label_prompts, k_samples[0]
 
@@ -256,7 +256,7 @@ def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, 
     save_checkpoint(out, r.reward_steps, rm, cfg, None, {}, keep_last=1)
     others = ", ".join(f"{k[len('rm_val_accuracy_'):]} {v:.3f}" for k, v in stats.items()
                        if k.startswith("rm_val_accuracy_"))
-    log(f"rlhf: reward model held-out accuracy {stats['rm_val_accuracy']:.3f} on {len(val_pairs)} pairs"
+    log(f"reward: held-out accuracy {stats['rm_val_accuracy']:.3f} on {len(val_pairs)} pairs"
         + (f" ({others})" if others else ""))
     return rm, stats
 
