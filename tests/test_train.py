@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -542,7 +543,7 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared, tmp_path):
     assert full == resumed
 
 
-@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted; "),
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted at step "),
                                              (signal.SIGTERM, 143, "stopped: SIGTERM at step ")],
                          ids=["ctrl-c", "sigterm"])
 def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared, tmp_path, sig, code, said):
@@ -568,14 +569,44 @@ def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared
     assert last.startswith(said) and f"nanogpt4 pretrain --out {out} --resume" in last
     step, kept = list_checkpoints(out)[-1]
     assert str(kept) in last
-    if sig == signal.SIGTERM:  # a scheduler's preemption: the step in flight finishes and is checkpointed
-        assert last.startswith(f"stopped: SIGTERM at step {step} of 5000;")
+    # a scheduler's preemption or a first Ctrl-C: the step in flight finishes and is checkpointed
+    assert last.startswith(f"{said}{step} of 5000;")
     assert not (out / "summary.json").exists()  # cut short, not finished: the pipeline and sweeps rerun it
     resumed = subprocess.run([*cmd[:6], "--resume", f"training.max_steps={step + 3}"], capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 3
 
+
+
+def test_ctrl_c_checkpoints_the_step_in_flight_and_a_second_stops_at_once(prepared, tmp_path, monkeypatch):
+    from nanogpt4.train import pretrain as pretrain_mod
+
+    real_get, presses = pretrain_mod.LMBatches.get, []
+
+    def get(self, step, *args):  # Ctrl-C while step 4's batch is read (twice, the second time, as a user would)
+        if step == 3:
+            for _ in range(presses[0] if len(presses) == 1 else 0):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)  # the handler runs before the next press
+            presses.append(step)
+        return real_get(self, step, *args)
+
+    monkeypatch.setattr(pretrain_mod.LMBatches, "get", get)
+    term = signal.getsignal(signal.SIGTERM)
+    presses.append(1)
+    with pytest.raises(KeyboardInterrupt, match="^ at step 4 of 12$"):
+        run(prepared, tmp_path / "once", "training.max_steps=12", "training.checkpoint_interval=100")
+    assert [s for s, _ in list_checkpoints(tmp_path / "once")] == [4]
+    assert not (tmp_path / "once" / "summary.json").exists()
+    assert run(prepared, tmp_path / "once", "training.max_steps=12", resume=True)["steps"] == 12
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) == term
+
+    presses[:] = [2]
+    with pytest.raises(KeyboardInterrupt) as stopped:  # at once: step 4 never ends, nor is it checkpointed
+        run(prepared, tmp_path / "twice", "training.max_steps=12", "training.checkpoint_interval=100")
+    assert stopped.value.args == () and list_checkpoints(tmp_path / "twice") == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) == term
 
 
 def _disk_reports_free(monkeypatch, free: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import time
@@ -192,8 +193,8 @@ class Trainer:
         self.train_time = 0.0
         self.best_val = math.inf
         self.last_eval: dict = {}
-        self._stop_signal = False
-        self._cut_short = False  # stopped by SIGTERM before the budget was spent
+        self._stop_signal: str | None = None  # "SIGTERM" or "SIGINT" (Ctrl-C) once one asks the run to stop
+        self._cut_short = False  # stopped by a signal before the budget was spent
         self._start_step = 0
         # a time budget that ends before max_steps brings the cooldown forward: the rate this run's last step took
         # on its way down (None while the schedule is lr_for's)
@@ -301,9 +302,9 @@ class Trainer:
         spent = budget_spent(tc, self.step, self.tokens)
         spent |= (tc.max_time_s is not None and self.step > self._start_step  # always run at least one step
                          and self.train_time + (time.time() - t_start) >= tc.max_time_s)
-        stop = broadcast_flag(spent or self._stop_signal, self.info, self.device)
+        stop = broadcast_flag(spent or self._stop_signal is not None, self.info, self.device)
         if stop:  # rank 0's view of why, on every rank
-            self._cut_short = broadcast_flag(self._stop_signal and not spent, self.info, self.device)
+            self._cut_short = broadcast_flag(self._stop_signal is not None and not spent, self.info, self.device)
         return stop
 
     def _learning_rate(self, elapsed_s: float, steps_timed: int, timed_s: float) -> float:
@@ -332,8 +333,16 @@ class Trainer:
         self._anneal_lr = anneal_step(self._anneal_lr, tc.learning_rate * tc.min_lr_ratio, self.step, end)
         return self._anneal_lr
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop_signal = True  # finish the step, checkpoint, exit cleanly (preemptible clusters)
+    def _on_stop_signal(self, signum, frame) -> None:
+        """Finish the step, checkpoint, exit cleanly: SIGTERM (a preemptible cluster's notice) or a first Ctrl-C,
+        which would otherwise lose every step since the last checkpoint. A second Ctrl-C stops at once."""
+        self._stop_signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.info.is_main:  # os.write: a print could land inside another write to the same stream
+                with contextlib.suppress(OSError):
+                    os.write(2, b"\nCtrl-C: stopping after this step to write a checkpoint (Ctrl-C again to stop "
+                                b"at once, without one)\n")
 
     def _run_eval(self) -> dict:
         if self.evaluate is None:
@@ -360,9 +369,14 @@ class Trainer:
     def fit(self) -> dict:
         tc, info = self.tc, self.info
         accum = tc.grad_accum_steps
-        old_handler = None
-        with contextlib.suppress(ValueError):  # not in the main thread
-            old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        old_handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Ctrl-C is taken over only where it would raise KeyboardInterrupt (not where it is ignored, as in a
+            # background job, or where the program embedding us handles it)
+            if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+                continue
+            with contextlib.suppress(ValueError):  # not in the main thread
+                old_handlers[sig] = signal.signal(sig, self._on_stop_signal)
         self.step_model.train()
         t_start = time.time()
         start_step = self._start_step = self.step
@@ -448,10 +462,12 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         self.train_time += time.time() - t_start
         if self._cut_short:  # checkpointed above; an unfinished run must not pass for a result
+            if self._stop_signal == "SIGINT":  # main() prints "interrupted" before it
+                raise KeyboardInterrupt(f" at step {self.step} of {tc.max_steps}")
             raise TrainingStopped(f"SIGTERM at step {self.step} of {tc.max_steps}")
         if self.step == start_step:  # resumed where it had finished: nothing trained, its log has the numbers
             if self.sample is not None:  # the log has no sample: the same weights write it again (every rank)
