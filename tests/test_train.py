@@ -582,27 +582,29 @@ def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared
 def test_ctrl_c_checkpoints_the_step_in_flight_and_a_second_stops_at_once(prepared, tmp_path, monkeypatch):
     from nanogpt4.train import pretrain as pretrain_mod
 
-    real_get, presses = pretrain_mod.LMBatches.get, []
+    real_get, ctrl_c = pretrain_mod.LMBatches.get, {}
 
-    def get(self, step, *args):  # Ctrl-C while step 4's batch is read (twice, the second time, as a user would)
-        if step == 3:
-            for _ in range(presses[0] if len(presses) == 1 else 0):
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.01)  # the handler runs before the next press
-            presses.append(step)
+    def get(self, step, *args):  # Ctrl-C pressed while a step's batch is read (once, or twice as a user would)
+        for _ in range(ctrl_c.pop(step, 0)):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs before the next press
         return real_get(self, step, *args)
 
     monkeypatch.setattr(pretrain_mod.LMBatches, "get", get)
     term = signal.getsignal(signal.SIGTERM)
-    presses.append(1)
+    ctrl_c[3] = 1  # during step 4
     with pytest.raises(KeyboardInterrupt, match="^ at step 4 of 12$"):
         run(prepared, tmp_path / "once", "training.max_steps=12", "training.checkpoint_interval=100")
     assert [s for s, _ in list_checkpoints(tmp_path / "once")] == [4]
     assert not (tmp_path / "once" / "summary.json").exists()
-    assert run(prepared, tmp_path / "once", "training.max_steps=12", resume=True)["steps"] == 12
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) == term
+    ctrl_c[11] = 1  # during the last step: the run is done, but the program still stops (no next stage)
+    with pytest.raises(KeyboardInterrupt, match="^ at step 12 of 12$"):
+        run(prepared, tmp_path / "once", "training.max_steps=12", resume=True)
+    assert not (tmp_path / "once" / "summary.json").exists()
+    assert run(prepared, tmp_path / "once", "training.max_steps=12", resume=True)["steps"] == 12  # from its log
 
-    presses[:] = [2]
+    ctrl_c[3] = 2
     with pytest.raises(KeyboardInterrupt) as stopped:  # at once: step 4 never ends, nor is it checkpointed
         run(prepared, tmp_path / "twice", "training.max_steps=12", "training.checkpoint_interval=100")
     assert stopped.value.args == () and list_checkpoints(tmp_path / "twice") == []

@@ -465,7 +465,9 @@ class Trainer:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
         self.train_time += time.time() - t_start
-        if self._cut_short:  # checkpointed above; an unfinished run must not pass for a result
+        # checkpointed above; an unfinished run must not pass for a result, and a signal that came during the last
+        # step's evaluation or checkpoint still stops the program (a pipeline's next stage must not start)
+        if self._cut_short or self._stop_signal is not None:
             if self._stop_signal == "SIGINT":  # main() prints "interrupted" before it
                 raise KeyboardInterrupt(f" at step {self.step} of {tc.max_steps}")
             raise TrainingStopped(f"SIGTERM at step {self.step} of {tc.max_steps}")
