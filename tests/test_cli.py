@@ -298,6 +298,7 @@ def test_eval_scores_every_token_once_as_the_model_does(trained_run, tmp_path, c
     code, out, err = cli(capsys, "eval", "--run", trained_run, "--json", "--batch-size", "5")
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["split"] == "val" and f"over {summary['tokens']:,} tokens of the val split of " in out
     model, cfg, _ = load_model(trained_run)
     (data_dir,) = (tmp_path / "runs" / "data").iterdir()
     meta = json.loads((data_dir / "meta.json").read_text())
@@ -318,6 +319,16 @@ def test_eval_scores_every_token_once_as_the_model_does(trained_run, tmp_path, c
                          "--split", "train", "--max-tokens", "50", "--json")
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["tokens"] == 50
+    # text other than the run's own is read whole by default: both its splits, every token after the first
+    code, out, err = cli(capsys, "eval", "--run", trained_run, "--data", f"text:{tmp_path / 'new.txt'}", "--json")
+    assert code == 0, err
+    whole = json.loads(out.strip().splitlines()[-1])
+    (new_dir,) = (p for p in (tmp_path / "runs" / "data").iterdir() if p != data_dir)
+    new_meta = json.loads((new_dir / "meta.json").read_text())
+    assert whole["split"] == "all" and whole["tokens"] == new_meta["train_tokens"] + new_meta["val_tokens"] - 1
+    assert whole["bpb"] == pytest.approx(whole["loss"] / math.log(2) / (
+        (new_meta["train_bytes"] + new_meta["val_bytes"]) / (new_meta["train_tokens"] + new_meta["val_tokens"])))
+    assert f"over {whole['tokens']:,} tokens of text:{tmp_path / 'new.txt'} (" in out.splitlines()[-2]
     for argv, said in [(["model.dim=64"], "eval takes the model, its tokenizer and its settings from --run"),
                        (["data.tokenizer=gpt2"], "drop data.tokenizer"), (["--max-tokens", "0"], "must be >= 1")]:
         code, _, err = cli(capsys, "eval", "--run", trained_run, *argv)

@@ -307,6 +307,9 @@ def cmd_eval(args) -> int:
         raise UserError(f"'{args.run}' has no tokenizer.json to encode the text with; put the one its weights were "
                         f"trained with beside its model.safetensors")
     source = args.data or saved.data.source
+    # the run's own source: its val split is the text it never trained on; any other text is read whole
+    split = args.split or ("val" if source == saved.data.source else "all")
+    splits = ("train", "val") if split == "all" else (split,)
     # the run's own settings (its split of the same source is the held-out text it never trained on), its
     # tokenizer, and a data directory of their own (the run's data.dir holds its own shards)
     cfg = load_config(ckpt / "config.yaml", [f"data.source={source}", f"data.tokenizer={ckpt / 'tokenizer.json'}",
@@ -314,14 +317,16 @@ def cmd_eval(args) -> int:
     data_dir = default_data_dir(cfg)
     meta = prepare_data(cfg, data_dir, progress=_progress(), log=lambda m: print(m, file=sys.stderr))
     device = resolve_device(cfg.device)
-    tokens = np.memmap(data_dir / f"{args.split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    parts = [np.memmap(data_dir / f"{s}.bin", dtype=np.dtype(meta["dtype"]), mode="r") for s in splits]
+    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)  # documents each end in end-of-text
     loss, scored = split_loss(model.to(device), tokens, cfg.model.max_seq_len, args.batch_size, device,
                               resolve_dtype(cfg.training.dtype, device), args.max_tokens, progress=_progress())
-    bytes_per_token = meta[f"{args.split}_bytes"] / meta[f"{args.split}_tokens"]
+    bytes_per_token = sum(meta[f"{s}_bytes"] for s in splits) / sum(meta[f"{s}_tokens"] for s in splits)
     summary = {"loss": loss, "bpb": bits_per_byte(loss, bytes_per_token), "perplexity": math.exp(min(loss, 700.0)),
-               "tokens": scored, "split": args.split, "source": source, "run": str(args.run)}
-    print(f"eval: {args.split} loss {loss:.4f} nats/token, {summary['bpb']:.4f} bits/byte, perplexity "
-          f"{summary['perplexity']:.2f}, over {scored:,} tokens of {source} ({args.run})")
+               "tokens": scored, "split": split, "source": source, "run": str(args.run)}
+    of = "" if split == "all" else f"the {split} split of "
+    print(f"eval: loss {loss:.4f} nats/token, {summary['bpb']:.4f} bits/byte, perplexity "
+          f"{summary['perplexity']:.2f}, over {scored:,} tokens of {of}{source} ({args.run})")
     return _finish(args, summary)
 
 
@@ -683,7 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="a data.source (text:PATH, jsonl:PATH, stdlib, shakespeare, hf:NAME); default: the run's, "
                         "whose val split it never trained on")
-    p.add_argument("--split", default="val", choices=["val", "train"], help="default: %(default)s")
+    p.add_argument("--split", default=None, choices=["val", "train", "all"],
+                   help="which of the source's splits to score (all: both, the whole text); default: val for the "
+                        "run's own source, all for another --data")
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
