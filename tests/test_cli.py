@@ -335,6 +335,33 @@ def test_eval_scores_every_token_once_as_the_model_does(trained_run, tmp_path, c
         assert_one_line_error(code, err, said)
 
 
+@pytest.mark.parametrize("sig, code, said", [("SIGINT", 130, "interrupted at step 3 of 10"),
+                                             ("SIGTERM", 143, "stopped: SIGTERM at step 3 of 10")])
+def test_a_stopped_stage_names_what_it_kept_and_how_to_train_it_again(trained_run, tmp_path, capsys, monkeypatch,
+                                                                     sig, code, said):
+    import os
+    import signal
+
+    from nanogpt4.train.trainer import Trainer
+
+    real, calls = Trainer._loss_scales, []
+
+    def signalled_in_step_3(self, batches):  # a signal while step 3 trains: it finishes and is checkpointed
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return real(self, batches)
+
+    monkeypatch.setattr(Trainer, "_loss_scales", signalled_in_step_3)
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n" for i in range(4)))
+    out = tmp_path / "s"
+    got, _, err = cli(capsys, "sft", "--pretrained", trained_run, "--data", rows, "--out", out, "rlhf.sft_steps=10")
+    assert got == code and err.strip().splitlines()[-1] == (
+        f"{said}; {out / 'checkpoints' / 'step_3'} is kept, a partly trained model; this stage does not resume: to "
+        f"train it again, delete {out} or give another --out")
+
+
 def test_rows_longer_than_the_context_are_said_not_cut_silently(trained_run, tmp_path, capsys):
     # a 32-token model: the long rows were cut to fit (prompts from the left, responses from the right, their end
     # token with them) without a word

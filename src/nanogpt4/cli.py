@@ -395,7 +395,21 @@ def _stage_out(args, name: str) -> Path:
     if held:
         raise UserError(f"--out '{out}' already holds {some_names(held)}: give a new or empty directory, or delete "
                         f"it to train this stage again (nothing in it was changed)")
+    args.stage_dir = out  # what a stop (Ctrl-C, SIGTERM) says it kept
     return out
+
+
+def _stage_stop_hint(args) -> str:
+    """What a stopped stage kept, and how to train it again (only `pretrain` resumes)."""
+    from nanogpt4.train.checkpoint import list_checkpoints
+
+    out = getattr(args, "stage_dir", None)
+    if out is None or not Path(out).is_dir():
+        return ""
+    kept = [p for root in Path(out).glob("**/checkpoints") for _, p in list_checkpoints(root.parent)]
+    what = (f"{max(kept, key=lambda p: p.stat().st_mtime)} is kept, a partly trained model" if kept
+            else "no checkpoint was written")
+    return f"; {what}; this stage does not resume: to train it again, delete {out} or give another --out"
 
 
 def cmd_sft(args) -> int:
@@ -918,10 +932,10 @@ def _run(args: argparse.Namespace) -> int:
         say_error(f"the disk is full ({e}); free space, or write elsewhere with --out")
         return 2
     except KeyboardInterrupt as e:
-        print("interrupted" + _stop_reason(e), file=sys.stderr)
+        print("interrupted" + _stop_reason(e) + _stage_stop_hint(args), file=sys.stderr)
         return 130
     except TrainingStopped as e:  # SIGTERM (a scheduler's preemption): 128 + 15, as if the signal had ended us
-        print(f"stopped: {e}", file=sys.stderr)
+        print(f"stopped: {e}{_stage_stop_hint(args)}", file=sys.stderr)
         return 143
 
 
