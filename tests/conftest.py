@@ -1,4 +1,5 @@
 import shutil
+import signal
 import sysconfig
 from pathlib import Path
 
@@ -15,6 +16,15 @@ def step_losses(run_dir, key: str = "step_loss") -> dict[int, float]:
     from nanogpt4.utils import read_jsonl
 
     return {r["step"]: r[key] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "step_loss" in r}
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C as in a terminal: a shell without job control (a CI job, `nohup`) starts its background jobs with
+    SIGINT ignored, and Python then never turns it into KeyboardInterrupt (nor does the trainer take it over)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
 
 
 @pytest.fixture(scope="session")

@@ -338,7 +338,7 @@ def test_eval_scores_every_token_once_as_the_model_does(trained_run, tmp_path, c
 @pytest.mark.parametrize("sig, code, said", [("SIGINT", 130, "interrupted at step 3 of 10"),
                                              ("SIGTERM", 143, "stopped: SIGTERM at step 3 of 10")])
 def test_a_stopped_stage_names_what_it_kept_and_how_to_train_it_again(trained_run, tmp_path, capsys, monkeypatch,
-                                                                     sig, code, said):
+                                                                     ctrl_c_raises, sig, code, said):
     import os
     import signal
 

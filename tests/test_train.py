@@ -596,7 +596,8 @@ def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared
 
 
 
-def test_ctrl_c_checkpoints_the_step_in_flight_and_a_second_stops_at_once(prepared, tmp_path, monkeypatch):
+def test_ctrl_c_checkpoints_the_step_in_flight_and_a_second_stops_at_once(prepared, tmp_path, monkeypatch,
+                                                                          ctrl_c_raises):
     from nanogpt4.train import pretrain as pretrain_mod
 
     real_get, ctrl_c = pretrain_mod.LMBatches.get, {}
