@@ -242,6 +242,38 @@ def test_a_diverging_ddp_run_stops_every_rank_with_the_same_error(prepared, tmp_
     assert "exitcode  : 2" in res.stderr and "SIGABRT" not in res.stderr and "SIGSEGV" not in res.stderr
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_checkpoints_the_step_in_flight_and_says_so_once(prepared, tmp_path):
+    """The terminal's Ctrl-C reaches torchrun, which sends it on to its ranks (each in a session of its own): they
+    finish the step together, rank 0 checkpoints it, and one line says so (every rank said it)."""
+    import signal
+    import time
+
+    from nanogpt4.train.checkpoint import list_checkpoints
+
+    ov, _ = prepared
+    out = tmp_path / "dd"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt4",
+           "pretrain", "--out", str(out), *ov, "training.max_steps=5000", "training.log_interval=1",
+           "training.eval_interval=1000", "training.checkpoint_interval=1000"]
+    # its own process group, as a terminal's foreground job; SIGINT not ignored (see tests/conftest.py)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        t0 = time.time()
+        while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").stat().st_size < 200:
+            assert time.time() - t0 < 120 and proc.poll() is None, "the run never logged a step"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    said = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1 and err.count("Ctrl-C: stopping after this step") == 1, err[-3000:]
+    step, kept = list_checkpoints(out)[-1]
+    assert said[0] == (f"interrupted at step {step} of 5000; {kept} is kept, continue with: nanogpt4 pretrain "
+                       f"--out {out} --resume"), err[-3000:]
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
 def test_shutdown_leaves_no_communication_threads():
     """Leaving the group must free it: gloo threads that outlive destroy_process_group die with the interpreter,
