@@ -931,18 +931,14 @@ def _run(args: argparse.Namespace) -> int:
         # every write goes through a temp file, so what a full disk stopped was never half-written
         say_error(f"the disk is full ({e}); free space, or write elsewhere with --out")
         return 2
-    except KeyboardInterrupt as e:  # under torchrun every rank stops alike: rank 0 says so (it wrote the checkpoint)
+    except (KeyboardInterrupt, TrainingStopped) as e:  # Ctrl-C, or SIGTERM (a scheduler's preemption)
         from nanogpt4.train.distributed import rank_zero_or_alone
 
-        if rank_zero_or_alone():
-            print("interrupted" + _stop_reason(e) + _stage_stop_hint(args), file=sys.stderr)
-        return 130
-    except TrainingStopped as e:  # SIGTERM (a scheduler's preemption): 128 + 15, as if the signal had ended us
-        from nanogpt4.train.distributed import rank_zero_or_alone
-
-        if rank_zero_or_alone():
-            print(f"stopped: {e}{_stage_stop_hint(args)}", file=sys.stderr)
-        return 143
+        ctrl_c = isinstance(e, KeyboardInterrupt)
+        if rank_zero_or_alone():  # under torchrun every rank stops alike; rank 0 wrote the checkpoint
+            said = "interrupted" + _stop_reason(e) if ctrl_c else f"stopped: {e}"
+            print(said + _stage_stop_hint(args), file=sys.stderr)
+        return 130 if ctrl_c else 143  # 128 + the signal's number, as if it had ended us
 
 
 if __name__ == "__main__":
