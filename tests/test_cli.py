@@ -318,7 +318,8 @@ def test_eval_scores_every_token_once_as_the_model_does(trained_run, tmp_path, c
     code, out, err = cli(capsys, "eval", "--run", trained_run, "--data", f"text:{tmp_path / 'new.txt'}",
                          "--split", "train", "--max-tokens", "50", "--json")
     assert code == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["tokens"] == 50
+    head = json.loads(out.strip().splitlines()[-1])
+    assert head["tokens"] == 50
     # text other than the run's own is read whole by default: both its splits, every token after the first
     code, out, err = cli(capsys, "eval", "--run", trained_run, "--data", f"text:{tmp_path / 'new.txt'}", "--json")
     assert code == 0, err
@@ -329,6 +330,9 @@ def test_eval_scores_every_token_once_as_the_model_does(trained_run, tmp_path, c
     assert whole["bpb"] == pytest.approx(whole["loss"] / math.log(2) / (
         (new_meta["train_bytes"] + new_meta["val_bytes"]) / (new_meta["train_tokens"] + new_meta["val_tokens"])))
     assert f"over {whole['tokens']:,} tokens of text:{tmp_path / 'new.txt'} (" in out.splitlines()[-2]
+    code, out, err = cli(capsys, "eval", "--run", trained_run, "--data", f"text:{tmp_path / 'new.txt'}",
+                         "--max-tokens", "50", "--json")  # the whole text's first 50: the train split's
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["loss"] == head["loss"], err
     for argv, said in [(["model.dim=64"], "eval takes the model, its tokenizer and its settings from --run"),
                        (["data.tokenizer=gpt2"], "drop data.tokenizer"), (["--max-tokens", "0"], "must be >= 1")]:
         code, _, err = cli(capsys, "eval", "--run", trained_run, *argv)

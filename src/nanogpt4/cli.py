@@ -318,7 +318,8 @@ def cmd_eval(args) -> int:
     meta = prepare_data(cfg, data_dir, progress=_progress(), log=lambda m: print(m, file=sys.stderr))
     device = resolve_device(cfg.device)
     parts = [np.memmap(data_dir / f"{s}.bin", dtype=np.dtype(meta["dtype"]), mode="r") for s in splits]
-    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)  # documents each end in end-of-text
+    read = None if args.max_tokens is None else args.max_tokens + 1  # under --max-tokens, copy no more than that
+    tokens = parts[0] if len(parts) == 1 else np.concatenate([p[:read] for p in parts])[:read]  # documents end in EOT
     loss, scored = split_loss(model.to(device), tokens, cfg.model.max_seq_len, args.batch_size, device,
                               resolve_dtype(cfg.training.dtype, device), args.max_tokens, progress=_progress())
     bytes_per_token = sum(meta[f"{s}_bytes"] for s in splits) / sum(meta[f"{s}_tokens"] for s in splits)
