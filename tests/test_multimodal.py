@@ -33,6 +33,8 @@ from nanogpt4.train.multimodal import (
     summarise,
 )
 
+from .conftest import step_losses
+
 IMG = 2  # <|image|> id of the BPE tokenizer
 
 
@@ -529,6 +531,124 @@ def test_multimodal_command_bad_input(tmp_path, capsys):
         "(32): use fewer image tokens (a larger multimodal.patch_size or multimodal.token_merge=2), or raise " \
         "model.max_seq_len" in err, err
     assert not (tmp_path / "long").exists()
+
+
+MM_RESUME = [*MM_SMALL, "multimodal.tune_steps=8", "training.log_interval=1", "model.dim=32", "model.n_layers=2",
+             "model.n_heads=4", "model.vocab_size=512", "model.max_seq_len=64", "--device", "cpu"]
+
+
+def _sigterm_during(monkeypatch, stage_steps: dict[str, int]) -> None:
+    """A scheduler's SIGTERM while the batch of ``stage_steps[stage]``'s next step is read (once per stage)."""
+    import os
+    import signal
+
+    from nanogpt4.train import multimodal
+
+    real_get, real_trainer = multimodal.VQABatches.get, multimodal.Trainer
+    stage = {}
+
+    class Trainer(real_trainer):  # which stage the batches are read for: the trainer's run directory's name
+        def fit(self):
+            stage["name"] = self.run_dir.name
+            return super().fit()
+
+    def get(self, step, *args):
+        if stage_steps.get(stage["name"]) == step:
+            del stage_steps[stage["name"]]
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_get(self, step, *args)
+
+    monkeypatch.setattr(multimodal, "Trainer", Trainer)
+    monkeypatch.setattr(multimodal.VQABatches, "get", get)
+
+
+def _same_run(a, b, stages=("tune",)) -> None:
+    from safetensors.torch import load_file
+
+    from nanogpt4.train.checkpoint import latest_checkpoint
+
+    for name in stages:
+        assert step_losses(a / name) == step_losses(b / name), name  # exact float equality, every step
+        wa, wb = (load_file(str(latest_checkpoint(r / name) / "model.safetensors")) for r in (a, b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    assert json.loads((a / "summary.json").read_text())["scenes_accuracy"] == \
+        json.loads((b / "summary.json").read_text())["scenes_accuracy"]
+
+
+def test_a_stopped_multimodal_run_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """SIGTERM at step 3 of 8: the stage checkpoints where it stopped and `nanogpt4 multimodal --resume` goes on
+    from there to the uninterrupted run's per-step losses and weights, bit for bit (fp32, CPU)."""
+    from nanogpt4.cli import main
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["multimodal", "--out", str(full), *MM_RESUME]) == 0
+    _sigterm_during(monkeypatch, {"tune": 2})
+    assert main(["multimodal", "--out", str(part), *MM_RESUME]) == 143
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"stopped: SIGTERM at step 3 of 8; {part / 'tune' / 'checkpoints' / 'step_3'} is "
+                                f"kept, a partly trained model; continue with: nanogpt4 multimodal --out {part} "
+                                f"--resume"), err
+    assert not (part / "summary.json").exists()
+    assert main(["multimodal", "--out", str(part), "--resume", "--device", "cpu"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    _same_run(full, part)
+    # nothing left to train: refused, unchanged; more steps go on from the last
+    assert main(["multimodal", "--out", str(part), "--resume"]) == 2
+    assert "has finished; give a larger multimodal.tune_steps (now 8)" in capsys.readouterr().err
+    assert main(["multimodal", "--out", str(part), "--resume", "multimodal.tune_steps=10", "--device", "cpu"]) == 0
+    assert list(step_losses(part / "tune")) == list(range(1, 11))
+
+
+def test_multimodal_resume_refusals(tmp_path, capsys, monkeypatch):
+    """Each a one-line error that changes nothing; a run stopped before its first checkpoint cannot resume."""
+    from nanogpt4.cli import main
+
+    assert main(["multimodal", "--resume"]) == 2
+    assert "--resume needs --out RUN_DIR" in capsys.readouterr().err
+    assert main(["multimodal", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "nothing to resume: '" in capsys.readouterr().err
+    _sigterm_during(monkeypatch, {"tune": 2})
+    run = tmp_path / "run"
+    assert main(["multimodal", "--out", str(run), *MM_RESUME, "multimodal.tune_steps=60"]) == 143
+    assert "step_3 is kept" in capsys.readouterr().err
+    (run / "tune" / "checkpoints" / "step_3").rename(run / "tune" / "checkpoints" / "gone")  # as if none was written
+    assert main(["multimodal", "--out", str(run), "--resume"]) == 2
+    assert "nothing to resume: '" + str(run) + "' was stopped before its first checkpoint" in capsys.readouterr().err
+    (run / "tune" / "checkpoints" / "gone").rename(run / "tune" / "checkpoints" / "step_3")
+    before = (run / "config.yaml").read_text()
+    for bad, said in [(["--pretrained", str(run)], "drop --pretrained"),
+                      (["model.dim=64"], "cannot change model.* when resuming"),
+                      (["multimodal.tune_steps=2"], "is at step 3, past multimodal.tune_steps=2")]:
+        assert main(["multimodal", "--out", str(run), "--resume", *bad]) == 2
+        assert said in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == before
+
+
+@pytest.mark.slow
+def test_a_multimodal_run_stopped_after_its_align_stage_resumes_exactly(prepared, tmp_path, capsys, monkeypatch):
+    """From a pretrained LM: stopped in the align stage, then in the tune stage (the finished align stage reused),
+    resumed twice, it is the uninterrupted run."""
+    from nanogpt4.cli import main
+
+    ov, _ = prepared
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), *ov, "training.max_steps=4", "model.max_seq_len=64"]) == 0
+    mm = [a for a in MM_RESUME if not a.startswith("model.")]
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["multimodal", "--pretrained", str(tmp_path / "pre"), *mm]
+    assert main([*args, "--out", str(full)]) == 0
+    _sigterm_during(monkeypatch, {"align": 1, "tune": 4})
+    assert main([*args, "--out", str(part)]) == 143
+    assert main(["multimodal", "--out", str(part), "--resume", "--device", "cpu"]) == 143
+    # as if killed before the tune stage's first checkpoint: that stage starts again, its log with it
+    import shutil
+
+    shutil.rmtree(part / "tune" / "checkpoints")
+    capsys.readouterr()
+    assert main(["multimodal", "--out", str(part), "--resume", "--device", "cpu"]) == 0
+    assert "stage tune starts again (it was stopped before its first checkpoint)" in capsys.readouterr().out
+    _same_run(full, part, ("align", "tune"))
+    assert [(part / name / "metrics.jsonl").read_text().count("step_loss") for name in ("align", "tune")] == [4, 8]
+    assert json.loads((part / "summary.json").read_text())["lm_pretrained"] == str(tmp_path / "pre")
 
 
 def test_training_conversations_teach_vertical_order():

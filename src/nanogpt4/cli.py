@@ -134,6 +134,26 @@ def _stage_setup(args, name: str) -> tuple:
     return cfg, _stage_out(args, name)  # every rank reads the same directory: all refuse, before any collective
 
 
+def _stage_resume_setup(args, name: str) -> tuple:
+    """``_stage_setup`` for ``--resume``: the stopped run's own config (plus overrides that keep its model) and
+    its directory."""
+    from nanogpt4.train.distributed import launched_by_torchrun
+    from nanogpt4.train.pretrain import resume_config
+
+    if args.out is None:
+        raise UserError("--resume needs --out RUN_DIR, the run to continue")
+    if args.pretrained is not None:
+        raise UserError(f"--resume continues the weights in '{args.out}': drop --pretrained")
+    if not args.out.is_dir():
+        raise UserError(f"nothing to resume: '{args.out}' does not exist; drop --resume to start a run there")
+    cfg = resume_config(args.out, _overrides_with_flags(args))
+    if cfg.training.fsdp and launched_by_torchrun():
+        raise UserError(f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; `nanogpt4 {name}` "
+                        f"trains data-parallel with DDP under torchrun: drop training.fsdp=true")
+    args.stage_dir = args.out
+    return cfg, args.out
+
+
 def _warn_once(message: str) -> None:
     """A warning every torchrun rank would give alike (about the same input file), said by rank 0 alone."""
     from nanogpt4.train.distributed import rank_zero_or_alone
@@ -401,7 +421,7 @@ def _stage_out(args, name: str) -> Path:
 
 
 def _stage_stop_hint(args) -> str:
-    """What a stopped stage kept, and how to train it again (only `pretrain` resumes)."""
+    """What a stopped stage kept, and how to go on (`multimodal --resume`) or train it again (the others)."""
     from nanogpt4.train.checkpoint import list_checkpoints
 
     out = getattr(args, "stage_dir", None)
@@ -410,6 +430,8 @@ def _stage_stop_hint(args) -> str:
     kept = [p for root in Path(out).glob("**/checkpoints") for _, p in list_checkpoints(root.parent)]
     what = (f"{max(kept, key=lambda p: p.stat().st_mtime)} is kept, a partly trained model" if kept
             else "no checkpoint was written")
+    if args.command == "multimodal" and kept:
+        return f"; {what}; continue with: nanogpt4 multimodal --out {out} --resume"
     return f"; {what}; this stage does not resume: to train it again, delete {out} or give another --out"
 
 
@@ -559,12 +581,16 @@ def cmd_multimodal(args) -> int:
     from nanogpt4.train.multimodal import run_multimodal
     from nanogpt4.utils import resolve_device
 
-    if args.pretrained is not None and not args.pretrained.exists():
-        raise UserError(f"--pretrained '{args.pretrained}' does not exist; pass a `nanogpt4 pretrain` run directory "
-                        f"or leave it out to train the language model from scratch")
-    cfg, out = _stage_setup(args, "multimodal")
+    if args.resume:
+        cfg, out = _stage_resume_setup(args, "multimodal")
+    else:
+        if args.pretrained is not None and not args.pretrained.exists():
+            raise UserError(f"--pretrained '{args.pretrained}' does not exist; pass a `nanogpt4 pretrain` run "
+                            f"directory or leave it out to train the language model from scratch")
+        cfg, out = _stage_setup(args, "multimodal")
     with process_group(resolve_device(cfg.device)) as (info, device):
-        summary = run_multimodal(cfg, args.pretrained, out, progress=_progress(), info=info, device=device)
+        summary = run_multimodal(cfg, args.pretrained, out, progress=_progress(), info=info, device=device,
+                                 resume=args.resume)
     if not info.is_main:
         return 0
     accuracy = ", ".join(f"{name} {summary[key]:.3f}" for name, key in (
@@ -766,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--pretrained", type=Path, default=None,
                    help="start the language model from a `nanogpt4 pretrain` run (default: from scratch)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out from its latest checkpoint (its own config and weights)")
     p.set_defaults(func=cmd_multimodal)
 
     p = sub.add_parser("ask", help="ask a trained vision-language model about an image (greedy answer)")

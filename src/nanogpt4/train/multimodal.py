@@ -32,7 +32,7 @@ from nanogpt4.data.vision import (
 from nanogpt4.errors import UserError
 from nanogpt4.model.multimodal import MultimodalTransformer
 from nanogpt4.rlhf.data import pad_left, pad_right
-from nanogpt4.train.checkpoint import is_multimodal, load_model, resolve_stage_checkpoint
+from nanogpt4.train.checkpoint import is_multimodal, list_checkpoints, load_model, resolve_stage_checkpoint
 from nanogpt4.train.distributed import DistInfo
 from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows
 from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -307,7 +307,9 @@ def stage_cfg(cfg: DictConfig, steps: int, max_time_s: float | None = None, tune
         "warmup_steps": min(100, schedule // 10 + 1), "lr_decay_steps": schedule,
         "cooldown_steps": mm.cooldown_steps if tune else 0,
         "eval_interval": max(min(steps, 25), steps // 4),
-        "checkpoint_interval": steps, "max_time_s": max_time_s, "grad_accum_steps": 1})
+        # a checkpoint at every probe evaluation: a stage stopped without one (SIGKILL, a lost machine) resumes
+        # from the last (`nanogpt4 multimodal --resume`); a Ctrl-C or SIGTERM writes one where it stops
+        "checkpoint_interval": max(min(steps, 25), steps // 4), "max_time_s": max_time_s, "grad_accum_steps": 1})
 
 
 def text_tokenizer(cfg: DictConfig, source: VQASource) -> BPETokenizer:
@@ -341,6 +343,49 @@ def build_model(cfg: DictConfig, pretrained: Path | None, source: VQASource, dev
     return model, tok, cfg
 
 
+STAGES_FILE = "stages.json"  # what a resumed run cannot read from its config: the LM it started from
+
+
+def stage_plan(cfg: DictConfig, pretrained: bool) -> list[tuple[str, int, bool, bool]]:
+    """(name, steps, the LM trains, the tune stage's schedule applies) of each LLaVA stage to run."""
+    mm = cfg.multimodal
+    stages = []
+    if pretrained and mm.align_steps > 0:
+        stages.append(("align", mm.align_steps, False, False))
+    if mm.tune_steps > 0:
+        stages.append(("tune", mm.tune_steps, True, True))
+    if not stages:  # a fresh LM has nothing to align to: its stage 1 would be wasted compute
+        stages.append(("tune", mm.align_steps, True, False))
+    return stages
+
+
+def resumed_model(cfg: DictConfig, out: Path, device):
+    """(model, tokenizer, the LM it started from, its stages) of a stopped run in ``out``, before anything is
+    written: the weights come from each stage's checkpoint as it resumes. Refuses a run with nothing to resume
+    (no checkpoint, or every stage finished) and settings its checkpoints cannot continue."""
+    if not (out / "tokenizer.json").is_file():
+        raise UserError(f"cannot resume: '{out}' has no tokenizer.json; is it a `nanogpt4 multimodal` run?")
+    saved = json.loads((out / STAGES_FILE).read_text()) if (out / STAGES_FILE).is_file() else {}
+    # runs from before stages.json: one with an align stage started from a pretrained LM
+    lm_pretrained = saved.get("lm_pretrained", "(not recorded)" if (out / "align").is_dir() else None)
+    stages = stage_plan(cfg, lm_pretrained is not None)
+    found = {name: list_checkpoints(out / name) for name, *_ in stages}
+    if not any(found.values()):
+        raise UserError(f"nothing to resume: '{out}' was stopped before its first checkpoint; delete it and "
+                        f"train again without --resume")
+    setting = {"align": "multimodal.align_steps", "tune": "multimodal.tune_steps"}
+    for name, steps, _, _ in stages:
+        if found[name] and found[name][-1][0] > steps:
+            raise UserError(f"'{out / name}' is at step {found[name][-1][0]}, past {setting[name]}={steps}; give "
+                            f"{setting[name]} above it to train on (nothing was changed)")
+    if (out / "summary.json").is_file() and all(found[n] and found[n][-1][0] == s for n, s, *_ in stages):
+        raise UserError(f"'{out}' has finished; give a larger multimodal.tune_steps (now {cfg.multimodal.tune_steps})"
+                        f" to train on (nothing was changed)")
+    tok = Tokenizer.from_file(out / "tokenizer.json")
+    torch.manual_seed(cfg.seed)
+    return MultimodalTransformer(cfg).to(device), tok, lm_pretrained, stages
+
+
 def check_questions_fit(codec: TextCodec, items: list[VQAItem], max_len: int, pretrained: bool) -> None:
     """Refuse, before anything is written or trained, a question that cannot fit with its image and answer: it
     used to stop the first training step that drew it, after the run directory was made. The LM's context is a
@@ -364,20 +409,26 @@ def refuse_longer_than_context(what: str, need: int, image_tokens: int, max_len:
 
 def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=print, progress: bool = True,
                    deadline: float | None = None, evaluation_s: float = 0.0, info: DistInfo | None = None,
-                   device: torch.device | None = None) -> dict:
+                   device: torch.device | None = None, resume: bool = False) -> dict:
     """Train (LLaVA's align then tune), evaluate and report. ``deadline`` (a ``time.time()``) is when the stage
     should be done, evaluation included: training stops before it by the evaluation's predicted seconds, even if
     steps are left, so that a time-budgeted pipeline keeps its budget when the machine slows down; the evaluation
     still runs in full. The prediction is ``predicted_evaluation_s`` from this stage's timed probe evaluations,
     ``evaluation_s`` until it has timed one. Under torchrun (``info``, ``device``: the rank's) the ranks train
-    data-parallel and rank 0 alone writes and evaluates; the others return after training."""
+    data-parallel and rank 0 alone writes and evaluates; the others return after training. ``resume``: go on
+    with the stopped run in ``out`` (``cfg`` its config.yaml, ``pretrained`` None): each stage continues from its
+    latest checkpoint, a finished stage's is reused, a stage stopped before its first starts again."""
     t_start = time.time()
     info = info or DistInfo()
     device = device or resolve_device(cfg.device)
     log = log if info.is_main else (lambda _m: None)
     mm = cfg.multimodal
     source = VQASource(mm, mm.image_size, mm.channels, cfg.seed)
-    model, tok, cfg = build_model(cfg, pretrained, source, device)
+    if resume:
+        model, tok, lm_pretrained, stages = resumed_model(cfg, out, device)
+    else:
+        model, tok, cfg = build_model(cfg, pretrained, source, device)
+        lm_pretrained, stages = str(pretrained) if pretrained else None, stage_plan(cfg, pretrained is not None)
     if (model.image_size, model.channels) != (source.size, source.channels):  # a pretrained encoder's own input
         source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
     codec = TextCodec(tok, model)
@@ -386,10 +437,12 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
             f"accuracy is not held out (every 10th row is, from 2 rows on)")
     eval_items = source.eval_items()
     first_turns = [source.conversation(step, row)[0] for step in range(8) for row in range(mm.batch_size)]
-    check_questions_fit(codec, eval_items + first_turns, cfg.model.max_seq_len, pretrained is not None)
+    check_questions_fit(codec, eval_items + first_turns, cfg.model.max_seq_len, lm_pretrained is not None)
     if info.is_main:  # after the data and the model loaded and the questions fit: bad input leaves nothing
         out.mkdir(parents=True, exist_ok=True)
-        tok.save(out / "tokenizer.json")
+        if not resume:
+            tok.save(out / "tokenizer.json")
+            atomic_write_json(out / STAGES_FILE, {"lm_pretrained": lm_pretrained})
         atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     L = cfg.model.max_seq_len
     batches = VQABatches(source, codec, mm.batch_size, L)
@@ -406,14 +459,7 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
     summary: dict = {"device": str(device), "processes": info.world_size, "data": mm.data,
                      "image_tokens": model.image_tokens,
                      "parameters": sum(p.numel() for p in model.parameters()),
-                     "lm_pretrained": str(pretrained) if pretrained else None}
-    stages = []  # (name, steps, the LM trains, the tune stage's schedule applies)
-    if pretrained is not None and mm.align_steps > 0:
-        stages.append(("align", mm.align_steps, False, False))
-    if mm.tune_steps > 0:
-        stages.append(("tune", mm.tune_steps, True, True))
-    if not stages:  # a fresh LM has nothing to align to: its stage 1 would be wasted compute
-        stages.append(("tune", mm.align_steps, True, False))
+                     "lm_pretrained": lm_pretrained}
     train_s = 0.0
     for name, steps, lm_trains, tune in stages:
         model.lm.requires_grad_(lm_trains)
@@ -429,6 +475,11 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
                           warmup_fix=f"the stage's warmup is a tenth of its schedule (at most 100 steps), here "
                                      f"multimodal.lr_decay_steps={train_cfg.lr_decay_steps}: give more steps or a "
                                      f"shorter multimodal.lr_decay_steps (a pipeline's --scale keeps the full run's)")
+        if resume and list_checkpoints(out / name):
+            trainer.resume()
+        elif resume and (out / name / "metrics.jsonl").exists():  # stopped before its first checkpoint
+            log(f"multimodal: stage {name} starts again (it was stopped before its first checkpoint)")
+            trainer.metrics.truncate_after(0)
         result = trainer.fit()
         if result["steps"] < steps:
             log(f"multimodal: stage {name} stopped at step {result['steps']} of {steps}: the time budget is spent")
