@@ -624,6 +624,32 @@ def test_multimodal_resume_refusals(tmp_path, capsys, monkeypatch):
     assert (run / "config.yaml").read_text() == before
 
 
+def test_the_pipeline_resumes_its_stopped_multimodal_stage(tmp_path, monkeypatch):
+    """Rerun, the pipeline continues the stage from its checkpoint under its deadline; the time the stage had
+    trained before (planted as 1000 s) does not count against this command's time left (it stopped at once)."""
+    import time
+
+    from nanogpt4.errors import TrainingStopped
+    from nanogpt4.pipeline import _multimodal_stage
+    from nanogpt4.train.checkpoint import latest_checkpoint, load_trainer_state
+    from nanogpt4.train.multimodal import run_multimodal
+
+    cfg = load_config("tiny", [o for o in MM_RESUME if "=" in o] + ["device=cpu"])
+    quiet = {"log": lambda _m: None, "progress": False}
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_multimodal(cfg, None, full, **quiet)
+    _sigterm_during(monkeypatch, {"tune": 2})
+    with pytest.raises(TrainingStopped):
+        run_multimodal(cfg, None, part, **quiet)
+    ckpt = latest_checkpoint(part / "tune")
+    torch.save({**load_trainer_state(ckpt), "train_time_s": 1000.0}, ckpt / "trainer_state.pt")
+    said = []
+    summary = _multimodal_stage(cfg, tmp_path / "unread", part, False, said.append, time.time() + 600, 0.0)
+    assert said[0] == f"multimodal: resuming interrupted run {part}"
+    assert summary["tune_steps"] == 8 and (part / "summary.json").exists()
+    _same_run(full, part)
+
+
 @pytest.mark.slow
 def test_a_multimodal_run_stopped_after_its_align_stage_resumes_exactly(prepared, tmp_path, capsys, monkeypatch):
     """From a pretrained LM: stopped in the align stage, then in the tune stage (the finished align stage reused),

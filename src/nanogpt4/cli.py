@@ -374,8 +374,8 @@ def cmd_pipeline(args) -> int:
         summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
                                progress=_progress(), scale=args.scale, minutes=args.minutes)
     except (KeyboardInterrupt, TrainingStopped, DiskFull) as e:
-        raise _with_hint(e, "; finished stages are kept, an interrupted pretraining resumes from its last "
-                            "checkpoint and an interrupted RLHF or multimodal stage starts over: run the same "
+        raise _with_hint(e, "; finished stages are kept, an interrupted pretraining or multimodal stage resumes "
+                            "from its last checkpoint and an interrupted RLHF stage starts over: run the same "
                             "command again to continue") from None
     return _finish(args, summary)
 

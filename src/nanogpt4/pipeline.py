@@ -93,7 +93,7 @@ def _samples(run_dir: Path, python: bool, n_tokens: int = 120) -> list[tuple[str
 
 
 def _finished_or_fresh(name: str, run_dir: Path, cfg, log) -> dict | None:
-    """A finished stage's summary (reused), else None after clearing an interrupted run (these stages are
+    """A finished stage's summary (reused), else None after clearing an interrupted run (RLHF's stages are
     minutes long and start again rather than resume)."""
     if (run_dir / "summary.json").exists():
         _check_same_settings(run_dir, cfg, (name, "seed"), ignore=("multimodal.image_token_id",))
@@ -112,8 +112,15 @@ def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
 
 def _multimodal_stage(cfg, pretrained: Path, run_dir: Path, progress: bool, log, deadline: float | None,
                       evaluation_s: float) -> dict:
-    from nanogpt4.train.multimodal import run_multimodal
+    """Reused when finished, resumed from its latest checkpoint when stopped (the longest stage), else trained."""
+    from nanogpt4.train.multimodal import has_stage_checkpoints, run_multimodal
+    from nanogpt4.train.pretrain import resume_config
 
+    if not (run_dir / "summary.json").exists() and has_stage_checkpoints(run_dir):
+        _check_same_settings(run_dir, cfg, ("multimodal", "seed"), ignore=("multimodal.image_token_id",))
+        log(f"multimodal: resuming interrupted run {run_dir}")
+        return run_multimodal(resume_config(run_dir, []), None, run_dir, log=log, progress=progress,
+                              deadline=deadline, evaluation_s=evaluation_s, resume=True)
     return (_finished_or_fresh("multimodal", run_dir, cfg, log)
             or run_multimodal(cfg, pretrained, run_dir, log=log, progress=progress, deadline=deadline,
                               evaluation_s=evaluation_s))

@@ -359,6 +359,11 @@ def stage_plan(cfg: DictConfig, pretrained: bool) -> list[tuple[str, int, bool, 
     return stages
 
 
+def has_stage_checkpoints(out: Path) -> bool:
+    """Whether a multimodal run in ``out`` has anything to resume from."""
+    return any(list_checkpoints(out / name) for name in ("align", "tune"))
+
+
 def resumed_model(cfg: DictConfig, out: Path, device):
     """(model, tokenizer, the LM it started from, its stages) of a stopped run in ``out``, before anything is
     written: the weights come from each stage's checkpoint as it resumes. Refuses a run with nothing to resume
@@ -370,7 +375,7 @@ def resumed_model(cfg: DictConfig, out: Path, device):
     lm_pretrained = saved.get("lm_pretrained", "(not recorded)" if (out / "align").is_dir() else None)
     stages = stage_plan(cfg, lm_pretrained is not None)
     found = {name: list_checkpoints(out / name) for name, *_ in stages}
-    if not any(found.values()):
+    if not any(found.values()):  # has_stage_checkpoints, for the stages this config plans
         raise UserError(f"nothing to resume: '{out}' was stopped before its first checkpoint; delete it and "
                         f"train again without --resume")
     setting = {"align": "multimodal.align_steps", "tune": "multimodal.tune_steps"}
@@ -477,6 +482,9 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
                                      f"shorter multimodal.lr_decay_steps (a pipeline's --scale keeps the full run's)")
         if resume and list_checkpoints(out / name):
             trainer.resume()
+            if train_cfg.max_time_s is not None:  # the time left is this command's: the stage's time so far (the
+                # checkpoint's train_time_s, which the budget is checked against) comes on top
+                train_cfg.max_time_s = trainer.train_time + train_cfg.max_time_s
         elif resume and (out / name / "metrics.jsonl").exists():  # stopped before its first checkpoint
             log(f"multimodal: stage {name} starts again (it was stopped before its first checkpoint)")
             trainer.metrics.truncate_after(0)
