@@ -676,6 +676,16 @@ def test_a_multimodal_run_stopped_after_its_align_stage_resumes_exactly(prepared
     assert [(part / name / "metrics.jsonl").read_text().count("step_loss") for name in ("align", "tune")] == [4, 8]
     assert json.loads((part / "summary.json").read_text())["lm_pretrained"] == str(tmp_path / "pre")
 
+    # a stage the next has begun after is done, even given more steps now (as a stage a time budget cut short):
+    # trained on, its steps would be lost when the next stage's checkpoint loads
+    _sigterm_during(monkeypatch, {"tune": 2})
+    assert main([*args, "--out", str(tmp_path / "short")]) == 143
+    assert main(["multimodal", "--out", str(tmp_path / "short"), "--resume", "--device", "cpu",
+                 "multimodal.align_steps=6"]) == 0
+    summary = json.loads((tmp_path / "short" / "summary.json").read_text())
+    assert summary["align_steps"] == 4 and summary["align_train_loss"] == step_losses(full / "align")[4]
+    _same_run(full, tmp_path / "short")
+
 
 def test_training_conversations_teach_vertical_order():
     found = 0

@@ -9,6 +9,7 @@ question-only prior (the most common training answer for each exact question) wo
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections import Counter, defaultdict
@@ -35,7 +36,7 @@ from nanogpt4.rlhf.data import pad_left, pad_right
 from nanogpt4.train.checkpoint import is_multimodal, list_checkpoints, load_model, resolve_stage_checkpoint
 from nanogpt4.train.distributed import DistInfo
 from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows
-from nanogpt4.utils import atomic_write_json, atomic_write_text, resolve_device
+from nanogpt4.utils import atomic_write_json, atomic_write_text, read_jsonl, resolve_device
 
 USER, ASSISTANT = ROLE_TOKENS["user"], ROLE_TOKENS["assistant"]
 
@@ -365,9 +366,11 @@ def has_stage_checkpoints(out: Path) -> bool:
 
 
 def resumed_model(cfg: DictConfig, out: Path, device):
-    """(model, tokenizer, the LM it started from, its stages) of a stopped run in ``out``, before anything is
-    written: the weights come from each stage's checkpoint as it resumes. Refuses a run with nothing to resume
-    (no checkpoint, or every stage finished) and settings its checkpoints cannot continue."""
+    """(model, tokenizer, the LM it started from, its stages, the stages it is past) of a stopped run in ``out``,
+    before anything is written. The weights come from the checkpoint of the last stage that has one, as it resumes;
+    the stages before it are done, even if stopped short (by a time budget, or a larger step count given now):
+    training one further would be lost when the later stage's checkpoint loads. Refuses a run with nothing to
+    resume (no checkpoint, or finished) and settings its checkpoints cannot continue."""
     if not (out / "tokenizer.json").is_file():
         raise UserError(f"cannot resume: '{out}' has no tokenizer.json; is it a `nanogpt4 multimodal` run?")
     saved = json.loads((out / STAGES_FILE).read_text()) if (out / STAGES_FILE).is_file() else {}
@@ -378,17 +381,26 @@ def resumed_model(cfg: DictConfig, out: Path, device):
     if not any(found.values()):  # has_stage_checkpoints, for the stages this config plans
         raise UserError(f"nothing to resume: '{out}' was stopped before its first checkpoint; delete it and "
                         f"train again without --resume")
+    current = max(i for i, (name, *_) in enumerate(stages) if found[name])
     setting = {"align": "multimodal.align_steps", "tune": "multimodal.tune_steps"}
-    for name, steps, _, _ in stages:
+    for name, steps, _, _ in stages[current:]:
         if found[name] and found[name][-1][0] > steps:
             raise UserError(f"'{out / name}' is at step {found[name][-1][0]}, past {setting[name]}={steps}; give "
                             f"{setting[name]} above it to train on (nothing was changed)")
-    if (out / "summary.json").is_file() and all(found[n] and found[n][-1][0] == s for n, s, *_ in stages):
+    name, steps = stages[current][:2]
+    if (out / "summary.json").is_file() and current == len(stages) - 1 and found[name][-1][0] == steps:
         raise UserError(f"'{out}' has finished; give a larger multimodal.tune_steps (now {cfg.multimodal.tune_steps})"
                         f" to train on (nothing was changed)")
     tok = Tokenizer.from_file(out / "tokenizer.json")
     torch.manual_seed(cfg.seed)
-    return MultimodalTransformer(cfg).to(device), tok, lm_pretrained, stages
+    return MultimodalTransformer(cfg).to(device), tok, lm_pretrained, stages, {n for n, *_ in stages[:current]}
+
+
+def logged_stage_result(run_dir: Path) -> tuple[int, float]:
+    """(steps, last training loss) of a finished stage, from its latest checkpoint and its log."""
+    step = list_checkpoints(run_dir)[-1][0]
+    losses = [r["step_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "step_loss" in r and r["step"] <= step]
+    return step, losses[-1] if losses else math.nan
 
 
 def check_questions_fit(codec: TextCodec, items: list[VQAItem], max_len: int, pretrained: bool) -> None:
@@ -430,10 +442,11 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
     mm = cfg.multimodal
     source = VQASource(mm, mm.image_size, mm.channels, cfg.seed)
     if resume:
-        model, tok, lm_pretrained, stages = resumed_model(cfg, out, device)
+        model, tok, lm_pretrained, stages, done = resumed_model(cfg, out, device)
     else:
         model, tok, cfg = build_model(cfg, pretrained, source, device)
-        lm_pretrained, stages = str(pretrained) if pretrained else None, stage_plan(cfg, pretrained is not None)
+        lm_pretrained, done = (str(pretrained) if pretrained else None), set()
+        stages = stage_plan(cfg, pretrained is not None)
     if (model.image_size, model.channels) != (source.size, source.channels):  # a pretrained encoder's own input
         source = VQASource(cfg.multimodal, model.image_size, model.channels, cfg.seed)
     codec = TextCodec(tok, model)
@@ -467,6 +480,9 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
                      "lm_pretrained": lm_pretrained}
     train_s = 0.0
     for name, steps, lm_trains, tune in stages:
+        if name in done:  # resumed past it: its weights are in the later stage's checkpoint
+            summary[f"{name}_steps"], summary[f"{name}_train_loss"] = logged_stage_result(out / name)
+            continue
         model.lm.requires_grad_(lm_trains)
         t0 = time.time()
         log(f"multimodal: stage {name} ({'all weights' if lm_trains else 'LM frozen'}), {steps} steps")
