@@ -1,3 +1,4 @@
+import argparse
 import json
 import shutil
 import subprocess
@@ -362,8 +363,91 @@ def test_a_stopped_stage_names_what_it_kept_and_how_to_train_it_again(trained_ru
     out = tmp_path / "s"
     got, _, err = cli(capsys, "sft", "--pretrained", trained_run, "--data", rows, "--out", out, "rlhf.sft_steps=10")
     assert got == code and err.strip().splitlines()[-1] == (
-        f"{said}; {out / 'checkpoints' / 'step_3'} is kept, a partly trained model; this stage does not resume: to "
-        f"train it again, delete {out} or give another --out")
+        f"{said}; {out / 'checkpoints' / 'step_3'} is kept, a partly trained model; continue with: nanogpt4 sft "
+        f"--pretrained {trained_run} --data {rows} --out {out} rlhf.sft_steps=10 --resume")
+    # a stage with no --resume (ppo, rlhf: their own loops) says how to train it again instead
+    from nanogpt4.cli import _stage_stop_hint
+
+    ppo = argparse.Namespace(command="ppo", stage_dir=out, argv=["ppo", "--out", str(out)])
+    assert _stage_stop_hint(ppo) == (f"; {out / 'checkpoints' / 'step_3'} is kept, a partly trained model; this "
+                                     f"stage does not resume: to train it again, delete {out} or give another --out")
+
+
+def _rlhf_stage_argv(stage: str, trained_run, tmp_path) -> list:
+    rows, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i % 3}"}) + "\n" for i in range(12)))
+    pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "good", "rejected": f"bad {i}"}) + "\n"
+                             for i in range(30)))
+    return {"sft": ["sft", "--pretrained", trained_run, "--data", rows, "rlhf.sft_steps=8"],
+            "reward": ["reward", "--sft", trained_run, "--data", pairs, "rlhf.reward_steps=8"],
+            "dpo": ["dpo", "--sft", trained_run, "--data", pairs, "rlhf.dpo_steps=8", "--no-eval"]}[stage] + [
+        "training.log_interval=1"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
+def test_a_stopped_rlhf_stage_resumes_exactly_with_its_command_and_resume(trained_run, tmp_path, capsys,
+                                                                          monkeypatch, stage):
+    """SIGTERM at step 3 of 8; the command it began with plus --resume goes on from that checkpoint to the
+    uninterrupted run's per-step losses and summary (reward: both of its models, each in its directory)."""
+    import os
+    import shlex
+    import signal
+
+    from nanogpt4.train.trainer import Trainer
+
+    from .conftest import step_losses
+
+    argv = _rlhf_stage_argv(stage, trained_run, tmp_path)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli(capsys, *argv, "--out", full)[0] == 0
+    real, calls = Trainer._loss_scales, []
+
+    def signalled_in_step_3(self, batches):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches)
+
+    monkeypatch.setattr(Trainer, "_loss_scales", signalled_in_step_3)
+    code, _, err = cli(capsys, *argv, "--out", part)
+    again = shlex.join(["nanogpt4", *map(str, argv), "--out", str(part), "--resume"])
+    assert code == 143 and err.strip().splitlines()[-1] == (
+        f"stopped: SIGTERM at step 3 of 8; {part / 'checkpoints' / 'step_3'} is kept, a partly trained model; "
+        f"continue with: {again}"), err
+    code, out, err = cli(capsys, *shlex.split(again)[1:], "--json")
+    assert code == 0, err
+    logs = sorted(p.relative_to(full) for p in full.glob("**/metrics.jsonl"))
+    assert logs == sorted(p.relative_to(part) for p in part.glob("**/metrics.jsonl")) and logs
+    for log in logs:  # exact float equality, every step, each logged once: steps 4-8 trained, 1-3 kept
+        assert step_losses(full / log.parent) == step_losses(part / log.parent) and step_losses(part / log.parent)
+        assert (part / log).read_text().count('"step_loss"') == 8
+    ours, theirs = json.loads(out.strip().splitlines()[-1]), json.loads((full / "summary.json").read_text())
+    for key in ("sft_train_loss", "rm_val_accuracy", "rm_val_accuracy_frozen_base", "dpo_train_loss"):
+        assert ours.get(key) == theirs.get(key), key
+    assert_one_line_error(*cli(capsys, *shlex.split(again)[1:])[::2], "has finished: nothing to resume")
+    # stopped after training, in its evaluation or before its summary: the trained model is kept, not trained on
+    (full / "summary.json").unlink()
+    code, out, err = cli(capsys, *argv, "--out", full, "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1]).get("dpo_train_loss") == theirs.get("dpo_train_loss")
+    for log in logs:
+        assert step_losses(full / log.parent) == step_losses(part / log.parent)
+        assert (full / log).read_text().count('"step_loss"') == 8
+
+
+def test_rlhf_stage_resume_refusals(trained_run, tmp_path, capsys):
+    argv = _rlhf_stage_argv("sft", trained_run, tmp_path)
+    assert_one_line_error(*cli(capsys, *argv, "--resume")[::2], "--resume needs --out RUN_DIR")
+    assert_one_line_error(*cli(capsys, *argv, "--out", tmp_path / "none", "--resume")[::2],
+                          "nothing to resume: '")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    assert_one_line_error(*cli(capsys, *argv, "--out", tmp_path / "empty", "--resume")[::2],
+                          "was stopped before its first checkpoint")
+    assert cli(capsys, *argv, "--out", tmp_path / "r")[0] == 0
+    (tmp_path / "r" / "summary.json").unlink()
+    assert_one_line_error(*cli(capsys, *argv, "--out", tmp_path / "r", "--resume", "rlhf.sft_steps=5")[::2],
+                          "is at step 8, past the 5 steps now asked for")
 
 
 def test_rows_longer_than_the_context_are_said_not_cut_silently(trained_run, tmp_path, capsys):

@@ -671,7 +671,7 @@ def test_a_multimodal_run_stopped_after_its_align_stage_resumes_exactly(prepared
     shutil.rmtree(part / "tune" / "checkpoints")
     capsys.readouterr()
     assert main(["multimodal", "--out", str(part), "--resume", "--device", "cpu"]) == 0
-    assert "stage tune starts again (it was stopped before its first checkpoint)" in capsys.readouterr().out
+    assert f"{part / 'tune'} starts again (it was stopped before its first checkpoint)" in capsys.readouterr().out
     _same_run(full, part, ("align", "tune"))
     assert [(part / name / "metrics.jsonl").read_text().count("step_loss") for name in ("align", "tune")] == [4, 8]
     assert json.loads((part / "summary.json").read_text())["lm_pretrained"] == str(tmp_path / "pre")

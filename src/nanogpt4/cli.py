@@ -131,7 +131,29 @@ def _stage_setup(args, name: str) -> tuple:
     if name != "sft" and cfg.training.fsdp and launched_by_torchrun():
         raise UserError(f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; `nanogpt4 {name}` "
                         f"trains data-parallel with DDP under torchrun: drop training.fsdp=true")
+    if getattr(args, "resume", False):
+        return cfg, _stage_resume_out(args)
     return cfg, _stage_out(args, name)  # every rank reads the same directory: all refuse, before any collective
+
+
+def _stage_resume_out(args) -> Path:
+    """The run directory an RLHF stage's ``--resume`` continues: one with a checkpoint, not finished. The rest of
+    the command is the one the run began with, so everything before training (a judge's labels, the reference's
+    log-probs) comes out the same, and the trainer goes on from the checkpoint."""
+    from nanogpt4.train.checkpoint import list_checkpoints
+
+    out = args.out
+    if out is None:
+        raise UserError("--resume needs --out RUN_DIR, the run to continue")
+    if not out.is_dir():
+        raise UserError(f"nothing to resume: '{out}' does not exist; drop --resume to start a run there")
+    if (out / "summary.json").exists():
+        raise UserError(f"'{out}' has finished: nothing to resume (nothing was changed)")
+    if not [p for root in out.glob("**/checkpoints") for _, p in list_checkpoints(root.parent)]:
+        raise UserError(f"nothing to resume: '{out}' was stopped before its first checkpoint; delete it and run the "
+                        f"command again without --resume")
+    args.stage_dir = out
+    return out
 
 
 def _stage_resume_setup(args, name: str) -> tuple:
@@ -421,7 +443,7 @@ def _stage_out(args, name: str) -> Path:
 
 
 def _stage_stop_hint(args) -> str:
-    """What a stopped stage kept, and how to go on (`multimodal --resume`) or train it again (the others)."""
+    """What a stopped stage kept, and how to go on (``--resume``) or train it again (`ppo`, `rlhf`)."""
     from nanogpt4.train.checkpoint import list_checkpoints
 
     out = getattr(args, "stage_dir", None)
@@ -432,6 +454,11 @@ def _stage_stop_hint(args) -> str:
             else "no checkpoint was written")
     if args.command == "multimodal" and kept:
         return f"; {what}; continue with: nanogpt4 multimodal --out {out} --resume"
+    if hasattr(args, "resume") and kept:  # the command it began with, which rebuilds what the training read
+        import shlex
+
+        again = args.argv + ([] if "--resume" in args.argv else ["--resume"])
+        return f"; {what}; continue with: {shlex.join(['nanogpt4', *again])}"
     return f"; {what}; this stage does not resume: to train it again, delete {out} or give another --out"
 
 
@@ -455,7 +482,7 @@ def cmd_sft(args) -> int:
         if judge is not None:  # on rank 0, its error sent to the others (they would wait for it in DDP's setup)
             on_rank_zero(info, device, lambda: before.update(
                 evaluate_policies(cfg, {"pretrained": policy}, tok, judge, device)[0]))
-        result = sft_stage(cfg, policy, tok, out, device, examples, info=info)
+        result = sft_stage(cfg, policy, tok, out, device, examples, info=info, resume=args.resume)
         if not info.is_main:
             return 0
         summary = {"sft_train_loss": result["final_train_loss"], "steps": result["steps"],
@@ -489,7 +516,7 @@ def cmd_reward(args) -> int:
         centre = None  # (prompts, the SFT policy's first sample of each), to centre the rewards on
         if pairs is None:  # the judge labels the SFT policy's samples: once, on rank 0, which sends them on
             pairs, centre = label_on_rank_zero(cfg, sft, tok, load_judge(cfg.rlhf.judge), out, device, info)
-        _, stats = reward_stage(cfg, sft, tok, pairs, out, device, centre, info=info,
+        _, stats = reward_stage(cfg, sft, tok, pairs, out, device, centre, info=info, resume=args.resume,
                                 held_out_seed=cfg.seed if args.data else None)  # your file may be sorted
         if not info.is_main:
             return 0
@@ -561,7 +588,7 @@ def cmd_dpo(args) -> int:
                 raise UserError(f"{e}; or pass --no-eval to skip the held-out judge evaluation") from None
         sft = copy.deepcopy(policy).eval()
         result = train_dpo(cfg, policy.train().requires_grad_(True), tok, pairs, out, device, cfg.rlhf.dpo_steps,
-                           info=info)
+                           info=info, resume=args.resume)
         if not info.is_main:
             return 0
         save_policy(out, cfg.rlhf.dpo_steps, policy, cfg, tok)  # first: whatever the evaluation meets, it is kept
@@ -762,12 +789,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", type=Path, required=True, help="a `nanogpt4 pretrain` run directory")
     p.add_argument("--data", type=Path, default=None,
                    help='jsonl of {"prompt","response"} or {"messages":[...]} (default: the offline tasks)')
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out: the command it began with, plus --resume")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("reward", help="Bradley-Terry reward model (judge-labelled pairs unless --data)")
     _common(p)
     p.add_argument("--sft", type=Path, required=True, help="a `nanogpt4 sft` run directory")
     p.add_argument("--data", type=Path, default=None, help='jsonl of {"prompt","chosen","rejected"}')
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out: the command it began with, plus --resume")
     p.set_defaults(func=cmd_reward)
 
     p = sub.add_parser("ppo", help="PPO of an SFT policy against a trained reward model")
@@ -786,6 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True,
                    help='jsonl of {"prompt","chosen","rejected"} (`nanogpt4 reward` writes OUT/preferences.jsonl)')
     p.add_argument("--no-eval", action="store_true", help="skip the held-out judge evaluation")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out: the command it began with, plus --resume")
     p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("multimodal", help="train and evaluate the vision-language model (LLaVA recipe)")
@@ -900,7 +933,9 @@ def _flag_hint(extra: list[str], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _run(parse_cli(argv))
+    args = parse_cli(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a stopped stage's --resume line repeats
+    code = _run(args)
     if "RANK" in os.environ:  # launched by torchrun: a rank whose process group could not be freed ends here
         from nanogpt4.train.distributed import leave_rank
 

@@ -64,7 +64,7 @@ def make_dpo_loss(beta: float):
 
 
 def train_dpo(cfg: DictConfig, policy, tok: Tokenizer, prefs: list[Preference], run_dir: Path, device,
-              steps: int, log=print, info: DistInfo | None = None) -> dict:
+              steps: int, log=print, info: DistInfo | None = None, resume: bool = False) -> dict:
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     tc = stage_training_cfg(cfg, max_steps=steps, learning_rate=cfg.rlhf.dpo_learning_rate, batch_size=16,
                             grad_accum_steps=1,
@@ -74,4 +74,6 @@ def train_dpo(cfg: DictConfig, policy, tok: Tokenizer, prefs: list[Preference], 
     trainer = Trainer(cfg, policy, batches, run_dir, info or DistInfo(), device,
                       loss_fn=make_dpo_loss(cfg.rlhf.dpo_beta), train_cfg=tc, progress=False, log=log,
                       lr_setting="rlhf.dpo_learning_rate")
+    if resume:  # the reference is the policy as given (the SFT model), so its log-probs are the first run's
+        trainer.resume_or_restart()
     return trainer.fit()

@@ -126,7 +126,7 @@ def check_same_trunk(theirs: torch.nn.Module, ours: torch.nn.Module, their_name:
 
 
 def sft_stage(cfg: DictConfig, policy, tok, out: Path, device, examples: list[Example] | None = None,
-              log=print, info: DistInfo | None = None) -> dict:
+              log=print, info: DistInfo | None = None, resume: bool = False) -> dict:
     """Supervised fine-tuning on ``examples`` (default: the offline tasks); the policy is trained in place (under
     torchrun, ``info``, data-parallel: each rank its share of every batch, rank 0 writes)."""
     info = info or DistInfo()
@@ -137,7 +137,7 @@ def sft_stage(cfg: DictConfig, policy, tok, out: Path, device, examples: list[Ex
         tok.save(out / "tokenizer.json")
         atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
     return train_sft(cfg, policy, tok, examples, out, device, log=lambda _m: None,
-                     tokenizer_path=out / "tokenizer.json", info=info)
+                     tokenizer_path=out / "tokenizer.json", info=info, resume=resume)
 
 
 def label_stage(cfg: DictConfig, sft, tok, judge, out: Path, log=print) -> tuple[list[Preference], list[str],
@@ -218,7 +218,8 @@ def clearest_pairs(pairs: list[Preference]) -> list[Preference]:
 
 def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, device,
                  centre_on: tuple[list[str], list[str]] | None = None, log=print,
-                 info: DistInfo | None = None, held_out_seed: int | None = None) -> tuple[RewardModel, dict]:
+                 info: DistInfo | None = None, held_out_seed: int | None = None,
+                 resume: bool = False) -> tuple[RewardModel, dict]:
     """Bradley-Terry reward model from the SFT weights (fine-tuned base; with ``rlhf.compare_frozen_base`` a
     frozen-base twin is trained too and reported beside it), centred so SFT responses average 0. Under
     torchrun (``info``) the ranks train it data-parallel; rank 0 alone centres and saves it."""
@@ -239,7 +240,7 @@ def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, 
     for suffix, freeze in variants:
         model = RewardModel(copy.deepcopy(sft), freeze_base=freeze, seed=cfg.seed).to(device)
         run_dir = out / suffix.lstrip("_") if suffix else out
-        train_reward(cfg, model, tok, train_pairs, val_pairs, run_dir, device, log=quiet, info=info)
+        train_reward(cfg, model, tok, train_pairs, val_pairs, run_dir, device, log=quiet, info=info, resume=resume)
         stats[f"rm_val_accuracy{suffix}"] = reward_accuracy(model, val_enc, tok.pad_id, device)
         if all_enc is not None:
             stats[f"rm_val_accuracy_all_pairs{suffix}"] = reward_accuracy(model, all_enc, tok.pad_id, device)

@@ -105,18 +105,22 @@ def reward_accuracy(rm: RewardModel, pairs: list[tuple[list[int], list[int]]], p
 
 
 def train_sft(cfg: DictConfig, model, tok: Tokenizer, examples: list[Example], run_dir: Path, device,
-              log=print, tokenizer_path: Path | None = None, info: DistInfo | None = None) -> dict:
+              log=print, tokenizer_path: Path | None = None, info: DistInfo | None = None,
+              resume: bool = False) -> dict:
     tc = stage_training_cfg(cfg, max_steps=cfg.rlhf.sft_steps, learning_rate=cfg.rlhf.sft_learning_rate,
                             warmup_steps=min(20, cfg.rlhf.sft_steps // 10 + 1),
                             eval_interval=cfg.rlhf.sft_steps, checkpoint_interval=cfg.rlhf.sft_steps)
     batches = SFTBatches(examples, tok, cfg.model.max_seq_len, tc.batch_size, cfg.seed)
     trainer = Trainer(cfg, model, batches, run_dir, info or DistInfo(), device, train_cfg=tc, progress=False,
                       log=log, tokenizer_path=tokenizer_path, lr_setting="rlhf.sft_learning_rate")
+    if resume:
+        trainer.resume_or_restart()
     return trainer.fit()
 
 
 def train_reward(cfg: DictConfig, rm: RewardModel, tok: Tokenizer, train: list[Preference],
-                 held_out: list[Preference], run_dir: Path, device, log=print, info: DistInfo | None = None) -> dict:
+                 held_out: list[Preference], run_dir: Path, device, log=print, info: DistInfo | None = None,
+                 resume: bool = False) -> dict:
     max_len = cfg.model.max_seq_len
     val_pairs = [encode_pair(tok, p, max_len) for p in held_out]
     tc = stage_training_cfg(cfg, max_steps=cfg.rlhf.reward_steps, learning_rate=cfg.rlhf.reward_model_lr,
@@ -127,6 +131,8 @@ def train_reward(cfg: DictConfig, rm: RewardModel, tok: Tokenizer, train: list[P
     trainer = Trainer(cfg, rm, batches, run_dir, info or DistInfo(), device, loss_fn=reward_loss, train_cfg=tc,
                       evaluate=lambda m: {"rm_val_accuracy": reward_accuracy(m, val_pairs, tok.pad_id, device)},
                       progress=False, log=log, lr_setting="rlhf.reward_model_lr")
+    if resume:
+        trainer.resume_or_restart()
     return trainer.fit()
 
 

@@ -496,14 +496,11 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
                           warmup_fix=f"the stage's warmup is a tenth of its schedule (at most 100 steps), here "
                                      f"multimodal.lr_decay_steps={train_cfg.lr_decay_steps}: give more steps or a "
                                      f"shorter multimodal.lr_decay_steps (a pipeline's --scale keeps the full run's)")
-        if resume and list_checkpoints(out / name):
-            trainer.resume()
+        if resume:
+            trainer.resume_or_restart()
             if train_cfg.max_time_s is not None:  # the time left is this command's: the stage's time so far (the
                 # checkpoint's train_time_s, which the budget is checked against) comes on top
                 train_cfg.max_time_s = trainer.train_time + train_cfg.max_time_s
-        elif resume and (out / name / "metrics.jsonl").exists():  # stopped before its first checkpoint
-            log(f"multimodal: stage {name} starts again (it was stopped before its first checkpoint)")
-            trainer.metrics.truncate_after(0)
         result = trainer.fit()
         if result["steps"] < steps:
             log(f"multimodal: stage {name} stopped at step {result['steps']} of {steps}: the time budget is spent")

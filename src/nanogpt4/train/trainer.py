@@ -24,7 +24,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from nanogpt4.errors import TrainingDiverged, TrainingStopped, UserError
-from nanogpt4.train.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
+from nanogpt4.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    load_weights,
+    save_checkpoint,
+)
 from nanogpt4.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -256,6 +262,29 @@ class Trainer:
                      f"train/val split changed since): training goes on with this data, so the run will not match "
                      f"an uninterrupted one")
         return self.step
+
+    def resume_or_restart(self) -> None:
+        """A stage's ``--resume``: from ``run_dir``'s latest checkpoint, or, for a stage stopped before its first,
+        from the start, its log emptied. Refuses a checkpoint past this run's ``max_steps``."""
+        if latest_checkpoint(self.run_dir) is None:
+            if self.metrics.path.exists():
+                self.log(f"{self.run_dir} starts again (it was stopped before its first checkpoint)")
+                self.metrics.truncate_after(0)
+            return
+        step, ckpt = list_checkpoints(self.run_dir)[-1]
+        if step > self.tc.max_steps:
+            raise UserError(f"'{self.run_dir}' is at step {step}, past the {self.tc.max_steps} steps now asked for; "
+                            f"give at least {step} to train on (nothing was trained)")
+        if "optimizer" not in load_trainer_state(ckpt):  # the stage's trained model, saved after its training
+            # (stopped during its evaluation): nothing is left to train, and ``fit`` reads its numbers from the log
+            if step < self.tc.max_steps:
+                raise UserError(f"{ckpt} holds the trained model without its optimizer state, which more steps "
+                                f"would need; train on from it in a new run (nothing was trained)")
+            load_weights(unwrap(self.model), ckpt / "model.safetensors")
+            self.step = step
+            self.log(f"resumed after training: {ckpt} holds the trained model")
+            return
+        self.resume()
 
     def save(self, best: bool = False) -> None:
         if self.tc.fsdp and self.info.enabled:  # every rank takes part in gathering the shards
