@@ -616,7 +616,8 @@ def test_multimodal_resume_refusals(tmp_path, capsys, monkeypatch):
     assert "nothing to resume: '" + str(run) + "' was stopped before its first checkpoint" in capsys.readouterr().err
     (run / "tune" / "checkpoints" / "gone").rename(run / "tune" / "checkpoints" / "step_3")
     before = (run / "config.yaml").read_text()
-    for bad, said in [(["--pretrained", str(run)], "drop --pretrained"),
+    for bad, said in [(["--pretrained", str(run)], "did not start from --pretrained '" + str(run) + "' (it started "
+                       "from a new language model); --resume continues its own weights: drop --pretrained"),
                       (["model.dim=64"], "cannot change model.* when resuming"),
                       (["multimodal.tune_steps=2"], "is at step 3, past multimodal.tune_steps=2")]:
         assert main(["multimodal", "--out", str(run), "--resume", *bad]) == 2
@@ -664,7 +665,10 @@ def test_a_multimodal_run_stopped_after_its_align_stage_resumes_exactly(prepared
     assert main([*args, "--out", str(full)]) == 0
     _sigterm_during(monkeypatch, {"align": 1, "tune": 4})
     assert main([*args, "--out", str(part)]) == 143
-    assert main(["multimodal", "--out", str(part), "--resume", "--device", "cpu"]) == 143
+    capsys.readouterr()
+    assert main(["multimodal", "--out", str(part), "--resume", "--pretrained", str(tmp_path)]) == 2
+    assert f"(it started from {tmp_path / 'pre'})" in capsys.readouterr().err
+    assert main([*args, "--out", str(part), "--resume"]) == 143  # the command it began with, plus --resume
     # as if killed before the tune stage's first checkpoint: that stage starts again, its log with it
     import shutil
 

@@ -158,16 +158,23 @@ def _stage_resume_out(args) -> Path:
 
 def _stage_resume_setup(args, name: str) -> tuple:
     """``_stage_setup`` for ``--resume``: the stopped run's own config (plus overrides that keep its model) and
-    its directory."""
+    its directory. The command it began with plus --resume works too: its --pretrained must be the run's own."""
     from nanogpt4.train.distributed import launched_by_torchrun
+    from nanogpt4.train.multimodal import STAGES_FILE
     from nanogpt4.train.pretrain import resume_config
 
     if args.out is None:
         raise UserError("--resume needs --out RUN_DIR, the run to continue")
-    if args.pretrained is not None:
-        raise UserError(f"--resume continues the weights in '{args.out}': drop --pretrained")
     if not args.out.is_dir():
         raise UserError(f"nothing to resume: '{args.out}' does not exist; drop --resume to start a run there")
+    if args.pretrained is not None:
+        recorded = (json.loads((args.out / STAGES_FILE).read_text()).get("lm_pretrained")
+                    if (args.out / STAGES_FILE).is_file() else None)
+        if recorded is None or Path(recorded).resolve() != args.pretrained.resolve():
+            raise UserError(f"'{args.out}' did not start from --pretrained '{args.pretrained}' (it started from "
+                            f"{recorded or 'a new language model'}); --resume continues its own weights: drop "
+                            f"--pretrained")
+        args.pretrained = None
     cfg = resume_config(args.out, _overrides_with_flags(args))
     if cfg.training.fsdp and launched_by_torchrun():
         raise UserError(f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; `nanogpt4 {name}` "
