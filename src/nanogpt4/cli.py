@@ -125,48 +125,59 @@ def _stage_setup(args, name: str) -> tuple:
     """A training stage's (config, run directory), refused before any rank joins a group or writes. FSDP shards
     pretraining and SFT (one model, trained through its own forward); the other stages' extra models (a frozen
     reference, a value head, the LM head called outside the forward) train with DDP under torchrun."""
-    from nanogpt4.train.distributed import launched_by_torchrun
-
     cfg = _load(args)
-    if name != "sft" and cfg.training.fsdp and launched_by_torchrun():
-        raise UserError(f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; `nanogpt4 {name}` "
-                        f"trains data-parallel with DDP under torchrun: drop training.fsdp=true")
+    _refuse_fsdp(cfg, name)
     if getattr(args, "resume", False):
         return cfg, _stage_resume_out(args)
     return cfg, _stage_out(args, name)  # every rank reads the same directory: all refuse, before any collective
+
+
+def _refuse_fsdp(cfg, name: str) -> None:
+    """FSDP shards pretraining and SFT only (see ``_stage_setup``)."""
+    from nanogpt4.train.distributed import launched_by_torchrun
+
+    if name != "sft" and cfg.training.fsdp and launched_by_torchrun():
+        raise UserError(f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; `nanogpt4 {name}` "
+                        f"trains data-parallel with DDP under torchrun: drop training.fsdp=true")
+
+
+def _resume_dir(args) -> Path:
+    """``--out``, which a ``--resume`` continues: it must exist."""
+    if args.out is None:
+        raise UserError("--resume needs --out RUN_DIR, the run to continue")
+    if not args.out.is_dir():
+        raise UserError(f"nothing to resume: '{args.out}' does not exist; drop --resume to start a run there")
+    args.stage_dir = args.out  # what a stop (Ctrl-C, SIGTERM) says it kept
+    return args.out
+
+
+def _kept_checkpoints(out: Path) -> list[Path]:
+    """Every checkpoint under a stage's run directory (a reward run keeps its twin's in a subdirectory)."""
+    from nanogpt4.train.checkpoint import list_checkpoints
+
+    return [p for root in Path(out).glob("**/checkpoints") for _, p in list_checkpoints(root.parent)]
 
 
 def _stage_resume_out(args) -> Path:
     """The run directory an RLHF stage's ``--resume`` continues: one with a checkpoint, not finished. The rest of
     the command is the one the run began with, so everything before training (a judge's labels, the reference's
     log-probs) comes out the same, and the trainer goes on from the checkpoint."""
-    from nanogpt4.train.checkpoint import list_checkpoints
-
-    out = args.out
-    if out is None:
-        raise UserError("--resume needs --out RUN_DIR, the run to continue")
-    if not out.is_dir():
-        raise UserError(f"nothing to resume: '{out}' does not exist; drop --resume to start a run there")
+    out = _resume_dir(args)
     if (out / "summary.json").exists():
         raise UserError(f"'{out}' has finished: nothing to resume (nothing was changed)")
-    if not [p for root in out.glob("**/checkpoints") for _, p in list_checkpoints(root.parent)]:
+    if not _kept_checkpoints(out):
         raise UserError(f"nothing to resume: '{out}' was stopped before its first checkpoint; delete it and run the "
                         f"command again without --resume")
-    args.stage_dir = out
     return out
 
 
 def _stage_resume_setup(args, name: str) -> tuple:
     """``_stage_setup`` for ``--resume``: the stopped run's own config (plus overrides that keep its model) and
     its directory. The command it began with plus --resume works too: its --pretrained must be the run's own."""
-    from nanogpt4.train.distributed import launched_by_torchrun
     from nanogpt4.train.multimodal import STAGES_FILE
     from nanogpt4.train.pretrain import resume_config
 
-    if args.out is None:
-        raise UserError("--resume needs --out RUN_DIR, the run to continue")
-    if not args.out.is_dir():
-        raise UserError(f"nothing to resume: '{args.out}' does not exist; drop --resume to start a run there")
+    _resume_dir(args)
     if args.pretrained is not None:
         recorded = (json.loads((args.out / STAGES_FILE).read_text()).get("lm_pretrained")
                     if (args.out / STAGES_FILE).is_file() else None)
@@ -176,10 +187,7 @@ def _stage_resume_setup(args, name: str) -> tuple:
                             f"--pretrained")
         args.pretrained = None
     cfg = resume_config(args.out, _overrides_with_flags(args))
-    if cfg.training.fsdp and launched_by_torchrun():
-        raise UserError(f"training.fsdp=true shards `nanogpt4 pretrain` and `nanogpt4 sft`; `nanogpt4 {name}` "
-                        f"trains data-parallel with DDP under torchrun: drop training.fsdp=true")
-    args.stage_dir = args.out
+    _refuse_fsdp(cfg, name)
     return cfg, args.out
 
 
@@ -451,12 +459,10 @@ def _stage_out(args, name: str) -> Path:
 
 def _stage_stop_hint(args) -> str:
     """What a stopped stage kept, and how to go on (``--resume``) or train it again (`ppo`, `rlhf`)."""
-    from nanogpt4.train.checkpoint import list_checkpoints
-
     out = getattr(args, "stage_dir", None)
     if out is None or not Path(out).is_dir():
         return ""
-    kept = [p for root in Path(out).glob("**/checkpoints") for _, p in list_checkpoints(root.parent)]
+    kept = _kept_checkpoints(out)
     what = (f"{max(kept, key=lambda p: p.stat().st_mtime)} is kept, a partly trained model" if kept
             else "no checkpoint was written")
     if args.command == "multimodal" and kept:
