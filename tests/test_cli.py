@@ -415,7 +415,7 @@ def test_a_stopped_rlhf_stage_resumes_exactly_with_its_command_and_resume(traine
         f"stopped: SIGTERM at step 3 of 8; {part / 'checkpoints' / 'step_3'} is kept, a partly trained model; "
         f"continue with: {again}"), err
     code, out, err = cli(capsys, *shlex.split(again)[1:], "--json")
-    assert code == 0, err
+    assert code == 0 and f"{stage}: resuming {part} from {part / 'checkpoints' / 'step_3'}" in out, err
     logs = sorted(p.relative_to(full) for p in full.glob("**/metrics.jsonl"))
     assert logs == sorted(p.relative_to(part) for p in part.glob("**/metrics.jsonl")) and logs
     for log in logs:  # exact float equality, every step, each logged once: steps 4-8 trained, 1-3 kept

@@ -165,9 +165,14 @@ def _stage_resume_out(args) -> Path:
     out = _resume_dir(args)
     if (out / "summary.json").exists():
         raise UserError(f"'{out}' has finished: nothing to resume (nothing was changed)")
-    if not _kept_checkpoints(out):
+    kept = _kept_checkpoints(out)
+    if not kept:
         raise UserError(f"nothing to resume: '{out}' was stopped before its first checkpoint; delete it and run the "
                         f"command again without --resume")
+    from nanogpt4.train.distributed import rank_zero_or_alone
+
+    if rank_zero_or_alone():  # the stages train quietly: else nothing would say the run goes on, not over
+        print(f"{args.command}: resuming {out} from {max(kept, key=lambda p: p.stat().st_mtime)}")
     return out
 
 
