@@ -341,6 +341,11 @@ def test_stage_commands_chain_sft_reward_ppo_dpo(prepared, tmp_path, capsys):
     saved = load_file(str(latest_checkpoint(tmp_path / "rm") / "model.safetensors"))
     assert torch.equal(rm.reward_head.weight, saved["reward_head.weight"]) and rm.reward_offset != 0
     assert not rm.training and not any(p.requires_grad for p in rm.parameters())
+    # stopped after its model was saved, before its summary: --resume evaluates it and centres it no further
+    (tmp_path / "rm" / "summary.json").unlink()
+    again = run("reward", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "rm"), "--resume")
+    assert again["rm_val_accuracy"] == reward["rm_val_accuracy"]
+    assert RewardModel.load_pretrained(tmp_path / "rm").reward_offset.item() == pytest.approx(rm.reward_offset.item())
     with pytest.raises(UserError, match="is not a reward model"):
         RewardModel.load_pretrained(tmp_path / "sft")
     # PPO refuses a reward model trained on another model, naming the tensor
