@@ -1011,9 +1011,8 @@ def test_a_stopped_pipeline_says_how_to_continue(tmp_path, capsys, monkeypatch, 
     monkeypatch.setattr(nanogpt4.pipeline, "run_pipeline", stopped)
     got, _, err = cli(capsys, "pipeline", "--out", tmp_path / "p")
     assert got == code
-    assert err.strip() == (f"{said}; finished stages are kept, an interrupted pretraining or multimodal stage "
-                           "resumes from its last checkpoint and an interrupted RLHF stage starts over: run the same "
-                           "command again to continue")
+    assert err.strip() == (f"{said}; finished stages are kept and an interrupted one resumes from its last "
+                           "checkpoint (RLHF's PPO trains again): run the same command again to continue")
 
 
 def test_every_install_hint_names_an_extra_that_exists():

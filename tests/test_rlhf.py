@@ -291,6 +291,60 @@ def test_rlhf_end_to_end_writes_the_summary(prepared, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_stopped_rlhf_run_resumes_to_the_uninterrupted_runs_numbers(prepared, tmp_path, capsys, monkeypatch):
+    """SIGTERM in the reward model's training, then `rlhf ... --resume`; SIGTERM in DPO, then the pipeline's rerun:
+    SFT, the reward models and DPO go on from their checkpoints (PPO trains again), to the uninterrupted run's
+    summary."""
+    import os
+    import signal
+
+    from nanogpt4.cli import main
+    from nanogpt4.pipeline import _rlhf_stage
+    from nanogpt4.train.trainer import Trainer
+    from nanogpt4.utils import read_jsonl
+
+    ov, _ = prepared
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), *ov, "training.max_steps=30"]) == 0
+    small = ["rlhf.sft_steps=10", "rlhf.reward_steps=10", "rlhf.ppo_steps=2", "rlhf.dpo_steps=4",
+             "rlhf.sft_examples=100", "rlhf.label_prompts=120", "rlhf.eval_prompts=16", "rlhf.best_of_n=2",
+             "rlhf.rollout_batch_size=8", "rlhf.mini_batch_size=4", "rlhf.max_new_tokens=12",
+             "rlhf.label_min_gap=0.0", f"data.source=text:{ov[0].split(':', 1)[1]}"]
+    argv = ["rlhf", "--pretrained", str(tmp_path / "pre"), *small, "--device", "cpu", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    real, calls, stop_at = Trainer._loss_scales, [], []
+
+    def signalled(self, batches):  # SFT's steps are calls 1-10, the two reward models' 11-30, DPO's 31-34
+        calls.append(1)
+        if len(calls) in stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches)
+
+    monkeypatch.setattr(Trainer, "_loss_scales", signalled)
+    stop_at.append(15)
+    assert main([*argv, "--out", str(tmp_path / "part")]) == 143
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    assert "rlhf: resuming" in capsys.readouterr().out
+    stop_at.append(len(calls) + 10 + 10 + 10 + 2)  # a fresh run: DPO's second step
+    assert main([*argv, "--out", str(tmp_path / "piped")]) == 143
+    cfg = load_config("tiny", [*small, "device=cpu"])
+    said = []
+    _rlhf_stage(cfg, tmp_path / "pre", tmp_path / "piped", said.append)
+    assert said[0] == f"rlhf: resuming interrupted run {tmp_path / 'piped'}"
+    for run in ("part", "piped"):
+        ours = json.loads((tmp_path / run / "summary.json").read_text())
+        for key in ("rm_val_accuracy", "rm_val_accuracy_frozen_base", "judge_sft", "judge_ppo", "judge_dpo",
+                    "judge_best_of_n", "kl_ppo"):
+            assert ours[key] == full[key], (run, key)
+        assert len((tmp_path / run / "metrics.jsonl").read_text().splitlines()) == 2  # PPO's steps, once
+        for stage in ("sft", "reward", "reward/frozen_base", "dpo"):  # each logged step once: resumed, not redone
+            steps = [[r["step"] for r in read_jsonl(tmp_path / d / stage / "metrics.jsonl") if "step_loss" in r]
+                     for d in ("full", run)]
+            assert steps[0] == steps[1], (run, stage)
+
+
+@pytest.mark.slow
 def test_stage_commands_chain_sft_reward_ppo_dpo(prepared, tmp_path, capsys):
     """`nanogpt4 sft` -> `reward` -> `ppo` / `dpo`, each reading the previous run directory."""
     from nanogpt4.cli import main

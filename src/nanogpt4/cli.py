@@ -416,9 +416,8 @@ def cmd_pipeline(args) -> int:
         summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
                                progress=_progress(), scale=args.scale, minutes=args.minutes)
     except (KeyboardInterrupt, TrainingStopped, DiskFull) as e:
-        raise _with_hint(e, "; finished stages are kept, an interrupted pretraining or multimodal stage resumes "
-                            "from its last checkpoint and an interrupted RLHF stage starts over: run the same "
-                            "command again to continue") from None
+        raise _with_hint(e, "; finished stages are kept and an interrupted one resumes from its last checkpoint "
+                            "(RLHF's PPO trains again): run the same command again to continue") from None
     return _finish(args, summary)
 
 
@@ -444,7 +443,7 @@ def cmd_rlhf(args) -> int:
 
     cfg, out = _stage_setup(args, "rlhf")
     with process_group(resolve_device(cfg.device)) as (info, device):
-        summary = run_rlhf(cfg, args.pretrained, out, info=info, device=device)
+        summary = run_rlhf(cfg, args.pretrained, out, info=info, device=device, resume=args.resume)
     return 0 if summary is None else _finish(args, summary)
 
 
@@ -463,7 +462,7 @@ def _stage_out(args, name: str) -> Path:
 
 
 def _stage_stop_hint(args) -> str:
-    """What a stopped stage kept, and how to go on (``--resume``) or train it again (`ppo`, `rlhf`)."""
+    """What a stopped stage kept, and how to go on (``--resume``) or train it again (`ppo`)."""
     out = getattr(args, "stage_dir", None)
     if out is None or not Path(out).is_dir():
         return ""
@@ -800,6 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rlhf", help="SFT -> judge-labelled preferences -> reward model -> PPO, DPO, best-of-n")
     _common(p)
     p.add_argument("--pretrained", type=Path, required=True, help="a `nanogpt4 pretrain` run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out: the command it began with, plus --resume (PPO, which "
+                        "keeps no checkpoints, trains again)")
     p.set_defaults(func=cmd_rlhf)
 
     p = sub.add_parser("sft", help="supervised fine-tuning (loss on response tokens only)")

@@ -36,7 +36,7 @@ from nanogpt4.plan import (
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.rlhf.judges import valid_python_lines
 from nanogpt4.rlhf.run import check_tasks
-from nanogpt4.train.checkpoint import latest_checkpoint, load_model
+from nanogpt4.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
 from nanogpt4.train.multimodal import VQASource, per_type_table
 from nanogpt4.utils import out_dir_entries, some_names
 
@@ -93,8 +93,8 @@ def _samples(run_dir: Path, python: bool, n_tokens: int = 120) -> list[tuple[str
 
 
 def _finished_or_fresh(name: str, run_dir: Path, cfg, log) -> dict | None:
-    """A finished stage's summary (reused), else None after clearing an interrupted run (RLHF's stages are
-    minutes long and start again rather than resume)."""
+    """A finished stage's summary (reused), else None after clearing an interrupted run (one stopped before its
+    first checkpoint: nothing in it to resume)."""
     if (run_dir / "summary.json").exists():
         _check_same_settings(run_dir, cfg, (name, "seed"), ignore=("multimodal.image_token_id",))
         log(f"{name}: reusing finished run {run_dir}")
@@ -105,8 +105,15 @@ def _finished_or_fresh(name: str, run_dir: Path, cfg, log) -> dict | None:
 
 
 def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
+    """Reused when finished, resumed when stopped after a checkpoint (SFT's, the reward model's or DPO's; PPO
+    trains again), else trained."""
     from nanogpt4.rlhf.run import run_rlhf
 
+    stopped = any(list_checkpoints(p.parent) for p in run_dir.glob("*/checkpoints"))
+    if stopped and not (run_dir / "summary.json").exists():
+        _check_same_settings(run_dir, cfg, ("rlhf", "seed"))
+        log(f"rlhf: resuming interrupted run {run_dir}")
+        return run_rlhf(cfg, pretrained, run_dir, log=log, resume=True)
     return _finished_or_fresh("rlhf", run_dir, cfg, log) or run_rlhf(cfg, pretrained, run_dir, log=log)
 
 

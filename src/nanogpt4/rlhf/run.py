@@ -296,6 +296,8 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     ppo_prompts = ([e.prompt for e in make_tasks(cfg, need, "train", cfg.seed + 2)] if prompts is None
                    else rollout_order(prompts, need, cfg.seed + 2))
     out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:  # a PPO run always starts from its first step (a resumed `rlhf` trains it again)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     history = []
     for step in range(r.ppo_steps):
         batch = ppo_prompts[step * r.rollout_batch_size:(step + 1) * r.rollout_batch_size][info.rank::info.world_size]
@@ -356,10 +358,12 @@ def save_policy(out: Path, step: int, policy, cfg, tok) -> None:
 
 
 def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print, info: DistInfo | None = None,
-             device: torch.device | None = None) -> dict | None:
+             device: torch.device | None = None, resume: bool = False) -> dict | None:
     """SFT -> judge labels -> reward model -> PPO, DPO and best-of-n -> held-out judge scores. Under torchrun
     (``info``, ``device``: the rank's) every stage trains data-parallel; rank 0 labels the pairs (and sends them
-    to the others), evaluates and writes, and the other ranks return None once DPO is trained."""
+    to the others), evaluates and writes, and the other ranks return None once DPO is trained. ``resume``: go on
+    with the stopped run in ``out``: SFT, the reward model and DPO from their checkpoints (finished ones reused),
+    the labels made again from the same seeds, PPO (no checkpoints) trained again."""
     t_start = time.time()
     info = info or DistInfo()
     device = device or resolve_device(cfg.device)
@@ -372,10 +376,10 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print, info: Dist
     judge = load_judge(r.judge)
     summary: dict = {"judge": r.judge, "processes": info.world_size, "device": str(device)}
 
-    sft_stage(cfg, policy, tok, out / "sft", device, log=log, info=info)
+    sft_stage(cfg, policy, tok, out / "sft", device, log=log, info=info, resume=resume)
     sft = copy.deepcopy(policy).eval()
     pairs, centre = label_on_rank_zero(cfg, sft, tok, judge, out, device, info, log)
-    rm, rm_stats = reward_stage(cfg, sft, tok, pairs, out / "reward", device, centre, log, info=info)
+    rm, rm_stats = reward_stage(cfg, sft, tok, pairs, out / "reward", device, centre, log, info=info, resume=resume)
     summary.update(rm_stats)
     ppo, history = ppo_stage(cfg, policy, sft, rm, tok, judge, out, device, log, info=info)
     ppo.info = DistInfo()  # training is over: rank 0 evaluates alone, without collectives
@@ -383,7 +387,7 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print, info: Dist
     # DPO from the SFT model on the same pairs
     dpo_policy = copy.deepcopy(sft).train().requires_grad_(True)
     train_dpo(cfg, dpo_policy, tok, split_pairs(pairs)[0], out / "dpo", device, r.dpo_steps, log=lambda _m: None,
-              info=info)
+              info=info, resume=resume)
     if not info.is_main:
         return None
 
