@@ -248,9 +248,10 @@ def reward_stage(cfg: DictConfig, sft, tok, pairs: list[Preference], out: Path, 
             rm = model
     stats["rm_freeze_base"] = r.freeze_base
     if centre_on is not None and info.is_main:
-        # added to the offset it has: a model resumed after it was centred and saved (stopped before its summary)
-        # scores SFT responses at ~0 already, and would otherwise lose its centre
-        rm.reward_offset.add_(float(rm_scores(rm, tok, centre_on[0], centre_on[1], device, L).mean()))
+        # from the uncentred scores: a model resumed after it was centred and saved (stopped before its summary)
+        # gets the very same centre (its own offset in the scores would leave it ~0, or off by rounding)
+        rm.reward_offset.zero_()
+        rm.reward_offset.fill_(float(rm_scores(rm, tok, centre_on[0], centre_on[1], device, L).mean()))
     if info.enabled:  # rank 0's centre on every rank: PPO's ranks must read the same rewards
         dist.broadcast(rm.reward_offset, src=0)
     rm.eval().requires_grad_(False)
