@@ -151,28 +151,22 @@ def _resume_dir(args) -> Path:
     return args.out
 
 
-def _kept_checkpoints(out: Path) -> list[Path]:
-    """Every checkpoint under a stage's run directory (a reward run keeps its twin's in a subdirectory)."""
-    from nanogpt4.train.checkpoint import list_checkpoints
-
-    return [p for root in Path(out).glob("**/checkpoints") for _, p in list_checkpoints(root.parent)]
-
-
 def _stage_resume_out(args) -> Path:
     """The run directory an RLHF stage's ``--resume`` continues: one with a checkpoint, not finished. The rest of
     the command is the one the run began with, so everything before training (a judge's labels, the reference's
     log-probs) comes out the same, and the trainer goes on from the checkpoint."""
+    from nanogpt4.train.checkpoint import newest_checkpoint_under
+    from nanogpt4.train.distributed import rank_zero_or_alone
+
     out = _resume_dir(args)
     if (out / "summary.json").exists():
         raise UserError(f"'{out}' has finished: nothing to resume (nothing was changed)")
-    kept = _kept_checkpoints(out)
-    if not kept:
+    newest = newest_checkpoint_under(out)
+    if newest is None:
         raise UserError(f"nothing to resume: '{out}' was stopped before its first checkpoint; delete it and run the "
                         f"command again without --resume")
-    from nanogpt4.train.distributed import rank_zero_or_alone
-
     if rank_zero_or_alone():  # the stages train quietly: else nothing would say the run goes on, not over
-        print(f"{args.command}: resuming {out} from {max(kept, key=lambda p: p.stat().st_mtime)}")
+        print(f"{args.command}: resuming {out} from {newest}")
     return out
 
 
@@ -463,12 +457,13 @@ def _stage_out(args, name: str) -> Path:
 
 def _stage_stop_hint(args) -> str:
     """What a stopped stage kept, and how to go on (``--resume``) or train it again (`ppo`)."""
+    from nanogpt4.train.checkpoint import newest_checkpoint_under
+
     out = getattr(args, "stage_dir", None)
     if out is None or not Path(out).is_dir():
         return ""
-    kept = _kept_checkpoints(out)
-    what = (f"{max(kept, key=lambda p: p.stat().st_mtime)} is kept, a partly trained model" if kept
-            else "no checkpoint was written")
+    kept = newest_checkpoint_under(out)
+    what = f"{kept} is kept, a partly trained model" if kept else "no checkpoint was written"
     if args.command == "multimodal" and kept:
         return f"; {what}; continue with: nanogpt4 multimodal --out {out} --resume"
     if hasattr(args, "resume") and kept:  # the command it began with, which rebuilds what the training read

@@ -36,7 +36,7 @@ from nanogpt4.plan import (
 from nanogpt4.report import summary_table, write_pipeline_report
 from nanogpt4.rlhf.judges import valid_python_lines
 from nanogpt4.rlhf.run import check_tasks
-from nanogpt4.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from nanogpt4.train.checkpoint import latest_checkpoint, load_model, newest_checkpoint_under
 from nanogpt4.train.multimodal import VQASource, per_type_table
 from nanogpt4.utils import out_dir_entries, some_names
 
@@ -109,8 +109,7 @@ def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
     trains again), else trained."""
     from nanogpt4.rlhf.run import run_rlhf
 
-    stopped = any(list_checkpoints(p.parent) for p in run_dir.glob("*/checkpoints"))
-    if stopped and not (run_dir / "summary.json").exists():
+    if not (run_dir / "summary.json").exists() and newest_checkpoint_under(run_dir):
         _check_same_settings(run_dir, cfg, ("rlhf", "seed"))
         log(f"rlhf: resuming interrupted run {run_dir}")
         return run_rlhf(cfg, pretrained, run_dir, log=log, resume=True)
@@ -120,10 +119,10 @@ def _rlhf_stage(cfg, pretrained: Path, run_dir: Path, log) -> dict:
 def _multimodal_stage(cfg, pretrained: Path, run_dir: Path, progress: bool, log, deadline: float | None,
                       evaluation_s: float) -> dict:
     """Reused when finished, resumed from its latest checkpoint when stopped (the longest stage), else trained."""
-    from nanogpt4.train.multimodal import has_stage_checkpoints, run_multimodal
+    from nanogpt4.train.multimodal import run_multimodal
     from nanogpt4.train.pretrain import resume_config
 
-    if not (run_dir / "summary.json").exists() and has_stage_checkpoints(run_dir):
+    if not (run_dir / "summary.json").exists() and newest_checkpoint_under(run_dir):
         _check_same_settings(run_dir, cfg, ("multimodal", "seed"), ignore=("multimodal.image_token_id",))
         log(f"multimodal: resuming interrupted run {run_dir}")
         return run_multimodal(resume_config(run_dir, []), None, run_dir, log=log, progress=progress,

@@ -108,6 +108,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def newest_checkpoint_under(run_dir: Path) -> Path | None:
+    """The most recently written checkpoint of a run directory or of any stage inside it (a multimodal run's
+    align/ and tune/, an rlhf run's sft/ ... dpo/, a reward run's twin), None when there is none."""
+    found = [p for root in Path(run_dir).glob("**/checkpoints") for _, p in list_checkpoints(root.parent)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, cfg, tokenizer_path: Path | None,
                     trainer_state: dict, keep_last: int, best: bool = False,
                     weights: dict[str, torch.Tensor] | None = None) -> Path:

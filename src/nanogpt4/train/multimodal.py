@@ -360,11 +360,6 @@ def stage_plan(cfg: DictConfig, pretrained: bool) -> list[tuple[str, int, bool, 
     return stages
 
 
-def has_stage_checkpoints(out: Path) -> bool:
-    """Whether a multimodal run in ``out`` has anything to resume from."""
-    return any(list_checkpoints(out / name) for name in ("align", "tune"))
-
-
 def resumed_model(cfg: DictConfig, out: Path, device):
     """(model, tokenizer, the LM it started from, its stages, the stages it is past) of a stopped run in ``out``,
     before anything is written. The weights come from the checkpoint of the last stage that has one, as it resumes;
@@ -378,7 +373,7 @@ def resumed_model(cfg: DictConfig, out: Path, device):
     lm_pretrained = saved.get("lm_pretrained", "(not recorded)" if (out / "align").is_dir() else None)
     stages = stage_plan(cfg, lm_pretrained is not None)
     found = {name: list_checkpoints(out / name) for name, *_ in stages}
-    if not any(found.values()):  # has_stage_checkpoints, for the stages this config plans
+    if not any(found.values()):
         raise UserError(f"nothing to resume: '{out}' was stopped before its first checkpoint; delete it and "
                         f"train again without --resume")
     current = max(i for i, (name, *_) in enumerate(stages) if found[name])

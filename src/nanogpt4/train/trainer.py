@@ -248,8 +248,11 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise UserError(f"nothing to resume: '{self.run_dir}' has no checkpoints; drop --resume to start fresh")
+        return self._restore(ckpt, load_trainer_state(ckpt))
+
+    def _restore(self, ckpt: Path, state: dict) -> int:
+        """Weights, optimizer, position, clock and RNG from checkpoint ``ckpt``, its trainer ``state`` read."""
         load_weights(unwrap(self.model), ckpt / "model.safetensors")
-        state = load_trainer_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.train_time, self.best_val = float(state["train_time_s"]), float(state["best_val"])
@@ -266,16 +269,18 @@ class Trainer:
     def resume_or_restart(self) -> None:
         """A stage's ``--resume``: from ``run_dir``'s latest checkpoint, or, for a stage stopped before its first,
         from the start, its log emptied. Refuses a checkpoint past this run's ``max_steps``."""
-        if latest_checkpoint(self.run_dir) is None:
+        found = list_checkpoints(self.run_dir)
+        if not found:
             if self.metrics.path.exists():
                 self.log(f"{self.run_dir} starts again (it was stopped before its first checkpoint)")
                 self.metrics.truncate_after(0)
             return
-        step, ckpt = list_checkpoints(self.run_dir)[-1]
+        step, ckpt = found[-1]
         if step > self.tc.max_steps:
             raise UserError(f"'{self.run_dir}' is at step {step}, past the {self.tc.max_steps} steps now asked for; "
                             f"give at least {step} to train on (nothing was trained)")
-        if "optimizer" not in load_trainer_state(ckpt):  # the stage's trained model, saved after its training
+        state = load_trainer_state(ckpt)
+        if "optimizer" not in state:  # the stage's trained model, saved after its training
             # (stopped during its evaluation): nothing is left to train, and ``fit`` reads its numbers from the log
             if step < self.tc.max_steps:
                 raise UserError(f"{ckpt} holds the trained model without its optimizer state, which more steps "
@@ -284,7 +289,7 @@ class Trainer:
             self.step = step
             self.log(f"resumed after training: {ckpt} holds the trained model")
             return
-        self.resume()
+        self._restore(ckpt, state)
 
     def save(self, best: bool = False) -> None:
         if self.tc.fsdp and self.info.enabled:  # every rank takes part in gathering the shards
