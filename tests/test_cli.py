@@ -365,12 +365,13 @@ def test_a_stopped_stage_names_what_it_kept_and_how_to_train_it_again(trained_ru
     assert got == code and err.strip().splitlines()[-1] == (
         f"{said}; {out / 'checkpoints' / 'step_3'} is kept, a partly trained model; continue with: nanogpt4 sft "
         f"--pretrained {trained_run} --data {rows} --out {out} rlhf.sft_steps=10 --resume")
-    # a stage with no --resume (ppo, rlhf: their own loops) says how to train it again instead
+    # a command with no --resume says how to train it again instead
     from nanogpt4.cli import _stage_stop_hint
 
-    ppo = argparse.Namespace(command="ppo", stage_dir=out, argv=["ppo", "--out", str(out)])
-    assert _stage_stop_hint(ppo) == (f"; {out / 'checkpoints' / 'step_3'} is kept, a partly trained model; this "
-                                     f"stage does not resume: to train it again, delete {out} or give another --out")
+    other = argparse.Namespace(command="other", stage_dir=out, argv=["other", "--out", str(out)])
+    assert _stage_stop_hint(other) == (f"; {out / 'checkpoints' / 'step_3'} is kept, a partly trained model; this "
+                                       f"stage does not resume: to train it again, delete {out} or give another "
+                                       f"--out")
 
 
 def _rlhf_stage_argv(stage: str, trained_run, tmp_path) -> list:
@@ -433,6 +434,59 @@ def test_a_stopped_rlhf_stage_resumes_exactly_with_its_command_and_resume(traine
     for log in logs:
         assert step_losses(full / log.parent) == step_losses(part / log.parent)
         assert (full / log).read_text().count('"step_loss"') == 8
+
+
+@pytest.mark.parametrize("stop_in", [2, 4])
+def test_a_stopped_ppo_run_resumes_to_the_uninterrupted_runs_rollouts(trained_run, tmp_path, capsys, monkeypatch,
+                                                                      stop_in):
+    """SIGTERM during PPO update 2 of 4 (or the last): the step finishes and is checkpointed (the policy, the
+    critic, the optimizer, the KL coefficient, the rollouts' seed); the command plus --resume then logs the
+    uninterrupted run's steps exactly, and ends with its policy and held-out scores."""
+    import os
+    import shlex
+    import signal
+
+    from nanogpt4.rlhf.ppo import PPOTrainer
+    from nanogpt4.train.checkpoint import load_trainer_state
+    from nanogpt4.utils import read_jsonl
+
+    assert cli(capsys, *_rlhf_stage_argv("reward", trained_run, tmp_path), "--out", tmp_path / "rm")[0] == 0
+    argv = ["ppo", "--sft", trained_run, "--reward", tmp_path / "rm", "--prompts", tmp_path / "sft.jsonl",
+            "rlhf.ppo_steps=4", "rlhf.rollout_batch_size=4", "rlhf.mini_batch_size=2", "rlhf.max_new_tokens=8",
+            "rlhf.eval_prompts=4", "rlhf.target_kl=1.0"]  # the KL coefficient moves, so it must be restored
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli(capsys, *argv, "--out", full)[0] == 0
+    real, calls = PPOTrainer.update, []
+
+    def signalled(self, ro):
+        calls.append(1)
+        if len(calls) == stop_in:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, ro)
+
+    monkeypatch.setattr(PPOTrainer, "update", signalled)
+    code, _, err = cli(capsys, *argv, "--out", part)
+    kept = part / "checkpoints" / f"step_{stop_in}"
+    again = shlex.join(["nanogpt4", *map(str, argv), "--out", str(part), "--resume"])
+    assert code == 143 and err.strip().splitlines()[-1] == (
+        f"stopped: SIGTERM at PPO step {stop_in} of 4; {kept} is kept, a partly trained model; continue with: "
+        f"{again}"), err
+    assert ("optimizer" in load_trainer_state(kept)) == (stop_in < 4)  # the last step's: the trained policy
+    assert_one_line_error(*cli(capsys, *shlex.split(again)[1:], "rlhf.ppo_steps=1")[::2],
+                          f"'{part}' is at PPO step {stop_in}, past the 1 steps now asked for (rlhf.ppo_steps)")
+    code, out, err = cli(capsys, *shlex.split(again)[1:], "--json")
+    assert code == 0 and f"ppo: resuming {part} from {kept}" in out, err
+    timing = ("rollout_s", "update_s")
+    ours, theirs = ([{k: v for k, v in row.items() if k not in timing} for row in read_jsonl(d / "metrics.jsonl")]
+                    for d in (part, full))
+    assert [r["step"] for r in ours] == [1, 2, 3, 4] and ours == theirs
+    assert theirs[0]["kl_coef"] != theirs[-1]["kl_coef"]
+    summary = json.loads(out.strip().splitlines()[-1])
+    for key in ("judge_sft", "judge_ppo", "kl_ppo"):
+        assert summary[key] == json.loads((full / "summary.json").read_text())[key], key
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step_4"]
+    assert (part / "checkpoints" / "step_4" / "model.safetensors").read_bytes() == (
+        full / "checkpoints" / "step_4" / "model.safetensors").read_bytes()
 
 
 def test_rlhf_stage_resume_refusals(trained_run, tmp_path, capsys):
@@ -1012,7 +1066,7 @@ def test_a_stopped_pipeline_says_how_to_continue(tmp_path, capsys, monkeypatch, 
     got, _, err = cli(capsys, "pipeline", "--out", tmp_path / "p")
     assert got == code
     assert err.strip() == (f"{said}; finished stages are kept and an interrupted one resumes from its last "
-                           "checkpoint (RLHF's PPO trains again): run the same command again to continue")
+                           "checkpoint: run the same command again to continue")
 
 
 def test_every_install_hint_names_an_extra_that_exists():

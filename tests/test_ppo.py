@@ -73,8 +73,9 @@ def test_responses_longer_than_the_context_are_refused_up_front(setup):
 
 
 def test_experience_collected_before_an_update_trains_against_its_own_log_probs(setup):
-    _, _, policy = setup
-    ppo = _trainer(setup, policy)
+    cfg, tok, policy = setup
+    # a score that tells the two rollouts apart: their prompts' first token
+    ppo = PPOTrainer(policy, lambda ids, mask: ids[:, 0].float(), tok, cfg.rlhf, learning_rate=1e-3, seed=3)
     first, second = ppo.collect_experience(["def f(x):\n"] * 16), ppo.collect_experience(["class A:\n"] * 16)
     stats = ppo.update_policy()
     assert [s["step"] for s in stats] == [1, 2] and ppo.buffer == []

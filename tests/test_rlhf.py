@@ -292,14 +292,15 @@ def test_rlhf_end_to_end_writes_the_summary(prepared, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_stopped_rlhf_run_resumes_to_the_uninterrupted_runs_numbers(prepared, tmp_path, capsys, monkeypatch):
-    """SIGTERM in the reward model's training, then `rlhf ... --resume`; SIGTERM in DPO, then the pipeline's rerun:
-    SFT, the reward models and DPO go on from their checkpoints (PPO trains again), to the uninterrupted run's
-    summary."""
+    """SIGTERM in the reward model's training, then `rlhf ... --resume`; SIGTERM in PPO's first update, then the
+    same; SIGTERM in DPO, then the pipeline's rerun: SFT, the reward models, PPO and DPO go on from their
+    checkpoints (PPO's: the one it was stopped in, or its trained policy), to the uninterrupted run's summary."""
     import os
     import signal
 
     from nanogpt4.cli import main
     from nanogpt4.pipeline import _rlhf_stage
+    from nanogpt4.rlhf.ppo import PPOTrainer
     from nanogpt4.train.trainer import Trainer
     from nanogpt4.utils import read_jsonl
 
@@ -326,13 +327,30 @@ def test_a_stopped_rlhf_run_resumes_to_the_uninterrupted_runs_numbers(prepared, 
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "part"), "--resume"]) == 0
     assert "rlhf: resuming" in capsys.readouterr().out
+    real_update = PPOTrainer.update
+
+    def signalled_update(self, ro):
+        if self.step_count == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(self, ro)
+
+    with monkeypatch.context() as m:
+        m.setattr(PPOTrainer, "update", signalled_update)
+        assert main([*argv, "--out", str(tmp_path / "in-ppo")]) == 143
+    assert "stopped: SIGTERM at PPO step 1 of 2" in capsys.readouterr().err
+    updates = []
+    with monkeypatch.context() as m:
+        m.setattr(PPOTrainer, "update", lambda self, ro: updates.append(self.step_count) or real_update(self, ro))
+        assert main([*argv, "--out", str(tmp_path / "in-ppo"), "--resume"]) == 0
+    assert f"from {tmp_path / 'in-ppo' / 'ppo' / 'checkpoints' / 'step_1'}" in capsys.readouterr().out
+    assert updates == [1]  # PPO's second step alone: its first was kept
     stop_at.append(len(calls) + 10 + 10 + 10 + 2)  # a fresh run: DPO's second step
     assert main([*argv, "--out", str(tmp_path / "piped")]) == 143
     cfg = load_config("tiny", [*small, "device=cpu"])
     said = []
     _rlhf_stage(cfg, tmp_path / "pre", tmp_path / "piped", said.append)
     assert said[0] == f"rlhf: resuming interrupted run {tmp_path / 'piped'}"
-    for run in ("part", "piped"):
+    for run in ("part", "in-ppo", "piped"):
         ours = json.loads((tmp_path / run / "summary.json").read_text())
         for key in ("rm_val_accuracy", "rm_val_accuracy_frozen_base", "judge_sft", "judge_ppo", "judge_dpo",
                     "judge_best_of_n", "kl_ppo"):

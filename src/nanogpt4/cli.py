@@ -410,8 +410,8 @@ def cmd_pipeline(args) -> int:
         summary = run_pipeline(args.config, _overrides_with_flags(args), args.out or Path("runs/pipeline"),
                                progress=_progress(), scale=args.scale, minutes=args.minutes)
     except (KeyboardInterrupt, TrainingStopped, DiskFull) as e:
-        raise _with_hint(e, "; finished stages are kept and an interrupted one resumes from its last checkpoint "
-                            "(RLHF's PPO trains again): run the same command again to continue") from None
+        raise _with_hint(e, "; finished stages are kept and an interrupted one resumes from its last checkpoint: "
+                            "run the same command again to continue") from None
     return _finish(args, summary)
 
 
@@ -456,7 +456,7 @@ def _stage_out(args, name: str) -> Path:
 
 
 def _stage_stop_hint(args) -> str:
-    """What a stopped stage kept, and how to go on (``--resume``) or train it again (`ppo`)."""
+    """What a stopped stage kept, and how to go on (``--resume``) or, for a command without one, train it again."""
     from nanogpt4.train.checkpoint import newest_checkpoint_under
 
     out = getattr(args, "stage_dir", None)
@@ -544,7 +544,7 @@ def cmd_ppo(args) -> int:
     from nanogpt4.rlhf import RewardModel
     from nanogpt4.rlhf.data import load_prompts, warn_long_prompts
     from nanogpt4.rlhf.judges import load_judge
-    from nanogpt4.rlhf.run import check_same_trunk, evaluate_policies, load_policy, ppo_kl, ppo_stage, save_policy
+    from nanogpt4.rlhf.run import check_same_trunk, evaluate_policies, load_policy, ppo_kl, ppo_stage
     from nanogpt4.train.distributed import DistInfo, process_group
     from nanogpt4.utils import atomic_write_json, resolve_device
 
@@ -563,11 +563,10 @@ def cmd_ppo(args) -> int:
         sft = copy.deepcopy(policy).eval()
         log = print if info.is_main else (lambda _m: None)
         ppo, _ = ppo_stage(cfg, policy.train(), sft, rm, tok, judge, out, device, log=log, info=info,
-                           prompts=train_prompts)
+                           prompts=train_prompts, resume=args.resume)
         ppo.info = DistInfo()  # training is over: rank 0 evaluates alone, without collectives
         if not info.is_main:
             return 0
-        save_policy(out, cfg.rlhf.ppo_steps, policy, cfg, tok)  # first: whatever the evaluation meets, it is kept
         results, prompts, _ = evaluate_policies(cfg, {"sft": sft, "ppo": policy}, tok, judge, device,
                                                 prompts=eval_prompts)
         summary = {**results, "kl_ppo": ppo_kl(ppo, prompts), "processes": info.world_size, "device": str(device),
@@ -795,8 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--pretrained", type=Path, required=True, help="a `nanogpt4 pretrain` run directory")
     p.add_argument("--resume", action="store_true",
-                   help="continue the stopped run in --out: the command it began with, plus --resume (PPO, which "
-                        "keeps no checkpoints, trains again)")
+                   help="continue the stopped run in --out: the command it began with, plus --resume")
     p.set_defaults(func=cmd_rlhf)
 
     p = sub.add_parser("sft", help="supervised fine-tuning (loss on response tokens only)")
@@ -824,6 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='jsonl whose rows\' "prompt" (or chat "messages") are rolled out, every 10th held out for '
                         'the evaluation; a preference or SFT file works as it is (default: the tasks of the run\'s '
                         'corpus)')
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out: the command it began with, plus --resume")
     p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("dpo", help="direct preference optimisation against the frozen SFT model")

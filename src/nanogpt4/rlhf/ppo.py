@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -121,7 +122,9 @@ class PPOTrainer:
         self.device = next(policy.parameters()).device
         self.dtype = dtype
         self._sampler: nn.Module | None = None  # a low-precision copy of the policy for rollouts
-        self.generator = torch.Generator(device=self.device).manual_seed(seed + 1000 * self.info.rank)
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device)  # seeded for each rollout (``rollout_seed``)
+        self.rollouts = 0  # rollouts drawn so far, this rank's
         if self.info.enabled:  # every rank starts from rank 0's weights
             for p in [*policy.parameters(), *self.value.parameters()]:
                 dist.broadcast(p.data, src=0)
@@ -136,9 +139,32 @@ class PPOTrainer:
         enc = [tok.raw_prompt_ids(p)[-limit:] for p in prompts]
         prompt_ids, prompt_mask = pad_left(enc, tok.pad_id, self.device)
         P = prompt_ids.size(1)
+        self.generator.manual_seed(self.rollout_seed())
+        self.rollouts += 1
         seq = self.sampler().generate(prompt_ids, c.max_new_tokens, temperature=1.0, attention_mask=prompt_mask,
                                       stop_tokens=[tok.eot_id], pad_token_id=tok.pad_id, generator=self.generator)
         return self.score_rollout(seq, prompt_mask, P)
+
+    def rollout_seed(self) -> int:
+        """The sampling seed of this rank's next rollout: a function of the trainer's seed, the rank and how many
+        rollouts came before, so a resumed run (``load_state_dict``) draws what the uninterrupted one would have."""
+        state = np.random.SeedSequence([self.seed, self.info.rank, self.rollouts]).generate_state(1, np.uint64)
+        return int(state[0]) >> 1  # below 2**63: a torch seed
+
+    def state_dict(self) -> dict:
+        """What a stopped run needs, besides the policy's and the critic's weights, to go on exactly (plain
+        tensors and numbers: ``torch.load(..., weights_only=True)`` reads it). Taken between steps: nothing
+        collected is waiting to be trained on."""
+        if self.buffer:
+            raise RuntimeError("state_dict() with collected experience not yet trained on: call update_policy() "
+                               "first")
+        return {"step": self.step_count, "rollouts": self.rollouts, "kl_coef": self.kl_ctl.kl_coef,
+                "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count, self.rollouts = int(state["step"]), int(state["rollouts"])
+        self.kl_ctl.kl_coef = float(state["kl_coef"])
+        self.opt.load_state_dict(state["optimizer"])
 
     def sampler(self) -> nn.Module:
         """The policy that samples rollouts: itself in fp32; in bf16 a bf16 copy with the current weights, since

@@ -35,9 +35,17 @@ from nanogpt4.rlhf.stages import (
     train_reward,
     train_sft,
 )
-from nanogpt4.train.checkpoint import load_model, save_checkpoint
-from nanogpt4.train.distributed import DistInfo, broadcast_text, on_rank_zero
-from nanogpt4.utils import atomic_path, atomic_write_json, atomic_write_text, resolve_device, resolve_dtype
+from nanogpt4.train.checkpoint import list_checkpoints, load_model, load_trainer_state, load_weights, save_checkpoint
+from nanogpt4.train.distributed import DistInfo, broadcast_flag, broadcast_text, on_rank_zero
+from nanogpt4.train.trainer import StopSignals
+from nanogpt4.utils import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 def line_examples(docs: list[str], n: int, seed: int) -> list[Example]:
@@ -274,11 +282,13 @@ def rollout_order(prompts: list[str], n: int, seed: int) -> list[str]:
 
 
 def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Path, device,
-              log=print, info: DistInfo | None = None,
-              prompts: list[str] | None = None) -> tuple[PPOTrainer, list[dict]]:
+              log=print, info: DistInfo | None = None, prompts: list[str] | None = None,
+              policy_dir: Path | None = None, resume: bool = False) -> tuple[PPOTrainer, list[dict]]:
     """PPO against the learned reward; the judge only watches. ``policy`` is trained in place. Under torchrun
     (``info``) each rank rolls out its share of every rollout batch; rank 0 logs. ``prompts``: your own (each
-    pass over them in a new order), else the run corpus' tasks."""
+    pass over them in a new order), else the run corpus' tasks. The trained policy is saved in ``policy_dir``
+    (default ``out``), and so is a stopped run's checkpoint (SIGTERM or a first Ctrl-C: the step finishes
+    first), which ``resume`` goes on from to the uninterrupted run's rollouts and updates."""
     r = cfg.rlhf
     info = info or DistInfo()
     if r.rollout_batch_size % info.world_size or r.mini_batch_size % info.world_size:
@@ -297,25 +307,67 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     ppo_prompts = ([e.prompt for e in make_tasks(cfg, need, "train", cfg.seed + 2)] if prompts is None
                    else rollout_order(prompts, need, cfg.seed + 2))
     out.mkdir(parents=True, exist_ok=True)
-    if info.is_main:  # a PPO run always starts from its first step (a resumed `rlhf` trains it again)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    history = []
-    for step in range(r.ppo_steps):
-        batch = ppo_prompts[step * r.rollout_batch_size:(step + 1) * r.rollout_batch_size][info.rank::info.world_size]
-        stats, ro = ppo.step(batch)
-        responses = [tok.decode([t for t, m in zip(row, mrow, strict=True) if m and t != tok.eot_id])
-                     for row, mrow in zip(ro.input_ids[:, ro.prompt_len:].tolist(), ro.response_mask.tolist(),
-                                          strict=True)]
-        stats["judge"] = float(np.mean(judge(batch, responses)))  # this rank's share
-        history.append(stats)
-        if not info.is_main:
-            continue
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))}) + "\n")
-        if (step + 1) % max(1, r.ppo_steps // 10) == 0:
-            log(f"ppo step {step + 1}/{r.ppo_steps}: reward {stats['reward']:.3f} judge {stats['judge']:.3f} "
-                f"kl {stats['kl']:.2f} clipfrac {stats['clipfrac']:.3f}")
+    policy_dir = policy_dir or out
+    metrics = out / "metrics.jsonl"
+    history = resumed_ppo(ppo, policy_dir, metrics, r.ppo_steps) if resume else []
+    if info.is_main and not history:  # a fresh start (or one stopped before its first checkpoint)
+        metrics.unlink(missing_ok=True)
+    with StopSignals(info.is_main) as stops:
+        for step in range(ppo.step_count, r.ppo_steps):
+            batch = ppo_prompts[step * r.rollout_batch_size:(step + 1) * r.rollout_batch_size][
+                info.rank::info.world_size]
+            stats, ro = ppo.step(batch)
+            responses = [tok.decode([t for t, m in zip(row, mrow, strict=True) if m and t != tok.eot_id])
+                         for row, mrow in zip(ro.input_ids[:, ro.prompt_len:].tolist(), ro.response_mask.tolist(),
+                                              strict=True)]
+            stats["judge"] = float(np.mean(judge(batch, responses)))  # this rank's share
+            history.append(stats)
+            if info.is_main:
+                with open(metrics, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))}) + "\n")
+                if (step + 1) % max(1, r.ppo_steps // 10) == 0:
+                    log(f"ppo step {step + 1}/{r.ppo_steps}: reward {stats['reward']:.3f} judge "
+                        f"{stats['judge']:.3f} kl {stats['kl']:.2f} clipfrac {stats['clipfrac']:.3f}")
+            if step + 1 < r.ppo_steps and broadcast_flag(stops.received is not None, info, device):
+                if info.is_main:  # rank 0's decision on every rank, so none waits in a collective alone
+                    tok.save(policy_dir / "tokenizer.json")
+                    save_checkpoint(policy_dir, ppo.step_count, policy, cfg, policy_dir / "tokenizer.json",
+                                    ppo.state_dict(), keep_last=1, extra={"value": ppo.value})
+                stops.raise_stopped(f"at PPO step {ppo.step_count} of {r.ppo_steps}")
+        if info.is_main:  # first: whatever the evaluation meets, the trained policy is kept
+            save_policy(policy_dir, r.ppo_steps, policy, cfg, tok)
+    if stops.received is not None:  # came during the last step or the save: the policy is kept, but it stops
+        stops.raise_stopped(f"at PPO step {ppo.step_count} of {r.ppo_steps}")
     return ppo, history
+
+
+def resumed_ppo(ppo: PPOTrainer, policy_dir: Path, metrics: Path, steps: int) -> list[dict]:
+    """Restore ``ppo`` from ``policy_dir``'s checkpoint of a stopped run: the policy, the critic, the optimizer, the
+    KL coefficient and where the rollouts' seeds are (the trained policy alone when it was stopped after
+    training). Returns the steps logged until then (read by rank 0, which keeps them and drops any later row);
+    none when there is no checkpoint: PPO starts again."""
+    found = list_checkpoints(policy_dir)
+    if not found:
+        return []
+    step, ckpt = found[-1]
+    if step > steps:
+        raise UserError(f"'{policy_dir}' is at PPO step {step}, past the {steps} steps now asked for "
+                        f"(rlhf.ppo_steps); give at least {step} (nothing was trained)")
+    state = load_trainer_state(ckpt)
+    load_weights(ppo.policy, ckpt / "model.safetensors")
+    if "optimizer" in state:
+        load_weights(ppo.value, ckpt / "value.safetensors")
+        ppo.load_state_dict(state)
+    elif step == steps:  # the trained policy, saved after its training: nothing is left to train
+        ppo.step_count = ppo.rollouts = step
+    else:
+        raise UserError(f"{ckpt} holds a policy without the critic and optimizer that more PPO steps would need; "
+                        f"train on from it in a new run (nothing was trained)")
+    if not ppo.info.is_main:  # only rank 0 logs, and keeps the steps for the report
+        return []
+    rows = [row for row in read_jsonl(metrics) if row["step"] <= step] if metrics.exists() else []
+    atomic_write_text(metrics, "".join(json.dumps(row) + "\n" for row in rows))
+    return rows
 
 
 def held_out_prompts(cfg: DictConfig) -> list[str]:
@@ -364,7 +416,7 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print, info: Dist
     (``info``, ``device``: the rank's) every stage trains data-parallel; rank 0 labels the pairs (and sends them
     to the others), evaluates and writes, and the other ranks return None once DPO is trained. ``resume``: go on
     with the stopped run in ``out``: SFT, the reward model and DPO from their checkpoints (finished ones reused),
-    the labels made again from the same seeds, PPO (no checkpoints) trained again."""
+    the labels made again from the same seeds, PPO from its checkpoint when it was stopped (else again)."""
     t_start = time.time()
     info = info or DistInfo()
     device = device or resolve_device(cfg.device)
@@ -382,7 +434,8 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print, info: Dist
     pairs, centre = label_on_rank_zero(cfg, sft, tok, judge, out, device, info, log)
     rm, rm_stats = reward_stage(cfg, sft, tok, pairs, out / "reward", device, centre, log, info=info, resume=resume)
     summary.update(rm_stats)
-    ppo, history = ppo_stage(cfg, policy, sft, rm, tok, judge, out, device, log, info=info)
+    ppo, history = ppo_stage(cfg, policy, sft, rm, tok, judge, out, device, log, info=info, policy_dir=out / "ppo",
+                             resume=resume)
     ppo.info = DistInfo()  # training is over: rank 0 evaluates alone, without collectives
 
     # DPO from the SFT model on the same pairs
@@ -396,9 +449,8 @@ def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print, info: Dist
                                                   device, rm=rm, best_of_base=sft)
     summary.update(results)
     summary["kl_ppo"] = ppo_kl(ppo, prompts)
-    # the aligned policies, readable by `nanogpt4 sample --raw-prompt` (saved before the summary: a finished
-    # summary is what marks this stage done)
-    save_policy(out / "ppo", r.ppo_steps, policy, cfg, tok)
+    # the aligned policies (PPO's saved after its training), readable by `nanogpt4 sample --raw-prompt`; before
+    # the summary: a finished summary is what marks this stage done
     save_policy(out / "dpo", r.dpo_steps, dpo_policy, cfg, tok)
     summary["wall_s"] = time.time() - t_start
     atomic_write_json(out / "summary.json", summary)

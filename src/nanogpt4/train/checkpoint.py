@@ -117,18 +117,20 @@ def newest_checkpoint_under(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, cfg, tokenizer_path: Path | None,
                     trainer_state: dict, keep_last: int, best: bool = False,
-                    weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``checkpoints/step_N`` atomically; ``weights`` overrides the model's own (gathered FSDP shards)."""
+                    weights: dict[str, torch.Tensor] | None = None, extra: dict[str, nn.Module] | None = None) -> Path:
+    """Write ``checkpoints/step_N`` atomically; ``weights`` overrides the model's own (gathered FSDP shards);
+    ``extra``: other models trained beside it, each as ``NAME.safetensors`` (PPO's critic)."""
     ck_root = Path(run_dir) / "checkpoints"
     ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / f"step_{step}"
-    tensors = model_tensors(model, weights)
+    files = {"model": model_tensors(model, weights), **{name: model_tensors(m) for name, m in (extra or {}).items()}}
     fix = "free space (or lower training.keep_last)"
     # the new checkpoint is written beside the kept ones before the oldest is pruned
-    require_free_space(ck_root, _tensor_bytes(tensors) + _tensor_bytes(trainer_state), f"checkpoint {final.name}",
+    require_free_space(ck_root, _tensor_bytes(files) + _tensor_bytes(trainer_state), f"checkpoint {final.name}",
                        fix)
     with atomic_dir(final, fix) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"step": str(step)})
         (tmp / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
         if tokenizer_path is not None and Path(tokenizer_path).exists():
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")

@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import torch
 import torch.nn as nn
@@ -138,6 +138,47 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class StopSignals:
+    """SIGTERM (a preemptible cluster's notice) or a first Ctrl-C asks a training loop to finish its step,
+    checkpoint and exit cleanly: either would otherwise lose every step since the last checkpoint. A second
+    Ctrl-C stops at once. Ctrl-C is taken over only where it would raise KeyboardInterrupt (not where it is
+    ignored, as in a background job, or where the program embedding us handles it)."""
+
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+        self.received: str | None = None  # "SIGTERM" or "SIGINT" (Ctrl-C) once one asked the loop to stop
+        self._old: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+                continue
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.is_main:  # os.write: a print could land inside another write to the same stream
+                with contextlib.suppress(OSError):
+                    os.write(2, b"\nCtrl-C: stopping after this step to write a checkpoint (Ctrl-C again to stop "
+                                b"at once, without one)\n")
+
+    def raise_stopped(self, where: str) -> NoReturn:
+        """End the stopped loop (its checkpoint written): an unfinished run must not pass for a result, and a
+        pipeline's next stage must not start. ``where``: "at step 3 of 10"."""
+        if self.received == "SIGINT":  # main() prints "interrupted" before it
+            raise KeyboardInterrupt(f" {where}")
+        raise TrainingStopped(f"SIGTERM {where}")
+
+
 class Trainer:
     def __init__(self, cfg, model: nn.Module, batches: BatchSource, run_dir: Path, info: DistInfo,
                  device: torch.device, *, loss_fn: Callable[[nn.Module, dict], torch.Tensor] = lm_loss,
@@ -199,7 +240,7 @@ class Trainer:
         self.train_time = 0.0
         self.best_val = math.inf
         self.last_eval: dict = {}
-        self._stop_signal: str | None = None  # "SIGTERM" or "SIGINT" (Ctrl-C) once one asks the run to stop
+        self._stops = StopSignals(info.is_main)
         self._cut_short = False  # stopped by a signal before the budget was spent
         self._start_step = 0
         # a time budget that ends before max_steps brings the cooldown forward: the rate this run's last step took
@@ -336,9 +377,10 @@ class Trainer:
         spent = budget_spent(tc, self.step, self.tokens)
         spent |= (tc.max_time_s is not None and self.step > self._start_step  # always run at least one step
                          and self.train_time + (time.time() - t_start) >= tc.max_time_s)
-        stop = broadcast_flag(spent or self._stop_signal is not None, self.info, self.device)
+        signalled = self._stops.received is not None
+        stop = broadcast_flag(spent or signalled, self.info, self.device)
         if stop:  # rank 0's view of why, on every rank
-            self._cut_short = broadcast_flag(self._stop_signal is not None and not spent, self.info, self.device)
+            self._cut_short = broadcast_flag(signalled and not spent, self.info, self.device)
         return stop
 
     def _learning_rate(self, elapsed_s: float, steps_timed: int, timed_s: float) -> float:
@@ -367,17 +409,6 @@ class Trainer:
         self._anneal_lr = anneal_step(self._anneal_lr, tc.learning_rate * tc.min_lr_ratio, self.step, end)
         return self._anneal_lr
 
-    def _on_stop_signal(self, signum, frame) -> None:
-        """Finish the step, checkpoint, exit cleanly: SIGTERM (a preemptible cluster's notice) or a first Ctrl-C,
-        which would otherwise lose every step since the last checkpoint. A second Ctrl-C stops at once."""
-        self._stop_signal = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            if self.info.is_main:  # os.write: a print could land inside another write to the same stream
-                with contextlib.suppress(OSError):
-                    os.write(2, b"\nCtrl-C: stopping after this step to write a checkpoint (Ctrl-C again to stop "
-                                b"at once, without one)\n")
-
     def _run_eval(self) -> dict:
         if self.evaluate is None:
             return {}
@@ -403,14 +434,7 @@ class Trainer:
     def fit(self) -> dict:
         tc, info = self.tc, self.info
         accum = tc.grad_accum_steps
-        old_handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            # Ctrl-C is taken over only where it would raise KeyboardInterrupt (not where it is ignored, as in a
-            # background job, or where the program embedding us handles it)
-            if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
-                continue
-            with contextlib.suppress(ValueError):  # not in the main thread
-                old_handlers[sig] = signal.signal(sig, self._on_stop_signal)
+        self._stops.__enter__()
         self.step_model.train()
         t_start = time.time()
         start_step = self._start_step = self.step
@@ -496,15 +520,11 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+            self._stops.__exit__()
         self.train_time += time.time() - t_start
-        # checkpointed above; an unfinished run must not pass for a result, and a signal that came during the last
-        # step's evaluation or checkpoint still stops the program (a pipeline's next stage must not start)
-        if self._cut_short or self._stop_signal is not None:
-            if self._stop_signal == "SIGINT":  # main() prints "interrupted" before it
-                raise KeyboardInterrupt(f" at step {self.step} of {tc.max_steps}")
-            raise TrainingStopped(f"SIGTERM at step {self.step} of {tc.max_steps}")
+        # checkpointed above; a signal that came during the last step's evaluation or checkpoint stops it too
+        if self._cut_short or self._stops.received is not None:
+            self._stops.raise_stopped(f"at step {self.step} of {tc.max_steps}")
         if self.step == start_step:  # resumed where it had finished: nothing trained, its log has the numbers
             if self.sample is not None:  # the log has no sample: the same weights write it again (every rank)
                 self.last_eval = {"sample": self.sample(unwrap(self.model))}
