@@ -374,6 +374,21 @@ def test_a_stopped_stage_names_what_it_kept_and_how_to_train_it_again(trained_ru
                                        f"--out")
 
 
+def test_a_stop_under_torchrun_says_to_relaunch_as_many_processes(tmp_path, monkeypatch):
+    from nanogpt4.cli import _launcher, _stage_stop_hint
+
+    (tmp_path / "checkpoints" / "step_2").mkdir(parents=True)
+    args = argparse.Namespace(command="ppo", stage_dir=tmp_path, resume=False, argv=["ppo", "--out", str(tmp_path)])
+    assert _stage_stop_hint(args).endswith(f"continue with: nanogpt4 ppo --out {tmp_path} --resume")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert _stage_stop_hint(args).endswith(
+        f"continue with: torchrun --nproc_per_node=4 -m nanogpt4 ppo --out {tmp_path} --resume")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _launcher() == "torchrun --nnodes=2 (and your rendezvous flags) --nproc_per_node=2 -m nanogpt4"
+
+
 def _rlhf_stage_argv(stage: str, trained_run, tmp_path) -> list:
     rows, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i % 3}"}) + "\n" for i in range(12)))

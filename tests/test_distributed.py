@@ -270,8 +270,71 @@ def test_ctrl_c_under_torchrun_checkpoints_the_step_in_flight_and_says_so_once(p
     said = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(said) == 1 and err.count("Ctrl-C: stopping after this step") == 1, err[-3000:]
     step, kept = list_checkpoints(out)[-1]
-    assert said[0] == (f"interrupted at step {step} of 5000; {kept} is kept, continue with: nanogpt4 pretrain "
-                       f"--out {out} --resume"), err[-3000:]
+    assert said[0] == (f"interrupted at step {step} of 5000; {kept} is kept, continue with: torchrun "
+                       f"--nproc_per_node=2 -m nanogpt4 pretrain --out {out} --resume"), err[-3000:]
+
+
+def _interrupted_when(cmd: list[str], logged, timeout: float = 120) -> str:
+    """Run ``cmd`` as a terminal's foreground job (its own process group, SIGINT not ignored: see
+    tests/conftest.py), Ctrl-C it once ``logged()`` holds; returns its stderr."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        t0 = time.time()
+        while not logged():
+            assert time.time() - t0 < timeout and proc.poll() is None, "the run never logged a step"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    return err
+
+
+@pytest.mark.slow
+def test_a_two_process_ppo_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_runs_steps(prepared, tmp_path,
+                                                                                          capsys):
+    """Each rank draws its own rollouts, from seeds its checkpoint restores: relaunched with as many processes, as
+    the stop message says, the run logs the uninterrupted 2-process run's steps exactly."""
+    import json
+    import shlex
+
+    from nanogpt4.cli import main
+    from nanogpt4.utils import read_jsonl
+
+    ov, _ = prepared
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), *ov, "training.max_steps=10"]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"def g{i}(x):\n", "chosen": "    return x\n",
+                                         "rejected": f"    return {i} +\n"}) + "\n" for i in range(24)))
+    assert main(["reward", "--sft", str(tmp_path / "pre"), "--data", str(pairs), "--out", str(tmp_path / "rm"),
+                 "rlhf.reward_steps=4"]) == 0
+    capsys.readouterr()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt4"]
+    argv = ["ppo", "--sft", str(tmp_path / "pre"), "--reward", str(tmp_path / "rm"), "--prompts", str(pairs),
+            "rlhf.ppo_steps=12", "rlhf.rollout_batch_size=4", "rlhf.mini_batch_size=2", "rlhf.max_new_tokens=8",
+            "rlhf.eval_prompts=4", "rlhf.target_kl=1.0", "--device", "cpu"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    res = subprocess.run([*launch, *argv, "--out", str(full)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = part / "metrics.jsonl"
+    err = _interrupted_when([*launch, *argv, "--out", str(part)],
+                            lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+    said = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1, err[-3000:]
+    again = said[0].split("continue with: ", 1)[1]
+    assert again == shlex.join(["torchrun", "--nproc_per_node=2", "-m", "nanogpt4", *argv, "--out", str(part),
+                                "--resume"]), said
+    step = int(said[0].split(" of 12")[0].rsplit(" ", 1)[1])
+    assert 2 <= step < 12 and (part / "checkpoints" / f"step_{step}" / "value.safetensors").exists()
+    res = subprocess.run([*launch, *shlex.split(again)[4:]], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    timing = ("rollout_s", "update_s")
+    ours, theirs = ([{k: v for k, v in row.items() if k not in timing} for row in read_jsonl(d / "metrics.jsonl")]
+                    for d in (part, full))
+    assert [r["step"] for r in ours] == list(range(1, 13)) and ours == theirs
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")

@@ -110,7 +110,7 @@ def cmd_pretrain(args) -> int:
         if isinstance(e, OSError) and not disk_full(e, out):
             raise
         last = latest_checkpoint(Path(out))
-        hint = (f"; {last} is kept, continue with: nanogpt4 pretrain --out {out} --resume" if last
+        hint = (f"; {last} is kept, continue with: {_launcher()} pretrain --out {out} --resume" if last
                 else "; no checkpoint was written yet")
         if isinstance(e, OSError):
             e = DiskFull(f"the disk is full ({e})")
@@ -455,6 +455,18 @@ def _stage_out(args, name: str) -> Path:
     return out
 
 
+def _launcher() -> str:
+    """What starts a stopped command again: ``nanogpt4``, or under torchrun a launch of as many processes (PPO's
+    ranks each draw their own rollouts, so another number of them would not continue the run exactly)."""
+    from nanogpt4.train.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return "nanogpt4"
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    nodes = "" if local == world else f"--nnodes={world // local} (and your rendezvous flags) "
+    return f"torchrun {nodes}--nproc_per_node={local} -m nanogpt4"
+
+
 def _stage_stop_hint(args) -> str:
     """What a stopped stage kept, and how to go on (``--resume``) or, for a command without one, train it again."""
     from nanogpt4.train.checkpoint import newest_checkpoint_under
@@ -465,12 +477,12 @@ def _stage_stop_hint(args) -> str:
     kept = newest_checkpoint_under(out)
     what = f"{kept} is kept, a partly trained model" if kept else "no checkpoint was written"
     if args.command == "multimodal" and kept:
-        return f"; {what}; continue with: nanogpt4 multimodal --out {out} --resume"
+        return f"; {what}; continue with: {_launcher()} multimodal --out {out} --resume"
     if hasattr(args, "resume") and kept:  # the command it began with, which rebuilds what the training read
         import shlex
 
         again = args.argv + ([] if "--resume" in args.argv else ["--resume"])
-        return f"; {what}; continue with: {shlex.join(['nanogpt4', *again])}"
+        return f"; {what}; continue with: {_launcher()} {shlex.join(again)}"
     return f"; {what}; this stage does not resume: to train it again, delete {out} or give another --out"
 
 
