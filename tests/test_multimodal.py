@@ -285,6 +285,29 @@ def test_user_jsonl_loader(tmp_path):
         load_vqa_jsonl(f, 16, 3)
 
 
+def test_the_training_rows_identity_follows_what_they_are_drawn_from(tmp_path):
+    from PIL import Image
+
+    from nanogpt4.config import load_config
+    from nanogpt4.train.multimodal import VQASource
+
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "red.png")
+    f = tmp_path / "vqa.jsonl"
+    f.write_text(json.dumps({"image": "red.png", "prompt": "what colour?", "answer": "red"}) + "\n")
+
+    def data_id(seed=0, **mm):
+        cfg = load_config("tiny", [f"multimodal.{k}={v}" for k, v in mm.items()])
+        return VQASource(cfg.multimodal, 16, 3, seed).data_id
+
+    mixed = data_id(data="scenes+digits")
+    assert mixed == data_id(data="scenes+digits") != data_id(data="scenes+digits", seed=1)
+    assert mixed != data_id(data="scenes+digits", digits_fraction=0.9) != data_id(data="scenes")
+    assert data_id(data="scenes") == data_id(data="scenes", digits_fraction=0.9)  # a mix of one: no fraction
+    rows = data_id(data=f"jsonl:{f}")
+    f.write_text(json.dumps({"image": "red.png", "prompt": "what colour?", "answer": "crimson"}) + "\n")
+    assert data_id(data=f"jsonl:{f}") != rows
+
+
 def test_user_images_read_as_a_viewer_shows_them(tmp_path):
     from PIL import Image
 
@@ -590,12 +613,15 @@ def test_a_stopped_multimodal_run_resumes_exactly(tmp_path, capsys, monkeypatch)
                                 f"--resume"), err
     assert not (part / "summary.json").exists()
     assert main(["multimodal", "--out", str(part), "--resume", "--device", "cpu"]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "resumed from" in said and "warning" not in said
     _same_run(full, part)
-    # nothing left to train: refused, unchanged; more steps go on from the last
+    # nothing left to train: refused, unchanged; more steps go on from the last, on other rows with a warning
     assert main(["multimodal", "--out", str(part), "--resume"]) == 2
     assert "has finished; give a larger multimodal.tune_steps (now 8)" in capsys.readouterr().err
-    assert main(["multimodal", "--out", str(part), "--resume", "multimodal.tune_steps=10", "--device", "cpu"]) == 0
+    assert main(["multimodal", "--out", str(part), "--resume", "multimodal.tune_steps=10",
+                 "multimodal.digits_fraction=0.9", "--device", "cpu"]) == 0
+    assert "warning: the training data is not what step 8 was trained on" in capsys.readouterr().out
     assert list(step_losses(part / "tune")) == list(range(1, 11))
 
 

@@ -8,6 +8,7 @@ question-only prior (the most common training answer for each exact question) wo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -110,13 +111,20 @@ class VQASource:
         self.custom_train: list[VQAItem] = []
         self.custom_eval: list[VQAItem] = []
         self.evaluates_on_training = False  # a one-row file: its row is both
+        mix = [self.kinds, seed, size, channels, mm.digits_fraction if len(self.kinds) > 1 else None,
+               mm.augment if "digits" in self.kinds else None]
         if "jsonl" in self.kinds:
-            rows = load_vqa_jsonl(mm.data[len("jsonl:"):], size, channels)
+            path = mm.data[len("jsonl:"):]
+            rows = load_vqa_jsonl(path, size, channels)
+            mix.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
             # every 10th row is held out (at least one), so the split never depends on the machine
             self.custom_eval = rows[::10]
             self.custom_train = [r for i, r in enumerate(rows) if i % 10]
             if not self.custom_train:
                 self.custom_train, self.evaluates_on_training = rows, True
+        # what the training rows are a function of (a jsonl file: its text, not the images it names), kept in
+        # checkpoints so that a resume on other rows says so
+        self.data_id = hashlib.sha256(json.dumps(mix).encode()).hexdigest()[:16]
 
     def conversation(self, step: int, row: int) -> list[VQAItem]:
         """Training row ``row`` of ``step``: one image and the questions asked about it."""
@@ -487,7 +495,7 @@ def run_multimodal(cfg: DictConfig, pretrained: Path | None, out: Path, log=prin
         train_cfg = stage_cfg(cfg, steps, time_left, tune)
         trainer = Trainer(cfg, model, batches, out / name, info, device, loss_fn=vqa_loss,
                           evaluate=quick_eval, train_cfg=train_cfg, tokenizer_path=out / "tokenizer.json",
-                          progress=progress, log=log, lr_setting="multimodal.learning_rate",
+                          progress=progress, log=log, lr_setting="multimodal.learning_rate", data_id=source.data_id,
                           warmup_fix=f"the stage's warmup is a tenth of its schedule (at most 100 steps), here "
                                      f"multimodal.lr_decay_steps={train_cfg.lr_decay_steps}: give more steps or a "
                                      f"shorter multimodal.lr_decay_steps (a pipeline's --scale keeps the full run's)")

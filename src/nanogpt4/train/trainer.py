@@ -302,8 +302,8 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {ckpt} (step {self.step}, {self.tokens:,} tokens)")
         if self.data_id and state.get("data_id") and state["data_id"] != self.data_id:
-            self.log(f"warning: the training data is not what step {self.step} was trained on (its text or "
-                     f"train/val split changed since): training goes on with this data, so the run will not match "
+            self.log(f"warning: the training data is not what step {self.step} was trained on (its text, split "
+                     f"or mix of sources changed since): training goes on with this data, so the run will not match "
                      f"an uninterrupted one")
         return self.step
 
