@@ -489,8 +489,18 @@ def test_a_stopped_ppo_run_resumes_to_the_uninterrupted_runs_rollouts(trained_ru
     assert ("optimizer" in load_trainer_state(kept)) == (stop_in < 4)  # the last step's: the trained policy
     assert_one_line_error(*cli(capsys, *shlex.split(again)[1:], "rlhf.ppo_steps=1")[::2],
                           f"'{part}' is at PPO step {stop_in}, past the 1 steps now asked for (rlhf.ppo_steps)")
+    if stop_in < 4:  # other prompts to roll out: it trains on, and says the run no longer matches
+        import shutil
+
+        shutil.copytree(part, tmp_path / "other")
+        other = tmp_path / "other.jsonl"
+        other.write_text((tmp_path / "sft.jsonl").read_text().replace('"a1"', '"b1"').replace('"q1"', '"r1"'))
+        moved = [str(a).replace(str(tmp_path / "sft.jsonl"), str(other)).replace(str(part), str(tmp_path / "other"))
+                 for a in shlex.split(again)[1:]]
+        code, out, err = cli(capsys, *moved)
+        assert code == 0 and f"warning: the prompts to roll out are not those PPO step {stop_in} was trained on" in out
     code, out, err = cli(capsys, *shlex.split(again)[1:], "--json")
-    assert code == 0 and f"ppo: resuming {part} from {kept}" in out, err
+    assert code == 0 and f"ppo: resuming {part} from {kept}" in out and "warning" not in out, err
     timing = ("rollout_s", "update_s")
     ours, theirs = ([{k: v for k, v in row.items() if k not in timing} for row in read_jsonl(d / "metrics.jsonl")]
                     for d in (part, full))

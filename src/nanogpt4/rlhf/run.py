@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -309,7 +310,8 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     out.mkdir(parents=True, exist_ok=True)
     policy_dir = policy_dir or out
     metrics = out / "metrics.jsonl"
-    history = resumed_ppo(ppo, policy_dir, metrics, r.ppo_steps) if resume else []
+    prompts_id = hashlib.sha256(json.dumps(ppo_prompts).encode()).hexdigest()[:16]  # what a resume compares
+    history = resumed_ppo(ppo, policy_dir, metrics, r.ppo_steps, prompts_id, log) if resume else []
     if info.is_main and not history:  # a fresh start (or one stopped before its first checkpoint)
         metrics.unlink(missing_ok=True)
     with StopSignals(info.is_main) as stops:
@@ -332,7 +334,8 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
                 if info.is_main:  # rank 0's decision on every rank, so none waits in a collective alone
                     tok.save(policy_dir / "tokenizer.json")
                     save_checkpoint(policy_dir, ppo.step_count, policy, cfg, policy_dir / "tokenizer.json",
-                                    ppo.state_dict(), keep_last=1, extra={"value": ppo.value})
+                                    {**ppo.state_dict(), "data_id": prompts_id}, keep_last=1,
+                                    extra={"value": ppo.value})
                 stops.raise_stopped(f"at PPO step {ppo.step_count} of {r.ppo_steps}")
         if info.is_main:  # first: whatever the evaluation meets, the trained policy is kept
             save_policy(policy_dir, r.ppo_steps, policy, cfg, tok)
@@ -341,11 +344,12 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     return ppo, history
 
 
-def resumed_ppo(ppo: PPOTrainer, policy_dir: Path, metrics: Path, steps: int) -> list[dict]:
+def resumed_ppo(ppo: PPOTrainer, policy_dir: Path, metrics: Path, steps: int, prompts_id: str, log) -> list[dict]:
     """Restore ``ppo`` from ``policy_dir``'s checkpoint of a stopped run: the policy, the critic, the optimizer, the
     KL coefficient and where the rollouts' seeds are (the trained policy alone when it was stopped after
-    training). Returns the steps logged until then (read by rank 0, which keeps them and drops any later row);
-    none when there is no checkpoint: PPO starts again."""
+    training); a warning when the prompts it rolls out (``prompts_id``) are not the stopped run's. Returns the
+    steps logged until then (read by rank 0, which keeps them and drops any later row); none when there is no
+    checkpoint: PPO starts again."""
     found = list_checkpoints(policy_dir)
     if not found:
         return []
@@ -358,6 +362,10 @@ def resumed_ppo(ppo: PPOTrainer, policy_dir: Path, metrics: Path, steps: int) ->
     if "optimizer" in state:
         load_weights(ppo.value, ckpt / "value.safetensors")
         ppo.load_state_dict(state)
+        if state.get("data_id") != prompts_id:
+            log(f"warning: the prompts to roll out are not those PPO step {step} was trained on (--prompts or the "
+                f"corpus changed since): training goes on with these, so the run will not match an uninterrupted "
+                f"one")
     elif step == steps:  # the trained policy, saved after its training: nothing is left to train
         ppo.step_count = ppo.rollouts = step
     else:
