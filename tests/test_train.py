@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import signal
@@ -596,6 +597,16 @@ def test_a_stopped_run_names_the_kept_checkpoint_and_the_resume_command(prepared
 
 
 
+def test_the_best_checkpoint_is_one_evaluated_at_its_own_step(prepared, tmp_path):
+    """Checkpoints at steps 3 and 5, evaluations at 2, 4 and 5: step 3's weights were never evaluated, so step 2's
+    loss must not make them the best."""
+    run(prepared, tmp_path / "r", "training.max_steps=5", "training.eval_interval=2", "training.checkpoint_interval=3",
+        "training.keep_last=5")
+    assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [3, 5]
+    assert load_trainer_state(tmp_path / "r" / "checkpoints" / "step_3")["best_val"] == math.inf
+    assert (tmp_path / "r" / "checkpoints" / "best" / "STEP").read_text() == "5"
+
+
 def test_ctrl_c_checkpoints_the_step_in_flight_and_a_second_stops_at_once(prepared, tmp_path, monkeypatch,
                                                                           ctrl_c_raises):
     from nanogpt4.train import pretrain as pretrain_mod
@@ -615,6 +626,8 @@ def test_ctrl_c_checkpoints_the_step_in_flight_and_a_second_stops_at_once(prepar
         run(prepared, tmp_path / "once", "training.max_steps=12", "training.checkpoint_interval=100")
     assert [s for s, _ in list_checkpoints(tmp_path / "once")] == [4]
     assert not (tmp_path / "once" / "summary.json").exists()
+    # no evaluation at the stop (step 4 is no eval step): the checkpoint comes at once, the log is the run's
+    assert [r["step"] for r in read_jsonl(tmp_path / "once" / "metrics.jsonl") if "val_loss" in r] == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.getsignal(signal.SIGTERM) == term
     ctrl_c[11] = 1  # during the last step: the run is done, but the program still stops (no next stage)
     with pytest.raises(KeyboardInterrupt, match="^ at step 12 of 12$"):

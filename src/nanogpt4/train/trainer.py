@@ -507,10 +507,14 @@ class Trainer:
                                  f"{tok_s:,.0f} tok/s" + (f" mfu {mfu['mfu']}" if mfu else ""))
                     window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
                 done = self._should_stop(t_start)
-                if self.step % tc.eval_interval == 0 or done:
+                # a signal's stop evaluates only where the run would have anyway: its checkpoint comes first (a
+                # preempted job has seconds before SIGKILL), and the resumed run's log is the uninterrupted one's
+                evaluated = self.step % tc.eval_interval == 0 or (done and not self._cut_short)
+                if evaluated:
                     self._evaluate_and_log(bar)
                 if self.step % tc.checkpoint_interval == 0 or done:
-                    val = self.last_eval.get("val_loss")
+                    # best among the checkpoints evaluated at their own step, not by an earlier step's loss
+                    val = self.last_eval.get("val_loss") if evaluated else None
                     is_best = val is not None and val <= self.best_val
                     if is_best:
                         self.best_val = val
