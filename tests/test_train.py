@@ -558,7 +558,10 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared, tmp_path):
                     stop_at], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     full, resumed = step_losses(tmp_path / "full"), step_losses(tmp_path / "killed")
     assert list(resumed) == list(range(1, 61))
-    assert full == resumed
+    # to float noise, not bit for bit (test_resume_reproduces_losses_bitwise checks that, in one process): across
+    # processes an AMX Xeon once logged a few steps' losses 1e-7-3e-6 apart (steps 12-19 equal, so the same state
+    # and a loss summed in another order); a resume from the wrong state, data or schedule is off by 1e-3 or more
+    assert resumed == pytest.approx(full, rel=1e-5, abs=0)
 
 
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted at step "),
