@@ -56,14 +56,16 @@ def test_incremental_logits_match_full_forward(variant):
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [None, "onednn", "blocked"])
+@pytest.mark.parametrize("layout", [None, "onednn", "blocked", "transposed"])
 @pytest.mark.parametrize("variant", [*VARIANTS, "mup"])
-def test_decode_step_logits_match_full_forward(variant, layout):
+def test_decode_step_logits_match_full_forward(variant, layout, monkeypatch):
+    from nanogpt4.model import decoding
     from nanogpt4.model.transformer import KVCache
 
     # the one-token step that eager and compiled decoding run (the blocks' math without their modules' calls),
-    # with the linear layers' weights as they are or laid out for decoding (oneDNN's blocks for 2 rows; blocks of
-    # output columns for one fp32 row)
+    # with the linear layers' weights as they are or laid out for decoding (AMD: oneDNN's blocks for 2 rows,
+    # blocks of output columns for one fp32 row; Intel: (in, out) copies for 2 rows)
+    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "intel" if layout == "transposed" else "amd")
     m = make("gpt2", **{"parametrization": "mup", "mup_base_dim": 32}) if variant == "mup" else make(variant)
     with torch.no_grad():  # biases and norms start at 0 and 1: a step that dropped them must show
         for p in m.parameters():
@@ -71,7 +73,7 @@ def test_decode_step_logits_match_full_forward(variant, layout):
     B = 1 if layout == "blocked" else 2
     weights = m.packed_decode_weights(B, 16) if layout else None
     if layout and weights is None:
-        pytest.skip("decoding layouts are used on x86 CPUs only (oneDNN's also needs oneDNN)")
+        pytest.skip("decoding layouts are used on x86 CPUs only (oneDNN's also needs oneDNN, (in, out) MKL)")
     assert weights is None or weights.layout == layout
     x = torch.randint(0, 101, (B, 16))
     full = m(x)
@@ -107,7 +109,7 @@ def test_blocked_weights_pad_to_whole_blocks():
         torch.testing.assert_close(decode_linear(no_bias, x, packed), no_bias(x), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("layout", [None, "onednn", "blocked"])
+@pytest.mark.parametrize("layout", [None, "onednn", "blocked", "transposed"])
 def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
     from nanogpt4.model.decoding import DecodeWeights, blocked_bias, blocked_weight, decode_linear
 
@@ -123,6 +125,8 @@ def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
         packed = DecodeWeights("onednn", {layer: torch.ops.mkldnn._reorder_linear_weight(weight, rows)})
     elif layout == "blocked":
         packed = DecodeWeights("blocked", {layer: blocked_weight(weight)}, {layer: blocked_bias(layer.bias.detach())})
+    elif layout == "transposed":
+        packed = DecodeWeights("transposed", {layer: weight.t().contiguous()})
     with torch.no_grad():
         torch.testing.assert_close(decode_linear(layer, x, packed), layer(x), atol=1e-6, rtol=1e-6)
         for form in ("none", "tanh"):  # the exact GELU, and GPT-2's tanh approximation (model.mlp=gelu_tanh)
@@ -132,9 +136,12 @@ def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
                                    atol=1e-6, rtol=1e-6)
 
 
-def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
+@pytest.mark.parametrize("vendor", ["amd", "intel"])
+def test_generate_decodes_through_laid_out_weights_where_it_pays(vendor, monkeypatch):
+    from nanogpt4.model import decoding
     from nanogpt4.model.decoding import PACK_MIN_NEW_TOKENS
 
+    monkeypatch.setattr(decoding, "cpu_vendor", lambda: vendor)
     m = make()
     if m.packed_decode_weights(4, PACK_MIN_NEW_TOKENS) is None:
         pytest.skip("decoding layouts need an x86 CPU with oneDNN")
@@ -147,13 +154,16 @@ def test_generate_decodes_through_laid_out_weights_where_it_pays(monkeypatch):
     n = PACK_MIN_NEW_TOKENS + 4
     runs = [(x, {}), (x, {"attention_mask": mask}), (x[1:2], {})]
     got = [m.generate(rows, n, temperature=0, **kw) for rows, kw in runs]
-    # every linear of the blocks and the head: for oneDNN (4 rows), or in blocks of output columns for one row
-    assert [(w.layout, len(w.weights)) for w in made] == [("onednn", 4 * 2 + 1)] * 2 + [("blocked", 9)]
+    # every linear of the blocks and the head: on AMD for oneDNN (4 rows), or in blocks of output columns for one
+    # row; on Intel as (in, out) copies for MKL (4 rows), as they are for one row
+    expected = ([("onednn", 4 * 2 + 1)] * 2 + [("blocked", 9)] if vendor == "amd"
+                else [("transposed", 4 * 2 + 1)] * 2 + [None])
+    assert [w and (w.layout, len(w.weights)) for w in made] == expected
     monkeypatch.setattr(Transformer, "packed_decode_weights", lambda self, *a: None)
     assert all(torch.equal(g, m.generate(rows, n, temperature=0, **kw))
                for g, (rows, kw) in zip(got, runs, strict=True))
-    # one row gets blocks; a short generation or another dtype nothing
-    assert pack(m, 1, 100).layout == "blocked" and pack(m, 4, PACK_MIN_NEW_TOKENS - 1) is None
+    # a short generation or another dtype gets nothing
+    assert pack(m, 4, PACK_MIN_NEW_TOKENS - 1) is None
     assert pack(m.to(torch.float16), 4, 100) is None
 
 
