@@ -699,6 +699,28 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_it_is_written(prepared, 
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+def test_resume_point_refuses_what_more_steps_cannot_continue(prepared, tmp_path):
+    from nanogpt4.errors import UserError
+    from nanogpt4.model.transformer import Transformer
+    from nanogpt4.train.checkpoint import resume_point, save_checkpoint
+
+    # the one place every stage's --resume (the trainer's, PPO's) decides where it picks up
+    cfg = load_config("tiny", prepared[0])
+    model = Transformer(cfg)
+    assert resume_point(tmp_path, 10) is None  # no checkpoint: the stage starts again
+    save_checkpoint(tmp_path, 4, model, cfg, None, {"optimizer": {}, "step": 4}, keep_last=2)
+    step, ckpt, state = resume_point(tmp_path, 10)
+    assert (step, ckpt.name, state["step"]) == (4, "step_4", 4)
+    with pytest.raises(UserError, match=r"is at PPO step 4, past the 3 steps now asked for \(rlhf\.ppo_steps\); "
+                                        r"give at least 4 to train on"):
+        resume_point(tmp_path, 3, "PPO step", " (rlhf.ppo_steps)")
+    save_checkpoint(tmp_path, 6, model, cfg, None, {"step": 6}, keep_last=2)  # a trained model: no optimizer
+    assert resume_point(tmp_path, 6)[0] == 6  # where it was trained to: nothing is left to train
+    with pytest.raises(UserError, match=r"step_6 holds the trained model without the optimizer state that more "
+                                        r"steps would need; train on from it in a new run"):
+        resume_point(tmp_path, 8)
+
+
 def test_an_atomic_write_cut_short_by_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
     import errno
 

@@ -36,8 +36,9 @@ from nanogpt4.rlhf.stages import (
     train_reward,
     train_sft,
 )
-from nanogpt4.train.checkpoint import list_checkpoints, load_model, load_trainer_state, load_weights, save_checkpoint
+from nanogpt4.train.checkpoint import load_model, load_weights, resume_point, save_checkpoint
 from nanogpt4.train.distributed import DistInfo, broadcast_flag, broadcast_text, on_rank_zero
+from nanogpt4.train.metrics import MetricsLogger
 from nanogpt4.train.trainer import StopSignals
 from nanogpt4.utils import (
     atomic_path,
@@ -309,11 +310,11 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
                    else rollout_order(prompts, need, cfg.seed + 2))
     out.mkdir(parents=True, exist_ok=True)
     policy_dir = policy_dir or out
-    metrics = out / "metrics.jsonl"
+    metrics = MetricsLogger(out, enabled=info.is_main)
     prompts_id = hashlib.sha256(json.dumps(ppo_prompts).encode()).hexdigest()[:16]  # what a resume compares
     history = resumed_ppo(ppo, policy_dir, metrics, r.ppo_steps, prompts_id, log) if resume else []
     if info.is_main and not history:  # a fresh start (or one stopped before its first checkpoint)
-        metrics.unlink(missing_ok=True)
+        metrics.path.unlink(missing_ok=True)
     with StopSignals(info.is_main) as stops:
         for step in range(ppo.step_count, r.ppo_steps):
             batch = ppo_prompts[step * r.rollout_batch_size:(step + 1) * r.rollout_batch_size][
@@ -324,12 +325,10 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
                                               strict=True)]
             stats["judge"] = float(np.mean(judge(batch, responses)))  # this rank's share
             history.append(stats)
-            if info.is_main:
-                with open(metrics, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))}) + "\n")
-                if (step + 1) % max(1, r.ppo_steps // 10) == 0:
-                    log(f"ppo step {step + 1}/{r.ppo_steps}: reward {stats['reward']:.3f} judge "
-                        f"{stats['judge']:.3f} kl {stats['kl']:.2f} clipfrac {stats['clipfrac']:.3f}")
+            metrics.log({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+            if info.is_main and (step + 1) % max(1, r.ppo_steps // 10) == 0:
+                log(f"ppo step {step + 1}/{r.ppo_steps}: reward {stats['reward']:.3f} judge "
+                    f"{stats['judge']:.3f} kl {stats['kl']:.2f} clipfrac {stats['clipfrac']:.3f}")
             if step + 1 < r.ppo_steps and broadcast_flag(stops.received is not None, info, device):
                 if info.is_main:  # rank 0's decision on every rank, so none waits in a collective alone
                     tok.save(policy_dir / "tokenizer.json")
@@ -344,20 +343,17 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     return ppo, history
 
 
-def resumed_ppo(ppo: PPOTrainer, policy_dir: Path, metrics: Path, steps: int, prompts_id: str, log) -> list[dict]:
+def resumed_ppo(ppo: PPOTrainer, policy_dir: Path, metrics: MetricsLogger, steps: int, prompts_id: str,
+                log) -> list[dict]:
     """Restore ``ppo`` from ``policy_dir``'s checkpoint of a stopped run: the policy, the critic, the optimizer, the
     KL coefficient and where the rollouts' seeds are (the trained policy alone when it was stopped after
     training); a warning when the prompts it rolls out (``prompts_id``) are not the stopped run's. Returns the
     steps logged until then (read by rank 0, which keeps them and drops any later row); none when there is no
     checkpoint: PPO starts again."""
-    found = list_checkpoints(policy_dir)
-    if not found:
+    point = resume_point(policy_dir, steps, "PPO step", " (rlhf.ppo_steps)", "the trained policy (no critic)")
+    if point is None:
         return []
-    step, ckpt = found[-1]
-    if step > steps:
-        raise UserError(f"'{policy_dir}' is at PPO step {step}, past the {steps} steps now asked for "
-                        f"(rlhf.ppo_steps); give at least {step} (nothing was trained)")
-    state = load_trainer_state(ckpt)
+    step, ckpt, state = point
     load_weights(ppo.policy, ckpt / "model.safetensors")
     if "optimizer" in state:
         load_weights(ppo.value, ckpt / "value.safetensors")
@@ -366,16 +362,12 @@ def resumed_ppo(ppo: PPOTrainer, policy_dir: Path, metrics: Path, steps: int, pr
             log(f"warning: the prompts to roll out are not those PPO step {step} was trained on (--prompts or the "
                 f"corpus changed since): training goes on with these, so the run will not match an uninterrupted "
                 f"one")
-    elif step == steps:  # the trained policy, saved after its training: nothing is left to train
+    else:  # the trained policy, saved after its training: nothing is left to train
         ppo.step_count = ppo.rollouts = step
-    else:
-        raise UserError(f"{ckpt} holds a policy without the critic and optimizer that more PPO steps would need; "
-                        f"train on from it in a new run (nothing was trained)")
     if not ppo.info.is_main:  # only rank 0 logs, and keeps the steps for the report
         return []
-    rows = [row for row in read_jsonl(metrics) if row["step"] <= step] if metrics.exists() else []
-    atomic_write_text(metrics, "".join(json.dumps(row) + "\n" for row in rows))
-    return rows
+    metrics.truncate_after(step)
+    return read_jsonl(metrics.path) if metrics.path.exists() else []
 
 
 def held_out_prompts(cfg: DictConfig) -> list[str]:

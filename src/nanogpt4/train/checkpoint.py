@@ -184,6 +184,26 @@ def load_trainer_state(ckpt_dir: Path) -> dict:
         raise _unreadable(path, str(e), "the trainer state") from None
 
 
+def resume_point(run_dir: Path, max_steps: int, steps_name: str = "step", setting: str = "",
+                 trained: str = "the trained model") -> tuple[int, Path, dict] | None:
+    """Where a stage's ``--resume`` picks up: (step, checkpoint, trainer state) of ``run_dir``'s latest checkpoint,
+    or None when it has none (the stage starts again). Refuses a checkpoint past ``max_steps`` (``setting``: the
+    config key that sets them, for the message), and one without optimizer state short of them: that is the
+    stage's ``trained`` model, saved after its training, which more steps cannot train on."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    step, ckpt = found[-1]
+    if step > max_steps:
+        raise UserError(f"'{run_dir}' is at {steps_name} {step}, past the {max_steps} steps now asked for{setting}; "
+                        f"give at least {step} to train on (nothing was trained)")
+    state = load_trainer_state(ckpt)
+    if "optimizer" not in state and step < max_steps:
+        raise UserError(f"{ckpt} holds {trained} without the optimizer state that more steps would need; train on "
+                        f"from it in a new run (nothing was trained)")
+    return step, ckpt, state
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory (its latest checkpoint, or the run's final weights) or a checkpoint directory."""
     p = Path(path)

@@ -26,9 +26,9 @@ from tqdm import tqdm
 from nanogpt4.errors import TrainingDiverged, TrainingStopped, UserError
 from nanogpt4.train.checkpoint import (
     latest_checkpoint,
-    list_checkpoints,
     load_trainer_state,
     load_weights,
+    resume_point,
     save_checkpoint,
 )
 from nanogpt4.train.distributed import (
@@ -310,22 +310,15 @@ class Trainer:
     def resume_or_restart(self) -> None:
         """A stage's ``--resume``: from ``run_dir``'s latest checkpoint, or, for a stage stopped before its first,
         from the start, its log emptied. Refuses a checkpoint past this run's ``max_steps``."""
-        found = list_checkpoints(self.run_dir)
-        if not found:
+        point = resume_point(self.run_dir, self.tc.max_steps)
+        if point is None:
             if self.metrics.path.exists():
                 self.log(f"{self.run_dir} starts again (it was stopped before its first checkpoint)")
                 self.metrics.truncate_after(0)
             return
-        step, ckpt = found[-1]
-        if step > self.tc.max_steps:
-            raise UserError(f"'{self.run_dir}' is at step {step}, past the {self.tc.max_steps} steps now asked for; "
-                            f"give at least {step} to train on (nothing was trained)")
-        state = load_trainer_state(ckpt)
+        step, ckpt, state = point
         if "optimizer" not in state:  # the stage's trained model, saved after its training
             # (stopped during its evaluation): nothing is left to train, and ``fit`` reads its numbers from the log
-            if step < self.tc.max_steps:
-                raise UserError(f"{ckpt} holds the trained model without its optimizer state, which more steps "
-                                f"would need; train on from it in a new run (nothing was trained)")
             load_weights(unwrap(self.model), ckpt / "model.safetensors")
             self.step = step
             self.log(f"resumed after training: {ckpt} holds the trained model")
@@ -434,7 +427,6 @@ class Trainer:
     def fit(self) -> dict:
         tc, info = self.tc, self.info
         accum = tc.grad_accum_steps
-        self._stops.__enter__()
         self.step_model.train()
         t_start = time.time()
         start_step = self._start_step = self.step
@@ -444,7 +436,7 @@ class Trainer:
         last_loss = math.nan
         step_times: list[tuple[float, int]] = []  # (seconds, tokens) of this run's optimizer steps alone
         first_step_end = None  # wall clock after this run's first step (compiling, warming up): the pace after it
-        try:
+        with self._stops, contextlib.closing(bar), contextlib.closing(self.metrics):
             done = self._should_stop(t_start)
             while not done:
                 t0 = time.perf_counter()
@@ -521,10 +513,6 @@ class Trainer:
                     self.train_time += time.time() - t_start
                     t_start = time.time()
                     self.save(best=is_best)
-        finally:
-            bar.close()
-            self.metrics.close()
-            self._stops.__exit__()
         self.train_time += time.time() - t_start
         # checkpointed above; a signal that came during the last step's evaluation or checkpoint stops it too
         if self._cut_short or self._stops.received is not None:
