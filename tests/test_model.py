@@ -164,6 +164,9 @@ def test_generate_decodes_through_laid_out_weights_where_it_pays(vendor, monkeyp
                for g, (rows, kw) in zip(got, runs, strict=True))
     # a short generation or another dtype gets nothing
     assert pack(m, 4, PACK_MIN_NEW_TOKENS - 1) is None
+    # on Intel, weights past the caches: oneDNN's layout; one row never gets blocks there
+    monkeypatch.setattr(decoding, "MKL_DECODE_MAX_BYTES", 0)
+    assert pack(m, 4, 100).layout == "onednn" and (pack(m, 1, 100) is None) == (vendor == "intel")
     assert pack(m.to(torch.float16), 4, 100) is None
 
 

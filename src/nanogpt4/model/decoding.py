@@ -83,6 +83,7 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | Non
 # CPUs where oneDNN takes bf16)
 PACK_MIN_NEW_TOKENS = 16
 PACK_MAX_BYTES = 2 * 2**30
+MKL_DECODE_MAX_BYTES = 32 * 2**20  # Intel, fp32 rows: (in, out) copies up to this much weight, oneDNN's beyond
 
 
 def eager_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -176,9 +177,12 @@ def lay_out_weights(linears: list[nn.Linear], batch: int, new_tokens: int) -> De
 
     On Intel CPUs torch's fp32 GEMMs are MKL's, whose small-GEMM kernels are Intel's own, while oneDNN's linear
     costs ~15 µs a call there however small: on 2 cores of an Intel Xeon (AMX) the rules above decoded 4x192
-    batch 8 in 1.45x transformers' time, F.linear in 1.76x, (in, out) copies through MKL's untransposed GEMM in
+    batch 8 at 1.45x transformers' speed, F.linear at 1.76x, (in, out) copies through MKL's untransposed GEMM at
     1.83x; one row 1.90x blocked, 1.89x copies, 2.10x F.linear (fp32 medians of 9, tok/s 5,481 / 6,637 / 6,904
-    and 1,348 / 1,337 / 1,490). So on Intel fp32 rows get (in, out) copies, one row nothing.
+    and 1,348 / 1,337 / 1,490). Once the weights outgrow the caches oneDNN's layout is ahead again (batch 8
+    tok/s oneDNN / copies / F.linear: 6x384 1,928 / 1,845 / 1,797, 12x768 227 / 185 / 131), and blocks never pay
+    there (one row: 420 / 470 F.linear at 6x384, 37 / 46 at 12x768). So on Intel one fp32 row gets nothing,
+    several rows (in, out) copies up to ``MKL_DECODE_MAX_BYTES`` of weights and oneDNN's layout beyond.
 
     bf16 weights get oneDNN's layout at every batch size on CPUs where oneDNN takes bf16 (AVX-512; not
     AVX2-only CPUs, where torch computes bf16 without it, and get nothing): on 2 Zen 4 cores (AVX512-BF16), same
@@ -191,9 +195,11 @@ def lay_out_weights(linears: list[nn.Linear], batch: int, new_tokens: int) -> De
     if size > PACK_MAX_BYTES:
         return None
     if weight.dtype == torch.float32 and cpu_vendor() == "intel" and torch.backends.mkl.is_available():
-        return None if batch == 1 else DecodeWeights("transposed", {m: m.weight.detach().t().contiguous()
-                                                                    for m in linears})
-    if weight.dtype == torch.float32 and batch == 1:
+        if batch == 1:
+            return None
+        if size <= MKL_DECODE_MAX_BYTES:
+            return DecodeWeights("transposed", {m: m.weight.detach().t().contiguous() for m in linears})
+    elif weight.dtype == torch.float32 and batch == 1:
         return DecodeWeights("blocked", {m: blocked_weight(m.weight.detach()) for m in linears},
                              {m: blocked_bias(m.bias.detach()) for m in linears if m.bias is not None})
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
