@@ -79,8 +79,8 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | Non
 
 
 # eager decoding through weights laid out for it (Transformer.packed_decode_weights): when each layout pays, measured
-# on 2 Zen 3 cores (fp32, several rows: oneDNN's) and 2 Zen 4 cores (fp32, one row: blocked; bf16: oneDNN's, on
-# CPUs where oneDNN takes bf16)
+# on 2 Zen 3 cores (fp32, several rows: oneDNN's), 2 Zen 4 cores (fp32, one row: blocked; bf16: oneDNN's, on CPUs
+# where oneDNN takes bf16) and 2 cores of an Intel Xeon with AMX (fp32: MKL's GEMMs, see lay_out_weights)
 PACK_MIN_NEW_TOKENS = 16
 PACK_MAX_BYTES = 2 * 2**30
 MKL_DECODE_MAX_BYTES = 32 * 2**20  # Intel, fp32 rows: (in, out) copies up to this much weight, oneDNN's beyond
