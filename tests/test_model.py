@@ -136,6 +136,26 @@ def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
                                    atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch 2.13 says so on flags()
+def test_decode_gelu_takes_pytorchs_own_kernel_for_a_few_rows():
+    from nanogpt4.model.decoding import NATIVE_GELU_MAX_ELEMENTS, decode_gelu
+
+    # F.gelu hands contiguous fp32 tensors to oneDNN (a costly call at a few rows); with oneDNN off it is PyTorch's
+    # own kernel, which decode_gelu must give bit for bit, as a contiguous tensor of the input's shape
+    torch.manual_seed(0)
+    for shape in [(1, 768), (3, 40), (8, 768), (2, NATIVE_GELU_MAX_ELEMENTS // 2)]:
+        y = torch.randn(shape) * 3
+        for form in ("none", "tanh"):
+            with torch.backends.mkldnn.flags(enabled=False):
+                native = F.gelu(y, approximate=form)
+            got = decode_gelu(y, form)
+            assert got.shape == y.shape and got.is_contiguous()
+            assert torch.equal(got, native), (shape, form)
+    # past the limit oneDNN's threads win, and one row of odd width has no transposed view: F.gelu as it is
+    for y in (torch.randn(64, 1536), torch.randn(1, 7)):
+        assert torch.equal(decode_gelu(y, "none"), F.gelu(y))
+
+
 @pytest.mark.parametrize("vendor", ["amd", "intel"])
 def test_generate_decodes_through_laid_out_weights_where_it_pays(vendor, monkeypatch):
     from nanogpt4.model import decoding

@@ -171,8 +171,8 @@ def test_two_process_ppo_update_equals_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
     r0, r1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
-    # 1e-4: one process runs 2 threads on 4 rows, each rank 1 thread on 2, and the values' rounding differs by
-    # that (2.0e-5 seen once in ~10 runs on an AMX Xeon); whitening each rank alone would be off by ~0.1-1
+    # 1e-4: one process holds 4 rows, each rank 2, and the values' rounding differs by that (2.0e-5 seen once in
+    # ~10 runs on an AMX Xeon, with 2 threads); whitening each rank alone would be off by ~0.1-1
     torch.testing.assert_close(torch.cat([r0["advantages"], r1["advantages"]]), single["advantages"],
                                atol=1e-4, rtol=1e-4)
     assert float(r0["first_ratio"]) == pytest.approx(1.0, abs=1e-6)
