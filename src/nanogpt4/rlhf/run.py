@@ -331,10 +331,8 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
                     f"{stats['judge']:.3f} kl {stats['kl']:.2f} clipfrac {stats['clipfrac']:.3f}")
             if step + 1 < r.ppo_steps and broadcast_flag(stops.received is not None, info, device):
                 if info.is_main:  # rank 0's decision on every rank, so none waits in a collective alone
-                    tok.save(policy_dir / "tokenizer.json")
-                    save_checkpoint(policy_dir, ppo.step_count, policy, cfg, policy_dir / "tokenizer.json",
-                                    {**ppo.state_dict(), "data_id": prompts_id}, keep_last=1,
-                                    extra={"value": ppo.value})
+                    save_policy(policy_dir, ppo.step_count, policy, cfg, tok,
+                                {**ppo.state_dict(), "data_id": prompts_id}, extra={"value": ppo.value})
                 stops.raise_stopped(f"at PPO step {ppo.step_count} of {r.ppo_steps}")
         if info.is_main:  # first: whatever the evaluation meets, the trained policy is kept
             save_policy(policy_dir, r.ppo_steps, policy, cfg, tok)
@@ -404,10 +402,12 @@ def ppo_kl(ppo: PPOTrainer, prompts: list[str]) -> float:
     return float(((ro.logprobs - ro.ref_logprobs) * ro.response_mask).sum(1).mean())
 
 
-def save_policy(out: Path, step: int, policy, cfg, tok) -> None:
-    """A trained policy as a normal checkpoint with its tokenizer, so `sample` and later stages read it."""
+def save_policy(out: Path, step: int, policy, cfg, tok, state: dict | None = None,
+                extra: dict[str, torch.nn.Module] | None = None) -> None:
+    """A policy as a normal checkpoint with its tokenizer, so `sample` and later stages read it; a trained one
+    has no trainer ``state``, a stopped PPO run's has its own and its critic (``extra``)."""
     tok.save(out / "tokenizer.json")
-    save_checkpoint(out, step, policy, cfg, out / "tokenizer.json", {}, keep_last=1)
+    save_checkpoint(out, step, policy, cfg, out / "tokenizer.json", state or {}, keep_last=1, extra=extra)
 
 
 def run_rlhf(cfg: DictConfig, pretrained: Path, out: Path, log=print, info: DistInfo | None = None,
