@@ -190,11 +190,14 @@ def test_generate_decodes_through_laid_out_weights_where_it_pays(vendor, monkeyp
     assert pack(m.to(torch.float16), 4, 100) is None
 
 
+@pytest.mark.parametrize("vendor", ["amd", "intel"])
 @pytest.mark.parametrize("variant", ["gpt2", "gpt2-tanh", "llama"])
-def test_bf16_decodes_through_onednn_where_onednn_takes_bf16(variant, monkeypatch):
+def test_bf16_decodes_through_onednn_where_onednn_takes_bf16(variant, vendor, monkeypatch):
+    from nanogpt4.model import decoding
     from nanogpt4.model.decoding import PACK_MIN_NEW_TOKENS, onednn_takes_bf16
     from nanogpt4.model.transformer import KVCache
 
+    monkeypatch.setattr(decoding, "cpu_vendor", lambda: vendor)
     m = make(variant)
     if m.packed_decode_weights(3, PACK_MIN_NEW_TOKENS) is None:
         pytest.skip("decoding layouts need an x86 CPU with oneDNN")
@@ -206,30 +209,39 @@ def test_bf16_decodes_through_onednn_where_onednn_takes_bf16(variant, monkeypatc
     if not onednn_takes_bf16():  # AVX2-only CPUs: torch computes bf16 without oneDNN, and nothing is laid out
         assert weights == [None, None]
         return
-    assert [w.layout for w in weights] == ["onednn", "onednn"]  # one row too: no (in, out) copies in bf16
-    # the step's logits through oneDNN's layout match the plain step's (bf16: the same GEMMs, blocked otherwise)
+    # one row too (AMD: no (in, out) copies in bf16); on Intel one row of a small model: fp32 (in, out) copies
+    assert [w.layout for w in weights] == ["transposed" if vendor == "intel" else "onednn", "onednn"]
+    # the step's logits through either layout match the plain step's (bf16: the same GEMMs, blocked otherwise;
+    # fp32 copies: the same products, summed in fp32 and rounded once)
     x = torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(1))
-    caches = [KVCache.allocate(m.cfg, 3, 16, "cpu", torch.bfloat16) for _ in range(2)]
-    for cache in caches:
-        m(x[:, :9], kv_cache=cache)
-    for i in range(9, 16):
-        plain, laid_out = (m.decode_step(x[:, i], torch.full((3,), i), None, cache, w)
-                           for cache, w in zip(caches, (None, weights[1]), strict=True))
+    for rows, laid_out_weights in ((x, weights[1]), (x[:1], weights[0])):
+        B = rows.size(0)
+        caches = [KVCache.allocate(m.cfg, B, 16, "cpu", torch.bfloat16) for _ in range(2)]
         for cache in caches:
-            cache.length += 1
-        assert laid_out.dtype == torch.bfloat16
-        torch.testing.assert_close(laid_out.float(), plain.float(), atol=2e-2, rtol=2e-2)
+            m(rows[:, :9], kv_cache=cache)
+        for i in range(9, 16):
+            plain, laid_out = (m.decode_step(rows[:, i], torch.full((B,), i), None, cache, w)
+                               for cache, w in zip(caches, (None, laid_out_weights), strict=True))
+            for cache in caches:
+                cache.length += 1
+            assert laid_out.dtype == torch.bfloat16
+            torch.testing.assert_close(laid_out.float(), plain.float(), atol=2e-2, rtol=2e-2)
     made = []
     pack = Transformer.packed_decode_weights
     monkeypatch.setattr(Transformer, "packed_decode_weights", lambda self, *a: made.append(pack(self, *a)) or made[-1])
     m.generate(x[:, :4], PACK_MIN_NEW_TOKENS, temperature=0)
     assert [w.layout for w in made] == ["onednn"]
+    # weights past the caches once widened keep oneDNN's layout for one row on Intel too
+    monkeypatch.setattr(decoding, "MKL_DECODE_MAX_BYTES", 0)
+    assert pack(m, 1, PACK_MIN_NEW_TOKENS).layout == "onednn"
 
 
 def test_bf16_decodes_on_cpu_through_an_fp32_cache(monkeypatch):
+    from nanogpt4.model import decoding
     from nanogpt4.model.decoding import eager_cache_dtype
     from nanogpt4.model.transformer import KVCache
 
+    monkeypatch.setattr(decoding, "cpu_has_amx", lambda: False)
     m = make("gqa")
     with torch.no_grad():
         for p in m.parameters():
@@ -253,6 +265,10 @@ def test_bf16_decodes_on_cpu_through_an_fp32_cache(monkeypatch):
     monkeypatch.setattr(KVCache, "allocate", classmethod(lambda cls, *a: made.append(a[-1]) or allocate(*a)))
     m.generate(x[:, :4], 5, temperature=0)
     assert made == [torch.float32]
+    # except on CPUs with AMX, whose bf16 attention kernel is the faster: there the cache keeps bf16
+    monkeypatch.setattr(decoding, "cpu_has_amx", lambda: True)
+    m.generate(x[:, :4], 5, temperature=0)
+    assert made == [torch.float32, torch.bfloat16]
     assert eager_cache_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
     assert eager_cache_dtype(torch.float16, torch.device("cpu")) == torch.float16
 

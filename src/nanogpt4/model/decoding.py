@@ -22,12 +22,13 @@ class DecodeWeights:
     ``layout`` "onednn": reordered into oneDNN's blocked layout for a fixed number of rows; "blocked" (one fp32
     row, ``blocked_weight``): (blocks, in, DECODE_BLOCK), one row's product a batch of small GEMMs that each
     stream one contiguous block (a GEMV through oneDNN or BLAS read weights that no longer fit in cache at about
-    half the rate); "transposed" (fp32 rows on Intel CPUs): contiguous (in, out) copies, an untransposed GEMM for
-    MKL."""
+    half the rate); "transposed" (fp32 rows and small bf16 models' one row on Intel CPUs): contiguous fp32 (in,
+    out) copies, an untransposed GEMM for MKL."""
 
     layout: str
     weights: dict[nn.Linear, torch.Tensor]
-    biases: dict[nn.Linear, torch.Tensor] = field(default_factory=dict)  # "blocked": padded to whole blocks
+    # "blocked": padded to whole blocks; "transposed" for bf16 weights: widened to fp32 (else the layer's own)
+    biases: dict[nn.Linear, torch.Tensor] = field(default_factory=dict)
 
 
 DECODE_BLOCK = 32  # output columns per block of the "blocked" layout
@@ -62,11 +63,14 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | Non
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, layer.bias, "add")
         return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "gelu" if gelu else "none", [],
                                                   gelu or "none")
+    dtype = x.dtype
     if packed is None:
         y = layer.forward(x)
-    elif packed.layout == "transposed":
+    elif packed.layout == "transposed":  # bf16 rows against fp32 copies: fp32 math, rounded once at the end
         weight = packed.weights[layer]
-        y = torch.mm(x, weight) if layer.bias is None else torch.addmm(layer.bias, x, weight)
+        bias = packed.biases.get(layer, layer.bias)
+        x = x.to(weight.dtype)
+        y = torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
     else:  # "blocked": one row (1, in), the same row against every block, no copies
         weight = packed.weights[layer]
         rows = x.expand(weight.size(0), 1, x.size(-1))
@@ -75,7 +79,9 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | Non
         y = y.view(1, -1)[:, :layer.out_features]
     if gelu:
         y = decode_gelu(y, gelu)
-    return y if residual is None else residual + y
+    if residual is not None:
+        y = residual + y
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 # at most this many fp32 elements take PyTorch's own GELU kernel while decoding (decode_gelu); past it oneDNN's
@@ -102,15 +108,24 @@ def decode_gelu(y: torch.Tensor, approximate: str) -> torch.Tensor:
 # where oneDNN takes bf16) and 2 cores of an Intel Xeon with AMX (fp32: MKL's GEMMs, see lay_out_weights)
 PACK_MIN_NEW_TOKENS = 16
 PACK_MAX_BYTES = 2 * 2**30
-MKL_DECODE_MAX_BYTES = 32 * 2**20  # Intel, fp32 rows: (in, out) copies up to this much weight, oneDNN's beyond
+MKL_DECODE_MAX_BYTES = 32 * 2**20  # Intel: fp32 (in, out) copies up to this much weight, oneDNN's beyond
 
 
 def eager_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The KV cache's dtype for eager decoding: the model's, except bf16 on CPU, whose keys and values are held in
-    fp32. There PyTorch's fused attention kernel takes one bf16 query ~4x as long as an fp32 one (batch 8, 6
-    heads, 100 keys, Zen 4 with AVX512-BF16: 138 vs 34 µs); bf16 widens to fp32 exactly, so the cache holds the
-    same values and attention gets fp32 math, for twice the cache's memory."""
-    return torch.float32 if dtype == torch.bfloat16 and torch.device(device).type == "cpu" else dtype
+    """The KV cache's dtype for eager decoding: the model's, except bf16 on CPUs without AMX, whose keys and values
+    are held in fp32. There PyTorch's fused attention kernel takes one bf16 query ~4x as long as an fp32 one
+    (batch 8, 6 heads, 100 keys, Zen 4 with AVX512-BF16: 138 vs 34 µs); bf16 widens to fp32 exactly, so the cache
+    holds the same values and attention gets fp32 math, for twice the cache's memory. With AMX the bf16 kernel is
+    the faster (2 cores of an Intel Xeon, same shape: 22 vs 37 µs with the query's casts; torch 2.4.1 30 vs 41),
+    and eager bf16 decoding of batch 8 ran 1.11x / 1.17x faster at 4x192 / 6x384 through a bf16 cache."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_amx():
+        return torch.float32
+    return dtype
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids); False on torch builds that cannot say."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 @functools.cache
@@ -205,7 +220,11 @@ def lay_out_weights(linears: list[nn.Linear], batch: int, new_tokens: int) -> De
 
     bf16 weights get oneDNN's layout at every batch size on CPUs where oneDNN takes bf16 (AVX-512; not
     AVX2-only CPUs, where torch computes bf16 without it, and get nothing): on 2 Zen 4 cores (AVX512-BF16), same
-    tokens, batch 1 / 8 decode 1.22x / 1.14x faster at 4x192, 1.62x / 1.33x at 6x384 and 12x768."""
+    tokens, batch 1 / 8 decode 1.22x / 1.14x faster at 4x192, 1.62x / 1.33x at 6x384 and 12x768. On Intel, one
+    bf16 row of a model whose weights fit ``MKL_DECODE_MAX_BYTES`` as fp32 goes through fp32 (in, out) copies
+    instead: oneDNN's ~20 µs a call is most of a small layer's time there (192 -> 576, one row: 21 µs, MKL's fp32
+    GEMM with both casts 9 µs), and the product is the same fp32 sum of exact bf16 products, rounded once (4x192
+    batch 1: 1,016 -> 1,167 tok/s; at 6x384 the copies read twice the bytes and lose, 485 vs 340)."""
     weight = linears[-1].weight
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
             or new_tokens < PACK_MIN_NEW_TOKENS or platform.machine().lower() not in ("x86_64", "amd64")):
@@ -213,11 +232,15 @@ def lay_out_weights(linears: list[nn.Linear], batch: int, new_tokens: int) -> De
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if size > PACK_MAX_BYTES:
         return None
-    if weight.dtype == torch.float32 and cpu_vendor() == "intel" and torch.backends.mkl.is_available():
+    mkl = cpu_vendor() == "intel" and torch.backends.mkl.is_available()
+    if weight.dtype == torch.float32 and mkl:
         if batch == 1:
             return None
         if size <= MKL_DECODE_MAX_BYTES:
             return DecodeWeights("transposed", {m: m.weight.detach().t().contiguous() for m in linears})
+    elif weight.dtype == torch.bfloat16 and mkl and batch == 1 and 2 * size <= MKL_DECODE_MAX_BYTES:
+        return DecodeWeights("transposed", {m: m.weight.detach().float().t().contiguous() for m in linears},
+                             {m: m.bias.detach().float() for m in linears if m.bias is not None})
     elif weight.dtype == torch.float32 and batch == 1:
         return DecodeWeights("blocked", {m: blocked_weight(m.weight.detach()) for m in linears},
                              {m: blocked_bias(m.bias.detach()) for m in linears if m.bias is not None})
