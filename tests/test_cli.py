@@ -776,6 +776,27 @@ def test_streamed_text_waits_for_whole_characters(capsys):
     assert shown == ["caf", "\u00e9", "!", "", ""] and capsys.readouterr().out == "\n"
 
 
+def test_a_stream_decodes_only_what_it_has_not_shown(capsys):
+    import torch
+
+    from nanogpt4.cli import TextStream
+    from nanogpt4.data.tokenizer import BPETokenizer
+
+    text = "def café(x):\n    return x + 'naïve ✓ 日本'\n" * 3
+    tok = BPETokenizer.train([text] * 20, 300)
+    ids = tok.encode(text)
+    lengths = []
+    decode = tok.decode
+    tok.decode = lambda part: lengths.append(len(part)) or decode(part)
+    stream = TextStream(tok, ids[:5])
+    for t in ids[5:]:
+        stream(torch.tensor([t]))
+    # the same text as decoding the row whole, each token's text decoded once, with the few tokens of a
+    # character split between them
+    assert capsys.readouterr().out == decode(ids) and len(ids) - 5 <= sum(lengths[1:]) <= 2 * (len(ids) - 5)
+    assert max(lengths[1:]) <= 4
+
+
 def test_a_streamed_chat_reply_stops_short_of_a_spelled_out_end(capsys):
     import torch
 
