@@ -451,6 +451,50 @@ def test_a_stopped_rlhf_stage_resumes_exactly_with_its_command_and_resume(traine
         assert (full / log).read_text().count('"step_loss"') == 8
 
 
+class Killed(BaseException):
+    """The process's death, as far as the code under test can tell: nothing after it runs (no handler, no save)."""
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
+def test_a_killed_rlhf_stage_resumes_from_its_last_periodic_checkpoint(trained_run, tmp_path, capsys, monkeypatch,
+                                                                       stage):
+    """Killed in step 8 of 8 (PPO: 4 of 4) with no chance to save: the checkpoint of step 6 (PPO: 2), written every
+    training.checkpoint_interval steps, is what --resume goes on from, to the uninterrupted run's steps."""
+    from nanogpt4.rlhf.ppo import PPOTrainer
+    from nanogpt4.train.trainer import Trainer
+    from nanogpt4.utils import read_jsonl
+
+    if stage == "ppo":
+        assert cli(capsys, *_rlhf_stage_argv("reward", trained_run, tmp_path), "--out", tmp_path / "rm")[0] == 0
+        argv = ["ppo", "--sft", trained_run, "--reward", tmp_path / "rm", "--prompts", tmp_path / "sft.jsonl",
+                "rlhf.ppo_steps=4", "rlhf.rollout_batch_size=4", "rlhf.mini_batch_size=2", "rlhf.max_new_tokens=8",
+                "rlhf.eval_prompts=4", "training.checkpoint_interval=2"]
+        cls, method, kill_in, kept = PPOTrainer, "update", 4, 2
+    else:
+        argv = [*_rlhf_stage_argv(stage, trained_run, tmp_path), "training.checkpoint_interval=3"]
+        cls, method, kill_in, kept = Trainer, "_loss_scales", 8, 6
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli(capsys, *argv, "--out", full)[0] == 0
+    real, calls = getattr(cls, method), []
+
+    def killed(self, *a):
+        calls.append(1)
+        if len(calls) == kill_in:
+            raise Killed
+        return real(self, *a)
+
+    monkeypatch.setattr(cls, method, killed)
+    with pytest.raises(Killed):
+        cli(capsys, *argv, "--out", part)
+    monkeypatch.setattr(cls, method, real)
+    code, out, err = cli(capsys, *argv, "--out", part, "--resume")
+    assert code == 0 and f"{stage}: resuming {part} from {part / 'checkpoints' / f'step_{kept}'}" in out, err
+    timing = ("rollout_s", "update_s", "tok_per_s", "step_s", "elapsed_s", "train_s", "wall_s")
+    ours, theirs = ([{k: v for k, v in row.items() if k not in timing and "time" not in k}
+                     for row in read_jsonl(d / "metrics.jsonl")] for d in (part, full))
+    assert ours == theirs and len(ours) >= 4 and all({"step_loss", "reward"} & row.keys() for row in ours)
+
+
 @pytest.mark.parametrize("stop_in", [2, 4])
 def test_a_stopped_ppo_run_resumes_to_the_uninterrupted_runs_rollouts(trained_run, tmp_path, capsys, monkeypatch,
                                                                       stop_in):

@@ -68,7 +68,7 @@ def train_dpo(cfg: DictConfig, policy, tok: Tokenizer, prefs: list[Preference], 
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     tc = stage_training_cfg(cfg, max_steps=steps, learning_rate=cfg.rlhf.dpo_learning_rate, batch_size=16,
                             grad_accum_steps=1,
-                            warmup_steps=min(20, steps // 10 + 1), eval_interval=steps, checkpoint_interval=steps,
+                            warmup_steps=min(20, steps // 10 + 1), eval_interval=steps,
                             dtype="float32")
     batches = DPOBatches(prefs, ref, tok, cfg.model.max_seq_len, tc.batch_size, cfg.seed)
     trainer = Trainer(cfg, policy, batches, run_dir, info or DistInfo(), device,

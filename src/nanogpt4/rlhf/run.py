@@ -39,7 +39,7 @@ from nanogpt4.rlhf.stages import (
 from nanogpt4.train.checkpoint import load_model, load_weights, resume_point, save_checkpoint
 from nanogpt4.train.distributed import DistInfo, broadcast_flag, broadcast_text, on_rank_zero
 from nanogpt4.train.metrics import MetricsLogger
-from nanogpt4.train.trainer import StopSignals
+from nanogpt4.train.trainer import StopSignals, stage_checkpoint_interval
 from nanogpt4.utils import (
     atomic_path,
     atomic_write_json,
@@ -289,8 +289,9 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     """PPO against the learned reward; the judge only watches. ``policy`` is trained in place. Under torchrun
     (``info``) each rank rolls out its share of every rollout batch; rank 0 logs. ``prompts``: your own (each
     pass over them in a new order), else the run corpus' tasks. The trained policy is saved in ``policy_dir``
-    (default ``out``), and so is a stopped run's checkpoint (SIGTERM or a first Ctrl-C: the step finishes
-    first), which ``resume`` goes on from to the uninterrupted run's rollouts and updates."""
+    (default ``out``), and so are checkpoints on the way (``stage_checkpoint_interval``) and a stopped run's
+    (SIGTERM or a first Ctrl-C: the step finishes first), which ``resume`` goes on from to the uninterrupted
+    run's rollouts and updates."""
     r = cfg.rlhf
     info = info or DistInfo()
     if r.rollout_batch_size % info.world_size or r.mini_batch_size % info.world_size:
@@ -315,6 +316,7 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
     history = resumed_ppo(ppo, policy_dir, metrics, r.ppo_steps, prompts_id, log) if resume else []
     if info.is_main and not history:  # a fresh start (or one stopped before its first checkpoint)
         metrics.path.unlink(missing_ok=True)
+    checkpoint_interval = stage_checkpoint_interval(cfg.training, r.ppo_steps)
     with StopSignals(info.is_main) as stops:
         for step in range(ppo.step_count, r.ppo_steps):
             batch = ppo_prompts[step * r.rollout_batch_size:(step + 1) * r.rollout_batch_size][
@@ -329,10 +331,13 @@ def ppo_stage(cfg: DictConfig, policy, sft, rm: RewardModel, tok, judge, out: Pa
             if info.is_main and (step + 1) % max(1, r.ppo_steps // 10) == 0:
                 log(f"ppo step {step + 1}/{r.ppo_steps}: reward {stats['reward']:.3f} judge "
                     f"{stats['judge']:.3f} kl {stats['kl']:.2f} clipfrac {stats['clipfrac']:.3f}")
-            if step + 1 < r.ppo_steps and broadcast_flag(stops.received is not None, info, device):
-                if info.is_main:  # rank 0's decision on every rank, so none waits in a collective alone
-                    save_policy(policy_dir, ppo.step_count, policy, cfg, tok,
-                                {**ppo.state_dict(), "data_id": prompts_id}, extra={"value": ppo.value})
+            if step + 1 == r.ppo_steps:
+                continue
+            stopped = broadcast_flag(stops.received is not None, info, device)
+            if info.is_main and (stopped or (step + 1) % checkpoint_interval == 0):
+                save_policy(policy_dir, ppo.step_count, policy, cfg, tok,
+                            {**ppo.state_dict(), "data_id": prompts_id}, extra={"value": ppo.value})
+            if stopped:  # rank 0's decision on every rank, so none waits in a collective alone
                 stops.raise_stopped(f"at PPO step {ppo.step_count} of {r.ppo_steps}")
         if info.is_main:  # first: whatever the evaluation meets, the trained policy is kept
             save_policy(policy_dir, r.ppo_steps, policy, cfg, tok)

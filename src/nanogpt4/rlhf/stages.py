@@ -13,12 +13,15 @@ from nanogpt4.rlhf.data import Example, Preference, encode_example, pad_left, pa
 from nanogpt4.rlhf.models import RewardModel
 from nanogpt4.rlhf.ops import bradley_terry_loss
 from nanogpt4.train.distributed import DistInfo
-from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows
+from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows, stage_checkpoint_interval
 
 
 def stage_training_cfg(cfg: DictConfig, **overrides) -> DictConfig:
-    """The run's training section with a stage's own steps / learning rate (no sampling, short warmup)."""
-    return OmegaConf.merge(cfg.training, STAGE_RESET, overrides)  # type: ignore[return-value]
+    """The run's training section with a stage's own steps / learning rate (no sampling, short warmup), and
+    checkpoints as ``stage_checkpoint_interval`` spaces them."""
+    tc = OmegaConf.merge(cfg.training, STAGE_RESET, overrides)
+    tc.checkpoint_interval = stage_checkpoint_interval(cfg.training, tc.max_steps)
+    return tc  # type: ignore[return-value]
 
 
 class SFTBatches:
@@ -109,7 +112,7 @@ def train_sft(cfg: DictConfig, model, tok: Tokenizer, examples: list[Example], r
               resume: bool = False) -> dict:
     tc = stage_training_cfg(cfg, max_steps=cfg.rlhf.sft_steps, learning_rate=cfg.rlhf.sft_learning_rate,
                             warmup_steps=min(20, cfg.rlhf.sft_steps // 10 + 1),
-                            eval_interval=cfg.rlhf.sft_steps, checkpoint_interval=cfg.rlhf.sft_steps)
+                            eval_interval=cfg.rlhf.sft_steps)
     batches = SFTBatches(examples, tok, cfg.model.max_seq_len, tc.batch_size, cfg.seed)
     trainer = Trainer(cfg, model, batches, run_dir, info or DistInfo(), device, train_cfg=tc, progress=False,
                       log=log, tokenizer_path=tokenizer_path, lr_setting="rlhf.sft_learning_rate")
@@ -125,8 +128,7 @@ def train_reward(cfg: DictConfig, rm: RewardModel, tok: Tokenizer, train: list[P
     val_pairs = [encode_pair(tok, p, max_len) for p in held_out]
     tc = stage_training_cfg(cfg, max_steps=cfg.rlhf.reward_steps, learning_rate=cfg.rlhf.reward_model_lr,
                             warmup_steps=min(20, cfg.rlhf.reward_steps // 10 + 1),
-                            eval_interval=max(1, cfg.rlhf.reward_steps // 4),
-                            checkpoint_interval=cfg.rlhf.reward_steps)
+                            eval_interval=max(1, cfg.rlhf.reward_steps // 4))
     batches = PreferenceBatches(train, tok, max_len, tc.batch_size, cfg.seed)
     trainer = Trainer(cfg, rm, batches, run_dir, info or DistInfo(), device, loss_fn=reward_loss, train_cfg=tc,
                       evaluate=lambda m: {"rm_val_accuracy": reward_accuracy(m, val_pairs, tok.pad_id, device)},

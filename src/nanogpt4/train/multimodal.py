@@ -36,7 +36,7 @@ from nanogpt4.model.multimodal import MultimodalTransformer
 from nanogpt4.rlhf.data import pad_left, pad_right
 from nanogpt4.train.checkpoint import is_multimodal, list_checkpoints, load_model, resolve_stage_checkpoint
 from nanogpt4.train.distributed import DistInfo
-from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows
+from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows, stage_checkpoint_interval
 from nanogpt4.utils import atomic_write_json, atomic_write_text, read_jsonl, resolve_device
 
 USER, ASSISTANT = ROLE_TOKENS["user"], ROLE_TOKENS["assistant"]
@@ -316,9 +316,8 @@ def stage_cfg(cfg: DictConfig, steps: int, max_time_s: float | None = None, tune
         "warmup_steps": min(100, schedule // 10 + 1), "lr_decay_steps": schedule,
         "cooldown_steps": mm.cooldown_steps if tune else 0,
         "eval_interval": max(min(steps, 25), steps // 4),
-        # a checkpoint at every probe evaluation: a stage stopped without one (SIGKILL, a lost machine) resumes
-        # from the last (`nanogpt4 multimodal --resume`); a Ctrl-C or SIGTERM writes one where it stops
-        "checkpoint_interval": max(min(steps, 25), steps // 4), "max_time_s": max_time_s, "grad_accum_steps": 1})
+        "checkpoint_interval": stage_checkpoint_interval(cfg.training, steps), "max_time_s": max_time_s,
+        "grad_accum_steps": 1})
 
 
 def text_tokenizer(cfg: DictConfig, source: VQASource) -> BPETokenizer:

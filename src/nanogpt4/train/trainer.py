@@ -75,6 +75,15 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 STAGE_RESET = {"sample_tokens": 0, "max_tokens": None, "max_time_s": None, "lr_decay_steps": None, "cooldown_steps": 0}
 
 
+def stage_checkpoint_interval(tc: DictConfig, steps: int) -> int:
+    """Steps between the checkpoints of a stage of ``steps`` steps after pretraining (SFT, reward, DPO, PPO,
+    multimodal): ``training.checkpoint_interval``, or a quarter of the stage where that comes sooner, though
+    never under 25 steps (a short stage costs less to redo than to save often). A stage killed without warning
+    (SIGKILL, a lost machine) then resumes from its last checkpoint (``--resume``); a Ctrl-C or SIGTERM writes
+    one where it stops."""
+    return min(tc.checkpoint_interval, max(min(steps, 25), steps // 4))
+
+
 def lr_for(tc: DictConfig, step: int, end: int | None = None) -> float:
     """The learning rate of ``step`` under a training section's schedule (warmup, cosine over ``lr_decay_steps`` or
     the run's steps, cooldown). ``end``: the step count a budget stops the run at before ``max_steps``, where
