@@ -156,6 +156,19 @@ def test_decode_gelu_takes_pytorchs_own_kernel_for_a_few_rows():
         assert torch.equal(decode_gelu(y, "none"), F.gelu(y))
 
 
+def test_compiled_decoding_takes_plain_gelu(monkeypatch):
+    from nanogpt4.model.decoding import decode_gelu
+
+    # inductor writes its own GELU kernel: the transposed views would only cost it
+    seen, gelu = [], F.gelu
+    monkeypatch.setattr(F, "gelu", lambda t, approximate: seen.append((t.shape, t.is_contiguous())) or gelu(t))
+    y = torch.randn(8, 768)
+    decode_gelu(y, "none")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    decode_gelu(y, "none")
+    assert seen == [((768, 8), False), ((8, 768), True)]
+
+
 @pytest.mark.parametrize("vendor", ["amd", "intel"])
 def test_generate_decodes_through_laid_out_weights_where_it_pays(vendor, monkeypatch):
     from nanogpt4.model import decoding
