@@ -505,11 +505,12 @@ def test_kv_cache_starts_zeroed():
     assert all(bool((t == 0).all()) for t in cache.k + cache.v)
 
 
-def test_compiled_bf16_decoding_of_many_rows_uses_onednn_where_the_cpu_has_bf16(monkeypatch):
+def test_compiled_decoding_of_many_rows_skips_the_gemm_templates_where_they_lose(monkeypatch):
     import nanogpt4.model.decoding as decoding
 
     shipped = decoding.DECODE_COMPILE_OPTIONS
     monkeypatch.setattr(decoding, "cpu_has_bf16_instructions", lambda: True)
+    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "amd")
     onednn = decoding.decode_compile_options(torch.bfloat16, 8)
     assert onednn == {**shipped, "max_autotune": False}  # frozen weights, prepacked for oneDNN's linears
     assert decoding.decode_compile_options(torch.bfloat16, 32) == onednn
@@ -518,11 +519,18 @@ def test_compiled_bf16_decoding_of_many_rows_uses_onednn_where_the_cpu_has_bf16(
     assert decoding.decode_compile_options(torch.float32, 8) == shipped
     monkeypatch.setattr(decoding, "cpu_has_bf16_instructions", lambda: False)
     assert decoding.decode_compile_options(torch.bfloat16, 8) == shipped
+    # on Intel (MKL) fp32 from 8 rows too: the frozen weights packed for MKL's GEMMs
+    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "intel")
+    if torch.backends.mkl.is_available():
+        assert decoding.decode_compile_options(torch.float32, 8) == onednn
+        assert decoding.decode_compile_options(torch.float32, 4) == shipped
+    assert decoding.decode_compile_options(torch.bfloat16, 8) == shipped
     # generate patches inductor's config with its own dtype and batch while it runs
     import torch._inductor.config as inductor_config
 
     seen = []
     monkeypatch.setattr(decoding, "cpu_has_bf16_instructions", lambda: True)
+    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "amd")
     monkeypatch.setattr(Transformer, "_generate",
                         lambda self, *a: seen.append(inductor_config.max_autotune) or a[0])
     m = make().to(torch.bfloat16)

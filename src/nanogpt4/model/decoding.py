@@ -166,7 +166,10 @@ if torch.__version__ >= (2, 13):
 # tok/s stops growing past ~6 rows while oneDNN's linears (the frozen weights prepacked for them) keep scaling.
 # 2 Zen 4 cores, tok/s template / oneDNN, one process each: 4x192 batch 1 3,309 / 1,391, 4 8,641 / 4,178, 6 7,845
 # / 6,455; paired in one process: batch 8 6,348 / 6,698, 16 7,984 / 11,476, 32 7,664 / 13,551, and 6x384 batch 8
-# 1,601 / 2,479 (fp32 keeps the template: at 4x192 batch 8 7,844 / 4,428).
+# 1,601 / 2,479 (fp32 keeps the template: at 4x192 batch 8 7,844 / 4,428). On Intel CPUs fp32 from this many rows
+# also goes without the template, to MKL's GEMMs on weights packed for them: 2 cores of an Intel Xeon (AMX), tok/s
+# template / MKL, one process each, 4x192 batch 4 5,747 / 5,278, 8 7,814-8,205 / 8,047-8,300, 32 9,766-9,980 /
+# 12,945-13,155; 6x384 batch 4 1,112 / 1,154, 8 1,333-1,650 / 1,544-1,861 (one row: 644 / 563).
 COMPILED_BF16_ONEDNN_MIN_BATCH = 8
 
 
@@ -178,8 +181,9 @@ def cpu_has_bf16_instructions() -> bool:
 
 def decode_compile_options(dtype: torch.dtype | None = None, batch: int | None = None) -> dict:
     """Inductor settings for compiled decoding on CPU of ``batch`` rows in ``dtype``."""
-    if (dtype == torch.bfloat16 and batch is not None and batch >= COMPILED_BF16_ONEDNN_MIN_BATCH
-            and cpu_has_bf16_instructions()):
+    if batch is not None and batch >= COMPILED_BF16_ONEDNN_MIN_BATCH and (
+            dtype == torch.bfloat16 and cpu_has_bf16_instructions()
+            or dtype == torch.float32 and cpu_vendor() == "intel" and torch.backends.mkl.is_available()):
         return {**DECODE_COMPILE_OPTIONS, "max_autotune": False}
     return DECODE_COMPILE_OPTIONS
 
