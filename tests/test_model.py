@@ -56,7 +56,7 @@ def test_incremental_logits_match_full_forward(variant):
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [None, "onednn", "blocked", "transposed"])
+@pytest.mark.parametrize("layout", [None, "onednn", "blocked", "mkl"])
 @pytest.mark.parametrize("variant", [*VARIANTS, "mup"])
 def test_decode_step_logits_match_full_forward(variant, layout, monkeypatch):
     from nanogpt4.model import decoding
@@ -64,8 +64,8 @@ def test_decode_step_logits_match_full_forward(variant, layout, monkeypatch):
 
     # the one-token step that eager and compiled decoding run (the blocks' math without their modules' calls),
     # with the linear layers' weights as they are or laid out for decoding (AMD: oneDNN's blocks for 2 rows,
-    # blocks of output columns for one fp32 row; Intel: (in, out) copies for 2 rows)
-    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "intel" if layout == "transposed" else "amd")
+    # blocks of output columns for one fp32 row; Intel: packed for MKL for 2 rows)
+    monkeypatch.setattr(decoding, "cpu_vendor", lambda: "intel" if layout == "mkl" else "amd")
     m = make("gpt2", **{"parametrization": "mup", "mup_base_dim": 32}) if variant == "mup" else make(variant)
     with torch.no_grad():  # biases and norms start at 0 and 1: a step that dropped them must show
         for p in m.parameters():
@@ -109,13 +109,15 @@ def test_blocked_weights_pad_to_whole_blocks():
         torch.testing.assert_close(decode_linear(no_bias, x, packed), no_bias(x), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("layout", [None, "onednn", "blocked", "transposed"])
+@pytest.mark.parametrize("layout", [None, "onednn", "blocked", "mkl", "transposed"])
 def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
     from nanogpt4.model.decoding import DecodeWeights, blocked_bias, blocked_weight, decode_linear
 
     # oneDNN's layout applies them inside the GEMM (post-ops), the others after it: the same values either way
     if layout == "onednn" and not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         pytest.skip("oneDNN's layout needs torch's oneDNN")
+    if layout == "mkl" and not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")):
+        pytest.skip("MKL's layout needs torch's MKL")
     torch.manual_seed(0)
     layer, rows = torch.nn.Linear(24, 40), 1 if layout == "blocked" else 3
     x, residual = torch.randn(rows, 24), torch.randn(rows, 40)
@@ -125,6 +127,8 @@ def test_decode_linear_applies_gelu_or_residual_in_every_layout(layout):
         packed = DecodeWeights("onednn", {layer: torch.ops.mkldnn._reorder_linear_weight(weight, rows)})
     elif layout == "blocked":
         packed = DecodeWeights("blocked", {layer: blocked_weight(weight)}, {layer: blocked_bias(layer.bias.detach())})
+    elif layout == "mkl":
+        packed = DecodeWeights("mkl", {layer: torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)}, rows=rows)
     elif layout == "transposed":
         packed = DecodeWeights("transposed", {layer: weight.t().contiguous()})
     with torch.no_grad():
@@ -188,9 +192,9 @@ def test_generate_decodes_through_laid_out_weights_where_it_pays(vendor, monkeyp
     runs = [(x, {}), (x, {"attention_mask": mask}), (x[1:2], {})]
     got = [m.generate(rows, n, temperature=0, **kw) for rows, kw in runs]
     # every linear of the blocks and the head: on AMD for oneDNN (4 rows), or in blocks of output columns for one
-    # row; on Intel as (in, out) copies for MKL (4 rows), as they are for one row
+    # row; on Intel packed for MKL (4 rows), as they are for one row
     expected = ([("onednn", 4 * 2 + 1)] * 2 + [("blocked", 9)] if vendor == "amd"
-                else [("transposed", 4 * 2 + 1)] * 2 + [None])
+                else [("mkl", 4 * 2 + 1)] * 2 + [None])
     assert [w and (w.layout, len(w.weights)) for w in made] == expected
     monkeypatch.setattr(Transformer, "packed_decode_weights", lambda self, *a: None)
     assert all(torch.equal(g, m.generate(rows, n, temperature=0, **kw))

@@ -22,13 +22,15 @@ class DecodeWeights:
     ``layout`` "onednn": reordered into oneDNN's blocked layout for a fixed number of rows; "blocked" (one fp32
     row, ``blocked_weight``): (blocks, in, DECODE_BLOCK), one row's product a batch of small GEMMs that each
     stream one contiguous block (a GEMV through oneDNN or BLAS read weights that no longer fit in cache at about
-    half the rate); "transposed" (fp32 rows and small bf16 models' one row on Intel CPUs): contiguous fp32 (in,
+    half the rate); "mkl" (fp32 rows on Intel CPUs): packed for MKL's GEMM of ``rows`` rows (``torch.ops.mkl``, as
+    inductor's frozen weights); "transposed" (one bf16 row of a small model on Intel CPUs): contiguous fp32 (in,
     out) copies, an untransposed GEMM for MKL."""
 
     layout: str
     weights: dict[nn.Linear, torch.Tensor]
     # "blocked": padded to whole blocks; "transposed" for bf16 weights: widened to fp32 (else the layer's own)
     biases: dict[nn.Linear, torch.Tensor] = field(default_factory=dict)
+    rows: int = 0  # "mkl": the rows per call the weights were packed for
 
 
 DECODE_BLOCK = 32  # output columns per block of the "blocked" layout
@@ -66,6 +68,8 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor, packed: DecodeWeights | Non
     dtype = x.dtype
     if packed is None:
         y = layer.forward(x)
+    elif packed.layout == "mkl":
+        y = torch.ops.mkl._mkl_linear(x, packed.weights[layer], layer.weight, layer.bias, packed.rows)
     elif packed.layout == "transposed":  # bf16 rows against fp32 copies: fp32 math, rounded once at the end
         weight = packed.weights[layer]
         bias = packed.biases.get(layer, layer.bias)
@@ -110,7 +114,7 @@ def decode_gelu(y: torch.Tensor, approximate: str) -> torch.Tensor:
 # where oneDNN takes bf16) and 2 cores of an Intel Xeon with AMX (fp32: MKL's GEMMs, see lay_out_weights)
 PACK_MIN_NEW_TOKENS = 16
 PACK_MAX_BYTES = 2 * 2**30
-MKL_DECODE_MAX_BYTES = 32 * 2**20  # Intel: fp32 (in, out) copies up to this much weight, oneDNN's beyond
+MKL_DECODE_MAX_BYTES = 32 * 2**20  # Intel: MKL's layouts up to this much fp32 weight, oneDNN's beyond
 
 
 def eager_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -221,8 +225,11 @@ def lay_out_weights(linears: list[nn.Linear], batch: int, new_tokens: int) -> De
     1.83x; one row 1.90x blocked, 1.89x copies, 2.10x F.linear (fp32 medians of 9, tok/s 5,481 / 6,637 / 6,904
     and 1,348 / 1,337 / 1,490). Once the weights outgrow the caches oneDNN's layout is ahead again (batch 8
     tok/s oneDNN / copies / F.linear: 6x384 1,928 / 1,845 / 1,797, 12x768 227 / 185 / 131), and blocks never pay
-    there (one row: 420 / 470 F.linear at 6x384, 37 / 46 at 12x768). So on Intel one fp32 row gets nothing,
-    several rows (in, out) copies up to ``MKL_DECODE_MAX_BYTES`` of weights and oneDNN's layout beyond.
+    there (one row: 420 / 470 F.linear at 6x384, 37 / 46 at 12x768). Weights packed for MKL's GEMM (what inductor
+    freezes them into) then beat the copies by ~3%, the same sums bit for bit (batch 8, medians of 9, tok/s copies /
+    packed: 4x192 6,679-6,968 / 6,946-7,159, 6x288 2,986-3,197 / 3,162-3,338; batch 32 11,999-12,629 /
+    12,235-12,820). So on Intel one fp32 row gets nothing, several rows MKL's packed weights up to
+    ``MKL_DECODE_MAX_BYTES`` of weights and oneDNN's layout beyond.
 
     bf16 weights get oneDNN's layout at every batch size on CPUs where oneDNN takes bf16 (AVX-512; not
     AVX2-only CPUs, where torch computes bf16 without it, and get nothing): on 2 Zen 4 cores (AVX512-BF16), same
@@ -238,12 +245,13 @@ def lay_out_weights(linears: list[nn.Linear], batch: int, new_tokens: int) -> De
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if size > PACK_MAX_BYTES:
         return None
-    mkl = cpu_vendor() == "intel" and torch.backends.mkl.is_available()
+    mkl = cpu_vendor() == "intel" and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
     if weight.dtype == torch.float32 and mkl:
         if batch == 1:
             return None
         if size <= MKL_DECODE_MAX_BYTES:
-            return DecodeWeights("transposed", {m: m.weight.detach().t().contiguous() for m in linears})
+            return DecodeWeights("mkl", {m: torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), batch)
+                                         for m in linears}, rows=batch)
     elif weight.dtype == torch.bfloat16 and mkl and batch == 1 and 2 * size <= MKL_DECODE_MAX_BYTES:
         return DecodeWeights("transposed", {m: m.weight.detach().float().t().contiguous() for m in linears},
                              {m: m.bias.detach().float() for m in linears if m.bias is not None})
