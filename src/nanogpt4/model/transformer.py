@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from nanogpt4.config import ModelConfig
 from nanogpt4.model.decoding import (
     DecodeWeights,
+    cpu_has_amx,
     decode_compile_settings,
     decode_linear,
     eager_cache_dtype,
@@ -103,8 +104,11 @@ class KVCache:
 
 
 # On CPU in bf16, PyTorch's flash-attention kernel runs at ~1/3 of the bf16 matmul rate for short contexts,
-# while plain bf16 matmuls run near peak: below this key length, attention is two matmuls and a softmax.
-CPU_MATMUL_ATTENTION_MAX_LEN = 1024
+# while plain bf16 matmuls run near peak: up to this key length, attention is two matmuls and a softmax. With AMX
+# the fused kernel is the faster past 512 keys: forward and backward at batch x T = 2048, 6 heads of 64, 2 cores
+# of an Intel Xeon, fused / matmuls, T=1024 17.1 / 21.1 ms and 24.9-25.6 / 57.7-59.1 (medians, two sessions);
+# T=512 15.4 / 9.3 and 20.2-22.8 / 28.6-30.3, a toss-up, left to the matmuls; T=384 11.8 / 9.0.
+CPU_MATMUL_ATTENTION_MAX_LEN = 512 if cpu_has_amx() else 1024
 
 
 def matmul_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=None):
