@@ -289,9 +289,14 @@ def cmd_sample(args) -> int:
 
 def chat_reply(tok, prompt_ids: list[int], row: list[int]) -> str:
     """A ``sample --chat`` row's reply alone: what follows the chat template's prompt, up to its <|end|>."""
+    return until_end(tok.continuation_text(prompt_ids, row)[len(tok.decode(prompt_ids)):])
+
+
+def until_end(text: str) -> str:
+    """A reply's text up to the <|end|> that closes it."""
     from nanogpt4.data.tokenizer import END
 
-    return tok.continuation_text(prompt_ids, row)[len(tok.decode(prompt_ids)):].split(END, 1)[0]
+    return text.split(END, 1)[0]
 
 
 class TextStream:
@@ -327,7 +332,7 @@ class TextStream:
             # over several tokens)
             from nanogpt4.data.tokenizer import END
 
-            text = text.split(END, 1)[0]
+            text = until_end(text)
             text = next((text[:-k] for k in range(len(END) - 1, 0, -1) if text.endswith(END[:k])), text)
         if len(text) > len(self.shown) and text.startswith(self.shown):
             print(text[len(self.shown):], end="", flush=True)

@@ -146,6 +146,11 @@ def cpu_vendor() -> str:
     return "intel" if "intel" in name else "amd" if "amd" in name else ""
 
 
+def intel_mkl() -> bool:
+    """Whether torch's fp32 GEMMs here are MKL's on an Intel CPU, with MKL's packed-weight linear (as inductor's)."""
+    return cpu_vendor() == "intel" and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
 def onednn_takes_bf16() -> bool:
     """Whether torch's oneDNN takes bf16 matmuls on this CPU (AVX-512 x86 CPUs, Arm CPUs with bf16)."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
@@ -187,7 +192,7 @@ def decode_compile_options(dtype: torch.dtype | None = None, batch: int | None =
     """Inductor settings for compiled decoding on CPU of ``batch`` rows in ``dtype``."""
     if batch is not None and batch >= COMPILED_BF16_ONEDNN_MIN_BATCH and (
             dtype == torch.bfloat16 and cpu_has_bf16_instructions()
-            or dtype == torch.float32 and cpu_vendor() == "intel" and torch.backends.mkl.is_available()):
+            or dtype == torch.float32 and intel_mkl()):
         return {**DECODE_COMPILE_OPTIONS, "max_autotune": False}
     return DECODE_COMPILE_OPTIONS
 
@@ -245,7 +250,7 @@ def lay_out_weights(linears: list[nn.Linear], batch: int, new_tokens: int) -> De
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     if size > PACK_MAX_BYTES:
         return None
-    mkl = cpu_vendor() == "intel" and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    mkl = intel_mkl()
     if weight.dtype == torch.float32 and mkl:
         if batch == 1:
             return None
