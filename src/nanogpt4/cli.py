@@ -255,7 +255,10 @@ def cmd_sample(args) -> int:
                          top_p=args.top_p, stop_tokens=[tok.eot_id] + ([end_id] if end_id is not None else []),
                          generator=g, pad_token_id=tok.pad_id, compile=args.compile, on_token=stream)
     rows = out.tolist()
-    samples = [chat_reply(tok, ids, row) if args.chat else tok.continuation_text(ids, row) for row in rows]
+    texts = [tok.continuation_text(ids, row) for row in rows]
+    if args.chat:  # the reply alone: what follows the template's prompt, up to its <|end|>
+        texts = [text[len(tok.decode(ids)):] for text in texts]
+    samples = [until_end(text) for text in texts] if args.chat else texts
     if stream is not None:
         stream.finish(samples[0])
     else:
@@ -273,9 +276,8 @@ def cmd_sample(args) -> int:
         print(f"note: {which} ended at the end-of-text token, where the model ends its text, after {after} of the "
               f"{args.max_new_tokens} new tokens asked for", file=sys.stderr)
     if args.chat:  # a model never tuned on chat rows does not end a turn: say why its reply ran on
-        start = len(tok.decode(ids))  # GPT-2's BPE spells <|end|> out: look for it in the text
-        unended = [n for n, row in zip(ended, rows, strict=True)
-                   if end_id not in row[len(ids):] and END not in tok.continuation_text(ids, row)[start:]]
+        unended = [n for n, row, text in zip(ended, rows, texts, strict=True)  # GPT-2's BPE spells <|end|> out
+                   if end_id not in row[len(ids):] and END not in text]
         if unended:
             which = "the reply" if len(rows) == 1 else f"{len(unended)} of the {len(rows)} replies"
             at_eot = sum(n is not None for n in unended)
@@ -285,11 +287,6 @@ def cmd_sample(args) -> int:
             print(f"note: {which} {how}; a model tuned on chat rows (`nanogpt4 sft`) ends its replies at <|end|>, "
                   f"so this one may not know the chat template", file=sys.stderr)
     return _finish(args, {"samples": samples, "ended_at_end_of_text": [n is not None for n in ended]})
-
-
-def chat_reply(tok, prompt_ids: list[int], row: list[int]) -> str:
-    """A ``sample --chat`` row's reply alone: what follows the chat template's prompt, up to its <|end|>."""
-    return until_end(tok.continuation_text(prompt_ids, row)[len(tok.decode(prompt_ids)):])
 
 
 def until_end(text: str) -> str:

@@ -36,7 +36,7 @@ from nanogpt4.model.multimodal import MultimodalTransformer
 from nanogpt4.rlhf.data import pad_left, pad_right
 from nanogpt4.train.checkpoint import is_multimodal, list_checkpoints, load_model, resolve_stage_checkpoint
 from nanogpt4.train.distributed import DistInfo
-from nanogpt4.train.trainer import STAGE_RESET, Trainer, rank_rows, stage_checkpoint_interval
+from nanogpt4.train.trainer import STAGE_RESET, Trainer, quarter_of_stage, rank_rows, stage_checkpoint_interval
 from nanogpt4.utils import atomic_write_json, atomic_write_text, read_jsonl, resolve_device
 
 USER, ASSISTANT = ROLE_TOKENS["user"], ROLE_TOKENS["assistant"]
@@ -315,7 +315,7 @@ def stage_cfg(cfg: DictConfig, steps: int, max_time_s: float | None = None, tune
         "max_steps": steps, "learning_rate": mm.learning_rate, "batch_size": mm.batch_size,
         "warmup_steps": min(100, schedule // 10 + 1), "lr_decay_steps": schedule,
         "cooldown_steps": mm.cooldown_steps if tune else 0,
-        "eval_interval": max(min(steps, 25), steps // 4),
+        "eval_interval": quarter_of_stage(steps),
         "checkpoint_interval": stage_checkpoint_interval(cfg.training, steps), "max_time_s": max_time_s,
         "grad_accum_steps": 1})
 

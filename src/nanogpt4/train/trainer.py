@@ -75,13 +75,19 @@ def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 STAGE_RESET = {"sample_tokens": 0, "max_tokens": None, "max_time_s": None, "lr_decay_steps": None, "cooldown_steps": 0}
 
 
+def quarter_of_stage(steps: int) -> int:
+    """A quarter of a stage of ``steps`` steps, but at least 25 steps (the whole stage where it is shorter): how
+    often a stage after pretraining checkpoints, and how often the multimodal stages evaluate."""
+    return max(min(steps, 25), steps // 4)
+
+
 def stage_checkpoint_interval(tc: DictConfig, steps: int) -> int:
     """Steps between the checkpoints of a stage of ``steps`` steps after pretraining (SFT, reward, DPO, PPO,
     multimodal): ``training.checkpoint_interval``, or a quarter of the stage where that comes sooner, though
     never under 25 steps (a short stage costs less to redo than to save often). A stage killed without warning
     (SIGKILL, a lost machine) then resumes from its last checkpoint (``--resume``); a Ctrl-C or SIGTERM writes
     one where it stops."""
-    return min(tc.checkpoint_interval, max(min(steps, 25), steps // 4))
+    return min(tc.checkpoint_interval, quarter_of_stage(steps))
 
 
 def lr_for(tc: DictConfig, step: int, end: int | None = None) -> float:
