@@ -257,7 +257,8 @@ def cmd_sample(args) -> int:
     rows = out.tolist()
     texts = [tok.continuation_text(ids, row) for row in rows]
     if args.chat:  # the reply alone: what follows the template's prompt, up to its <|end|>
-        texts = [text[len(tok.decode(ids)):] for text in texts]
+        start = len(tok.decode(ids))
+        texts = [text[start:] for text in texts]
     samples = [until_end(text) for text in texts] if args.chat else texts
     if stream is not None:
         stream.finish(samples[0])
